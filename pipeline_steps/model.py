@@ -1,0 +1,150 @@
+"""Grappa model: a frozen backbone, M bottleneck adaptor sets and per-block granularity fusion.
+
+For each adapted block l with frozen output h_l and adaptor outputs a_l^m = A_l^m(h_l):
+
+    single granularity m:  z_l = h_l + a_l^m
+    uniform:               z_l = h_l + (1/M) sum_m a_l^m
+    fusion:                alpha_l(x) = softmax_m( <W_Q pool(h_l), W_K pool(h_l + a_l^m)> / sqrt(d) )
+                           z_l = h_l + W_V sum_m alpha_l^m(x) a_l^m
+
+The attention is image-level (pooled query/keys, shared by all positions of the image), so each image
+has one "granularity attention" per block that stage 2 can propagate to its neighbours. W_V starts at
+the identity and W_Q/W_K near zero, so the fused model starts as the uniform average; every adaptor's
+up-projection starts at zero, so each adaptor set starts exactly at the backbone.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import BlockwiseBackbone
+
+ZERO_SHOT = "zero_shot"
+UNIFORM = "uniform"
+FUSION = "fusion"
+
+
+def single(k: int) -> str:
+    """Mode name for the single-granularity model with adaptor set k."""
+    return f"k{k}"
+
+
+def _pointwise(in_dim: int, out_dim: int, layout: str) -> nn.Module:
+    return nn.Conv2d(in_dim, out_dim, 1) if layout == "channels" else nn.Linear(in_dim, out_dim)
+
+
+def image_pool(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """Image-level summary of a block output: spatial mean for maps, the CLS token for ViTs."""
+    return x.mean(dim=(-2, -1)) if layout == "channels" else x[:, 0]
+
+
+class BottleneckAdaptor(nn.Module):
+    """a(h) = U act(D h), a 1x1 (or per-token) bottleneck; the block output becomes h + a(h)."""
+
+    def __init__(self, dim: int, reduction: int, layout: str):
+        super().__init__()
+        hidden = max(dim // reduction, 1)
+        self.down = _pointwise(dim, hidden, layout)
+        self.act = nn.GELU()
+        self.up = _pointwise(hidden, dim, layout)
+        nn.init.normal_(self.down.weight, std=0.02)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)  # zero up-projection: training starts exactly at the backbone
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.up(self.act(self.down(h)))
+
+
+class GranularityFusion(nn.Module):
+    """AdapterFusion-style attention over the M adaptor outputs of one block, per image."""
+
+    def __init__(self, dim: int, num_sets: int, attn_dim: int, layout: str):
+        super().__init__()
+        self.layout = layout
+        self.num_sets = num_sets
+        self.query = nn.Linear(dim, attn_dim)
+        self.key = nn.Linear(dim, attn_dim)
+        self.value = _pointwise(dim, dim, layout)
+        for lin in (self.query, self.key):
+            nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+        with torch.no_grad():  # W_V = I: fusion starts as the uniform average of the adaptors
+            self.value.weight.copy_(torch.eye(dim).view_as(self.value.weight))
+            self.value.bias.zero_()
+
+    def forward(self, h: torch.Tensor, deltas: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.query(image_pool(h, self.layout))  # (B, A)
+        keys = torch.stack([self.key(image_pool(h + d, self.layout)) for d in deltas], dim=1)  # (B, M, A)
+        alpha = torch.softmax(torch.einsum("ba,bma->bm", q, keys) / math.sqrt(q.shape[-1]), dim=-1)
+        shape = (-1, self.num_sets) + (1,) * (h.dim() - 1)
+        mixed = (alpha.view(shape) * torch.stack(deltas, dim=1)).sum(dim=1)
+        # W_V is linear and alpha sums to one, so W_V(sum a_m alpha_m) == sum alpha_m W_V a_m.
+        return h + self.value(mixed), alpha
+
+    def value_regulariser(self) -> torch.Tensor:
+        w = self.value.weight.view(self.value.weight.shape[0], -1)
+        return (w - torch.eye(w.shape[0], device=w.device)).pow(2).sum()
+
+
+class GrappaModel(nn.Module):
+    """Backbone + adaptor sets (one per k) on blocks [start, end) + optional fusion layers."""
+
+    def __init__(self, backbone: BlockwiseBackbone, start: int, ks: list[int], reduction: int,
+                 attn_dim: int | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.start = start
+        self.ks = list(ks)
+        layout = backbone.layout
+        dims = backbone.block_dims[start:]
+        self.adaptors = nn.ModuleDict(
+            {single(k): nn.ModuleList(BottleneckAdaptor(d, reduction, layout) for d in dims) for k in ks}
+        )
+        self.fusion = None
+        if attn_dim is not None:
+            self.fusion = nn.ModuleList(GranularityFusion(d, len(ks), attn_dim, layout) for d in dims)
+
+    def train(self, mode: bool = True) -> "GrappaModel":
+        super().train(mode)
+        self.backbone.eval()  # frozen BN statistics, always
+        return self
+
+    @torch.no_grad()
+    def forward_prefix(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen part before the first adapted block (computed once and cached on CPU)."""
+        x = self.backbone.stem(images)
+        for block in self.backbone.blocks[: self.start]:
+            x = block(x)
+        return x
+
+    def forward_suffix(self, x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Adapted blocks -> L2-normalised embedding, plus (B, L, M) attention in fusion mode."""
+        alphas = []
+        for i, block in enumerate(self.backbone.blocks[self.start:]):
+            h = block(x)
+            if mode == ZERO_SHOT:
+                x = h
+            elif mode == FUSION:
+                x, alpha = self.fusion[i](h, [self.adaptors[single(k)][i](h) for k in self.ks])
+                alphas.append(alpha)
+            elif mode == UNIFORM:
+                x = h + torch.stack([self.adaptors[single(k)][i](h) for k in self.ks]).mean(0)
+            else:
+                x = h + self.adaptors[mode][i](h)
+        emb = F.normalize(self.backbone.embed(x), dim=-1)
+        return emb, (torch.stack(alphas, dim=1) if alphas else None)
+
+    def forward(self, images: torch.Tensor, mode: str = FUSION) -> torch.Tensor:
+        return self.forward_suffix(self.forward_prefix(images), mode)[0]
+
+    def modes(self) -> list[str]:
+        out = [ZERO_SHOT] + [single(k) for k in self.ks]
+        if len(self.ks) > 1:
+            out.append(UNIFORM)
+        if self.fusion is not None:
+            out.append(FUSION)
+        return out

@@ -1,0 +1,113 @@
+"""Step 4 — ``grappa train-fusion``: one model for all tasks from the M frozen adaptor sets.
+
+Backbone and adaptors are frozen; only the per-block fusion layers (W_Q, W_K, W_V) train.
+
+Objective (per batch of B anchors i, each with one neighbour j(i) drawn uniformly from its k nearest
+neighbours in the frozen feature space of the unlabeled union; f = fused, L2-normalised embedding,
+alpha_l = the image's attention over the M granularities in block l):
+
+    L = L_pair + lambda_prop * L_prop + lambda_value * L_value - lambda_entropy * H
+    L_pair  = symmetric InfoNCE of (f(x_i), f(x_j(i))) against the other 2B-2 batch images, temperature tau
+    L_prop  = 1/2 [KL(sg(alpha(x_j)) || alpha(x_i)) + KL(sg(alpha(x_i)) || alpha(x_j))], mean over pairs and blocks
+    L_value = sum_l ||W_V^l - I||^2          (AdapterFusion's value regulariser)
+    H       = entropy of the batch-mean attention (optional guard against collapse onto one adaptor set)
+
+L_prop propagates each image's granularity attention to its neighbours: images that are close in
+feature space (likely the same task) are pushed to pick the same granularities.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import Dataset
+
+from .artifacts import save_torch, write_json, write_table
+from .assemble import assemble, fusion_path
+from .backbones import create_backbone
+from .config import Params
+from .inputs import encode, load_inputs, loader
+from .losses import attention_propagation, batch_attention_entropy, neighbour_pair_infonce
+from .metrics import leave_one_out_neighbours
+from .model import FUSION
+from .train_adaptor import run_key
+from .training import fit
+
+
+class NeighbourPairs(Dataset):
+    """Item i = (i, stack[x_i, x_j]) with j drawn uniformly from i's kNN (torch RNG, seeded per epoch)."""
+
+    def __init__(self, base: Dataset, neighbours: np.ndarray):
+        self.base, self.neighbours = base, torch.from_numpy(neighbours)
+        self.is_images = getattr(base, "is_images", False)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        j = int(self.neighbours[i, torch.randint(self.neighbours.shape[1], (1,))])
+        _, xi, err_i = self.base[i]
+        _, xj, err_j = self.base[j]
+        if xi is None or xj is None:
+            return i, None, err_i or err_j
+        return i, torch.stack([xi, xj]), None
+
+
+def run(params: Params) -> dict:
+    torch.manual_seed(params.seed)
+    hp = params.fusion
+    t0 = time.perf_counter()
+    backbone, preprocess, _ = create_backbone(params.backbone)
+    model = assemble(params, backbone, with_fusion=True, load_fusion=False)
+    model.fusion.requires_grad_(True)
+    inputs = load_inputs(Path(params.out_dir) / "extract", "unlabeled", preprocess, train=True,
+                         min_side=params.data.min_side, max_pixels=params.data.max_pixels)
+    neighbours = leave_one_out_neighbours(inputs.zero_shot, hp.knn)
+    write_table(Path(params.out_dir) / "fusion" / "knn.parquet",
+                pa.table({"image_id": inputs.image_ids,
+                          "neighbours": [[inputs.image_ids[j] for j in row] for row in neighbours]}))
+    pairs = NeighbourPairs(inputs.dataset, neighbours)
+    batch_size = min(hp.batch_size, len(pairs))
+    optimizer = torch.optim.AdamW(model.fusion.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+
+    def batches(generator):
+        model.train()
+        return loader(pairs, batch_size, shuffle=True, generator=generator, drop_last=True,
+                      num_workers=params.extract.num_workers)
+
+    def step(batch):
+        _, x, _ = batch
+        x = torch.cat([x[:, 0], x[:, 1]])
+        if pairs.is_images:
+            x = model.forward_prefix(x)
+        emb, alpha = model.forward_suffix(x, FUSION)
+        b = emb.shape[0] // 2
+        l_pair = neighbour_pair_infonce(emb[:b], emb[b:], hp.temperature)
+        l_prop = attention_propagation(alpha[:b], alpha[b:])
+        l_value = sum(layer.value_regulariser() for layer in model.fusion)
+        entropy = batch_attention_entropy(alpha)
+        loss = l_pair + hp.lambda_prop * l_prop + hp.lambda_value * l_value - hp.lambda_entropy * entropy
+        return {"loss": loss, "pair": l_pair, "prop": l_prop, "value": l_value, "attn_entropy": entropy}
+
+    key = run_key(params, hp.model_dump(), params.adaptor.model_dump(), params.cluster.ks)
+    checkpoint = Path(params.out_dir) / "checkpoints" / f"fusion-{key}.pt"
+    history = fit(model.fusion, optimizer, hp.epochs, len(pairs) // batch_size, 0.0, batches, step,
+                  checkpoint, params.seed, desc="fusion")
+    _, alphas = encode(model, inputs.dataset, FUSION, params.evaluate.batch_size, desc="attention")
+    save_torch(fusion_path(params), {"state_dict": model.fusion.state_dict(),
+                                     "meta": {"ks": params.cluster.ks, "attn_dim": hp.attn_dim}})
+    report = {
+        "images": len(inputs.image_ids),
+        "history": history,
+        "final": history[-1],
+        # mean attention over granularities on the unlabeled pool, per adapted block
+        "mean_attention_per_block": alphas.mean(axis=0).tolist(),
+        "ks": params.cluster.ks,
+        "seconds": time.perf_counter() - t0,
+    }
+    write_json(fusion_path(params).with_name("report.json"), report)
+    checkpoint.unlink(missing_ok=True)
+    return report
