@@ -1,0 +1,89 @@
+"""Shared fixtures: small synthetic image collections and tiny-model params (timm ``test_*`` models)."""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "multidomain"
+
+
+def draw_image(domain: str, cls: int, seed: int, size: int = 48) -> Image.Image:
+    """A class-structured synthetic image: 'shapes' vary colour by class, 'stripes' vary frequency."""
+    rng = np.random.default_rng(seed)
+    if domain == "shapes":
+        palette = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (230, 200, 30)]
+        img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 60, 3)))
+        draw = ImageDraw.Draw(img)
+        x0, y0 = rng.integers(0, size // 3, 2)
+        draw.ellipse([x0, y0, x0 + size // 2, y0 + size // 2], fill=palette[cls % len(palette)])
+        return img
+    period = 3 + 4 * (cls % 4)
+    xs = np.arange(size)
+    wave = (np.sin(2 * np.pi * (xs[None, :] + rng.integers(0, period)) / period) > 0).astype(np.uint8) * 200
+    arr = np.repeat(np.broadcast_to(wave, (size, size))[..., None], 3, axis=2).copy()
+    arr = np.clip(arr.astype(int) + rng.integers(0, 40, arr.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def make_collection(root: Path, domains=("shapes", "stripes"), classes: int = 4, per_class: int = 4,
+                    unlabeled: int = 16, size: int = 48) -> list[Path]:
+    """Writes ``root/<domain>/manifest.csv`` + images (query_db: classes x per_class, plus an unlabeled pool)."""
+    manifests = []
+    for d, domain in enumerate(domains):
+        folder = root / domain
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        rows = []
+        seed = 1000 * d
+        for cls in range(classes):
+            for i in range(per_class):
+                rel = f"images/q_{cls}_{i}.png"
+                draw_image(domain, cls, seed := seed + 1, size).save(folder / rel)
+                rows.append({"path": rel, "domain": domain, "class_id": cls, "class_name": f"c{cls}", "split": "query_db"})
+        for i in range(unlabeled):
+            rel = f"images/u_{i}.png"
+            draw_image(domain, i % classes, seed := seed + 1, size).save(folder / rel)
+            rows.append({"path": rel, "domain": domain, "class_id": i % classes, "class_name": "", "split": "unlabeled"})
+        with open(folder / "manifest.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        manifests.append(folder / "manifest.csv")
+    return manifests
+
+
+def tiny_params_dict(tmp_path: Path, sources: list, **sections) -> dict:
+    """A full params dict for a tiny, fast run; ``sections`` override whole keys (e.g. adaptor={...})."""
+    raw = {
+        "seed": 0,
+        "out_dir": str(tmp_path / "outputs"),
+        "data": {"sources": [str(s) for s in sources]},
+        "backbone": {"name": "test_efficientnet", "weights": "none", "image_size": 48, "adapt_from_block": 3},
+        "extract": {"batch_size": 16, "num_workers": 0, "cache_dir": str(tmp_path / "cache")},
+        "cluster": {"ks": [2, 4], "niter": 10, "nredo": 1},
+        "adaptor": {"epochs": 2, "batch_size": 8},
+        "fusion": {"epochs": 2, "batch_size": 8, "knn": 3},
+        "evaluate": {"batch_size": 16, "grid_queries": 1},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw[key], **value} if isinstance(raw.get(key), dict) and isinstance(value, dict) else value
+    return raw
+
+
+@pytest.fixture
+def collection(tmp_path: Path) -> list[Path]:
+    return make_collection(tmp_path / "data")
+
+
+@pytest.fixture
+def tiny_params(tmp_path: Path, collection):
+    from pipeline_steps.config import parse_params
+
+    return parse_params(tiny_params_dict(tmp_path, collection))

@@ -1,0 +1,19 @@
+"""The five steps chained on a tiny synthetic collection."""
+import json
+from pathlib import Path
+
+from pipeline_steps.cli import run_all
+
+
+def test_all_steps_chain(tiny_params):
+    timings = run_all(tiny_params)
+    out = Path(tiny_params.out_dir)
+    assert set(timings) == {"extract", "cluster", "train-adaptor@2", "train-adaptor@4", "train-fusion", "evaluate"}
+    metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"zero_shot", "single_k_2", "single_k_4", "uniform", "oracle", "grappa"}
+    for res in metrics["methods"].values():
+        assert set(res["per_domain"]) == {"shapes", "stripes"}
+        assert 0.0 <= res["mean"]["map_at_r"] <= 1.0
+    for plot in ("per_domain_map_at_r.png", "attention_by_domain.png", "top5_grappa.png"):
+        assert (out / "evaluate" / "plots" / plot).stat().st_size > 1000
+    assert not list((out / "checkpoints").glob("*.pt")), "checkpoints must be cleaned after success"
