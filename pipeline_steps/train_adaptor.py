@@ -10,31 +10,26 @@ inputs) lets a killed run resume.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
 from .artifacts import read_table, save_torch, write_json
 from .backbones import create_backbone
-from .config import ConfigError, Params
-from .inputs import load_inputs, loader
+from .ap_loss import build_ap_loss
+from .config import AdaptorParams, ConfigError, Params
+from .inputs import NeighbourPairs, collate_usable, load_inputs, loader
 from .losses import CosineClassifier
 from .model import GrappaModel, single
-from .training import fit
+from .training import fit, run_key
 
 
 def adaptor_path(params: Params, k: int) -> Path:
     return Path(params.out_dir) / "adaptors" / f"k{k}" / "adaptor.pt"
-
-
-def run_key(params: Params, *parts: object) -> str:
-    """Identifies a training run's inputs, so a checkpoint is only resumed by the same run."""
-    blob = json.dumps([params.seed, params.backbone.model_dump(), *parts], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def pseudo_labels_for(params: Params, k: int, image_ids: list[str]) -> np.ndarray:
@@ -44,6 +39,67 @@ def pseudo_labels_for(params: Params, k: int, image_ids: list[str]) -> np.ndarra
     if missing:
         raise ConfigError(f"cluster output for k={k} is stale ({len(missing)} images unassigned); rerun 'grappa cluster'")
     return np.array([lookup[i] for i in image_ids], dtype=np.int64)
+
+
+class AdaptorObjective:
+    """Cosine softmax on pseudo-labels (Grappa), a listwise AP loss (instance-retrieval note), or both."""
+
+    def __init__(self, hp: AdaptorParams, classifier: CosineClassifier):
+        self.use_ce = hp.objective.startswith("cosine_softmax")
+        self.uses_ap = hp.objective != "cosine_softmax"
+        self.classifier = classifier
+        self.ap_weight = hp.ap_weight
+        self.positives = hp.ap_positives
+        if self.uses_ap:
+            name = hp.objective.split("+")[-1]
+            self.ap_loss = build_ap_loss(name, **({"num_bins": hp.ap_bins} if name == "histogram_ap" else {}))
+
+    def __call__(self, emb: torch.Tensor, pseudo: torch.Tensor, instance_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        losses: dict[str, torch.Tensor] = {}
+        total = emb.new_zeros(())
+        if self.use_ce:
+            logits = self.classifier(emb)
+            losses["cross_entropy"] = F.cross_entropy(logits, pseudo)
+            losses["accuracy"] = (logits.argmax(1) == pseudo).float().mean()
+            total = total + losses["cross_entropy"]
+        if self.uses_ap:
+            labels = instance_ids if self.positives == "augmentation" else pseudo
+            losses["ap"] = self.ap_loss(emb, labels)
+            total = total + (self.ap_weight if self.use_ce else 1.0) * losses["ap"]
+        losses["loss"] = total
+        return losses
+
+
+class ClusterBatchSampler:
+    """Batches of P pseudo-classes x K images each, so every image has positives in its batch.
+
+    Clusters with a single member carry no positive and are never drawn. One epoch has as many
+    batches as plain shuffling would (N // batch_size).
+    """
+
+    def __init__(self, labels: np.ndarray, batch_size: int, per_cluster: int, generator: torch.Generator):
+        self.members = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+        self.members = [m for m in self.members if len(m) >= 2]
+        if not self.members:
+            raise ConfigError("adaptor.objective: AP needs clusters with at least two images; lower k")
+        self.per_cluster = min(per_cluster, batch_size)
+        self.clusters_per_batch = max(batch_size // self.per_cluster, 1)
+        self.num_batches = max(len(labels) // batch_size, 1)
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        for _ in range(self.num_batches):
+            picks = torch.randperm(len(self.members), generator=self.generator)[: self.clusters_per_batch]
+            batch = []
+            for c in picks.tolist():
+                members = self.members[c]
+                # sample without replacement when the cluster is big enough, else repeat members
+                order = torch.randperm(len(members), generator=self.generator).numpy()
+                batch += members[np.resize(order, self.per_cluster)].tolist()
+            yield batch
 
 
 def run(params: Params, k: int) -> dict:
@@ -67,21 +123,30 @@ def run(params: Params, k: int) -> dict:
     )
     mode = single(k)
     batch_size = min(hp.batch_size, len(inputs.dataset))
+    objective = AdaptorObjective(hp, classifier)
+    two_views = objective.uses_ap and hp.ap_positives == "augmentation"
+    if two_views and not inputs.dataset.is_images:
+        raise ConfigError("adaptor.ap_positives: 'augmentation' needs image inputs; set backbone.adapt_from_block: 0")
+    # Instance discrimination: the "neighbour" of every image is itself, under another augmentation.
+    dataset = NeighbourPairs(inputs.dataset, np.arange(len(inputs.dataset))[:, None]) if two_views else inputs.dataset
 
     def batches(generator):
-        return loader(inputs.dataset, batch_size, shuffle=True, generator=generator, drop_last=True,
+        model.train()
+        if objective.uses_ap and not two_views:  # AP needs positives in the batch: P clusters x K images
+            sampler = ClusterBatchSampler(targets.numpy(), batch_size, hp.images_per_cluster, generator)
+            return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_usable,
+                              num_workers=params.extract.num_workers if dataset.is_images else 0)
+        return loader(dataset, batch_size, shuffle=True, generator=generator, drop_last=True,
                       num_workers=params.extract.num_workers)
 
     def step(batch):
         rows, x, _ = batch
-        if inputs.dataset.is_images:
+        if two_views:
+            x, rows = torch.cat([x[:, 0], x[:, 1]]), torch.cat([rows, rows])
+        if dataset.is_images:
             x = model.forward_prefix(x)
-        model.train()
         emb, _ = model.forward_suffix(x, mode)
-        logits = classifier(emb)
-        y = targets[rows]
-        loss = F.cross_entropy(logits, y)
-        return {"loss": loss, "accuracy": (logits.argmax(1) == y).float().mean()}
+        return objective(emb, targets[rows], instance_ids=rows)
 
     key = run_key(params, hp.model_dump(), k, hashlib.md5(targets.numpy().tobytes()).hexdigest())
     checkpoint = Path(params.out_dir) / "checkpoints" / f"adaptor_k{k}-{key}.pt"

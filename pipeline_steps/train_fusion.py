@@ -23,37 +23,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-from torch.utils.data import Dataset
 
 from .artifacts import save_torch, write_json, write_table
 from .assemble import assemble, fusion_path
 from .backbones import create_backbone
 from .config import Params
-from .inputs import encode, load_inputs, loader
+from .inputs import NeighbourPairs, encode, load_inputs, loader
 from .losses import attention_propagation, batch_attention_entropy, neighbour_pair_infonce
 from .metrics import leave_one_out_neighbours
 from .model import FUSION
-from .train_adaptor import run_key
-from .training import fit
-
-
-class NeighbourPairs(Dataset):
-    """Item i = (i, stack[x_i, x_j]) with j drawn uniformly from i's kNN (torch RNG, seeded per epoch)."""
-
-    def __init__(self, base: Dataset, neighbours: np.ndarray):
-        self.base, self.neighbours = base, torch.from_numpy(neighbours)
-        self.is_images = getattr(base, "is_images", False)
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int):
-        j = int(self.neighbours[i, torch.randint(self.neighbours.shape[1], (1,))])
-        _, xi, err_i = self.base[i]
-        _, xj, err_j = self.base[j]
-        if xi is None or xj is None:
-            return i, None, err_i or err_j
-        return i, torch.stack([xi, xj]), None
+from .training import fit, run_key
 
 
 def run(params: Params) -> dict:

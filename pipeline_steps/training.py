@@ -6,6 +6,8 @@ finished epoch and ends with the same weights as an uninterrupted run.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -79,3 +81,9 @@ def fit(
         if on_epoch_end:
             on_epoch_end(epoch, summary)
     return history
+
+
+def run_key(params, *parts: object) -> str:
+    """Identifies a training run's inputs, so a checkpoint is only resumed by the same run."""
+    blob = json.dumps([params.seed, params.backbone.model_dump(), *parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
