@@ -85,6 +85,9 @@ class AdaptorParams(_Strict):
     ap_positives: Literal["pseudo_label", "augmentation"] = "pseudo_label"
     images_per_cluster: int = Field(default=4, ge=2)
     ap_bins: int = Field(default=20, ge=2)
+    # With cached prefix activations: min area of the random resized crop (+ flip) applied to the
+    # feature maps; 1.0 turns this augmentation off.
+    prefix_augment_scale: float = Field(default=0.5, gt=0, le=1)
 
 
 class FusionParams(_Strict):
@@ -105,6 +108,13 @@ class EvaluateParams(_Strict):
     grid_queries: int = Field(default=4, ge=0)  # queries per domain in the top-5 grid plot
 
 
+class TrackingParams(_Strict):
+    # MLflow: URI from MLFLOW_TRACKING_URI (default sqlite:///<repo>/mlflow.db); GRAPPA_TRACKING=0 also disables.
+    enabled: bool = True
+    experiment: str = Field(default="grappa", min_length=1)
+    registered_model: str = Field(default="grappa-fused", min_length=1)
+
+
 class Params(_Strict):
     seed: int = 0
     out_dir: str = "outputs"
@@ -115,6 +125,7 @@ class Params(_Strict):
     adaptor: AdaptorParams = AdaptorParams()
     fusion: FusionParams = FusionParams()
     evaluate: EvaluateParams = EvaluateParams()
+    tracking: TrackingParams = TrackingParams()
 
 
 def _format_error(err: ValidationError) -> str:

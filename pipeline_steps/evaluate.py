@@ -20,7 +20,7 @@ from .backbones import create_backbone
 from .config import Params
 from .inputs import encode, load_inputs
 from .metrics import leave_one_out_neighbours, retrieval_metrics
-from .model import FUSION, UNIFORM, ZERO_SHOT, single
+from .model import FUSION, UNIFORM, ZERO_SHOT, pick_device, single
 
 METRICS = ("map_at_r", "recall_at_1")
 
@@ -74,7 +74,7 @@ def run(params: Params) -> dict:
     out = Path(params.out_dir) / "evaluate"
     ks = params.cluster.ks
     backbone, preprocess, _ = create_backbone(params.backbone)
-    model = assemble(params, backbone, with_fusion=True, load_fusion=True)
+    model = assemble(params, backbone, with_fusion=True, load_fusion=True).to(pick_device())
     inputs = load_inputs(Path(params.out_dir) / "extract", "query_db", preprocess, train=False,
                          min_side=params.data.min_side, max_pixels=params.data.max_pixels)
     labels = inputs.labels.astype(str)

@@ -17,15 +17,16 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from .artifacts import arrow_to_vectors, read_table, save_npy, vectors_to_arrow, write_json, write_table
+from .artifacts import arrow_to_vectors, atomic_paths, read_table, vectors_to_arrow, write_json, write_table
 from .backbones import create_backbone
 from .config import ConfigError, Params
 from .data import ImageRecord, Skipped, cap_per_domain, content_hash, resolve_sources
 from .inputs import ImageDataset, image_transform, loader
-from .model import GrappaModel
+from .model import GrappaModel, pick_device
 from .storage import StorageError, read_bytes
 
 
@@ -128,18 +129,21 @@ def _compute(model: GrappaModel, todo: list[tuple[str, str]], params: Params, pr
     dataset = ImageDataset([uri for _, uri in todo], image_transform(preprocess, train=False),
                            params.data.min_side, params.data.max_pixels)
     batches = loader(dataset, params.extract.batch_size, num_workers=params.extract.num_workers)
+    device = pick_device()
+    model.to(device)
     with torch.inference_mode():
         for rows, x, bad in tqdm(batches, desc="extract", unit="batch"):
             for i, reason in bad:
                 broken[todo[i][0]] = reason
             if x is None:
                 continue
-            acts = model.forward_prefix(x)
-            emb, _ = model.forward_suffix(acts, "zero_shot")
+            acts = model.forward_prefix(x.to(device))
+            emb = model.forward_suffix(acts, "zero_shot")[0].cpu()
+            acts = acts.to("cpu", torch.float16)
             for j, i in enumerate(rows.tolist()):
                 hashes.append(todo[i][0])
                 vectors.append(emb[j].numpy())
-                prefixes.append(acts[j].to(torch.float16).numpy().tobytes() if start > 0 else None)
+                prefixes.append(acts[j].numpy().tobytes() if start > 0 else None)
     return hashes, np.stack(vectors) if vectors else np.zeros((0, 1), np.float32), prefixes, broken
 
 
@@ -157,10 +161,15 @@ def _write_outputs(out: Path, rows, cached, prefix_shape) -> None:
     })
     if prefix_shape is not None:
         prefix = np.stack([np.frombuffer(cached[h][1], dtype=np.float16).reshape(prefix_shape) for h in hashes])
-        save_npy(out / "prefix.npy", prefix)
+        # Row-aligned pair: both renames happen only once both files are complete, so a kill never
+        # leaves a new prefix.npy next to an old features.parquet (or the reverse).
+        with atomic_paths(out / "prefix.npy", out / "features.parquet") as (tmp_prefix, tmp_features):
+            with open(tmp_prefix, "wb") as fh:
+                np.save(fh, prefix)
+            pq.write_table(table, tmp_features)
     else:
         (out / "prefix.npy").unlink(missing_ok=True)  # a stale cache from another setup must not be trusted
-    write_table(out / "features.parquet", table)
+        write_table(out / "features.parquet", table)
 
 
 def _count(rows, key) -> dict[str, int]:

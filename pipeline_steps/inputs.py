@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from .artifacts import arrow_to_vectors, read_table
 from .backbones import Preprocess
+from .config import ConfigError
 from .data import ImageDecodeError, decode_image
 from .storage import StorageError, read_bytes
 
@@ -109,7 +110,11 @@ def load_inputs(extract_dir: str | Path, split: str, preprocess: Preprocess, tra
     uris = sub.column("uri").to_pylist()
     prefix_path = extract_dir / "prefix.npy"
     if prefix_path.exists():
-        dataset: Dataset = PrefixDataset(np.load(prefix_path, mmap_mode="r"), rows)
+        prefix = np.load(prefix_path, mmap_mode="r")
+        if prefix.shape[0] != table.num_rows:  # never train on activations of other images
+            raise ConfigError(f"{prefix_path} has {prefix.shape[0]} rows but features.parquet has "
+                              f"{table.num_rows}; rerun 'grappa extract'")
+        dataset: Dataset = PrefixDataset(prefix, rows)
     else:
         dataset = ImageDataset(uris, image_transform(preprocess, train), min_side, max_pixels)
     return StepInputs(
@@ -136,14 +141,17 @@ def encode(model, dataset: Dataset, mode: str, batch_size: int, num_workers: int
            desc: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Embeddings (N, D) of every item under ``mode``, plus (N, L, M) attentions in fusion mode."""
     model.eval()
+    device = next(model.parameters()).device
     embeddings, alphas = [None] * len(dataset), [None] * len(dataset)
     for rows, x, bad in tqdm(loader(dataset, batch_size, num_workers=num_workers), desc=desc or mode,
                              unit="batch", leave=False, disable=desc is False):
         if bad:
             raise RuntimeError(f"{len(bad)} inputs became unreadable since extraction (e.g. {bad[0][1]})")
+        x = x.to(device)
         if getattr(dataset, "is_images", False):
             x = model.forward_prefix(x)
         emb, alpha = model.forward_suffix(x, mode)
+        emb, alpha = emb.cpu(), (alpha.cpu() if alpha is not None else None)
         for j, r in enumerate(rows.tolist()):
             embeddings[r] = emb[j].numpy()
             if alpha is not None:

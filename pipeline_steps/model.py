@@ -27,6 +27,13 @@ UNIFORM = "uniform"
 FUSION = "fusion"
 
 
+def pick_device() -> torch.device:
+    """CUDA when present (the paper's all-block placement is meant for it), else CPU; GRAPPA_DEVICE overrides."""
+    import os
+
+    return torch.device(os.environ.get("GRAPPA_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def single(k: int) -> str:
     """Mode name for the single-granularity model with adaptor set k."""
     return f"k{k}"

@@ -24,7 +24,7 @@ from .ap_loss import build_ap_loss
 from .config import AdaptorParams, ConfigError, Params
 from .inputs import NeighbourPairs, collate_usable, load_inputs, loader
 from .losses import CosineClassifier
-from .model import GrappaModel, single
+from .model import GrappaModel, pick_device, single
 from .training import fit, run_key
 
 
@@ -39,6 +39,24 @@ def pseudo_labels_for(params: Params, k: int, image_ids: list[str]) -> np.ndarra
     if missing:
         raise ConfigError(f"cluster output for k={k} is stale ({len(missing)} images unassigned); rerun 'grappa cluster'")
     return np.array([lookup[i] for i in image_ids], dtype=np.int64)
+
+
+def augment_feature_maps(x: torch.Tensor, min_scale: float) -> torch.Tensor:
+    """Random horizontal flip and random resized crop of cached (B, C, H, W) prefix activations.
+
+    Without images there are no pixel augmentations; jittering the cached maps stands in for them so
+    the pseudo-label task is not solved trivially by the features the clusters came from.
+    """
+    b, _, h, w = x.shape
+    flip = torch.rand(b) < 0.5  # drawn on the CPU generator: identical on every device
+    scale = min_scale + (1 - min_scale) * torch.rand(b)
+    side = scale.sqrt()
+    cx, cy = (1 - side) * (2 * torch.rand(b) - 1), (1 - side) * (2 * torch.rand(b) - 1)
+    x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = side, side, cx, cy
+    grid = F.affine_grid(theta.to(x.device), (b, x.shape[1], h, w), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", align_corners=False)
 
 
 class AdaptorObjective:
@@ -133,27 +151,36 @@ def run(params: Params, k: int) -> dict:
     def batches(generator):
         model.train()
         if objective.uses_ap and not two_views:  # AP needs positives in the batch: P clusters x K images
-            sampler = ClusterBatchSampler(targets.numpy(), batch_size, hp.images_per_cluster, generator)
+            sampler = ClusterBatchSampler(targets.cpu().numpy(), batch_size, hp.images_per_cluster, generator)
             return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_usable,
                               num_workers=params.extract.num_workers if dataset.is_images else 0)
         return loader(dataset, batch_size, shuffle=True, generator=generator, drop_last=True,
                       num_workers=params.extract.num_workers)
 
+    device = pick_device()
+    model.to(device)
+    classifier.to(device)
+    targets = targets.to(device)
+
     def step(batch):
         rows, x, _ = batch
+        rows, x = rows.to(device), x.to(device)
         if two_views:
             x, rows = torch.cat([x[:, 0], x[:, 1]]), torch.cat([rows, rows])
         if dataset.is_images:
             x = model.forward_prefix(x)
+        elif hp.prefix_augment_scale < 1.0 and x.dim() == 4:
+            x = augment_feature_maps(x, hp.prefix_augment_scale)
         emb, _ = model.forward_suffix(x, mode)
         return objective(emb, targets[rows], instance_ids=rows)
 
-    key = run_key(params, hp.model_dump(), k, hashlib.md5(targets.numpy().tobytes()).hexdigest())
+    key = run_key(params, hp.model_dump(), k, hashlib.md5(targets.cpu().numpy().tobytes()).hexdigest())
     checkpoint = Path(params.out_dir) / "checkpoints" / f"adaptor_k{k}-{key}.pt"
     history = fit(trainable, optimizer, hp.epochs, len(inputs.dataset) // batch_size, hp.warmup_epochs,
                   batches, step, checkpoint, params.seed, desc=f"adaptor k={k}")
     meta = {"k": k, "start": model.start, "reduction": hp.reduction, "backbone": params.backbone.model_dump(),
             "block_dims": backbone.block_dims[model.start:]}
+    model.cpu()
     save_torch(adaptor_path(params, k), {"state_dict": model.adaptors[mode].state_dict(), "meta": meta})
     report = {"k": k, "images": len(inputs.image_ids), "history": history, "final": history[-1]}
     write_json(adaptor_path(params, k).with_name("metrics.json"), report)

@@ -31,7 +31,7 @@ from .config import Params
 from .inputs import NeighbourPairs, encode, load_inputs, loader
 from .losses import attention_propagation, batch_attention_entropy, neighbour_pair_infonce
 from .metrics import leave_one_out_neighbours
-from .model import FUSION
+from .model import FUSION, pick_device
 from .training import fit, run_key
 
 
@@ -57,8 +57,12 @@ def run(params: Params) -> dict:
         return loader(pairs, batch_size, shuffle=True, generator=generator, drop_last=True,
                       num_workers=params.extract.num_workers)
 
+    device = pick_device()
+    model.to(device)
+
     def step(batch):
         _, x, _ = batch
+        x = x.to(device)
         x = torch.cat([x[:, 0], x[:, 1]])
         if pairs.is_images:
             x = model.forward_prefix(x)
@@ -76,6 +80,7 @@ def run(params: Params) -> dict:
     history = fit(model.fusion, optimizer, hp.epochs, len(pairs) // batch_size, 0.0, batches, step,
                   checkpoint, params.seed, desc="fusion")
     _, alphas = encode(model, inputs.dataset, FUSION, params.evaluate.batch_size, desc="attention")
+    model.cpu()
     save_torch(fusion_path(params), {"state_dict": model.fusion.state_dict(),
                                      "meta": {"ks": params.cluster.ks, "attn_dim": hp.attn_dim}})
     report = {

@@ -1,0 +1,94 @@
+"""Quality benchmark: the full method on the multidomain data, several seeds, mean and spread.
+
+    python -m benchmarks.quality                       # 3 seeds, all images, writes results/multidomain.json
+    python -m benchmarks.quality --name ablation_no_prop --set fusion.lambda_prop=0
+
+Each seed runs the five steps into ``outputs/bench/<name>/seed<S>`` (extraction is shared through the
+content-hash cache, so only the first run pays for it). The JSON follows the schema of the issue:
+``{"methods": {name: {"per_domain": {domain: {"map_at_r", "recall_at_1"}}, "mean": {...}}}, "timings_s",
+"params"}`` with, in addition, ``std`` (over seeds) beside every mean and the per-seed results.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline_steps.artifacts import write_json, write_text
+from pipeline_steps.cli import _parse_set, run_all
+from pipeline_steps.config import load_params
+from pipeline_steps.evaluate import METRICS
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FULL_DATA = {"data.max_unlabeled_per_domain": None, "data.max_query_db_per_domain": None}
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+    """Mean and std over seeds of every (method, domain, metric) cell, plus the mean over domains."""
+    methods = {}
+    for name in per_seed[0]["methods"]:
+        domains = per_seed[0]["methods"][name]["per_domain"]
+        entry = {"per_domain": {}, "mean": {}, "std": {}}
+        for domain in domains:
+            cells = [run["methods"][name]["per_domain"][domain] for run in per_seed]
+            entry["per_domain"][domain] = {m: float(np.mean([c[m] for c in cells])) for m in METRICS}
+            entry["per_domain"][domain]["std"] = {m: float(np.std([c[m] for c in cells])) for m in METRICS}
+        means = [run["methods"][name]["mean"] for run in per_seed]
+        entry["mean"] = {m: float(np.mean([c[m] for c in means])) for m in METRICS}
+        entry["std"] = {m: float(np.std([c[m] for c in means])) for m in METRICS}
+        methods[name] = entry
+    return methods
+
+
+def markdown(methods: dict, seeds: list[int]) -> str:
+    domains = list(next(iter(methods.values()))["per_domain"])
+    lines = [f"mAP@R (%) mean ± std over seeds {seeds}; R@1 of the mean in the last column", "",
+             "| method | " + " | ".join(domains) + " | mean mAP@R | mean R@1 |", "|" + "---|" * (len(domains) + 3)]
+    for name, res in methods.items():
+        cells = [f"{100 * res['per_domain'][d]['map_at_r']:.1f} ± {100 * res['per_domain'][d]['std']['map_at_r']:.1f}"
+                 for d in domains]
+        cells.append(f"**{100 * res['mean']['map_at_r']:.1f}** ± {100 * res['std']['map_at_r']:.1f}")
+        cells.append(f"{100 * res['mean']['recall_at_1']:.1f} ± {100 * res['std']['recall_at_1']:.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--name", default="multidomain", help="results file name (and outputs sub-folder)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--keep-caps", action="store_true", help="keep params.yaml's per-domain caps (default: all images)")
+    args = parser.parse_args(argv)
+
+    overrides = {} if args.keep_caps else dict(FULL_DATA)
+    overrides.update(_parse_set(args.set))
+    per_seed, timings = [], {}
+    for seed in args.seeds:
+        params = load_params(args.params, {**overrides, "seed": seed, "out_dir": f"outputs/bench/{args.name}/seed{seed}"})
+        t0 = time.perf_counter()
+        steps = run_all(params)
+        timings[f"seed{seed}"] = {**steps, "total": time.perf_counter() - t0}
+        per_seed.append(json.loads((Path(params.out_dir) / "evaluate" / "metrics.json").read_text()))
+    methods = aggregate(per_seed)
+    result = {
+        "methods": methods,
+        "timings_s": timings,
+        "params": {**params.model_dump(), "seed": args.seeds},
+        "seeds": args.seeds,
+        "per_seed": {str(s): r["methods"] for s, r in zip(args.seeds, per_seed)},
+        "oracle_choice": {str(s): r["oracle_choice"] for s, r in zip(args.seeds, per_seed)},
+    }
+    write_json(RESULTS / f"{args.name}.json", result)
+    table = markdown(methods, args.seeds)
+    write_text(RESULTS / f"{args.name}.md", table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
