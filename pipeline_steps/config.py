@@ -101,6 +101,10 @@ class FusionParams(_Strict):
     lambda_prop: float = Field(default=1.0, ge=0)  # attention propagation (KL to neighbours)
     lambda_value: float = Field(default=0.01, ge=0)  # keep W_V near identity (AdapterFusion)
     lambda_entropy: float = Field(default=0.0, ge=0)  # bonus on batch-mean attention entropy
+    # What the fused embedding is trained for: InfoNCE on kNN pairs (grappa.md 5.3), the stage-1
+    # pseudo-label losses of all M levels through their frozen classifiers (the "alternative
+    # reading" of 5.3), or both. Attention propagation between neighbours applies in every case.
+    objective: Literal["neighbour_pairs", "pseudo_labels", "pseudo_labels+neighbour_pairs"] = "neighbour_pairs"
 
 
 class EvaluateParams(_Strict):

@@ -32,6 +32,10 @@ def adaptor_path(params: Params, k: int) -> Path:
     return Path(params.out_dir) / "adaptors" / f"k{k}" / "adaptor.pt"
 
 
+def classifier_path(params: Params, k: int) -> Path:
+    return adaptor_path(params, k).with_name("classifier.pt")
+
+
 def pseudo_labels_for(params: Params, k: int, image_ids: list[str]) -> np.ndarray:
     table = read_table(Path(params.out_dir) / "cluster" / f"k{k}.parquet")
     lookup = dict(zip(table.column("image_id").to_pylist(), table.column("pseudo_label").to_pylist()))
@@ -182,6 +186,8 @@ def run(params: Params, k: int) -> dict:
             "block_dims": backbone.block_dims[model.start:]}
     model.cpu()
     save_torch(adaptor_path(params, k), {"state_dict": model.adaptors[mode].state_dict(), "meta": meta})
+    # Kept beside the adaptors for the fusion step's pseudo-label objective; not part of the model.
+    save_torch(classifier_path(params, k), {"weight": classifier.weight.detach().cpu(), "temperature": hp.temperature})
     report = {"k": k, "images": len(inputs.image_ids), "history": history, "final": history[-1]}
     write_json(adaptor_path(params, k).with_name("metrics.json"), report)
     checkpoint.unlink(missing_ok=True)  # the published adaptor supersedes it

@@ -6,8 +6,12 @@ Objective (per batch of B anchors i, each with one neighbour j(i) drawn uniforml
 neighbours in the frozen feature space of the unlabeled union; f = fused, L2-normalised embedding,
 alpha_l = the image's attention over the M granularities in block l):
 
-    L = L_pair + lambda_prop * L_prop + lambda_value * L_value - lambda_entropy * H
-    L_pair  = symmetric InfoNCE of (f(x_i), f(x_j(i))) against the other 2B-2 batch images, temperature tau
+    L = [L_pair] + [L_pseudo] + lambda_prop * L_prop + lambda_value * L_value - lambda_entropy * H
+    L_pair   = symmetric InfoNCE of (f(x_i), f(x_j(i))) against the other 2B-2 batch images, temperature tau
+               (fusion.objective contains "neighbour_pairs")
+    L_pseudo = (1/M) sum_m CE(C_m(f(x_i)), y_i^m): the stage-1 cosine-softmax losses through the frozen
+               classifiers C_m of all M levels, so the one fused embedding must serve every granularity
+               (fusion.objective contains "pseudo_labels"; grappa.md 5.3, "alternative reading")
     L_prop  = 1/2 [KL(sg(alpha(x_j)) || alpha(x_i)) + KL(sg(alpha(x_i)) || alpha(x_j))], mean over pairs and blocks
     L_value = sum_l ||W_V^l - I||^2          (AdapterFusion's value regulariser)
     H       = entropy of the batch-mean attention (optional guard against collapse onto one adaptor set)
@@ -23,15 +27,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+import torch.nn.functional as F
 
-from .artifacts import save_torch, write_json, write_table
+from .artifacts import load_torch, save_torch, write_json, write_table
 from .assemble import assemble, fusion_path
 from .backbones import create_backbone
 from .config import Params
 from .inputs import NeighbourPairs, encode, load_inputs, loader
-from .losses import attention_propagation, batch_attention_entropy, neighbour_pair_infonce
+from .losses import CosineClassifier, attention_propagation, batch_attention_entropy, neighbour_pair_infonce
 from .metrics import leave_one_out_neighbours
 from .model import FUSION, pick_device
+from .train_adaptor import classifier_path, pseudo_labels_for
 from .training import fit, run_key
 
 
@@ -60,20 +66,34 @@ def run(params: Params) -> dict:
     device = pick_device()
     model.to(device)
 
+    use_pairs = "neighbour_pairs" in hp.objective
+    heads = []  # (classifier, pseudo-labels of every unlabeled row) per k, frozen
+    if "pseudo_labels" in hp.objective:
+        for k in params.cluster.ks:
+            state = load_torch(classifier_path(params, k))
+            head = CosineClassifier(state["weight"], state["temperature"]).requires_grad_(False).to(device)
+            heads.append((head, torch.from_numpy(pseudo_labels_for(params, k, inputs.image_ids)).to(device)))
+
     def step(batch):
-        _, x, _ = batch
-        x = x.to(device)
+        rows, x, _ = batch
+        rows, x = rows.to(device), x.to(device)
         x = torch.cat([x[:, 0], x[:, 1]])
         if pairs.is_images:
             x = model.forward_prefix(x)
         emb, alpha = model.forward_suffix(x, FUSION)
         b = emb.shape[0] // 2
-        l_pair = neighbour_pair_infonce(emb[:b], emb[b:], hp.temperature)
-        l_prop = attention_propagation(alpha[:b], alpha[b:])
-        l_value = sum(layer.value_regulariser() for layer in model.fusion)
-        entropy = batch_attention_entropy(alpha)
-        loss = l_pair + hp.lambda_prop * l_prop + hp.lambda_value * l_value - hp.lambda_entropy * entropy
-        return {"loss": loss, "pair": l_pair, "prop": l_prop, "value": l_value, "attn_entropy": entropy}
+        losses = {"prop": attention_propagation(alpha[:b], alpha[b:]),
+                  "value": sum(layer.value_regulariser() for layer in model.fusion),
+                  "attn_entropy": batch_attention_entropy(alpha)}
+        loss = hp.lambda_prop * losses["prop"] + hp.lambda_value * losses["value"] - hp.lambda_entropy * losses["attn_entropy"]
+        if use_pairs:
+            losses["pair"] = neighbour_pair_infonce(emb[:b], emb[b:], hp.temperature)
+            loss = loss + losses["pair"]
+        if heads:  # mean over levels of the frozen stage-1 cosine-softmax losses, on the anchors
+            losses["pseudo_ce"] = sum(F.cross_entropy(head(emb[:b]), labels[rows]) for head, labels in heads) / len(heads)
+            loss = loss + losses["pseudo_ce"]
+        losses["loss"] = loss
+        return losses
 
     key = run_key(params, hp.model_dump(), params.adaptor.model_dump(), params.cluster.ks)
     checkpoint = Path(params.out_dir) / "checkpoints" / f"fusion-{key}.pt"

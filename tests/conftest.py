@@ -77,6 +77,12 @@ def tiny_params_dict(tmp_path: Path, sources: list, **sections) -> dict:
     return raw
 
 
+@pytest.fixture(autouse=True)
+def _tracking_off_by_default(monkeypatch):
+    """Tests that exercise MLflow switch it on themselves; nothing else writes an mlflow.db."""
+    monkeypatch.setenv("GRAPPA_TRACKING", "0")
+
+
 @pytest.fixture
 def collection(tmp_path: Path) -> list[Path]:
     return make_collection(tmp_path / "data")

@@ -1,0 +1,396 @@
+"""MLflow tracking around the pure steps: a parent run per pipeline run, a child run per step.
+
+- URI: ``MLFLOW_TRACKING_URI``, else ``sqlite:///<repo or cwd>/mlflow.db`` with artifacts in the
+  ``mlruns/`` folder next to the DB (``GRAPPA_MLFLOW_ARTIFACT_LOCATION``, e.g. ``s3://bucket/mlflow``,
+  overrides where a *new* experiment keeps its artifacts).
+- Parent: ``grappa run`` opens it; for separately run steps (dvc.yaml, Airflow tasks) its id comes
+  from ``GRAPPA_MLFLOW_PARENT_RUN_ID`` (``grappa open-run`` / ``grappa close-run``); without either a
+  step is a standalone run.
+- Each step is logged *after* it has written its outputs, from its report/metrics files, so a
+  tracking failure never costs a step's results. Errors become one :class:`TrackingError` line.
+- Experiment: ``tracking.experiment`` (``MLFLOW_EXPERIMENT_NAME`` overrides it); the fused model is
+  registered as ``tracking.registered_model`` with alias ``candidate``, and ``champion`` when its
+  mean mAP@R beats the current champion's.
+- Off with ``tracking.enabled: false`` or ``GRAPPA_TRACKING=0``.
+- Nothing from the environment is logged, and every logged string has URI userinfo stripped.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+from . import lineage
+from .config import Params
+
+ENV_PARENT = "GRAPPA_MLFLOW_PARENT_RUN_ID"
+ENV_SWITCH = "GRAPPA_TRACKING"
+ENV_ARTIFACT_LOCATION = "GRAPPA_MLFLOW_ARTIFACT_LOCATION"
+CHAMPION, CANDIDATE = "champion", "candidate"
+SCORE_TAG = "grappa.mean_map_at_r"  # model-version tag the champion comparison reads
+
+# Bounded retries for an unreachable server (MLflow's own defaults wait minutes).
+_CLIENT_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",  # urllib3: 0 s, 2 s, 4 s
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",  # a pipeline never phones home unless asked to
+}
+
+# params.yaml sections each step depends on (logged as flattened params of its child run)
+STEP_SECTIONS = {
+    "extract": ("seed", "data", "backbone", "extract"),
+    "cluster": ("seed", "backbone", "cluster"),
+    "train-adaptor": ("seed", "backbone", "cluster", "adaptor"),
+    "train-fusion": ("seed", "backbone", "cluster", "adaptor", "fusion"),
+    "evaluate": ("seed", "data", "backbone", "cluster", "adaptor", "fusion", "evaluate"),
+}
+
+
+class TrackingError(RuntimeError):
+    """MLflow could not be reached or refused a call (printed as one line; outputs are kept)."""
+
+
+def enabled(params: Params) -> bool:
+    switch = os.environ.get(ENV_SWITCH, "1").strip().lower()
+    return params.tracking.enabled and switch not in ("0", "false", "no", "off")
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    return uri or f"sqlite:///{lineage.project_root() / 'mlflow.db'}"
+
+
+def artifact_location(uri: str) -> str | None:
+    """Artifact root for a new experiment: explicit env, else next to a sqlite DB; servers decide."""
+    if os.environ.get(ENV_ARTIFACT_LOCATION):
+        return os.environ[ENV_ARTIFACT_LOCATION]
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        return (db.resolve().parent / "mlruns").as_uri()
+    return None
+
+
+def step_output_dir(params: Params, step: str, k: int | None) -> Path:
+    out = Path(params.out_dir)
+    return {
+        "extract": out / "extract",
+        "cluster": out / "cluster",
+        "train-adaptor": out / "adaptors" / f"k{k}",
+        "train-fusion": out / "fusion",
+        "evaluate": out / "evaluate",
+    }[step]
+
+
+def step_report_file(params: Params, step: str, k: int | None) -> Path:
+    name = {"train-adaptor": "metrics.json", "evaluate": "metrics.json"}.get(step, "report.json")
+    return step_output_dir(params, step, k) / name
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> {"a.b.c": leaf}; lists stay leaves."""
+    flat: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            flat.update(flatten(value, f"{prefix}{key}."))
+    else:
+        flat[prefix[:-1]] = obj
+    return flat
+
+
+def step_params(params: Params, sections: tuple[str, ...] | None = None) -> dict[str, str]:
+    dump = lineage.redact(params.model_dump(mode="json"))
+    if sections is not None:
+        dump = {key: dump[key] for key in sections if key in dump}
+    return {lineage.safe_key(k): (json.dumps(v) if isinstance(v, (list, dict)) else str(v))[:6000]
+            for k, v in flatten(dump).items()}
+
+
+def numeric_metrics(report: dict, skip: tuple[str, ...] = ("history",)) -> dict[str, float]:
+    """Every int/float leaf of a report (bools, strings and lists are not metrics)."""
+    out = {}
+    for key, value in flatten({k: v for k, v in report.items() if k not in skip}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[lineage.safe_key(key)] = float(value)
+    return out
+
+
+def _one_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    text = lineage.redact_uri(lines[0] if lines else type(err).__name__)
+    if "Max retries exceeded" in text or "NewConnectionError" in text or "ConnectionError" in text:
+        retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "?")
+        return f"server unreachable after {retries} retries ({type(err).__name__})"
+    return text[:300]
+
+
+class Tracker:
+    """One process's view of the tracking server for one params file."""
+
+    def __init__(self, params: Params, parent_run_id: str | None = None):
+        for key, value in _CLIENT_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.params = params
+        self.uri = tracking_uri()
+        self.safe_uri = lineage.redact_uri(self.uri)
+        self.parent_run_id = parent_run_id if parent_run_id is not None else (os.environ.get(ENV_PARENT) or None)
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or self.uri)
+        self.client = MlflowClient(self.uri)
+        self._experiment_id: str | None = None
+
+    # ------------------------------------------------------------------ plumbing
+
+    @contextlib.contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except TrackingError:
+            raise
+        except Exception as err:  # MlflowException, requests/urllib3, boto, sqlalchemy...
+            raise TrackingError(f"tracking: cannot {what} at {self.safe_uri}: {_one_line(err)}") from None
+
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or self.params.tracking.experiment
+            experiment = self.client.get_experiment_by_name(name)
+            if experiment is None:
+                try:
+                    self._experiment_id = self.client.create_experiment(name, artifact_location=artifact_location(self.uri))
+                except Exception:  # another process created it in between
+                    experiment = self.client.get_experiment_by_name(name)
+                    if experiment is None:
+                        raise
+                    self._experiment_id = experiment.experiment_id
+            else:
+                self._experiment_id = experiment.experiment_id
+        return self._experiment_id
+
+    def _common_tags(self) -> dict[str, str]:
+        return {**lineage.git_tags(), **lineage.airflow_tags()}
+
+    # ------------------------------------------------------------------ parent run
+
+    def open_parent(self, run_name: str | None = None) -> str:
+        """Create (but do not keep active) the parent run of one pipeline run; returns its id."""
+        with self._guard("open the pipeline run"):
+            tags = {**self._common_tags(), "grappa.kind": "pipeline", "mlflow.source.name": "grappa"}
+            name = run_name or tags.get("airflow.dag_run_id") or f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}"
+            run = self.client.create_run(self.experiment_id(), tags=tags, run_name=name)
+            run_id = run.info.run_id
+            self._log_batch(run_id, params=step_params(self.params))
+            self.client.log_text(run_id, _params_yaml(self.params), "params.yaml")
+        self.parent_run_id = run_id
+        return run_id
+
+    def close_parent(self, run_id: str, status: str = "FINISHED") -> dict[str, float]:
+        """Copy the evaluation summary from the children onto the parent and set its final status."""
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        with self._guard("close the pipeline run"):
+            parent = self.client.get_run(run_id)
+            children = self.client.search_runs([parent.info.experiment_id],
+                                               filter_string=f"tags.{MLFLOW_PARENT_RUN_ID} = '{run_id}'",
+                                               max_results=1000)
+            summary: dict[str, float] = {
+                "steps_total": float(len(children)),
+                "steps_failed": float(sum(c.info.status != "FINISHED" for c in children)),
+            }
+            for child in children:
+                if child.data.tags.get("grappa.step") == "evaluate" and child.info.status == "FINISHED":
+                    for key, value in child.data.metrics.items():
+                        if key.endswith(".mean.map_at_r") or key.endswith(".mean.recall_at_1"):
+                            summary[key] = value
+                    for key in ("grappa.model_version", "grappa.model_alias"):
+                        if key in child.data.tags:
+                            self.client.set_tag(run_id, key, child.data.tags[key])
+            if summary["steps_failed"] and status == "FINISHED":
+                status = "FAILED"
+            self._log_batch(run_id, metrics=summary)
+            self.client.set_terminated(run_id, status=status)
+        return summary
+
+    # ------------------------------------------------------------------ child runs
+
+    def log_step(self, step: str, params: Params, k: int | None, start_s: float,
+                 error: BaseException | None = None) -> str:
+        """Record one finished (or failed) step as a child run; returns the run id."""
+        import mlflow
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        stage = lineage.dvc_stage_name(step, k)
+        with self._guard(f"log step '{stage}'"):
+            tags = {**self._common_tags(), **lineage.dvc_lock_tags(stage), "dvc.stage": stage, "grappa.step": step,
+                    "grappa.kind": "step", "mlflow.source.name": f"grappa {step}"}
+            if k is not None:
+                tags["grappa.k"] = str(k)
+            if self.parent_run_id:
+                tags[MLFLOW_PARENT_RUN_ID] = self.parent_run_id
+            run_name = f"{step} k={k}" if k is not None else step
+            run = self.client.create_run(self.experiment_id(), start_time=int(start_s * 1000), tags=tags,
+                                         run_name=run_name)
+            run_id = run.info.run_id
+            sections = STEP_SECTIONS[step]
+            step_p = step_params(params, sections)
+            if k is not None:
+                step_p["k"] = str(k)
+            self._log_batch(run_id, params=step_p)
+            if error is not None:
+                self.client.set_tag(run_id, "grappa.error", lineage.redact_uri(_one_line(error)))
+                self.client.set_terminated(run_id, status="FAILED")
+                return run_id
+            with mlflow.start_run(run_id=run_id):
+                self._log_outputs(run_id, step, params, k)
+        return run_id
+
+    def _log_outputs(self, run_id: str, step: str, params: Params, k: int | None) -> None:
+        import mlflow
+
+        folder = step_output_dir(params, step, k)
+        report_file = step_report_file(params, step, k)
+        report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+        metrics = numeric_metrics(report)
+        if isinstance(report.get("skipped"), list):
+            metrics["skipped"] = float(len(report["skipped"]))
+        self._log_batch(run_id, metrics=metrics)
+        for entry in report.get("history") or []:  # training curves: one step per epoch
+            epoch = int(entry.get("epoch", 0))
+            values = {lineage.safe_key(f"train.{key}"): float(v) for key, v in entry.items()
+                      if key != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self._log_batch(run_id, metrics=values, step=epoch)
+        if report_file.is_file():
+            mlflow.log_artifact(str(report_file))
+        features = Path(params.out_dir) / "extract" / "features.parquet"
+        contexts = {"extract": [("unlabeled", "training"), ("query_db", "evaluation")],
+                    "evaluate": [("query_db", "evaluation")]}.get(step, [("unlabeled", "training")])
+        if features.is_file():
+            for split, context in contexts:
+                self._log_dataset(run_id, features, split, context)
+        if step == "evaluate":
+            for extra in ("results.md",):
+                if (folder / extra).is_file():
+                    mlflow.log_artifact(str(folder / extra))
+            if (folder / "plots").is_dir():
+                mlflow.log_artifacts(str(folder / "plots"), artifact_path="plots")
+            self._log_model(run_id, params, report)
+
+    def _log_dataset(self, run_id: str, features: Path, split: str, context: str) -> None:
+        import mlflow
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        sha, rows = lineage.split_digest(features, split)
+        if not rows:
+            return
+        # MLflow caps dataset digests at 36 chars: log 128 bits of the sha256, the full one as a tag.
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are the local source
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(str(features.resolve()))
+        dataset = MetaDataset(source=source, name=split, digest=sha[:32])
+        mlflow.log_input(dataset, context=context, tags={"rows": str(rows)})
+        self.client.set_tag(run_id, f"dataset.{split}.sha256", sha)
+
+    # ------------------------------------------------------------------ model + registry
+
+    def _log_model(self, run_id: str, params: Params, metrics: dict) -> None:
+        import mlflow
+        import timm
+        import torch
+
+        from .assemble import assemble, fusion_path
+        from .backbones import create_backbone
+
+        out = Path(params.out_dir)
+        # the portable state bundle: adaptors + fusion + params (loadable without MLflow)
+        for k in params.cluster.ks:
+            mlflow.log_artifact(str(out / "adaptors" / f"k{k}" / "adaptor.pt"), artifact_path=f"bundle/adaptors/k{k}")
+        mlflow.log_artifact(str(fusion_path(params)), artifact_path="bundle/fusion")
+        self.client.log_text(run_id, _params_yaml(params), "bundle/params.yaml")
+
+        backbone, _, _ = create_backbone(params.backbone)
+        model = assemble(params, backbone, with_fusion=True, load_fusion=True).eval()
+        name = params.tracking.registered_model
+        info = mlflow.pytorch.log_model(
+            model,
+            name="grappa",
+            serialization_format="pickle",  # pt2 needs torch.export + an input example; drops custom methods
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}",
+                              f"mlflow=={mlflow.__version__}"],
+            code_paths=[str(Path(__file__).resolve().parent)],
+            registered_model_name=name,
+            metadata={"ks": params.cluster.ks, "backbone": params.backbone.name},
+        )
+        version = str(info.registered_model_version)
+        score = _score(metrics)
+        if score is not None:
+            self.client.set_model_version_tag(name, version, SCORE_TAG, repr(score))
+        self.client.set_model_version_tag(name, version, "dvc.stage", lineage.dvc_stage_name("evaluate"))
+        if self.parent_run_id:
+            self.client.set_model_version_tag(name, version, "grappa.parent_run_id", self.parent_run_id)
+        self.client.set_registered_model_alias(name, CANDIDATE, version)
+        promoted = self._maybe_promote(name, version, score)
+        self.client.set_tag(run_id, "grappa.model_version", version)
+        self.client.set_tag(run_id, "grappa.model_alias", CHAMPION if promoted else CANDIDATE)
+        print(f"tracking: registered {name} version {version} as {CANDIDATE}"
+              + (f" and {CHAMPION}" if promoted else f" (not {CHAMPION})"), flush=True)
+
+    def _maybe_promote(self, name: str, version: str, score: float | None) -> bool:
+        """``champion`` moves to the new version only if its mean mAP@R beats the current champion's."""
+        if score is None:
+            return False
+        try:
+            current = self.client.get_model_version_by_alias(name, CHAMPION)
+        except Exception:  # no champion yet
+            current = None
+        if current is not None:
+            try:
+                best = float(current.tags.get(SCORE_TAG, "nan"))
+            except ValueError:
+                best = float("nan")
+            if best == best and score <= best:  # a NaN/missing score never blocks promotion
+                return False
+        self.client.set_registered_model_alias(name, CHAMPION, version)
+        return True
+
+    def _log_batch(self, run_id: str, params: dict | None = None, metrics: dict | None = None,
+                   step: int = 0) -> None:
+        from mlflow.entities import Metric, Param
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if v == v],
+            params=[Param(k, v) for k, v in (params or {}).items()],
+        )
+
+
+def _score(metrics: dict) -> float | None:
+    try:
+        return float(metrics["methods"]["grappa"]["mean"]["map_at_r"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _params_yaml(params: Params) -> str:
+    import yaml
+
+    return yaml.safe_dump(lineage.redact(params.model_dump(mode="json")), sort_keys=False)
+
+
+def from_params(params: Params) -> Tracker | None:
+    """The tracker for this process, or None when tracking is off."""
+    if not enabled(params):
+        return None
+    try:
+        return Tracker(params)
+    except Exception as err:
+        raise TrackingError(f"tracking: cannot set up MLflow at {lineage.redact_uri(tracking_uri())}: "
+                            f"{_one_line(err)}") from None

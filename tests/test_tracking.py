@@ -1,0 +1,402 @@
+"""MLflow lineage: parent/child runs, params/metrics/inputs, registry aliases, unreachable server.
+
+One tracked tiny pipeline run (``grappa run`` through ``cli.main``) is shared by this module and
+test_security.py (see :func:`tracked_run`); the MLflow SQLite DB is migrated once per session and
+copied per use (:func:`fresh_tracking_uri`).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+import yaml
+
+from conftest import REPO, make_collection, tiny_params_dict
+from pipeline_steps import cli, lineage, tracking
+
+MODEL = "grappa-test-fused"
+STAGES = {"extract", "cluster", "train_adaptor@2", "train_adaptor@4", "train_fusion", "evaluate"}
+# Fake credentials present in the environment during the shared run (test_security scans for them).
+SECRETS = {
+    "AWS_ACCESS_KEY_ID": "AKIAGRAPPAFAKE000042",
+    "AWS_SECRET_ACCESS_KEY": "grappa/FakeSecret+Key0123456789abcdefXYZ",
+    "AWS_SESSION_TOKEN": "GrappaFakeSessionToken-9f8e7d6c5b4a",
+    "MLFLOW_TRACKING_PASSWORD": "grappa-fake-mlflow-password-31337",
+}
+AIRFLOW = {"AIRFLOW_CTX_DAG_ID": "grappa_pipeline", "AIRFLOW_CTX_DAG_RUN_ID": "manual__2026-01-01",
+           "AIRFLOW_CTX_TASK_ID": "run_all", "AIRFLOW_CTX_MAP_INDEX": "-1"}
+# variables that would change what the shared run does if the calling shell happened to set them
+_SCRUB = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", tracking.ENV_PARENT, tracking.ENV_SWITCH,
+          tracking.ENV_ARTIFACT_LOCATION, "DVC_STAGE", "DVC_ROOT", "GRAPPA_DVC_LOCK", "GRAPPA_AIRFLOW_RUN_ID")
+
+DVC_LOCK = {
+    "schema": "2.0",
+    "stages": {
+        "extract": {
+            "cmd": "grappa extract",
+            "deps": [{"path": "pipeline_steps/extract.py", "hash": "md5", "md5": "0123abcd" * 4, "size": 1}],
+            "outs": [{"path": "outputs/extract", "hash": "md5", "md5": "feedbeef" * 4 + ".dir", "size": 2}],
+        }
+    },
+}
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def template_db(tmp_path_factory) -> Path:
+    """An empty, migrated MLflow SQLite DB, created once per session (migrations take seconds)."""
+    db = tmp_path_factory.getbasetemp() / "mlflow-template.db"
+    if not db.exists():
+        from mlflow.tracking import MlflowClient
+
+        tmp = db.with_suffix(".tmp.db")
+        MlflowClient(f"sqlite:///{tmp}").search_experiments()
+        tmp.rename(db)
+    return db
+
+
+def fresh_tracking_uri(tmp_path_factory, folder: Path) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(template_db(tmp_path_factory), folder / "mlflow.db")
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def environment(**values: str | None):
+    """Set (str) or unset (None) environment variables for the block, restoring them afterwards."""
+    with mock.patch.dict(os.environ):
+        for key, value in values.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        yield
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("grappa:")]
+
+
+_SHARED: dict[str, SimpleNamespace] = {}
+
+
+def tracked_run(tmp_path_factory) -> SimpleNamespace:
+    """The tiny pipeline run once with tracking on (fake AWS credentials and Airflow ids in env)."""
+    key = str(tmp_path_factory.getbasetemp())
+    if key in _SHARED:
+        return _SHARED[key]
+    root = tmp_path_factory.mktemp("tracked")
+    manifests = make_collection(root / "data")
+    raw = tiny_params_dict(root, manifests, tracking={"experiment": "grappa-test", "registered_model": MODEL})
+    params_path = root / "params.yaml"
+    params_path.write_text(yaml.safe_dump(raw))
+    (root / "dvc.lock").write_text(yaml.safe_dump(DVC_LOCK))
+    uri = fresh_tracking_uri(tmp_path_factory, root / "tracking")
+    env = {**{k: None for k in _SCRUB}, **SECRETS, **AIRFLOW, "MLFLOW_TRACKING_URI": uri}
+    with environment(**env), contextlib.chdir(root):
+        rc, stdout, stderr = run_cli(["--params", str(params_path), "run"])
+    _SHARED[key] = SimpleNamespace(root=root, params_path=params_path, raw=raw, uri=uri, rc=rc, stdout=stdout,
+                                   stderr=stderr, out_dir=Path(raw["out_dir"]), secrets=dict(SECRETS))
+    return _SHARED[key]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    shared = tracked_run(tmp_path_factory)
+    assert shared.rc == 0, shared.stderr[-3000:]
+    return shared
+
+
+@pytest.fixture(scope="module")
+def client(run):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(run.uri)
+    mlflow.set_registry_uri(run.uri)
+    return MlflowClient(run.uri)
+
+
+@pytest.fixture(scope="module")
+def runs(run, client):
+    """(parent, {dvc.stage: child}) of the shared run."""
+    experiment = client.get_experiment_by_name("grappa-test")
+    all_runs = client.search_runs([experiment.experiment_id], max_results=100)
+    parents = [r for r in all_runs if r.data.tags.get("grappa.kind") == "pipeline"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    by_stage = {r.data.tags["dvc.stage"]: r for r in children}
+    assert len(by_stage) == len(children)
+    return parent, by_stage
+
+
+# --------------------------------------------------------------------------- the shared run
+
+
+def test_parent_and_one_child_per_step(run, runs, client):
+    parent, children = runs
+    assert set(children) == STAGES
+    assert parent.info.status == "FINISHED"
+    assert all(c.info.status == "FINISHED" for c in children.values())
+    assert children["train_adaptor@4"].data.tags["grappa.k"] == "4"
+    assert parent.data.tags["airflow.dag_run_id"] == AIRFLOW["AIRFLOW_CTX_DAG_RUN_ID"]
+    assert parent.info.run_name == AIRFLOW["AIRFLOW_CTX_DAG_RUN_ID"]
+    assert client.get_experiment_by_name("grappa-test").artifact_location == (run.root / "tracking" / "mlruns").as_uri()
+    # summary of the evaluation copied onto the parent by close
+    metrics = json.loads((run.out_dir / "evaluate" / "metrics.json").read_text())
+    grappa_map = metrics["methods"]["grappa"]["mean"]["map_at_r"]
+    assert parent.data.metrics["methods.grappa.mean.map_at_r"] == pytest.approx(grappa_map)
+    assert parent.data.metrics["steps_total"] == len(STAGES) and parent.data.metrics["steps_failed"] == 0
+    assert parent.data.params["cluster.ks"] == "[2, 4]"
+    assert f"tracking: pipeline run {parent.info.run_id}" in run.stdout
+
+
+def test_tags_link_code_dvc_and_airflow(run, runs):
+    _, children = runs
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    for child in children.values():
+        tags = child.data.tags
+        assert tags["mlflow.source.git.commit"] == commit
+        assert tags["airflow.dag_id"] == "grappa_pipeline" and tags["airflow.task_id"] == "run_all"
+        assert tags["airflow.map_index"] == "-1"
+        assert tags["dvc.lock.md5"]
+    extract = children["extract"].data.tags
+    assert extract["dvc.out.outputs/extract"] == "feedbeef" * 4 + ".dir"
+    assert extract["dvc.dep.pipeline_steps/extract.py"] == "0123abcd" * 4
+    assert not any(k.startswith("dvc.out.") for k in children["cluster"].data.tags)  # no lock entry for it
+
+
+def test_params_metrics_and_artifacts(run, runs, client):
+    _, children = runs
+    extract = children["extract"]
+    assert extract.data.params["backbone.name"] == "test_efficientnet"
+    assert json.loads(extract.data.params["data.sources"])[0].endswith("manifest.csv")
+    assert "adaptor.epochs" not in extract.data.params  # only the sections the step uses
+    assert extract.data.metrics["images"] == 64.0
+    assert extract.data.metrics["by_split.unlabeled"] == 32.0
+    assert "report.json" in {a.path for a in client.list_artifacts(extract.info.run_id)}
+
+    adaptor = children["train_adaptor@2"]
+    assert adaptor.data.params["k"] == "2" and adaptor.data.params["adaptor.epochs"] == "2"
+    history = client.get_metric_history(adaptor.info.run_id, "train.loss")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2]
+    assert "final.loss" in adaptor.data.metrics
+    fusion_history = client.get_metric_history(children["train_fusion"].info.run_id, "train.prop")
+    assert len(fusion_history) == 2
+
+    evaluate = children["evaluate"]
+    assert evaluate.data.params["fusion.knn"] == "3"
+    assert 0.0 <= evaluate.data.metrics["methods.grappa.mean.map_at_r"] <= 1.0
+    assert "methods.zero_shot.per_domain.shapes.recall_at_1" in evaluate.data.metrics
+    top = {a.path for a in client.list_artifacts(evaluate.info.run_id)}
+    assert {"metrics.json", "results.md", "plots", "bundle"} <= top
+    plots = {a.path for a in client.list_artifacts(evaluate.info.run_id, "plots")}
+    assert "plots/per_domain_map_at_r.png" in plots
+    bundle = {a.path for a in client.list_artifacts(evaluate.info.run_id, "bundle/adaptors/k4")}
+    assert bundle == {"bundle/adaptors/k4/adaptor.pt"}
+
+
+def test_inputs_logged_with_digests(run, runs):
+    _, children = runs
+    features = run.out_dir / "extract" / "features.parquet"
+    expected = {split: lineage.split_digest(features, split)[0] for split in ("unlabeled", "query_db")}
+
+    def inputs(child):
+        return {(d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"]): d.dataset
+                for d in child.inputs.dataset_inputs}
+
+    extract = inputs(children["extract"])
+    assert set(extract) == {("unlabeled", "training"), ("query_db", "evaluation")}
+    assert extract[("unlabeled", "training")].digest == expected["unlabeled"][:32]
+    assert extract[("query_db", "evaluation")].digest == expected["query_db"][:32]
+    assert children["extract"].data.tags["dataset.unlabeled.sha256"] == expected["unlabeled"]
+    assert features.name in extract[("unlabeled", "training")].source
+    assert set(inputs(children["train_adaptor@2"])) == {("unlabeled", "training")}
+    assert set(inputs(children["evaluate"])) == {("query_db", "evaluation")}
+
+
+def test_first_version_is_candidate_and_champion(run, runs, client):
+    _, children = runs
+    version = client.get_model_version_by_alias(MODEL, "champion")
+    assert str(version.version) == "1"
+    assert str(client.get_model_version_by_alias(MODEL, "candidate").version) == "1"
+    assert version.run_id == children["evaluate"].info.run_id
+    metrics = json.loads((run.out_dir / "evaluate" / "metrics.json").read_text())
+    assert float(version.tags[tracking.SCORE_TAG]) == pytest.approx(metrics["methods"]["grappa"]["mean"]["map_at_r"])
+    assert "registered grappa-test-fused version 1 as candidate and champion" in run.stdout
+
+
+def test_lineage_from_champion_to_extract_digest(run, client):
+    """models:/<name>@champion -> its run -> parent run -> extract child's dataset digest."""
+    import mlflow
+    import torch
+
+    version = client.get_model_version_by_alias(MODEL, "champion")
+    evaluate_run = client.get_run(version.run_id)
+    parent_id = evaluate_run.data.tags["mlflow.parentRunId"]
+    (extract_run,) = client.search_runs([evaluate_run.info.experiment_id],
+                                        filter_string=f"tags.mlflow.parentRunId = '{parent_id}' "
+                                                      "and tags.`dvc.stage` = 'extract'")
+    logged = {d.dataset.name: d.dataset.digest for d in extract_run.inputs.dataset_inputs}
+    digest, rows = lineage.split_digest(run.out_dir / "extract" / "features.parquet", "unlabeled")
+    assert rows == 32 and logged["unlabeled"] == digest[:32]
+
+    # the registered model is our GrappaModel, usable as is
+    model = mlflow.pytorch.load_model(f"models:/{MODEL}@champion")
+    assert type(model).__name__ == "GrappaModel"
+    with torch.no_grad():
+        emb = model(torch.rand(2, 3, 48, 48))
+    assert emb.shape[0] == 2 and torch.allclose(emb.norm(dim=1), torch.ones(2), atol=1e-4)
+
+
+def _fake_evaluate(delta: float):
+    """evaluate.run stand-in: the real metrics.json with the fused model's mean mAP@R shifted."""
+    from pipeline_steps.artifacts import write_json
+
+    def fake(params):
+        path = Path(params.out_dir) / "evaluate" / "metrics.json"
+        metrics = json.loads(path.read_text())
+        metrics["methods"]["grappa"]["mean"]["map_at_r"] += delta
+        write_json(path, metrics)
+        return metrics
+
+    return fake
+
+
+def test_dag_style_runs_candidate_vs_champion(run, client, tmp_path, monkeypatch):
+    """open-run / step with GRAPPA_MLFLOW_PARENT_RUN_ID / close-run; a worse model stays candidate only."""
+    import pipeline_steps.evaluate as evaluate
+
+    shutil.copytree(run.out_dir, tmp_path / "outputs")
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump({**run.raw, "out_dir": str(tmp_path / "outputs")}))
+    for key in _SCRUB:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", run.uri)
+    monkeypatch.chdir(tmp_path)
+    champion_score = float(client.get_model_version_by_alias(MODEL, "champion").tags[tracking.SCORE_TAG])
+
+    for delta, expect_champion in ((-0.05, "1"), (+0.05, None)):
+        rc, stdout, stderr = run_cli(["--params", str(params_path), "open-run", "--name", f"dag {delta}"])
+        assert rc == 0, stderr
+        parent_id = stdout.strip().splitlines()[-1]
+        monkeypatch.setenv(tracking.ENV_PARENT, parent_id)
+        monkeypatch.setattr(evaluate, "run", _fake_evaluate(delta))
+        rc, stdout, stderr = run_cli(["--params", str(params_path), "evaluate"])
+        assert rc == 0, stderr
+        rc, stdout, stderr = run_cli(["--params", str(params_path), "close-run"])
+        assert rc == 0, stderr
+        monkeypatch.delenv(tracking.ENV_PARENT)
+
+        parent = client.get_run(parent_id)
+        assert parent.info.status == "FINISHED" and parent.info.run_name == f"dag {delta}"
+        assert parent.data.metrics["methods.grappa.mean.map_at_r"] == pytest.approx(champion_score + delta)
+        (child,) = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+        assert child.data.tags["dvc.stage"] == "evaluate"
+        new_version = child.data.tags["grappa.model_version"]
+        assert str(client.get_model_version_by_alias(MODEL, "candidate").version) == new_version
+        champion = str(client.get_model_version_by_alias(MODEL, "champion").version)
+        assert champion == (expect_champion or new_version)
+        # the (copied) outputs have been rewritten by the fake; restore the baseline for the next loop
+        shutil.copy(run.out_dir / "evaluate" / "metrics.json", tmp_path / "outputs" / "evaluate" / "metrics.json")
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "3"
+
+
+# --------------------------------------------------------------------------- failure modes and switches
+
+
+def test_unreachable_server_keeps_outputs(run, tmp_path, monkeypatch):
+    """Outputs first, then bounded retries, then one line and exit 4 -- without leaking the URI's password."""
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump({**run.raw, "out_dir": str(tmp_path / "outputs")}))  # shares the cache
+    for key in _SCRUB:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://grappa:hunter2secret@127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    rc, stdout, stderr = run_cli(["--params", str(params_path), "extract"])
+    assert rc == 4
+    assert (tmp_path / "outputs" / "extract" / "features.parquet").is_file()
+    assert (tmp_path / "outputs" / "extract" / "report.json").is_file()
+    (line,) = error_lines(stderr)
+    assert "cannot log step 'extract'" in line and "unreachable after 1 retries" in line
+    assert "hunter2secret" not in stderr + stdout
+    assert "Traceback" not in stderr
+
+
+def test_tracking_switches(run, tmp_path, monkeypatch):
+    """GRAPPA_TRACKING=0 or tracking.enabled=false: no MLflow at all (an unreachable URI is never touched)."""
+    from pipeline_steps.config import parse_params
+
+    params = parse_params(run.raw)
+    monkeypatch.setenv(tracking.ENV_SWITCH, "0")
+    assert tracking.from_params(params) is None
+    monkeypatch.delenv(tracking.ENV_SWITCH)
+    assert tracking.from_params(parse_params({**run.raw, "tracking": {"enabled": False}})) is None
+
+    shutil.copytree(run.out_dir, tmp_path / "outputs")
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump({**run.raw, "out_dir": str(tmp_path / "outputs")}))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv(tracking.ENV_SWITCH, "0")
+    rc, _, stderr = run_cli(["--params", str(params_path), "cluster"])
+    assert rc == 0, stderr
+
+
+def test_default_uri_and_artifact_location(tmp_path, monkeypatch):
+    for key in _SCRUB:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.chdir(tmp_path)  # not a git repo: the DB goes to cwd
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert tracking.artifact_location(tracking.tracking_uri()) == (tmp_path.resolve() / "mlruns").as_uri()
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo"))
+    assert tracking.tracking_uri() == f"sqlite:///{(tmp_path / 'repo').resolve() / 'mlflow.db'}"
+    assert tracking.artifact_location("http://mlflow:5000") is None
+    monkeypatch.setenv(tracking.ENV_ARTIFACT_LOCATION, "s3://bucket/mlflow")
+    assert tracking.artifact_location("http://mlflow:5000") == "s3://bucket/mlflow"
+
+
+def test_lineage_helpers(tmp_path, monkeypatch):
+    for key in (*_SCRUB, *AIRFLOW):
+        monkeypatch.delenv(key, raising=False)
+    assert lineage.dvc_stage_name("train-adaptor", 8) == "train_adaptor@8"
+    monkeypatch.setenv("DVC_STAGE", "sub/dvc.yaml:train_adaptor@16")
+    assert lineage.dvc_stage_name("train-adaptor", 8) == "train_adaptor@16"
+    assert lineage.airflow_tags() == {}
+    monkeypatch.setenv("GRAPPA_AIRFLOW_RUN_ID", "scheduled__x")
+    assert lineage.airflow_tags() == {"airflow.dag_run_id": "scheduled__x"}
+    assert lineage.dvc_lock_tags("extract", tmp_path / "missing.lock") == {}
+    (tmp_path / "dvc.lock").write_text("stages: [unbalanced")
+    assert lineage.dvc_lock_tags("extract", tmp_path / "dvc.lock") == {}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(DVC_LOCK))
+    tags = lineage.dvc_lock_tags("extract", tmp_path / "dvc.lock")
+    assert tags["dvc.out.outputs/extract"].endswith(".dir") and len(tags) == 3
+    assert set(lineage.dvc_lock_tags("evaluate", tmp_path / "dvc.lock")) == {"dvc.lock.md5"}
