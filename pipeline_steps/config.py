@@ -107,8 +107,17 @@ class FusionParams(_Strict):
     objective: Literal["neighbour_pairs", "pseudo_labels", "pseudo_labels+neighbour_pairs"] = "neighbour_pairs"
 
 
+class InstanceTask(_Strict):
+    """A revisited Oxford/Paris-style dataset downloaded by the user: <root>/<name>/{jpg/, gnd_<name>.pkl}."""
+
+    name: str = Field(min_length=1)
+    root: str
+
+
 class EvaluateParams(_Strict):
     batch_size: int = Field(default=64, ge=1)
+    # Instance-level tasks evaluated beside the class-level query_db domains (none are bundled).
+    instance_tasks: list[InstanceTask] = []
     grid_queries: int = Field(default=4, ge=0)  # queries per domain in the top-5 grid plot
 
 

@@ -72,6 +72,11 @@ def results_table(methods: dict) -> str:
 def run(params: Params) -> dict:
     t0 = time.perf_counter()
     out = Path(params.out_dir) / "evaluate"
+    if params.evaluate.instance_tasks:  # a missing dataset must stop us before any work
+        from .instance_eval import locate
+
+        for task in params.evaluate.instance_tasks:
+            locate(task)
     ks = params.cluster.ks
     backbone, preprocess, _ = create_backbone(params.backbone)
     model = assemble(params, backbone, with_fusion=True, load_fusion=True).to(pick_device())
@@ -108,6 +113,15 @@ def run(params: Params) -> dict:
         "attention_by_domain": attention_by_domain,
         "timings_s": {"evaluate": time.perf_counter() - t0},
     }
+    if params.evaluate.instance_tasks:
+        from .instance_eval import evaluate_instance_task, instance_table
+
+        modes = {mode: method_name(mode, ks) for mode in model.modes()}
+        result["instance_tasks"] = {}
+        for task in params.evaluate.instance_tasks:
+            result["instance_tasks"][task.name] = evaluate_instance_task(
+                model, task, preprocess, modes, params.evaluate.batch_size, params.extract.num_workers)
+            table += "\n" + instance_table(task.name, result["instance_tasks"][task.name])
     write_json(out / "metrics.json", result)
     write_text(out / "results.md", table)
     _plot_all(out / "plots", methods, attention_by_domain, ks, inputs, embeddings["grappa"], labels, params)

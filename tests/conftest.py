@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,10 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "multidomain"
+# Airflow reads its config on first import: every test session gets a throw-away home and our DAG folder.
+os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="grappa-airflow-"))
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
 
 
 def draw_image(domain: str, cls: int, seed: int, size: int = 48) -> Image.Image:

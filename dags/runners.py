@@ -1,0 +1,220 @@
+"""Helpers for ``grappa_pipeline.py``: run planning, one operator factory for the three runners,
+and source fingerprints for the watcher DAGs.
+
+Imported by the DAG processor on every parse: stdlib + yaml only at module level; operator and
+client libraries are imported inside the function that needs them, so a local-runner deployment
+never loads the docker/kubernetes clients and no deployment loads torch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import yaml
+
+REPO = Path(os.environ.get("GRAPPA_REPO") or Path(__file__).resolve().parents[1])
+RUNNERS = ("local", "docker", "k8s")
+STEPS = {  # task id (= dvc stage name) -> CLI step
+    "extract": "extract",
+    "cluster": "cluster",
+    "train_adaptor": "train-adaptor",
+    "train_fusion": "train-fusion",
+    "evaluate": "evaluate",
+}
+WORKSPACE = "/workspace"  # containers: WORKDIR of the image, where the shared volume is mounted
+# The operator field that receives the CLI arguments, and how the UI names a mapped instance.
+COMMAND_FIELD = {"local": "bash_command", "docker": "command", "k8s": "arguments"}
+MAP_INDEX_TEMPLATE = {
+    "local": "k={{ task.bash_command.split()[-1] }}",
+    "docker": "k={{ task.command[-1] }}",
+    "k8s": "k={{ task.arguments[-1] }}",
+}
+# Non-secret settings handed to step containers when set on the worker; credentials travel as
+# Docker private_environment or a Kubernetes Secret, never in the DAG or the image.
+PASSTHROUGH_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_S3_ENDPOINT_URL",
+                   "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def runner_name() -> str:
+    runner = os.environ.get("GRAPPA_RUNNER", "local")
+    if runner not in RUNNERS:
+        raise ValueError(f"GRAPPA_RUNNER must be one of {RUNNERS}, got {runner!r}")
+    return runner
+
+
+def retry_kwargs() -> dict:
+    """Every step retries with exponential back-off (transient: OOM kill, preempted node, S3 blip)."""
+    return {
+        "retries": env_int("GRAPPA_RETRIES", 2),
+        "retry_delay": timedelta(seconds=env_int("GRAPPA_RETRY_DELAY_S", 60)),
+        "retry_exponential_backoff": float(os.environ.get("GRAPPA_RETRY_BACKOFF", 2.0)),
+        "max_retry_delay": timedelta(minutes=30),
+    }
+
+
+# -- planning ---------------------------------------------------------------------------------
+
+def plan(conf: dict, runner: str) -> dict:
+    """The command of every step for this run, in the runner's format.
+
+    ``conf`` = the run's params: ``params_file`` (else env GRAPPA_PARAMS, else params.yaml; relative
+    paths are relative to the repo for local runs and to /workspace in containers), ``sources`` and
+    ``ks`` (override data.sources / cluster.ks through the CLI's ``--set``, so DVC-style params stay
+    the single source of truth otherwise).
+    """
+    params_file = conf.get("params_file") or os.environ.get("GRAPPA_PARAMS") or "params.yaml"
+    argv = ["--params", str(params_file)]
+    if conf.get("sources"):
+        sources = [str(s) for s in conf["sources"]]
+        argv += ["--set", "data.sources=" + json.dumps(sources)]
+    ks = conf.get("ks")
+    if ks:
+        argv += ["--set", "cluster.ks=" + json.dumps([int(k) for k in ks])]
+    else:
+        path = REPO / params_file
+        if not path.is_file():
+            raise ValueError(f"{path} not readable from the Airflow worker: pass 'ks' in the run conf")
+        ks = (yaml.safe_load(path.read_text()) or {}).get("cluster", {}).get("ks")
+    ks = sorted(int(k) for k in ks or [])
+    # Fail here, before any container starts, on what the CLI would reject anyway.
+    if len(ks) < 2 or len(set(ks)) != len(ks) or ks[0] < 2:
+        raise ValueError(f"cluster.ks must hold at least two distinct values >= 2, got {ks}")
+    commands = {task_id: render(runner, [*argv, step]) for task_id, step in STEPS.items()}
+    commands["train_adaptor"] = [render(runner, [*argv, "train-adaptor", "--k", str(k)]) for k in ks]
+    return {"ks": ks, **commands}
+
+
+def render(runner: str, argv: list[str]) -> str | list[str]:
+    if runner == "local":
+        python = os.environ.get("GRAPPA_PYTHON") or sys.executable
+        return shlex.join([python, "-m", "pipeline_steps", *argv])
+    return argv  # the image's ENTRYPOINT is `python -m pipeline_steps`
+
+
+# -- operators --------------------------------------------------------------------------------
+
+def step_operator(task_id: str, command, runner: str, mapped: bool = False):
+    """The operator running one step; with ``mapped`` one instance per element of ``command``."""
+    cls, kwargs = _operator_spec(task_id, runner)
+    kwargs.update(retry_kwargs(), do_xcom_push=False)
+    field = COMMAND_FIELD[runner]
+    if not mapped:
+        return cls(**kwargs, **{field: command})
+    kwargs.update(
+        map_index_template=MAP_INDEX_TEMPLATE[runner],
+        # Caps the adaptors trained at once (one GPU / a few cores each).
+        max_active_tis_per_dagrun=env_int("GRAPPA_MAX_PARALLEL_K", 2),
+    )
+    return cls.partial(**kwargs).expand(**{field: command})
+
+
+def _operator_spec(task_id: str, runner: str) -> tuple[type, dict]:
+    image = os.environ.get("GRAPPA_IMAGE", "grappa-pipeline:cpu")
+    gpu = os.environ.get("GRAPPA_GPU", "0") == "1"
+    env = {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}
+    if runner == "local":
+        from airflow.providers.standard.operators.bash import BashOperator
+
+        # Inherits the worker's environment (MLflow/AWS settings) and runs in the repo.
+        return BashOperator, {"task_id": task_id, "cwd": str(REPO)}
+    if runner == "docker":
+        from airflow.providers.docker.operators.docker import DockerOperator
+        from docker.types import DeviceRequest, Mount
+
+        # GRAPPA_WORKSPACE: a named volume or a host path holding params.yaml, outputs/, .cache/.
+        source = os.environ.get("GRAPPA_WORKSPACE", str(REPO))
+        return DockerOperator, {
+            "task_id": task_id,
+            "image": image,
+            "docker_url": os.environ.get("DOCKER_HOST", "unix://var/run/docker.sock"),
+            "mounts": [Mount(target=WORKSPACE, source=source, type="bind" if source.startswith("/") else "volume")],
+            "working_dir": WORKSPACE,
+            "environment": env,
+            "private_environment": {k: os.environ[k] for k in SECRET_ENV if k in os.environ},
+            "device_requests": [DeviceRequest(count=-1, capabilities=[["gpu"]])] if gpu else None,
+            "shm_size": 2 << 30,  # DataLoader workers share batches through /dev/shm
+            "auto_remove": "success",
+            "mount_tmp_dir": False,  # the daemon may be remote
+        }
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from kubernetes.client import models as k8s
+
+    secret = os.environ.get("GRAPPA_K8S_SECRET")  # holds AWS_* (and MLflow auth) for the steps
+    return KubernetesPodOperator, {
+        "task_id": task_id,
+        "name": f"grappa-{task_id.replace('_', '-')}",
+        "namespace": os.environ.get("GRAPPA_K8S_NAMESPACE", "grappa"),
+        "image": image,
+        "env_vars": env,
+        "env_from": [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=secret))] if secret else None,
+        "volumes": [k8s.V1Volume(name="workspace", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
+            claim_name=os.environ.get("GRAPPA_PVC", "grappa-workspace")))],
+        "volume_mounts": [k8s.V1VolumeMount(name="workspace", mount_path=WORKSPACE)],
+        "container_resources": k8s.V1ResourceRequirements(limits={"nvidia.com/gpu": "1"}) if gpu else None,
+        "security_context": k8s.V1PodSecurityContext(run_as_non_root=True, run_as_user=1000, fs_group=1000),
+        "on_finish_action": "delete_succeeded_pod",  # keep failed pods for debugging
+        "get_logs": True,
+    }
+
+
+# -- watchers ---------------------------------------------------------------------------------
+
+def folder_fingerprint(folder: str | Path) -> str:
+    """Hash of the listing (relative path, size, mtime) of every file under ``folder``."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"watched folder {root} does not exist")
+    digest = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath, name)
+            st = path.stat()
+            digest.update(f"{path.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def s3_fingerprint(client, bucket: str, prefix: str) -> str:
+    """Hash of the listing (key, size, ETag, last-modified) under ``s3://bucket/prefix``."""
+    digest = hashlib.sha256()
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            digest.update(f"{obj['Key']}\0{obj['Size']}\0{obj['ETag']}\0{obj['LastModified'].isoformat()}\n".encode())
+    return digest.hexdigest()
+
+
+def settled(fingerprint, settle_s: float) -> str | None:
+    """The fingerprint if it stays the same for ``settle_s`` (an upload in progress is not new data)."""
+    first = fingerprint()
+    if settle_s > 0:
+        time.sleep(settle_s)
+    return first if fingerprint() == first else None
+
+
+def emit_if_changed(source: str, fingerprint: str | None, outlet_event) -> str:
+    """Remember ``fingerprint`` and attach it to the asset event; skip (no event) if unchanged.
+
+    The last fingerprint per source lives in an Airflow Variable, so any worker sees it.
+    """
+    from airflow.sdk import Variable
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    if fingerprint is None:
+        raise AirflowSkipException(f"{source} is still changing; next run looks again")
+    key = "grappa_watch_" + hashlib.sha1(source.encode()).hexdigest()[:12]
+    if Variable.get(key, default=None) == fingerprint:
+        raise AirflowSkipException(f"{source} unchanged")
+    Variable.set(key, fingerprint, description=f"last listing fingerprint of {source}")
+    outlet_event.extra = {"source": source, "fingerprint": fingerprint}
+    return fingerprint

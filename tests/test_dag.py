@@ -1,0 +1,254 @@
+"""Airflow DAGs: clean import, structure in sync with dvc.yaml, container runner specs, a real
+`dag.test()` run with the local runner, and the folder watcher's emit-on-change behaviour."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import yaml
+
+from conftest import REPO, make_collection, tiny_params_dict
+
+DAGS = REPO / "dags"
+# Airflow reads its config when first imported: point it at a throw-away home and our DAG folder.
+os.environ.update(
+    AIRFLOW_HOME=os.environ.get("GRAPPA_TEST_AIRFLOW_HOME") or tempfile.mkdtemp(prefix="grappa-airflow-"),
+    AIRFLOW__CORE__LOAD_EXAMPLES="False",
+    AIRFLOW__CORE__DAGS_FOLDER=str(DAGS),
+    GRAPPA_WATCH_SETTLE_S="0",
+)
+pytest.importorskip("airflow.sdk")
+sys.path.insert(0, str(DAGS))
+import runners  # noqa: E402
+
+STEP_TASKS = {"extract", "cluster", "train_adaptor", "train_fusion", "evaluate"}
+HEAVY = ("torch", "timm", "faiss", "pipeline_steps", "mlflow", "dvc", "pandas")
+
+
+@pytest.fixture(scope="module")
+def dagbag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(DAGS))
+    assert bag.import_errors == {}
+    return bag
+
+
+@pytest.fixture(scope="module")
+def pipeline(dagbag):
+    return dagbag.dags["grappa_pipeline"]
+
+
+@pytest.fixture(scope="module")
+def airflow_db():
+    from airflow.configuration import conf
+    from airflow.utils import db
+
+    # Guard: a test module that imported Airflow earlier with another home would make this
+    # migrate (and dag.test write to) that home's database.
+    assert conf.get("core", "dags_folder") == str(DAGS), "airflow was configured before tests/test_dag.py"
+    db.initdb()
+
+
+def test_dag_folder_parses_without_heavy_imports(tmp_path):
+    # A deployed copy of dags/ outside the repo finds the repo through GRAPPA_REPO.
+    folder = tmp_path / "dags"
+    folder.mkdir()
+    for name in ("grappa_pipeline.py", "runners.py"):
+        (folder / name).write_text((DAGS / name).read_text())
+    code = (
+        "import json, sys\n"
+        "from airflow.dag_processing.dagbag import DagBag\n"
+        f"bag = DagBag(dag_folder={str(folder)!r})\n"
+        f"print(json.dumps({{'errors': bag.import_errors, 'dags': sorted(bag.dag_ids),"
+        f" 'repo': str(sys.modules['runners'].REPO), 'heavy': [m for m in {HEAVY!r} if m in sys.modules]}}))\n"
+    )
+    env = {**os.environ, "GRAPPA_RUNNER": "local", "GRAPPA_REPO": str(REPO), "AIRFLOW__CORE__DAGS_FOLDER": str(folder)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"errors": {}, "dags": ["grappa_pipeline", "grappa_watch_folder", "grappa_watch_s3"],
+                      "repo": str(REPO), "heavy": []}
+
+
+def test_step_tasks_match_dvc_stages(pipeline):
+    done = subprocess.run([str(REPO / ".venv" / "bin" / "dvc"), "stage", "list", "--name-only"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    stages = {name.split("@")[0] for name in done.stdout.split()}
+    assert stages == STEP_TASKS
+    assert set(pipeline.task_ids) - {"plan_ks"} == stages
+
+
+def test_pipeline_structure(pipeline, dagbag):
+    up = {t.task_id: t.upstream_task_ids - {"plan_ks"} for t in pipeline.tasks}
+    assert up == {"plan_ks": set(), "extract": set(), "cluster": {"extract"}, "train_adaptor": {"cluster"},
+                  "train_fusion": {"train_adaptor"}, "evaluate": {"train_fusion"}}
+    for task_id in STEP_TASKS:
+        task = pipeline.get_task(task_id)
+        assert task.retries >= 1 and task.retry_exponential_backoff > 1, task_id
+    assert pipeline.get_task("plan_ks").retries == 0  # a bad run conf must fail at once
+    adaptor = pipeline.get_task("train_adaptor")
+    assert adaptor.is_mapped and adaptor.max_active_tis_per_dagrun == runners.env_int("GRAPPA_MAX_PARALLEL_K", 2)
+    assert adaptor.map_index_template.startswith("k=")
+    assert pipeline.max_active_runs == 1
+    assert [a.name for a in pipeline.timetable.asset_condition.objects] == ["grappa_unlabeled"]
+    for dag_id, task_id in (("grappa_watch_folder", "detect_folder_change"), ("grappa_watch_s3", "detect_s3_change")):
+        assert [a.name for a in dagbag.dags[dag_id].get_task(task_id).outlets] == ["grappa_unlabeled"]
+    assert dagbag.dags["grappa_watch_s3"].get_task("wait_for_objects").deferrable
+
+
+def test_plan_turns_run_conf_into_cli_overrides(tmp_path):
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump({"cluster": {"ks": [8, 4]}}))
+    plan = runners.plan({"params_file": str(params)}, "docker")
+    assert plan["ks"] == [4, 8]
+    assert plan["extract"] == ["--params", str(params), "extract"]
+    assert plan["train_adaptor"][1] == ["--params", str(params), "train-adaptor", "--k", "8"]
+    plan = runners.plan({"params_file": str(params), "sources": ["s3://b/raw/"], "ks": [3, 2]}, "local")
+    assert plan["cluster"].endswith("--params " + str(params) + " --set 'data.sources=[\"s3://b/raw/\"]' "
+                                    "--set 'cluster.ks=[3, 2]' cluster")
+    assert plan["cluster"].split()[:3] == [sys.executable, "-m", "pipeline_steps"]
+    for bad in ({"ks": [4]}, {"ks": [1, 2]}, {"ks": [2, 2]}):
+        with pytest.raises(ValueError, match="cluster.ks"):
+            runners.plan(bad, "local")
+    with pytest.raises(ValueError, match="pass 'ks'"):
+        runners.plan({"params_file": "missing.yaml"}, "k8s")
+
+
+@pytest.fixture
+def container_env(monkeypatch):
+    monkeypatch.setenv("GRAPPA_IMAGE", "registry.example/grappa:1.2")
+    monkeypatch.setenv("GRAPPA_GPU", "1")
+    monkeypatch.setenv("GRAPPA_K8S_SECRET", "grappa-aws")
+    monkeypatch.setenv("GRAPPA_WORKSPACE", "grappa-workspace")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-real-secret")
+    return runners.plan({"ks": [2, 3]}, "docker")
+
+
+def test_docker_runner_renders_container_args(container_env, dagbag):
+    from airflow.providers.docker.operators.docker import DockerOperator
+
+    op = runners.step_operator("extract", container_env["extract"], "docker")
+    assert isinstance(op, DockerOperator)
+    assert op.image == "registry.example/grappa:1.2"
+    assert op.command == ["--params", "params.yaml", "--set", "cluster.ks=[2, 3]", "extract"]
+    [mount] = op.mounts
+    assert (mount["Target"], mount["Source"], mount["Type"]) == ("/workspace", "grappa-workspace", "volume")
+    assert op.device_requests[0].capabilities == [["gpu"]]
+    assert op.environment == {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}  # secrets only as private env
+    assert op._private_environment == {"AWS_SECRET_ACCESS_KEY": "not-a-real-secret"}
+    assert op.retries >= 1 and not op.mount_tmp_dir and op.auto_remove == "success"
+    # Whole DAG with this runner: the mapped task expands the docker command over k.
+    sys.modules.pop("grappa_pipeline", None)
+    import grappa_pipeline
+
+    dag = grappa_pipeline.build_pipeline("docker")
+    mapped = dag.get_task("train_adaptor")
+    assert mapped.operator_class is DockerOperator or mapped.operator_class.__name__ == "DockerOperator"
+    assert set(mapped.expand_input.value) == {"command"}
+    assert mapped.partial_kwargs["image"] == "registry.example/grappa:1.2"
+    assert container_env["train_adaptor"] == [["--params", "params.yaml", "--set", "cluster.ks=[2, 3]",
+                                               "train-adaptor", "--k", str(k)] for k in (2, 3)]
+
+
+def test_k8s_runner_renders_pod_spec(container_env):
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+    op = runners.step_operator("train_fusion", container_env["train_fusion"], "k8s")
+    # Building the pod asks the hook whether it runs in a cluster; no kube config is needed otherwise.
+    with mock.patch.object(KubernetesHook, "is_in_cluster", new_callable=mock.PropertyMock, return_value=False):
+        pod = op.build_pod_request_obj()
+    [container] = pod.spec.containers
+    assert pod.metadata.namespace == "grappa" and pod.metadata.name.startswith("grappa-train-fusion")
+    assert container.image == "registry.example/grappa:1.2"
+    assert not container.command  # the image ENTRYPOINT `python -m pipeline_steps` runs the args
+    assert container.args == ["--params", "params.yaml", "--set", "cluster.ks=[2, 3]", "train-fusion"]
+    assert container.resources.limits == {"nvidia.com/gpu": "1"}
+    assert [(e.name, e.value) for e in container.env] == [("MLFLOW_TRACKING_URI", "http://mlflow:5000")]
+    assert container.env_from[0].secret_ref.name == "grappa-aws"
+    assert container.volume_mounts[0].mount_path == "/workspace"
+    assert pod.spec.volumes[0].persistent_volume_claim.claim_name == "grappa-workspace"
+    assert pod.spec.security_context.run_as_non_root
+    assert op.retries >= 1
+
+
+def test_dag_test_end_to_end_local_runner(pipeline, airflow_db, tmp_path, monkeypatch):
+    manifests = make_collection(tmp_path / "data", size=32)
+    params = tiny_params_dict(tmp_path, manifests, backbone={"image_size": 32},
+                              adaptor={"epochs": 1, "batch_size": 8}, fusion={"epochs": 1, "batch_size": 8, "knn": 3})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.setenv("GRAPPA_PARAMS", str(tmp_path / "params.yaml"))
+    monkeypatch.setenv("GRAPPA_TRACKING", "0")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    shapes_only = [str(m) for m in manifests if m.parent.name == "shapes"]
+
+    run = pipeline.test(run_conf={"ks": [2, 3], "sources": shapes_only})
+
+    states = {(ti.task_id, ti.rendered_map_index): ti.state for ti in run.get_task_instances()}
+    assert run.state == "success", states
+    assert states[("train_adaptor", "k=2")] == states[("train_adaptor", "k=3")] == "success"
+    out = tmp_path / "outputs"
+    assert (out / "adaptors" / "k3" / "adaptor.pt").is_file() and not (out / "adaptors" / "k4").exists()
+    metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
+    assert metrics["ks"] == [2, 3]
+    assert set(metrics["methods"]["grappa"]["per_domain"]) == {"shapes"}  # conf sources won over the file
+
+
+def test_folder_watcher_emits_only_on_change(dagbag, airflow_db, tmp_path):
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    watcher = dagbag.dags["grappa_watch_folder"]
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"x")
+
+    def events() -> int:
+        with create_session() as session:
+            return sum(e.extra.get("source") == str(folder) for e in session.scalars(select(AssetEvent)))
+
+    def poll() -> str:
+        run = watcher.test(run_conf={"folder": str(folder)})
+        return run.get_task_instance("detect_folder_change").state
+
+    assert (poll(), events()) == ("success", 1)  # first sight of the folder
+    assert (poll(), events()) == ("skipped", 1)  # unchanged listing: no event
+    (folder / "b.png").write_bytes(b"yy")
+    assert (poll(), events()) == ("success", 2)
+
+
+def test_fingerprints(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.png").write_bytes(b"1")
+    first = runners.folder_fingerprint(tmp_path)
+    assert runners.folder_fingerprint(tmp_path) == first
+    os.utime(tmp_path / "sub" / "a.png", ns=(1, 1))
+    assert runners.folder_fingerprint(tmp_path) != first
+    values = iter(["a", "b"])
+    assert runners.settled(lambda: next(values), 0) is None  # still being written
+    assert runners.settled(lambda: "same", 0) == "same"
+
+
+def test_s3_fingerprint_follows_the_listing():
+    moto = pytest.importorskip("moto")
+    import boto3
+
+    with moto.mock_aws():
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket="data")
+        client.put_object(Bucket="data", Key="raw/a.png", Body=b"1")
+        client.put_object(Bucket="data", Key="other/x.png", Body=b"1")
+        first = runners.s3_fingerprint(client, "data", "raw/")
+        client.put_object(Bucket="data", Key="other/y.png", Body=b"2")
+        assert runners.s3_fingerprint(client, "data", "raw/") == first  # outside the prefix
+        client.put_object(Bucket="data", Key="raw/b.png", Body=b"2")
+        assert runners.s3_fingerprint(client, "data", "raw/") != first
