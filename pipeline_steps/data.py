@@ -61,7 +61,7 @@ def resolve_sources(sources: list[str]) -> tuple[list[ImageRecord], list[Skipped
         if suffix in MANIFEST_EXTENSIONS:
             got, bad = _read_manifest(source)
         else:
-            got, bad = _list_folder(source), []
+            got, bad = _list_folder(source)
         records += got
         skipped += bad
     seen: set[str] = set()
@@ -75,28 +75,40 @@ def resolve_sources(sources: list[str]) -> tuple[list[ImageRecord], list[Skipped
     return unique, skipped
 
 
-def _list_folder(source: str) -> list[ImageRecord]:
-    """Every image under a folder or s3 prefix is unlabeled; its domain is the first sub-folder."""
+def _list_folder(source: str) -> tuple[list[ImageRecord], list[Skipped]]:
+    """Every image under a folder or s3 prefix is unlabeled; its domain is the first sub-folder.
+
+    Hidden files and folders are ignored; a symlink resolving outside the folder is skipped.
+    """
+    inside: list[bool]
     if is_s3(source):
         prefix = source.rstrip("/") + "/"
         uris = list_s3(prefix)
         rel_paths = [u[len(prefix):] for u in uris]
+        inside = [True] * len(uris)
     else:
         root = Path(source)
         if not root.is_dir():
             raise SourceError(f"source not found (expected a manifest, folder or s3:// prefix): {source}")
-        uris = [str(p) for p in sorted(root.rglob("*")) if p.is_file()]
-        rel_paths = [str(PurePosixPath(Path(u).relative_to(root))) for u in uris]
-        prefix = str(root)
+        real_root = root.resolve()
+        paths = [p for p in sorted(root.rglob("*")) if p.is_file()]
+        uris = [str(p) for p in paths]
+        rel_paths = [str(PurePosixPath(p.relative_to(root))) for p in paths]
+        inside = [p.resolve().is_relative_to(real_root) for p in paths]
+        prefix = str(root.resolve())
     fallback_domain = PurePosixPath(prefix.rstrip("/")).name or "default"
-    records = []
-    for uri, rel in zip(uris, rel_paths):
-        if PurePosixPath(rel).suffix.lower() not in IMAGE_EXTENSIONS or PurePosixPath(rel).name.startswith("."):
-            continue
+    records, skipped = [], []
+    for uri, rel, ok in zip(uris, rel_paths, inside):
         parts = PurePosixPath(rel).parts
+        if PurePosixPath(rel).suffix.lower() not in IMAGE_EXTENSIONS or any(p.startswith(".") for p in parts):
+            continue
         domain = parts[0] if len(parts) > 1 else fallback_domain
-        records.append(ImageRecord(f"{domain}/{rel}", uri, domain, "unlabeled"))
-    return records
+        image_id = f"{domain}/{rel}"
+        if not ok:
+            skipped.append(Skipped(image_id, "symlink points outside the source folder"))
+            continue
+        records.append(ImageRecord(image_id, uri, domain, "unlabeled"))
+    return records, skipped
 
 
 def _read_manifest(source: str) -> tuple[list[ImageRecord], list[Skipped]]:
@@ -162,12 +174,17 @@ def _join_inside(root: Path | PurePosixPath, rel: str) -> str | None:
 def cap_per_domain(
     records: list[ImageRecord], max_unlabeled: int | None, max_query_db: int | None, seed: int
 ) -> list[ImageRecord]:
-    """Deterministic subsample per domain: random unlabeled images, whole query_db classes."""
+    """Deterministic subsample per domain: random unlabeled images, whole query_db classes.
+
+    The result depends only on the set of records (not on their order in a manifest or listing):
+    every (domain, split) group comes out sorted by image_id.
+    """
     by_key: dict[tuple[str, str], list[ImageRecord]] = defaultdict(list)
     for rec in records:
         by_key[(rec.domain, rec.split)].append(rec)
     kept: list[ImageRecord] = []
     for (domain, split), group in sorted(by_key.items()):
+        group = sorted(group, key=lambda r: r.image_id)
         if split == "unlabeled":
             if max_unlabeled is not None and len(group) > max_unlabeled:
                 group = sorted(random.Random(f"{seed}/{domain}").sample(group, max_unlabeled), key=lambda r: r.image_id)
@@ -206,7 +223,8 @@ def decode_image(data: bytes, min_side: int, max_pixels: int) -> Image.Image:
         raise ImageDecodeError("empty file")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # ``max_pixels`` is the limit; PIL's own DecompressionBombError (2x its default) still applies.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
@@ -216,13 +234,13 @@ def decode_image(data: bytes, min_side: int, max_pixels: int) -> Image.Image:
             if image.format == "JPEG":
                 image.draft("RGB", (width, height))  # no-op at full size; keeps decoding in RGB
             image.load()
+            return to_rgb(image)
     except ImageDecodeError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+    except Image.DecompressionBombError as err:
         raise ImageDecodeError(f"too large (decompression bomb guard: {err})") from None
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for broken files
         raise ImageDecodeError(f"undecodable image ({type(err).__name__}: {str(err)[:120]})") from None
-    return to_rgb(image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -232,7 +250,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         import numpy as np
 
-        arr = np.asarray(image, dtype=np.float64)
+        arr = np.clip(np.asarray(image, dtype=np.float64), 0.0, None)
         hi = arr.max() or 1.0
         return Image.fromarray((arr / hi * 255.0).astype("uint8"), "L").convert("RGB")
     if image.mode == "P":
