@@ -26,10 +26,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 FULL_DATA = {"data.max_unlabeled_per_domain": None, "data.max_query_db_per_domain": None}
 
 
+def method_order(names) -> list[str]:
+    """zero_shot, single_k_<K> by K, uniform, oracle, grappa (the order of the results table)."""
+    rank = {"zero_shot": (0, 0), "uniform": (2, 0), "oracle": (3, 0), "grappa": (4, 0)}
+    return sorted(names, key=lambda n: rank.get(n, (1, int(n.rsplit("_", 1)[-1]) if n.startswith("single_k_") else 0)))
+
+
 def aggregate(per_seed: list[dict]) -> dict:
     """Mean and std over seeds of every (method, domain, metric) cell, plus the mean over domains."""
     methods = {}
-    for name in per_seed[0]["methods"]:
+    for name in method_order(per_seed[0]["methods"]):
         domains = per_seed[0]["methods"][name]["per_domain"]
         entry = {"per_domain": {}, "mean": {}, "std": {}}
         for domain in domains:
@@ -67,25 +73,26 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = {} if args.keep_caps else dict(FULL_DATA)
     overrides.update(_parse_set(args.set))
-    per_seed, timings = [], {}
+    per_seed, timings, done = [], {}, []
     for seed in args.seeds:
         params = load_params(args.params, {**overrides, "seed": seed, "out_dir": f"outputs/bench/{args.name}/seed{seed}"})
         t0 = time.perf_counter()
         steps = run_all(params)
         timings[f"seed{seed}"] = {**steps, "total": time.perf_counter() - t0}
         per_seed.append(json.loads((Path(params.out_dir) / "evaluate" / "metrics.json").read_text()))
-    methods = aggregate(per_seed)
-    result = {
-        "methods": methods,
-        "timings_s": timings,
-        "params": {**params.model_dump(), "seed": args.seeds},
-        "seeds": args.seeds,
-        "per_seed": {str(s): r["methods"] for s, r in zip(args.seeds, per_seed)},
-        "oracle_choice": {str(s): r["oracle_choice"] for s, r in zip(args.seeds, per_seed)},
-    }
-    write_json(RESULTS / f"{args.name}.json", result)
-    table = markdown(methods, args.seeds)
-    write_text(RESULTS / f"{args.name}.md", table)
+        done.append(seed)
+        # rewritten after every seed: a long benchmark interrupted later keeps what it measured
+        methods = aggregate(per_seed)
+        write_json(RESULTS / f"{args.name}.json", {
+            "methods": methods,
+            "timings_s": timings,
+            "params": {**params.model_dump(), "seed": done},
+            "seeds": done,
+            "per_seed": {str(s): r["methods"] for s, r in zip(done, per_seed)},
+            "oracle_choice": {str(s): r["oracle_choice"] for s, r in zip(done, per_seed)},
+        })
+        table = markdown(methods, done)
+        write_text(RESULTS / f"{args.name}.md", table)
     print(table)
     return 0
 

@@ -1,0 +1,82 @@
+"""benchmarks/speed.py at its smallest sizes: it runs, writes the documented JSON, and faiss's kNN graph
+is numpy's brute-force one. Speed itself is never asserted (it depends on the machine and its load)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, make_collection
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("speed")
+    make_collection(tmp / "data", classes=2, per_class=3, unlabeled=4)  # 2 domains x 10 images
+    timings = tmp / "run.log"
+    timings.write_text("==> extract\nstep timings (s): extract=1.5, cluster=0.5, train-fusion=2.0\n")
+    cmd = [sys.executable, str(REPO / "benchmarks" / "speed.py"), "--quick", "--images", str(tmp / "data" / "*" / "images"),
+           "--out-dir", str(tmp / "out"), "--device-name", "test-device", "--pipeline-timings", str(timings)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=110, cwd=tmp)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((tmp / "out" / "speed_test-device.json").read_text()), proc.stdout
+
+
+def test_json_schema(quick_run):
+    res, stdout = quick_run
+    assert res["schema_version"] == 1 and res["device"] == "test-device" and res["preset"] == "quick"
+    assert {"name", "torch_device", "faiss_gpus", "cpu_cores"} <= set(res["host"])
+    for section, keys in {
+        "extraction": {"n", "ours_s", "plain_s", "ours_img_per_s", "plain_img_per_s", "ratio", "ratio_cpu",
+                       "min_cosine_ours_vs_plain"},
+        "kmeans": {"n", "k", "faiss_s", "sklearn_s", "ratio", "ratio_cpu", "faiss_objective", "sklearn_objective"},
+        "knn": {"n", "k", "faiss_s", "numpy_s", "ratio", "ratio_cpu", "recall", "recall_tie_aware", "compared_queries"},
+        "training": {"name", "stage", "adapt_from_block", "batch", "s_per_step", "cpu_s_per_step"},
+    }.items():
+        rows = res[section]["rows"]
+        assert rows, section
+        for row in rows:
+            assert keys <= set(row), (section, keys - set(row))
+    for section in ("extraction", "kmeans", "knn"):
+        assert len(res[section]["rows"]) == 2
+        assert all(v is None or isinstance(v, float) for v in res[section]["growth"].values())
+    for row in res["extraction"]["rows"]:
+        assert row["ours_s"] > 0 and row["plain_s"] > 0
+        assert row["min_cosine_ours_vs_plain"] > 0.999  # both paths compute the same features
+    for row in res["kmeans"]["rows"]:
+        assert row["faiss_s"] > 0 and row["sklearn_s"] > 0  # the quick budget skips nothing
+        assert 0 < row["faiss_objective"]["mean_cosine"] <= 1 and row["sklearn_objective"]["mean_sq_l2"] >= 0
+    names = {r["name"] for r in res["training"]["rows"]}
+    assert any("cpu-recipe" in n for n in names) and any("paper" in n for n in names)
+    assert [r["adaptor_sets"] for r in res["training"]["rows"] if r["stage"] == "fusion"] == [4]
+    assert res["training"]["ratios"]["adaptor_paper_vs_cpu_recipe"] > 0
+    assert res["pipeline"]["steps_s"] == {"extract": 1.5, "cluster": 0.5, "train-fusion": 2.0}
+    assert res["pipeline"]["total_s"] == 4.0
+    for title in ("1. feature extraction", "2. k-means", "3. kNN graph", "4. training step", "5. end-to-end"):
+        assert title in stdout
+
+
+def test_faiss_knn_equals_numpy(quick_run):
+    res, _ = quick_run
+    for row in res["knn"]["rows"]:
+        assert row["compared_queries"] == row["n"]  # quick sizes run both methods in full
+        assert row["recall"] == 1.0 and row["recall_tie_aware"] == 1.0
+
+
+def test_knn_functions_agree_directly():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import speed
+
+    x = speed.synthetic_vectors(500, 16, seed=3)
+    a = speed.faiss_knn(x, 10, gpu=False)
+    b = speed.numpy_knn(x, 10)
+    assert all(set(r1) == set(r2) for r1, r2 in zip(a, b))
+    assert not (a == np.arange(500)[:, None]).any()  # an image is never its own neighbour
+    sample = np.array([0, 7, 499])
+    assert (speed.faiss_knn(x, 10, gpu=False, queries=sample) == a[sample]).all()
+    assert (speed.numpy_knn(x, 10, queries=sample) == b[sample]).all()
+    assert speed.growth_exponent([10, 100], [1.0, 100.0]) == 2.0
