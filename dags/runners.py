@@ -123,6 +123,9 @@ def _operator_spec(task_id: str, runner: str) -> tuple[type, dict]:
     image = os.environ.get("GRAPPA_IMAGE", "grappa-pipeline:cpu")
     gpu = os.environ.get("GRAPPA_GPU", "0") == "1"
     env = {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}
+    # Steps of one DAG run meet in one MLflow parent run keyed by the Airflow run id (templated;
+    # the local runner's subprocess gets AIRFLOW_CTX_DAG_RUN_ID from Airflow itself).
+    env["GRAPPA_AIRFLOW_RUN_ID"] = "{{ run_id }}"
     if runner == "local":
         from airflow.providers.standard.operators.bash import BashOperator
 

@@ -62,6 +62,8 @@ def run_step(step: str, params: Params, k: int | None = None, tracker=None) -> d
         raise
     if tracker is not None:
         tracker.log_step(step, params, k, started)
+        if step == "evaluate" and tracker.parent_from_airflow:
+            tracker.close_parent(tracker.parent_run_id)  # the last step of a DAG run closes its parent
     return result
 
 

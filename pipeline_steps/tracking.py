@@ -146,6 +146,7 @@ class Tracker:
         mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or self.uri)
         self.client = MlflowClient(self.uri)
         self._experiment_id: str | None = None
+        self.parent_from_airflow = False  # parent found/created from the Airflow run id (see airflow_parent)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -191,6 +192,21 @@ class Tracker:
         self.parent_run_id = run_id
         return run_id
 
+    def airflow_parent(self) -> str | None:
+        """Under Airflow, the parent run of this DAG run: found by its run id tag, else created.
+
+        Steps of one DAG run execute in separate tasks (often containers), so they meet through the
+        tracking server rather than XCom. ``extract`` runs first and alone, so it creates the parent
+        before the mapped training tasks look for it.
+        """
+        dag_run_id = lineage.airflow_tags().get("airflow.dag_run_id")
+        if not dag_run_id:
+            return None
+        found = self.client.search_runs([self.experiment_id()], max_results=1, order_by=["attributes.start_time ASC"],
+                                        filter_string=f"tags.`grappa.kind` = 'pipeline' and "
+                                                      f"tags.`airflow.dag_run_id` = '{dag_run_id}'")
+        return found[0].info.run_id if found else self.open_parent(f"dag:{dag_run_id}")
+
     def close_parent(self, run_id: str, status: str = "FINISHED") -> dict[str, float]:
         """Copy the evaluation summary from the children onto the parent and set its final status."""
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
@@ -228,6 +244,9 @@ class Tracker:
 
         stage = lineage.dvc_stage_name(step, k)
         with self._guard(f"log step '{stage}'"):
+            if not self.parent_run_id:
+                self.parent_run_id = self.airflow_parent()
+                self.parent_from_airflow = self.parent_run_id is not None
             tags = {**self._common_tags(), **lineage.dvc_lock_tags(stage), "dvc.stage": stage, "grappa.step": step,
                     "grappa.kind": "step", "mlflow.source.name": f"grappa {step}"}
             if k is not None:

@@ -400,3 +400,25 @@ def test_lineage_helpers(tmp_path, monkeypatch):
     tags = lineage.dvc_lock_tags("extract", tmp_path / "dvc.lock")
     assert tags["dvc.out.outputs/extract"].endswith(".dir") and len(tags) == 3
     assert set(lineage.dvc_lock_tags("evaluate", tmp_path / "dvc.lock")) == {"dvc.lock.md5"}
+
+
+def test_airflow_steps_meet_in_one_parent_per_dag_run(run, client, tmp_path, monkeypatch):
+    """Steps run as separate Airflow tasks share one parent run, found by the DAG run id."""
+    shutil.copytree(run.out_dir, tmp_path / "outputs")
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump({**run.raw, "out_dir": str(tmp_path / "outputs")}))
+    for key in _SCRUB:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", run.uri)
+    monkeypatch.setenv("GRAPPA_AIRFLOW_RUN_ID", "scheduled__2026-02-02")
+    monkeypatch.chdir(tmp_path)
+    for step in ("cluster", "evaluate"):  # two tasks, two processes in production
+        rc, _, stderr = run_cli(["--params", str(params_path), step])
+        assert rc == 0, stderr
+    experiment = client.get_experiment_by_name("grappa-test")
+    (parent,) = client.search_runs([experiment.experiment_id],
+                                   "tags.`airflow.dag_run_id` = 'scheduled__2026-02-02' and tags.`grappa.kind` = 'pipeline'")
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.data.tags["dvc.stage"] for c in children) == ["cluster", "evaluate"]
+    assert parent.info.status == "FINISHED"  # closed by the DAG run's last step
+    assert "methods.grappa.mean.map_at_r" in parent.data.metrics
