@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not sys.stderr.isatty():  # logs (DVC, Airflow, CI): one progress line every 30 s, not every batch
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
     try:
         params = load_params(args.params, _parse_set(args.set))
         if args.step == "check":
