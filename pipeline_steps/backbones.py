@@ -49,7 +49,11 @@ class BlockwiseBackbone(nn.Module):
         self.pool = build_pooling(pooling) if self.layout == "channels" else None
         self.requires_grad_(False)
         self.eval()
-        self.block_dims, self.block_shapes = self._probe(image_size)
+        try:
+            self.block_dims, self.block_shapes = self._probe(image_size)
+        except Exception as err:  # an architecture whose blocks don't chain as split above
+            raise ConfigError(f"backbone: cannot run {type(model).__name__} block by block "
+                              f"({type(err).__name__}: {str(err)[:120]}); pick a supported architecture") from None
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
@@ -110,7 +114,10 @@ def _split_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
     if hasattr(model, "layer1"):
         return "channels", [b for name in ("layer1", "layer2", "layer3", "layer4") for b in getattr(model, name)]
     if hasattr(model, "stages"):
-        return "channels", list(model.stages)
+        blocks = list(model.stages)
+        if isinstance(getattr(model, "final_conv", None), nn.Module) and not isinstance(model.final_conv, nn.Identity):
+            blocks.append(nn.Sequential(model.final_conv, getattr(model, "final_act", nn.Identity())))  # NFNet, ByobNet
+        return "channels", blocks
     raise ConfigError(f"backbone: unsupported timm architecture {type(model).__name__} "
                       "(supported: ViT, EfficientNet/MobileNet, ResNet, ConvNeXt-style stages)")
 
@@ -123,7 +130,11 @@ def create_backbone(params: BackboneParams) -> tuple[BlockwiseBackbone, Preproce
     import timm
 
     try:
-        model = timm.create_model(params.name, pretrained=False, num_classes=0)
+        # Seeded, and without touching the caller's RNG: with weights "none" timm's own random init is the
+        # model, so it must be identical in every step and process (ViT pos_embed/cls_token included).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = timm.create_model(params.name, pretrained=False, num_classes=0)
     except RuntimeError as err:  # timm: "Unknown model (...)"
         raise ConfigError(f"backbone.name: {err}") from None
     weights_id = _load_weights(model, params)
@@ -149,9 +160,9 @@ def create_backbone(params: BackboneParams) -> tuple[BlockwiseBackbone, Preproce
 
 def _load_weights(model: nn.Module, params: BackboneParams) -> str:
     if params.weights == "none":
-        torch.manual_seed(0)  # random init must still be reproducible across steps
-        model.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
-        return "random-init"
+        # timm's variance-preserving init, seeded in create_backbone (PyTorch's reset_parameters() made late
+        # activations vanish, ~1e-7, below float16's range for the cached prefix). New id: new cache key.
+        return "timm-init-seed0"
     if params.weights == "auto":
         if params.name == "tf_efficientnet_lite0":
             state = lite0_package_state_dict()

@@ -176,5 +176,7 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None)
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"params: {dotted}: '{part}' is not a section, cannot set a key inside it")
         node[leaf] = value
     return parse_params(raw)

@@ -1,0 +1,138 @@
+"""GrappaModel: zero-initialised adaptors start at the backbone; fusion attention; which parameters train."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline_steps.backbones import create_backbone
+from pipeline_steps.config import BackboneParams
+from pipeline_steps.model import FUSION, UNIFORM, ZERO_SHOT, GrappaModel, single
+
+KS = [2, 4, 8]
+
+
+def build(name: str, size: int, start: int, attn_dim: int | None = 8) -> GrappaModel:
+    torch.manual_seed(0)
+    backbone, _, _ = create_backbone(BackboneParams(name=name, weights="none", image_size=size, adapt_from_block=start))
+    return GrappaModel(backbone, start, KS, reduction=4, attn_dim=attn_dim)
+
+
+CASES = [("test_efficientnet", 48, 3), ("test_efficientnet", 48, 0), ("test_vit", 64, 2)]
+
+
+@pytest.mark.parametrize("name, size, start", CASES)
+def test_every_mode_equals_zero_shot_at_init(name, size, start):
+    model = build(name, size, start).eval()
+    images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        x = model.forward_prefix(images)
+        zero, alpha = model.forward_suffix(x, ZERO_SHOT)
+        assert alpha is None
+        assert torch.allclose(zero.norm(dim=-1), torch.ones(3), atol=1e-5)
+        assert torch.allclose(zero, torch.nn.functional.normalize(model.backbone(images), dim=-1), atol=1e-5)
+        assert model.modes() == [ZERO_SHOT, *[single(k) for k in KS], UNIFORM, FUSION]
+        for mode in model.modes()[1:]:
+            emb, _ = model.forward_suffix(x, mode)
+            assert torch.allclose(emb, zero, atol=1e-6), f"{mode} differs from zero-shot at init"
+        assert torch.allclose(model(images, FUSION), zero, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, size, start", CASES)
+def test_fusion_attention_shape_and_normalisation(name, size, start):
+    model = build(name, size, start).eval()
+    # Non-zero adaptors and attention so modes differ. Biases too: a randomly initialised (weights
+    # "none") CNN has vanishing activations in its late blocks, so weights alone would change little.
+    for layers in model.adaptors.values():
+        for adaptor in layers:
+            torch.nn.init.normal_(adaptor.down.bias, std=1.0)
+            torch.nn.init.normal_(adaptor.up.weight, std=0.5)
+    for layer in model.fusion:
+        for lin in (layer.query, layer.key):
+            torch.nn.init.normal_(lin.weight, std=0.5)
+            torch.nn.init.normal_(lin.bias, std=1.0)
+    images = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        x = model.forward_prefix(images)
+        emb, alpha = model.forward_suffix(x, FUSION)
+        n_blocks = len(model.backbone.blocks) - start
+        assert alpha.shape == (5, n_blocks, len(KS))
+        assert torch.all(alpha >= 0)
+        assert torch.allclose(alpha.sum(-1), torch.ones(5, n_blocks), atol=1e-5)
+        assert alpha.std() > 1e-3, "attention is uniform although queries/keys are random"
+        assert emb.shape == (5, model.backbone.embed_dim)
+        single_embs = [model.forward_suffix(x, single(k))[0] for k in KS]
+        assert not torch.allclose(single_embs[0], single_embs[1], atol=1e-4)
+        zero = model.forward_suffix(x, ZERO_SHOT)[0]
+        assert not torch.allclose(emb, zero, atol=1e-4)
+
+
+def test_granularity_fusion_block_matches_formula():
+    model = build("test_efficientnet", 48, 3)
+    layer = model.fusion[0]
+    torch.nn.init.normal_(layer.query.weight, std=0.3)
+    torch.nn.init.normal_(layer.key.weight, std=0.3)
+    with torch.no_grad():
+        layer.value.weight.add_(0.01 * torch.randn_like(layer.value.weight))
+    g = torch.Generator().manual_seed(3)
+    dim = model.backbone.block_dims[3]
+    h = torch.randn(2, dim, 3, 3, generator=g)
+    deltas = [torch.randn(2, dim, 3, 3, generator=g) for _ in KS]
+    with torch.no_grad():
+        out, alpha = layer(h, deltas)
+        q = layer.query(h.mean(dim=(-2, -1)))
+        keys = torch.stack([layer.key((h + d).mean(dim=(-2, -1))) for d in deltas], dim=1)
+        expected_alpha = torch.softmax((keys @ q[:, :, None]).squeeze(-1) / q.shape[-1] ** 0.5, dim=-1)
+        expected = h + sum(expected_alpha[:, m, None, None, None] * layer.value(deltas[m]) for m in range(len(KS)))
+        # value(.) has a bias: sum_m alpha_m (W a_m + b) = W sum_m alpha_m a_m + b because alpha sums to one
+    assert torch.allclose(alpha, expected_alpha, atol=1e-6)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def _grads(module: torch.nn.Module) -> dict[str, bool]:
+    return {name: p.grad is not None for name, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("name, size, start", [("test_efficientnet", 48, 3), ("test_vit", 64, 2)])
+def test_only_adaptor_params_get_grads_in_single_mode(name, size, start):
+    model = build(name, size, start)
+    model.adaptors.requires_grad_(True)
+    model.train()
+    images = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(4))
+    emb, _ = model.forward_suffix(model.forward_prefix(images), single(4))
+    (emb * torch.randn_like(emb)).sum().backward()
+    got = _grads(model)
+    with_grad = {n for n, g in got.items() if g}
+    assert with_grad, "no parameter received a gradient"
+    assert all(n.startswith(f"adaptors.{single(4)}.") for n in with_grad), with_grad
+    assert {n for n in got if n.startswith(f"adaptors.{single(4)}.")} == with_grad  # every k=4 adaptor param
+    up = [p for n, p in model.named_parameters() if n.startswith(f"adaptors.{single(4)}.") and ".up." in n]
+    assert any(p.grad.abs().sum() > 0 for p in up)
+    assert all(not p.requires_grad for p in model.backbone.parameters())
+    assert not model.backbone.training, "the frozen backbone must stay in eval mode (BN statistics)"
+
+
+@pytest.mark.parametrize("name, size, start", [("test_efficientnet", 48, 3), ("test_vit", 64, 2)])
+def test_only_fusion_params_get_grads_in_fusion_mode(name, size, start):
+    model = build(name, size, start)
+    for layers in model.adaptors.values():  # trained-looking adaptors, then frozen as in stage 2
+        for adaptor in layers:
+            torch.nn.init.normal_(adaptor.down.bias, std=1.0)
+            torch.nn.init.normal_(adaptor.up.weight, std=0.1)
+    model.requires_grad_(False)
+    model.fusion.requires_grad_(True)
+    model.train()
+    images = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(5))
+    emb, alpha = model.forward_suffix(model.forward_prefix(images), FUSION)
+    ((emb * torch.randn_like(emb)).sum() + alpha.pow(2).sum()).backward()
+    with_grad = {n for n, g in _grads(model).items() if g}
+    assert with_grad == {n for n, _ in model.named_parameters() if n.startswith("fusion.")}
+    for part in ("query.weight", "key.weight", "value.weight"):
+        assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith(part)), part
+
+
+def test_model_without_fusion_has_no_fusion_mode():
+    model = build("test_efficientnet", 48, 3, attn_dim=None)
+    assert model.fusion is None
+    assert FUSION not in model.modes()
+    solo = GrappaModel(model.backbone, 3, [5], reduction=4)
+    assert solo.modes() == [ZERO_SHOT, single(5)]
