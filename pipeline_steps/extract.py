@@ -91,8 +91,7 @@ def run(params: Params) -> dict:
     todo = sorted({h: rec.uri for rec, h in hashed if h not in cached}.items())
     t_hash = time.perf_counter()
 
-    new_hashes, new_vectors, new_prefixes, broken = _compute(model, todo, params, preprocess, start)
-    cache.append(new_hashes, new_vectors, new_prefixes)
+    new_hashes, new_vectors, new_prefixes, broken = _compute(model, todo, params, preprocess, start, cache)
     for h, v, p in zip(new_hashes, new_vectors, new_prefixes):
         cached[h] = (v, p)
 
@@ -122,8 +121,21 @@ def run(params: Params) -> dict:
     return report
 
 
-def _compute(model: GrappaModel, todo: list[tuple[str, str]], params: Params, preprocess, start: int):
+FLUSH_EVERY = 1024  # images: a killed extraction keeps all but the last few hundred computed features
+
+
+def _compute(model: GrappaModel, todo: list[tuple[str, str]], params: Params, preprocess, start: int,
+             cache: FeatureCache):
+    """Features (and prefix activations) of every image in ``todo``, appended to ``cache`` as they come."""
     hashes, vectors, prefixes, broken = [], [], [], {}
+    flushed = 0
+
+    def flush() -> None:
+        nonlocal flushed
+        if len(hashes) > flushed:
+            cache.append(hashes[flushed:], np.stack(vectors[flushed:]), prefixes[flushed:])
+            flushed = len(hashes)
+
     if not todo:
         return hashes, np.zeros((0, 1), np.float32), prefixes, broken
     dataset = ImageDataset([uri for _, uri in todo], image_transform(preprocess, train=False),
@@ -144,6 +156,9 @@ def _compute(model: GrappaModel, todo: list[tuple[str, str]], params: Params, pr
                 hashes.append(todo[i][0])
                 vectors.append(emb[j].numpy())
                 prefixes.append(acts[j].numpy().tobytes() if start > 0 else None)
+            if len(hashes) - flushed >= FLUSH_EVERY:
+                flush()
+    flush()
     return hashes, np.stack(vectors) if vectors else np.zeros((0, 1), np.float32), prefixes, broken
 
 

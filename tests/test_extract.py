@@ -248,3 +248,29 @@ def test_atomic_paths_publish_together(tmp_path):
 def test_vectors_arrow_roundtrip():
     x = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
     assert np.array_equal(arrow_to_vectors(artifacts.vectors_to_arrow(x)), x)
+
+
+def test_killed_extraction_keeps_the_features_it_flushed(tmp_path, monkeypatch):
+    """Features reach the cache every FLUSH_EVERY images, so a rerun after a crash starts where it stopped."""
+    folder = tmp_path / "data" / "dom"
+    folder.mkdir(parents=True)
+    for i in range(6):
+        _valid(i).save(folder / f"a{i}.png")
+    params = _params(tmp_path, [folder.parent])
+    monkeypatch.setattr(extract, "FLUSH_EVERY", 2)
+    appended = []
+    real_append = extract.FeatureCache.append
+
+    def append_then_crash(self, hashes, vectors, prefixes):
+        real_append(self, hashes, vectors, prefixes)
+        appended.extend(hashes)
+        if len(appended) >= 4:
+            raise KeyboardInterrupt  # killed after the second flush
+
+    monkeypatch.setattr(extract.FeatureCache, "append", append_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        extract.run(params.model_copy(update={"extract": params.extract.model_copy(update={"batch_size": 2})}))
+    assert not (Path(params.out_dir) / "extract" / "features.parquet").exists()  # nothing half-published
+    monkeypatch.setattr(extract.FeatureCache, "append", real_append)
+    report = extract.run(params)
+    assert (report["computed"], report["from_cache"]) == (2, 4)
