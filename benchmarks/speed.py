@@ -459,38 +459,12 @@ def bench_knn(args, info: dict) -> dict:
 # --------------------------------------------------------------------------- 4. training steps
 
 
-class _NeighbourPairs(torch.utils.data.Dataset):
-    """Copy of train_fusion.NeighbourPairs: item i = (i, stack[x_i, x_j]), j one of i's kNN."""
-
-    def __init__(self, base, neighbours: np.ndarray):
-        self.base, self.neighbours = base, torch.from_numpy(neighbours)
-        self.is_images = getattr(base, "is_images", False)
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int):
-        j = int(self.neighbours[i, torch.randint(self.neighbours.shape[1], (1,))])
-        _, xi, err_i = self.base[i]
-        _, xj, err_j = self.base[j]
-        if xi is None or xj is None:
-            return i, None, err_i or err_j
-        return i, torch.stack([xi, xj]), None
-
-
 def bench_training(args, dev: str) -> dict:
     import torch.nn.functional as F
 
-    from pipeline_steps.inputs import PrefixDataset, loader
+    from pipeline_steps.inputs import NeighbourPairs, PrefixDataset, loader
     from pipeline_steps.losses import (CosineClassifier, attention_propagation, batch_attention_entropy,
                                        neighbour_pair_infonce)
-    NeighbourPairs = _NeighbourPairs  # the pipeline's own class where it can be imported
-    for module in ("pipeline_steps.inputs", "pipeline_steps.train_fusion"):
-        try:
-            NeighbourPairs = __import__(module, fromlist=["NeighbourPairs"]).NeighbourPairs
-            break
-        except (ImportError, AttributeError):
-            continue
     from pipeline_steps.training import warmup_cosine
 
     bp = BackboneParams(name=args.backbone, weights=args.weights, image_size=args.image_size,
