@@ -31,7 +31,7 @@ WORKSPACE = "/workspace"  # containers: WORKDIR of the image, where the shared v
 # The operator field that receives the CLI arguments, and how the UI names a mapped instance.
 COMMAND_FIELD = {"local": "bash_command", "docker": "command", "k8s": "arguments"}
 MAP_INDEX_TEMPLATE = {
-    "local": "k={{ task.bash_command.split()[-1] }}",
+    "local": "k={{ task.bash_command.split()[-1].split('@')[-1] }}",  # '... --k 8' or '... train_adaptor@8'
     "docker": "k={{ task.command[-1] }}",
     "k8s": "k={{ task.arguments[-1] }}",
 }
@@ -90,9 +90,30 @@ def plan(conf: dict, runner: str) -> dict:
     # Fail here, before any container starts, on what the CLI would reject anyway.
     if len(ks) < 2 or len(set(ks)) != len(ks) or ks[0] < 2:
         raise ValueError(f"cluster.ks must hold at least two distinct values >= 2, got {ks}")
+    if via_dvc(conf, runner):
+        commands = {task_id: render_dvc(task_id) for task_id in STEPS}
+        commands["train_adaptor"] = [render_dvc(f"train_adaptor@{k}") for k in ks]
+        return {"ks": ks, **commands}
     commands = {task_id: render(runner, [*argv, step]) for task_id, step in STEPS.items()}
     commands["train_adaptor"] = [render(runner, [*argv, "train-adaptor", "--k", str(k)]) for k in ks]
     return {"ks": ks, **commands}
+
+
+def via_dvc(conf: dict, runner: str) -> bool:
+    """Local runs without conf overrides go through `dvc repro` of each stage, so dvc.lock records
+    what the DAG computed and a later `dvc repro` finds everything up to date. Overrides (sources,
+    ks, another params file) are not in params.yaml, so those runs call the step CLI directly."""
+    overridden = conf.get("sources") or conf.get("ks") or conf.get("params_file") or \
+        os.environ.get("GRAPPA_PARAMS", "params.yaml") != "params.yaml"
+    return (runner == "local" and os.environ.get("GRAPPA_DAG_DVC", "1") == "1" and not overridden
+            and (REPO / "dvc.yaml").is_file())
+
+
+def render_dvc(stage: str) -> str:
+    # The stage cmds say `python`: put the worker's interpreter (and its dvc) first on PATH.
+    bindir = Path(os.environ.get("GRAPPA_PYTHON") or sys.executable).parent
+    return f"PATH={shlex.quote(str(bindir))}:\"$PATH\" " + shlex.join(
+        [str(bindir / "dvc"), "--wait-for-lock", "repro", "--single-item", stage])
 
 
 def render(runner: str, argv: list[str]) -> str | list[str]:

@@ -143,7 +143,8 @@ def test_docker_runner_renders_container_args(container_env, dagbag):
     [mount] = op.mounts
     assert (mount["Target"], mount["Source"], mount["Type"]) == ("/workspace", "grappa-workspace", "volume")
     assert op.device_requests[0].capabilities == [["gpu"]]
-    assert op.environment == {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}  # secrets only as private env
+    # secrets only as private env; the Airflow run id (templated) joins the steps in one MLflow parent run
+    assert op.environment == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "GRAPPA_AIRFLOW_RUN_ID": "{{ run_id }}"}
     assert op._private_environment == {"AWS_SECRET_ACCESS_KEY": "not-a-real-secret"}
     assert op.retries >= 1 and not op.mount_tmp_dir and op.auto_remove == "success"
     # Whole DAG with this runner: the mapped task expands the docker command over k.
@@ -172,7 +173,8 @@ def test_k8s_runner_renders_pod_spec(container_env):
     assert not container.command  # the image ENTRYPOINT `python -m pipeline_steps` runs the args
     assert container.args == ["--params", "params.yaml", "--set", "cluster.ks=[2, 3]", "train-fusion"]
     assert container.resources.limits == {"nvidia.com/gpu": "1"}
-    assert [(e.name, e.value) for e in container.env] == [("MLFLOW_TRACKING_URI", "http://mlflow:5000")]
+    assert [(e.name, e.value) for e in container.env] == [("MLFLOW_TRACKING_URI", "http://mlflow:5000"),
+                                                           ("GRAPPA_AIRFLOW_RUN_ID", "{{ run_id }}")]
     assert container.env_from[0].secret_ref.name == "grappa-aws"
     assert container.volume_mounts[0].mount_path == "/workspace"
     assert pod.spec.volumes[0].persistent_volume_claim.claim_name == "grappa-workspace"
