@@ -410,6 +410,8 @@ def test_airflow_steps_meet_in_one_parent_per_dag_run(run, client, tmp_path, mon
     for key in _SCRUB:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", run.uri)
+    for var in lineage.AIRFLOW_ENV.values():  # an earlier in-process dag.test() may have left these set
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("GRAPPA_AIRFLOW_RUN_ID", "scheduled__2026-02-02")
     monkeypatch.chdir(tmp_path)
     for step in ("cluster", "evaluate"):  # two tasks, two processes in production
