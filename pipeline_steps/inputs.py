@@ -18,7 +18,7 @@ from tqdm import tqdm
 from .artifacts import arrow_to_vectors, read_table
 from .backbones import Preprocess
 from .config import ConfigError
-from .data import ImageDecodeError, decode_image
+from .data import ImageDecodeError, SourceError, decode_image
 from .storage import StorageError, read_bytes
 
 
@@ -144,9 +144,9 @@ def encode(model, dataset: Dataset, mode: str, batch_size: int, num_workers: int
     device = next(model.parameters()).device
     embeddings, alphas = [None] * len(dataset), [None] * len(dataset)
     for rows, x, bad in tqdm(loader(dataset, batch_size, num_workers=num_workers), desc=desc or mode,
-                             unit="batch", leave=False, disable=desc is False):
-        if bad:
-            raise RuntimeError(f"{len(bad)} inputs became unreadable since extraction (e.g. {bad[0][1]})")
+                             unit="batch", leave=False):
+        if bad:  # every input was readable when it was listed: a file vanished or broke since
+            raise SourceError(f"{len(bad)} images could not be read (e.g. {bad[0][1]}); rerun 'grappa extract'")
         x = x.to(device)
         if getattr(dataset, "is_images", False):
             x = model.forward_prefix(x)
