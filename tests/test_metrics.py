@@ -87,3 +87,22 @@ def test_knn_search_inner_product_order():
     scores, idx = knn_search(vectors, 2, queries=on_circle([28]))
     assert idx.tolist() == [[2, 1]]
     assert scores[0, 0] == pytest.approx(np.cos(np.deg2rad(2)), abs=1e-6)
+
+
+def test_metrics_agree_with_pytorch_metric_learning():
+    """mAP@R and R@1 equal pytorch-metric-learning's AccuracyCalculator (an independent implementation)."""
+    import torch
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 12, size=300)
+    centres = rng.normal(size=(12, 32))
+    vectors = centres[labels] + 1.5 * rng.normal(size=(300, 32))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+    ours = retrieval_metrics(vectors, labels)
+    calc = AccuracyCalculator(include=("mean_average_precision_at_r", "precision_at_1"), device=torch.device("cpu"),
+                              knn_func=None)
+    theirs = calc.get_accuracy(torch.from_numpy(vectors), torch.from_numpy(labels), ref_includes_query=True)
+    assert ours["map_at_r"] == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-6)
+    assert ours["recall_at_1"] == pytest.approx(theirs["precision_at_1"], abs=1e-6)
