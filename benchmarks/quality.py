@@ -69,12 +69,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="multidomain", help="results file name (and outputs sub-folder)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--keep-caps", action="store_true", help="keep params.yaml's per-domain caps (default: all images)")
+    parser.add_argument("--add", action="store_true",
+                        help="add these seeds to the seeds already in results/<name>.json instead of starting over")
     args = parser.parse_args(argv)
 
     overrides = {} if args.keep_caps else dict(FULL_DATA)
     overrides.update(_parse_set(args.set))
     per_seed, timings, done = [], {}, []
-    for seed in args.seeds:
+    previous = RESULTS / f"{args.name}.json"
+    if args.add and previous.exists():  # seeds measured by an earlier invocation with the same params
+        old = json.loads(previous.read_text())
+        for seed in old["seeds"]:
+            per_seed.append({"methods": old["per_seed"][str(seed)], "oracle_choice": old["oracle_choice"][str(seed)]})
+            timings[f"seed{seed}"] = old["timings_s"][f"seed{seed}"]
+            done.append(seed)
+    for seed in [s for s in args.seeds if s not in done]:
         params = load_params(args.params, {**overrides, "seed": seed, "out_dir": f"outputs/bench/{args.name}/seed{seed}"})
         t0 = time.perf_counter()
         steps = run_all(params)
