@@ -80,3 +80,19 @@ def test_knn_functions_agree_directly():
     assert (speed.faiss_knn(x, 10, gpu=False, queries=sample) == a[sample]).all()
     assert (speed.numpy_knn(x, 10, queries=sample) == b[sample]).all()
     assert speed.growth_exponent([10, 100], [1.0, 100.0]) == 2.0
+
+
+def test_quality_aggregates_seeds_in_table_order():
+    from benchmarks.quality import aggregate, method_order
+
+    def run(value):
+        cell = {"map_at_r": value, "recall_at_1": 2 * value}
+        return {"methods": {name: {"per_domain": {"birds": cell, "cars": cell}, "mean": cell}
+                            for name in ("grappa", "single_k_128", "zero_shot", "single_k_8", "oracle", "uniform")}}
+
+    methods = aggregate([run(0.2), run(0.4)])
+    assert list(methods) == ["zero_shot", "single_k_8", "single_k_128", "uniform", "oracle", "grappa"]
+    assert methods["grappa"]["mean"]["map_at_r"] == pytest.approx(0.3)
+    assert methods["grappa"]["std"]["map_at_r"] == pytest.approx(0.1)
+    assert methods["grappa"]["per_domain"]["cars"]["std"]["recall_at_1"] == pytest.approx(0.2)
+    assert method_order(["grappa", "single_k_32", "single_k_8"]) == ["single_k_8", "single_k_32", "grappa"]
