@@ -70,7 +70,7 @@ def fit(
             count += 1
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
-            bar.set_postfix(loss=f"{sums['loss'] / count:.4f}")
+            bar.set_postfix(loss=f"{sums['loss'] / count:.4f}", refresh=False)  # shown at the next tick
         summary = {name: total / max(count, 1) for name, total in sums.items()}
         summary.update(epoch=epoch + 1, seconds=time.perf_counter() - t0)
         history.append(summary)
