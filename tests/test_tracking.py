@@ -290,16 +290,22 @@ def _fake_evaluate(delta: float):
     return fake
 
 
-def test_dag_style_runs_candidate_vs_champion(run, client, tmp_path, monkeypatch):
-    """open-run / step with GRAPPA_MLFLOW_PARENT_RUN_ID / close-run; a worse model stays candidate only."""
-    import pipeline_steps.evaluate as evaluate
-
+def copy_of_run(run, tmp_path: Path, monkeypatch) -> Path:
+    """The shared run's outputs and params under tmp_path, tracking to the shared store; returns the params path."""
     shutil.copytree(run.out_dir, tmp_path / "outputs")
     params_path = tmp_path / "params.yaml"
     params_path.write_text(yaml.safe_dump({**run.raw, "out_dir": str(tmp_path / "outputs")}))
     for key in _SCRUB:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", run.uri)
+    return params_path
+
+
+def test_dag_style_runs_candidate_vs_champion(run, client, tmp_path, monkeypatch):
+    """open-run / step with GRAPPA_MLFLOW_PARENT_RUN_ID / close-run; a worse model stays candidate only."""
+    import pipeline_steps.evaluate as evaluate
+
+    params_path = copy_of_run(run, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     champion_score = float(client.get_model_version_by_alias(MODEL, "champion").tags[tracking.SCORE_TAG])
 
@@ -404,12 +410,7 @@ def test_lineage_helpers(tmp_path, monkeypatch):
 
 def test_airflow_steps_meet_in_one_parent_per_dag_run(run, client, tmp_path, monkeypatch):
     """Steps run as separate Airflow tasks share one parent run, found by the DAG run id."""
-    shutil.copytree(run.out_dir, tmp_path / "outputs")
-    params_path = tmp_path / "params.yaml"
-    params_path.write_text(yaml.safe_dump({**run.raw, "out_dir": str(tmp_path / "outputs")}))
-    for key in _SCRUB:
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", run.uri)
+    params_path = copy_of_run(run, tmp_path, monkeypatch)
     for var in lineage.AIRFLOW_ENV.values():  # an earlier in-process dag.test() may have left these set
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("GRAPPA_AIRFLOW_RUN_ID", "scheduled__2026-02-02")
