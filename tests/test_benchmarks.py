@@ -1,5 +1,6 @@
-"""benchmarks/speed.py at its smallest sizes: it runs, writes the documented JSON, and faiss's kNN graph
-is numpy's brute-force one. Speed itself is never asserted (it depends on the machine and its load)."""
+"""The benchmark scripts on tiny inputs. speed.py at its smallest sizes runs, writes the documented JSON,
+and faiss's kNN graph is numpy's brute-force one; speed itself is never asserted (it depends on the
+machine and its load). quality.py aggregates seeds; ladder.py scores single-k and uniform models."""
 import json
 import subprocess
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, make_collection
+from conftest import REPO, make_collection, tiny_params_dict
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -96,3 +97,38 @@ def test_quality_aggregates_seeds_in_table_order():
     assert methods["grappa"]["std"]["map_at_r"] == pytest.approx(0.1)
     assert methods["grappa"]["per_domain"]["cars"]["std"]["recall_at_1"] == pytest.approx(0.2)
     assert method_order(["grappa", "single_k_32", "single_k_8"]) == ["single_k_8", "single_k_32", "grappa"]
+
+
+def test_ladder_scores_singles_and_uniform_subsets_and_reuses_trained_sets(tmp_path, monkeypatch, collection):
+    import yaml
+
+    from benchmarks import ladder
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params_dict(tmp_path, collection)))
+    monkeypatch.chdir(tmp_path)  # the ladder's outputs go to ./outputs/bench/ladder/seed<S>
+    argv = ["--params", str(params), "--ks", "2", "3", "4", "--uniform", "2,4", "--results-dir", str(tmp_path / "res")]
+    assert ladder.main(argv) == 0
+    first = json.loads((tmp_path / "res" / "ladder_seed0.json").read_text())
+    assert set(first["rows"]) == {"zero_shot", "single_k_2", "single_k_3", "single_k_4", "uniform_2-4"}
+    for row in first["rows"].values():
+        assert set(row["per_domain"]) == {"shapes", "stripes"}
+        assert all(0.0 <= cell["map_at_r"] <= 1.0 for cell in row["per_domain"].values())
+    assert first["images_per_cluster"]["uniform_2-4"] == "16 / 8"  # 32 unlabeled images over k=2 and k=4
+    assert "| uniform_2-4 | 16 / 8 |" in (tmp_path / "res" / "ladder_seed0.md").read_text()
+
+    adaptor = tmp_path / "outputs" / "bench" / "ladder" / "seed0" / "adaptors" / "k3" / "adaptor.pt"
+    trained_at = adaptor.stat().st_mtime_ns
+    assert ladder.main(argv) == 0  # a second call scores the same sets without retraining them
+    assert adaptor.stat().st_mtime_ns == trained_at
+    assert json.loads((tmp_path / "res" / "ladder_seed0.json").read_text())["rows"] == first["rows"]
+
+
+@pytest.mark.parametrize("uniform", ["2,5", "2,2"])
+def test_ladder_refuses_bad_uniform_subsets(uniform, capsys):
+    from benchmarks import ladder
+
+    with pytest.raises(SystemExit) as exit_:
+        ladder.main(["--ks", "2", "4", "--uniform", uniform])
+    assert exit_.value.code == 2
+    assert "--uniform" in capsys.readouterr().err
