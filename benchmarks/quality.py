@@ -23,11 +23,7 @@ from pipeline_steps.config import load_params
 from pipeline_steps.evaluate import METRICS
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# All images, and a k ladder scaled to the 4020-image unlabeled pool (ratio 4, from ~64 down to ~4 images
-# per cluster, grappa.md 10.4): coarser levels (k=8, 32: 500 and 125 images per cluster, about one per
-# domain) measured harmful on every domain (results/ladder_seed0.md), finer ones add nothing.
-FULL_DATA = {"data.max_unlabeled_per_domain": None, "data.max_query_db_per_domain": None,
-             "cluster.ks": [64, 256, 1024]}
+FULL_DATA = {"data.max_unlabeled_per_domain": None, "data.max_query_db_per_domain": None}
 
 
 def method_order(names) -> list[str]:
