@@ -5,8 +5,8 @@
 Runs extract and cluster for every k in ``--ks`` into ``outputs/bench/ladder/seed<S>`` (all images),
 trains the adaptor sets not already there, then scores on the full ``query_db`` split the zero-shot
 backbone, every single-k model and the uniform average of each ``--uniform`` subset. Writes
-``results/ladder_seed<S>.{json,md}``. It is how the quality benchmark's k ladder was chosen: coarse
-levels that hurt every domain are dead weight for the fusion.
+``results/ladder_seed<S>.{json,md}``. It is how params.yaml's k ladder was chosen: coarse levels that
+score below the zero-shot backbone are dead weight for the fusion.
 """
 from __future__ import annotations
 
@@ -21,17 +21,18 @@ from pipeline_steps.config import load_params
 from pipeline_steps.evaluate import per_domain_metrics
 from pipeline_steps.inputs import encode, load_inputs
 from pipeline_steps.model import UNIFORM, pick_device, single
+from pipeline_steps.train_adaptor import adaptor_path
 
 from .quality import FULL_DATA, RESULTS
 
 
-def ladder_table(rows: dict, images_per_k: dict[str, float]) -> str:
+def ladder_table(rows: dict, images_per_cluster: dict[str, str]) -> str:
     domains = list(next(iter(rows.values()))["per_domain"])
     lines = ["mAP@R (%), all-vs-all leave-one-out on each domain's query_db split", "",
              "| model | images per cluster | " + " | ".join(domains) + " | mean |", "|" + "---|" * (len(domains) + 3)]
     for name, res in rows.items():
         cells = [f"{100 * res['per_domain'][d]['map_at_r']:.1f}" for d in domains]
-        lines.append(f"| {name} | {images_per_k.get(name, '')} | " + " | ".join(cells)
+        lines.append(f"| {name} | {images_per_cluster.get(name, '')} | " + " | ".join(cells)
                      + f" | **{100 * res['mean']['map_at_r']:.2f}** |")
     return "\n".join(lines) + "\n"
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     run_step("extract", params)
     pool = run_step("cluster", params)["per_k"]
     for k in args.ks:  # sets trained by an earlier call on the same clusters are reused
-        if not (Path(params.out_dir) / "adaptors" / f"k{k}" / "adaptor.pt").exists():
+        if not adaptor_path(params, k).exists():
             run_step("train-adaptor", params, k)
 
     backbone, preprocess, _ = create_backbone(params.backbone)
@@ -67,19 +68,24 @@ def main(argv: list[str] | None = None) -> int:
                          min_side=params.data.min_side, max_pixels=params.data.max_pixels)
     labels = inputs.labels.astype(str)
     rows = {"zero_shot": per_domain_metrics(inputs.zero_shot, inputs.domains, labels)}
-    images_per_k = {}
-    models = [(f"single_k_{k}", [k], single(k), params) for k in args.ks]
-    models += [("uniform_" + "-".join(map(str, s)), s, UNIFORM, params_for(s)) for s in subsets]
-    for name, ks, mode, model_params in models:  # a uniform model holds exactly its subset's adaptor sets
-        model = assemble(model_params, backbone, with_fusion=False, load_fusion=False).to(pick_device())
+    images_per_cluster = {}
+
+    def assembled(model_params):
+        return assemble(model_params, backbone, with_fusion=False, load_fusion=False).to(pick_device())
+
+    every_set = assembled(params)  # serves every single-k mode
+    models = [(f"single_k_{k}", [k], single(k), every_set) for k in args.ks]
+    # a uniform model holds exactly its subset's adaptor sets (UNIFORM averages all the sets it holds)
+    models += [("uniform_" + "-".join(map(str, s)), s, UNIFORM, assembled(params_for(s))) for s in subsets]
+    for name, ks, mode, model in models:
         vectors, _ = encode(model, inputs.dataset, mode, params.evaluate.batch_size,
                             num_workers=params.extract.num_workers, desc=name)
         rows[name] = per_domain_metrics(vectors, inputs.domains, labels)
-        images_per_k[name] = " / ".join(f"{pool[str(k)]['mean_size']:.0f}" for k in ks)
+        images_per_cluster[name] = " / ".join(f"{pool[str(k)]['mean_size']:.0f}" for k in ks)
         print(f"{name}: mean mAP@R {rows[name]['mean']['map_at_r']:.4f}")
-    table = ladder_table(rows, images_per_k)
+    table = ladder_table(rows, images_per_cluster)
     write_json(args.results_dir / f"ladder_seed{args.seed}.json",
-               {"rows": rows, "images_per_cluster": images_per_k, "params": params.model_dump()})
+               {"rows": rows, "images_per_cluster": images_per_cluster, "params": params.model_dump()})
     write_text(args.results_dir / f"ladder_seed{args.seed}.md", table)
     print(table)
     return 0
