@@ -2,7 +2,7 @@
 
     python -m benchmarks.ladder --ks 8 32 64 128 256 512 1024 2048 --uniform 128,512 64,256,1024
 
-Runs extract and cluster for every k in ``--ks`` into ``outputs/bench/ladder/seed<S>`` (all images),
+Runs snapshot, extract and cluster for every k in ``--ks`` into ``outputs/bench/ladder/seed<S>`` (all images),
 trains the adaptor sets not already there, then scores on the full ``query_db`` split the zero-shot
 backbone, every single-k model and the uniform average of each ``--uniform`` subset. Writes
 ``results/ladder_seed<S>.{json,md}``. It is how params.yaml's k ladder was chosen: coarse levels that
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                                          "out_dir": f"outputs/bench/ladder/seed{args.seed}"})
 
     params = params_for(args.ks)
+    run_step("snapshot", params)
     run_step("extract", params)
     pool = run_step("cluster", params)["per_k"]
     for k in args.ks:  # sets trained by an earlier call on the same clusters are reused

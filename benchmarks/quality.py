@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in [s for s in args.seeds if s not in done]:
         params = load_params(args.params, {**overrides, "seed": seed, "out_dir": f"outputs/bench/{args.name}/seed{seed}"})
         t0 = time.perf_counter()
-        steps = run_all(params)
+        steps = run_all(params, until="evaluate")
         timings[f"seed{seed}"] = {**steps, "total": time.perf_counter() - t0}
         per_seed.append(json.loads((Path(params.out_dir) / "evaluate" / "metrics.json").read_text()))
         done.append(seed)

@@ -1,16 +1,22 @@
 """Airflow DAGs of grappa-pipeline.
 
-- ``grappa_pipeline``: the five steps (task ids = dvc.yaml stage names), one ``train_adaptor``
-  instance per k. Runs when the unlabeled-data asset gets an event, or manually with conf
-  ``{"sources": [...], "ks": [...], "params_file": "..."}`` (all optional).
-- ``grappa_watch_folder`` / ``grappa_watch_s3``: poll a local folder / an S3 prefix and emit an
-  event on the asset only when the listing changed.
+- ``grappa_pipeline``: the seven steps (task ids = dvc.yaml stage names), one ``train_adaptor``
+  instance per k, between the glue tasks ``plan`` and ``close_run``. Runs when the unlabeled-data
+  asset gets an event, or manually with conf ``{"sources": [...], "ks": [...], "params_file": "..."}``
+  (all optional). With the local runner the conf is first written into the workspace's params.yaml
+  (``grappa prepare``) and every step task runs ``grappa repro <stage>``: DVC reruns exactly what
+  the new data or conf changed, and a task whose stage is up to date ends as *skipped* with a log
+  line saying so, so a run with nothing new is a visible no-op.
+- ``grappa_watch_folder`` / ``grappa_watch_s3``: poll the local folders the pipeline reads (or
+  GRAPPA_WATCH_DIR) / an S3 prefix and emit an event on the asset when the listing differs from
+  the one the last pipeline run started on.
 
 Where the steps run: env ``GRAPPA_RUNNER`` = local (subprocess in the repo, ``GRAPPA_REPO``),
 docker or k8s (image ``GRAPPA_IMAGE`` from containers/). Other settings: see containers/README.md.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from datetime import datetime
@@ -24,13 +30,14 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 import runners  # noqa: E402
 
 UNLABELED = Asset(uri="grappa://data/unlabeled", name="grappa_unlabeled")
+STEP_TASKS = [task_id for task_id in runners.STEPS if task_id != "train_adaptor"]
 START = datetime(2026, 1, 1)
 SETTLE_S = float(os.environ.get("GRAPPA_WATCH_SETTLE_S", 30))
 
 
 def build_pipeline(runner: str):
     @dag(
-        dag_id="grappa_pipeline",
+        dag_id=runners.PIPELINE_DAG,
         schedule=[UNLABELED],
         start_date=START,
         catchup=False,
@@ -45,19 +52,32 @@ def build_pipeline(runner: str):
     )
     def grappa_pipeline():
         @task
-        def plan_ks(params=None, ti=None) -> list:
+        def plan(params=None, ti=None, triggering_asset_events=None) -> list:
             # Glue, not a step: a bad conf fails here at once, without retries. Returns one
             # train_adaptor command per k (mapping needs the return value); the others go by key.
+            events = runners.trigger_events(triggering_asset_events)
+            for event in events:
+                print(f"triggered by new data: source={event['source']} fingerprint={event['fingerprint']}")
+            if not events:
+                print("no asset event: manual run")
             commands = runners.plan(dict(params or {}), runner)
-            for name in ("extract", "cluster", "train_fusion", "evaluate"):
+            if commands["prepare"]:
+                print(runners.prepare_workspace(commands["prepare"]) or "params.yaml and dvc.yaml: unchanged")
+            runners.record_started(events)  # the watchers compare against what a run has started on
+            ti.xcom_push(key="trigger", value=json.dumps(events))
+            for name in (*STEP_TASKS, "close_run"):
                 ti.xcom_push(key=name, value=commands[name])
             return commands["train_adaptor"]
 
-        plan = plan_ks()
-        step = {name: runners.step_operator(name, plan[name], runner)
-                for name in ("extract", "cluster", "train_fusion", "evaluate")}
-        adaptors = runners.step_operator("train_adaptor", plan, runner, mapped=True)
-        chain(plan, step["extract"], step["cluster"], adaptors, step["train_fusion"], step["evaluate"])
+        planned = plan()
+        # none_failed: a step skipped as up to date does not skip the steps after it (DVC decides there)
+        step = {name: runners.step_operator(name, planned[name], runner, trigger_rule="none_failed")
+                for name in STEP_TASKS}
+        adaptors = runners.step_operator("train_adaptor", planned, runner, mapped=True, trigger_rule="none_failed")
+        # Closes the MLflow parent run (if a step opened one) whatever happened before.
+        close = runners.step_operator("close_run", planned["close_run"], runner, trigger_rule="all_done")
+        chain(planned, step["snapshot"], step["extract"], step["cluster"], adaptors, step["train_fusion"],
+              step["evaluate"], step["index"], close)
 
     return grappa_pipeline()
 
@@ -71,16 +91,17 @@ pipeline = build_pipeline(runners.runner_name())
     start_date=START,
     catchup=False,
     max_active_runs=1,
-    params={"folder": Param(os.environ.get("GRAPPA_WATCH_DIR", str(runners.REPO.parent / "shared" / "data")),
-                            type="string")},
+    # empty: every local folder the workspace's params.yaml reads (data.sources, index.sources)
+    params={"folders": Param([], type="array", items={"type": "string"})},
     tags=["grappa", "watcher"],
 )
 def grappa_watch_folder():
     @task(outlets=[UNLABELED])
-    def detect_folder_change(params=None, outlet_events=None) -> str:
-        folder = params["folder"]
-        fingerprint = runners.settled(lambda: runners.folder_fingerprint(folder), SETTLE_S)
-        return runners.emit_if_changed(folder, fingerprint, outlet_events[UNLABELED])
+    def detect_folder_change(params=None, outlet_events=None, ti=None) -> str:
+        folders = list(params["folders"]) or runners.watched_folders()
+        source = ", ".join(folders)
+        fingerprint = runners.settled(lambda: runners.folders_fingerprint(folders), SETTLE_S)
+        return runners.emit_if_changed(source, fingerprint, outlet_events[UNLABELED], runners.pipeline_busy(ti))
 
     detect_folder_change()
 
@@ -116,13 +137,14 @@ def grappa_watch_s3():
     )
 
     @task(outlets=[UNLABELED])
-    def detect_s3_change(params=None, outlet_events=None) -> str:
+    def detect_s3_change(params=None, outlet_events=None, ti=None) -> str:
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
         client = S3Hook(aws_conn_id=aws_conn_id).get_conn()
         bucket, prefix = params["bucket"], params["prefix"]
         fingerprint = runners.settled(lambda: runners.s3_fingerprint(client, bucket, prefix), SETTLE_S)
-        return runners.emit_if_changed(f"s3://{bucket}/{prefix}", fingerprint, outlet_events[UNLABELED])
+        return runners.emit_if_changed(f"s3://{bucket}/{prefix}", fingerprint, outlet_events[UNLABELED],
+                                       runners.pipeline_busy(ti))
 
     wait >> detect_s3_change()
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shlex
+import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -21,20 +22,26 @@ import yaml
 REPO = Path(os.environ.get("GRAPPA_REPO") or Path(__file__).resolve().parents[1])
 RUNNERS = ("local", "docker", "k8s")
 STEPS = {  # task id (= dvc stage name) -> CLI step
+    "snapshot": "snapshot",
     "extract": "extract",
     "cluster": "cluster",
     "train_adaptor": "train-adaptor",
     "train_fusion": "train-fusion",
     "evaluate": "evaluate",
+    "index": "index",
 }
+PIPELINE_DAG = "grappa_pipeline"
+UP_TO_DATE_EXIT = 99  # `grappa repro` found the stage up to date: the task shows as skipped
 WORKSPACE = "/workspace"  # containers: WORKDIR of the image, where the shared volume is mounted
 # The operator field that receives the CLI arguments, and how the UI names a mapped instance.
 COMMAND_FIELD = {"local": "bash_command", "docker": "command", "k8s": "arguments"}
 MAP_INDEX_TEMPLATE = {
-    "local": "k={{ task.bash_command.split()[-1].split('@')[-1] }}",  # '... --k 8' or '... train_adaptor@8'
+    "local": "k={{ task.bash_command.split()[-1].split('@')[-1] }}",  # '... repro train_adaptor@8'
     "docker": "k={{ task.command[-1] }}",
     "k8s": "k={{ task.arguments[-1] }}",
 }
+# What started the run (asset events' source and fingerprint), handed to every step for its MLflow tags.
+TRIGGER_TEMPLATE = "{{ ti.xcom_pull(task_ids='plan', key='trigger') or '[]' }}"
 # Non-secret settings handed to step containers when set on the worker; credentials travel as
 # Docker private_environment or a Kubernetes Secret, never in the DAG or the image.
 PASSTHROUGH_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_S3_ENDPOINT_URL",
@@ -65,55 +72,53 @@ def retry_kwargs() -> dict:
 
 # -- planning ---------------------------------------------------------------------------------
 
-def plan(conf: dict, runner: str) -> dict:
-    """The command of every step for this run, in the runner's format.
-
-    ``conf`` = the run's params: ``params_file`` (else env GRAPPA_PARAMS, else params.yaml; relative
-    paths are relative to the repo for local runs and to /workspace in containers), ``sources`` and
-    ``ks`` (override data.sources / cluster.ks through the CLI's ``--set``, so DVC-style params stay
-    the single source of truth otherwise).
-    """
-    params_file = conf.get("params_file") or os.environ.get("GRAPPA_PARAMS") or "params.yaml"
-    argv = ["--params", str(params_file)]
+def override_args(conf: dict) -> list[str]:
+    """The run conf as CLI options: ``params_file`` (else env GRAPPA_PARAMS), ``sources``, ``ks``."""
+    argv = []
+    params_file = conf.get("params_file") or os.environ.get("GRAPPA_PARAMS")
+    if params_file:
+        argv += ["--params", str(params_file)]
     if conf.get("sources"):
-        sources = [str(s) for s in conf["sources"]]
-        argv += ["--set", "data.sources=" + json.dumps(sources)]
+        argv += ["--set", "data.sources=" + json.dumps([str(s) for s in conf["sources"]])]
+    if conf.get("ks"):
+        argv += ["--set", "cluster.ks=" + json.dumps([int(k) for k in conf["ks"]])]
+    return argv
+
+
+def planned_ks(conf: dict) -> list[int]:
     ks = conf.get("ks")
-    if ks:
-        argv += ["--set", "cluster.ks=" + json.dumps([int(k) for k in ks])]
-    else:
-        path = REPO / params_file
+    if not ks:
+        path = REPO / (conf.get("params_file") or os.environ.get("GRAPPA_PARAMS") or "params.yaml")
         if not path.is_file():
             raise ValueError(f"{path} not readable from the Airflow worker: pass 'ks' in the run conf")
         ks = (yaml.safe_load(path.read_text()) or {}).get("cluster", {}).get("ks")
     ks = sorted(int(k) for k in ks or [])
-    # Fail here, before any container starts, on what the CLI would reject anyway.
+    # Fail here, before any step starts, on what the CLI would reject anyway.
     if len(ks) < 2 or len(set(ks)) != len(ks) or ks[0] < 2:
         raise ValueError(f"cluster.ks must hold at least two distinct values >= 2, got {ks}")
-    if via_dvc(conf, runner):
-        commands = {task_id: render_dvc(task_id) for task_id in STEPS}
-        commands["train_adaptor"] = [render_dvc(f"train_adaptor@{k}") for k in ks]
-        return {"ks": ks, **commands}
+    return ks
+
+
+def plan(conf: dict, runner: str) -> dict:
+    """The command of every step for this run, in the runner's format.
+
+    Local runs go through DVC: ``prepare`` writes the run conf into the workspace's params.yaml
+    (and the watched folders into dvc.yaml), then each task is ``grappa repro <stage>``, so dvc.lock
+    records what the DAG computed. Containers run the step CLI with the conf as ``--set`` options
+    (the image has no DVC workspace yet; see containers/README.md).
+    """
+    ks = planned_ks(conf)
+    if runner == "local":
+        commands = {task_id: render(runner, ["repro", task_id]) for task_id in STEPS}
+        commands["train_adaptor"] = [render(runner, ["repro", f"train_adaptor@{k}"]) for k in ks]
+        return {"ks": ks, "prepare": render(runner, [*override_args(conf), "prepare"]),
+                "close_run": render(runner, ["close-run"]), **commands}
+    argv = override_args(conf)
+    if "--params" not in argv:
+        argv = ["--params", "params.yaml", *argv]
     commands = {task_id: render(runner, [*argv, step]) for task_id, step in STEPS.items()}
     commands["train_adaptor"] = [render(runner, [*argv, "train-adaptor", "--k", str(k)]) for k in ks]
-    return {"ks": ks, **commands}
-
-
-def via_dvc(conf: dict, runner: str) -> bool:
-    """Local runs without conf overrides go through `dvc repro` of each stage, so dvc.lock records
-    what the DAG computed and a later `dvc repro` finds everything up to date. Overrides (sources,
-    ks, another params file) are not in params.yaml, so those runs call the step CLI directly."""
-    overridden = conf.get("sources") or conf.get("ks") or conf.get("params_file") or \
-        os.environ.get("GRAPPA_PARAMS", "params.yaml") != "params.yaml"
-    return (runner == "local" and os.environ.get("GRAPPA_DAG_DVC", "1") == "1" and not overridden
-            and (REPO / "dvc.yaml").is_file())
-
-
-def render_dvc(stage: str) -> str:
-    # The stage cmds say `python`: put the worker's interpreter (and its dvc) first on PATH.
-    bindir = Path(os.environ.get("GRAPPA_PYTHON") or sys.executable).parent
-    return f"PATH={shlex.quote(str(bindir))}:\"$PATH\" " + shlex.join(
-        [str(bindir / "dvc"), "--wait-for-lock", "repro", "--single-item", stage])
+    return {"ks": ks, "prepare": None, "close_run": render(runner, [*argv, "close-run"]), **commands}
 
 
 def render(runner: str, argv: list[str]) -> str | list[str]:
@@ -123,12 +128,46 @@ def render(runner: str, argv: list[str]) -> str | list[str]:
     return argv  # the image's ENTRYPOINT is `python -m pipeline_steps`
 
 
+def prepare_workspace(command: str) -> str:
+    """Run ``grappa prepare`` in the repo (local runner); returns what it changed, or raises with its error."""
+    done = subprocess.run(command, shell=True, cwd=REPO, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError((done.stderr or done.stdout).strip().splitlines()[-1])
+    return done.stdout
+
+
+# -- triggers -----------------------------------------------------------------------------------
+
+def trigger_events(triggering_asset_events) -> list[dict]:
+    """(source, fingerprint) of every asset event that triggered this run (none for a manual run)."""
+    events = []
+    for asset_events in (triggering_asset_events or {}).values():
+        for event in asset_events:
+            extra = dict(getattr(event, "extra", None) or {})
+            if extra.get("source"):
+                events.append({"source": str(extra["source"]), "fingerprint": str(extra.get("fingerprint", ""))})
+    return events
+
+
+def _variable_key(source: str) -> str:
+    return "grappa_watch_" + hashlib.sha1(source.encode()).hexdigest()[:12]
+
+
+def record_started(events: list[dict]) -> None:
+    """Remember, per source, the fingerprint a pipeline run has started on (watchers compare to it)."""
+    from airflow.sdk import Variable
+
+    for event in events:
+        Variable.set(_variable_key(event["source"]), event["fingerprint"],
+                     description=f"listing fingerprint of {event['source']} the last pipeline run started on")
+
+
 # -- operators --------------------------------------------------------------------------------
 
-def step_operator(task_id: str, command, runner: str, mapped: bool = False):
+def step_operator(task_id: str, command, runner: str, mapped: bool = False, **extra):
     """The operator running one step; with ``mapped`` one instance per element of ``command``."""
     cls, kwargs = _operator_spec(task_id, runner)
-    kwargs.update(retry_kwargs(), do_xcom_push=False)
+    kwargs.update(retry_kwargs(), do_xcom_push=False, skip_on_exit_code=UP_TO_DATE_EXIT, **extra)
     field = COMMAND_FIELD[runner]
     if not mapped:
         return cls(**kwargs, **{field: command})
@@ -147,11 +186,13 @@ def _operator_spec(task_id: str, runner: str) -> tuple[type, dict]:
     # Steps of one DAG run meet in one MLflow parent run keyed by the Airflow run id (templated;
     # the local runner's subprocess gets AIRFLOW_CTX_DAG_RUN_ID from Airflow itself).
     env["GRAPPA_AIRFLOW_RUN_ID"] = "{{ run_id }}"
+    env["GRAPPA_TRIGGER"] = TRIGGER_TEMPLATE
     if runner == "local":
         from airflow.providers.standard.operators.bash import BashOperator
 
         # Inherits the worker's environment (MLflow/AWS settings) and runs in the repo.
-        return BashOperator, {"task_id": task_id, "cwd": str(REPO)}
+        return BashOperator, {"task_id": task_id, "cwd": str(REPO), "env": {"GRAPPA_TRIGGER": TRIGGER_TEMPLATE},
+                              "append_env": True}
     if runner == "docker":
         from airflow.providers.docker.operators.docker import DockerOperator
         from docker.types import DeviceRequest, Mount
@@ -194,6 +235,19 @@ def _operator_spec(task_id: str, runner: str) -> tuple[type, dict]:
 
 # -- watchers ---------------------------------------------------------------------------------
 
+def watched_folders() -> list[str]:
+    """GRAPPA_WATCH_DIR, else the local folders the workspace's params.yaml reads images from."""
+    if os.environ.get("GRAPPA_WATCH_DIR"):
+        return [os.environ["GRAPPA_WATCH_DIR"]]
+    raw = yaml.safe_load((REPO / "params.yaml").read_text()) or {}
+    sources = (raw.get("data") or {}).get("sources") or []
+    sources += (raw.get("index") or {}).get("sources") or []
+    from pipeline_steps.workspace import data_roots  # at task time, on a worker holding the workspace
+
+    return [str((REPO / root).resolve()) for root in data_roots([str(s) for s in sources])
+            if not root.startswith("s3://")]
+
+
 def folder_fingerprint(folder: str | Path) -> str:
     """Hash of the listing (relative path, size, mtime) of every file under ``folder``."""
     root = Path(folder)
@@ -207,6 +261,10 @@ def folder_fingerprint(folder: str | Path) -> str:
             st = path.stat()
             digest.update(f"{path.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()
+
+
+def folders_fingerprint(folders: list[str]) -> str:
+    return hashlib.sha256("\n".join(f"{f}\0{folder_fingerprint(f)}" for f in folders).encode()).hexdigest()
 
 
 def s3_fingerprint(client, bucket: str, prefix: str) -> str:
@@ -226,19 +284,26 @@ def settled(fingerprint, settle_s: float) -> str | None:
     return first if fingerprint() == first else None
 
 
-def emit_if_changed(source: str, fingerprint: str | None, outlet_event) -> str:
-    """Remember ``fingerprint`` and attach it to the asset event; skip (no event) if unchanged.
+def emit_if_changed(source: str, fingerprint: str | None, outlet_event, pipeline_busy: bool) -> str:
+    """Attach (source, fingerprint) to the asset event, or skip (no event) with the reason.
 
-    The last fingerprint per source lives in an Airflow Variable, so any worker sees it.
+    No event while a pipeline run is queued or running (it looks at the data itself; the next poll
+    after it compares again), nor when the listing is the one the last pipeline run started on.
+    The watcher records nothing itself: the pipeline run records the fingerprint when it starts, so
+    a fingerprint whose run never started is never taken for done.
     """
     from airflow.sdk import Variable
     from airflow.sdk.exceptions import AirflowSkipException
 
     if fingerprint is None:
         raise AirflowSkipException(f"{source} is still changing; next run looks again")
-    key = "grappa_watch_" + hashlib.sha1(source.encode()).hexdigest()[:12]
-    if Variable.get(key, default=None) == fingerprint:
-        raise AirflowSkipException(f"{source} unchanged")
-    Variable.set(key, fingerprint, description=f"last listing fingerprint of {source}")
+    if pipeline_busy:
+        raise AirflowSkipException(f"a {PIPELINE_DAG} run is queued or running; next run looks again")
+    if Variable.get(_variable_key(source), default=None) == fingerprint:
+        raise AirflowSkipException(f"{source} unchanged since the last {PIPELINE_DAG} run started")
     outlet_event.extra = {"source": source, "fingerprint": fingerprint}
     return fingerprint
+
+
+def pipeline_busy(ti) -> bool:
+    return ti.get_dr_count(dag_id=PIPELINE_DAG, states=["queued", "running"]) > 0

@@ -1,17 +1,25 @@
-"""``grappa <step>``: the single entry point used by dvc.yaml, the Airflow DAG and the containers.
+"""``grappa <verb>``: the single entry point used by dvc.yaml, the Airflow DAG and the containers.
+
+Verbs: the seven steps (``snapshot`` ... ``index``, one DVC stage each), ``run`` (the whole pipeline
+through ``dvc repro``), ``repro STAGE`` (one stage through DVC, as an Airflow task runs it), ``embed``
+and ``search`` (use the model), ``check``, ``open-run``/``close-run`` (MLflow parent runs).
 
 User mistakes (bad params, missing inputs, unreadable sources) end with one line on stderr and a
-non-zero exit code, never a traceback: 2 params/sources, 3 storage, 4 tracking (MLflow), 130 interrupted.
+non-zero exit code, never a traceback: 2 params/sources, 3 storage, 4 tracking (MLflow), 130 interrupted;
+``repro`` exits 99 (Airflow's "skipped") when the stage was already up to date.
 With tracking on (``tracking:`` in params.yaml, see tracking.py) each step is also recorded as an MLflow
-run once its outputs are on disk; ``open-run``/``close-run`` bracket a pipeline run whose steps run apart.
+run once its outputs are on disk.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import os
 import sys
 import time
+import uuid
+from pathlib import Path
 
 import yaml
 
@@ -20,7 +28,8 @@ from .config import ConfigError, Params, load_params
 from .data import SourceError
 from .storage import StorageError
 
-STEPS = ("extract", "cluster", "train-adaptor", "train-fusion", "evaluate")
+# CLI verb of every step, in pipeline order; the DVC stage / Airflow task is the verb with "_" for "-".
+STEPS = ("snapshot", "extract", "cluster", "train-adaptor", "train-fusion", "evaluate", "index")
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -37,20 +46,9 @@ def _parse_set(items: list[str]) -> dict:
 
 
 def _execute(step: str, params: Params, k: int | None = None) -> dict:
-    # Imports stay inside: `grappa --help` and param validation must not pay for torch/faiss.
-    if step == "extract":
-        from .extract import run
-    elif step == "cluster":
-        from .cluster import run
-    elif step == "train-adaptor":
-        from .train_adaptor import run
-
-        return run(params, k)
-    elif step == "train-fusion":
-        from .train_fusion import run
-    else:
-        from .evaluate import run
-    return run(params)
+    # Imported on use: `grappa --help` and param validation must not pay for torch/faiss.
+    module = importlib.import_module(f".{step.replace('-', '_')}", __package__)
+    return module.run(params, k) if step == "train-adaptor" else module.run(params)
 
 
 def run_step(step: str, params: Params, k: int | None = None, tracker=None) -> dict:
@@ -65,15 +63,13 @@ def run_step(step: str, params: Params, k: int | None = None, tracker=None) -> d
         raise
     if tracker is not None:
         tracker.log_step(step, params, k, started)
-        if step == "evaluate" and tracker.parent_from_airflow:
-            tracker.close_parent(tracker.parent_run_id)  # the last step of a DAG run closes its parent
     return result
 
 
-def run_all(params: Params, tracker=None) -> dict[str, float]:
-    """The whole pipeline in order on this machine; returns the wall time of each step."""
+def run_all(params: Params, tracker=None, until: str = STEPS[-1]) -> dict[str, float]:
+    """The steps in order in this process, without DVC (benchmarks and tests); returns each one's seconds."""
     timings: dict[str, float] = {}
-    for step in STEPS:
+    for step in STEPS[: STEPS.index(until) + 1]:
         for k in params.cluster.ks if step == "train-adaptor" else [None]:
             name = step if k is None else f"{step}@{k}"
             print(f"==> {name}", flush=True)
@@ -84,73 +80,193 @@ def run_all(params: Params, tracker=None) -> dict[str, float]:
     return timings
 
 
-def _run_tracked(params: Params, tracker) -> dict[str, float]:
-    """`grappa run`: a parent run around the five steps (closed FAILED if a step fails)."""
-    if tracker is None:
-        return run_all(params)
-    parent = tracker.parent_run_id or tracker.open_parent()
-    own_parent = parent != os.environ.get(tracking.ENV_PARENT)
-    try:
-        timings = run_all(params, tracker)
-    except BaseException as err:
-        if own_parent:
-            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-            with contextlib.suppress(Exception):
-                tracker.close_parent(parent, status)
-        raise
-    if own_parent:
-        tracker.close_parent(parent, "FINISHED")
-    print(f"tracking: pipeline run {parent} at {tracker.safe_uri}")
-    return timings
+# --------------------------------------------------------------------------- through DVC
+
+
+def _workspace() -> Path:
+    root = Path.cwd()
+    if not (root / "dvc.yaml").is_file():
+        raise ConfigError(f"no dvc.yaml in {root}: run this from the project folder")
+    return root
+
+
+def prepare_workspace(root: Path, params: Params, echo=print) -> None:
+    """Write ``params`` into params.yaml and the data roots into dvc.yaml (the run-time override rule)."""
+    from . import workspace
+
+    workspace.check_outputs_inside(root, params)
+    for line in workspace.record_params(root / "params.yaml", params):
+        echo(f"params.yaml: {line}")
+    for line in workspace.sync_data_deps(root, params):
+        echo(f"dvc.yaml: deps of {line}")
+
+
+def _run_pipeline(params: Params) -> int:
+    """`grappa run`: `dvc repro` of the whole pipeline, one MLflow parent run around the stages that ran."""
+    from . import workspace
+
+    root = _workspace()
+    prepare_workspace(root, params)
+    tracker = tracking.from_params(params)
+    env = {}
+    if tracker is not None:  # the first stage that runs opens the parent; none runs: no empty MLflow run
+        env[tracking.ENV_RUN_KEY] = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    result = workspace.repro(root, env=env)
+    parent = tracker.find_parent(env[tracking.ENV_RUN_KEY]) if tracker is not None else None
+    if parent is not None:
+        tracker.close_parent(parent, "FINISHED" if result.returncode == 0 else "FAILED")
+        print(f"tracking: pipeline run {parent} at {tracker.safe_uri}")
+    if result.returncode != 0:
+        print(f"grappa: error: dvc repro failed (exit {result.returncode}); see the stage output above",
+              file=sys.stderr)
+        return 1
+    if result.ran:
+        print("step timings (s): " + ", ".join(f"{k}={v:.1f}" for k, v in result.ran.items()))
+    if result.skipped:
+        print(f"up to date (skipped): {', '.join(result.skipped)}")
+    if not result.ran and not result.restored:
+        print("nothing to do: data, params and code are unchanged since the last run (dvc.lock)")
+    return 0
+
+
+def _repro_stage(params: Params, stage: str) -> int:
+    """`grappa repro STAGE`: one stage through DVC; exit 99 when DVC found it up to date."""
+    from . import workspace
+
+    root = _workspace()
+    if stage in workspace.watched_sources(params):
+        problem = workspace.drift(root, params)
+        if problem:
+            raise ConfigError(problem)
+    result = workspace.repro(root, stage=stage)
+    if result.returncode != 0:
+        print(f"grappa: error: stage '{stage}' failed (dvc exit {result.returncode})", file=sys.stderr)
+        return 1
+    if stage in result.skipped:
+        print(f"grappa: stage '{stage}' is up to date: its data, params and code are unchanged since dvc.lock")
+        return workspace.UP_TO_DATE_EXIT
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # --params/--set work before or after the verb (`grappa --params p.yaml check` = `grappa check --params p.yaml`)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", dest="params_after", default=None, help="params file (default: params.yaml)")
+    common.add_argument("--set", dest="set_after", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param, e.g. --set cluster.ks=[8,32] (repeatable)")
     parser = argparse.ArgumentParser(prog="grappa", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param, e.g. --set cluster.ks=[8,32] (repeatable)")
     sub = parser.add_subparsers(dest="step", required=True)
-    sub.add_parser("extract", help="step 1: frozen backbone features (cached by content hash)")
-    sub.add_parser("cluster", help="step 2: spherical k-means at every k")
-    train = sub.add_parser("train-adaptor", help="step 3: one adaptor set on the k pseudo-labels")
-    train.add_argument("--k", type=int, required=True)
-    sub.add_parser("train-fusion", help="step 4: granularity fusion on neighbour pairs")
-    sub.add_parser("evaluate", help="step 5: retrieval metrics, table and plots")
-    sub.add_parser("run", help="all five steps in order, locally")
-    sub.add_parser("check", help="validate params.yaml and exit")
-    opener = sub.add_parser("open-run", help="create the MLflow parent run of a pipeline run and print its id "
-                            f"(pass it to the steps as {tracking.ENV_PARENT})")
+
+    def verb(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common])
+
+    verb("snapshot", help="step 1: the images of data.sources as a versioned manifest (hashes only new files)")
+    verb("extract", help="step 2: frozen backbone features (cached by content hash)")
+    verb("cluster", help="step 3: spherical k-means at every k")
+    verb("train-adaptor", help="step 4: one adaptor set on the k pseudo-labels").add_argument(
+        "--k", type=int, required=True)
+    verb("train-fusion", help="step 5: granularity fusion; exports the servable model")
+    verb("evaluate", help="step 6: retrieval metrics, table and plots; registers and promotes the model")
+    verb("index", help="step 7: faiss index of the catalogue with the champion model")
+    verb("run", help="the whole pipeline through `dvc repro` (reruns only what changed)")
+    verb("repro", help="one DVC stage (what an Airflow task runs); exit 99 if up to date").add_argument(
+        "stage", help="a dvc.yaml stage, e.g. extract or train_adaptor@64")
+    embed = verb("embed", help="embeddings of images (folders, manifests, s3:// prefixes) as Parquet")
+    embed.add_argument("sources", nargs="+", help="image sources, like data.sources")
+    embed.add_argument("--out", required=True, help="Parquet file to write")
+    embed.add_argument("--model", default=None, help="model folder or models:/name@alias (default: the champion)")
+    search = verb("search", help="nearest catalogue images of query images")
+    search.add_argument("images", nargs="+", help="query image paths or s3:// URIs")
+    search.add_argument("--top-k", type=int, default=5)
+    search.add_argument("--index", default=None, help="index folder (default: <out_dir>/index)")
+    search.add_argument("--model", default=None, help="model to embed the queries with (default: the index's own)")
+    verb("check", help="validate params.yaml and that dvc.yaml watches the folders its sources name")
+    verb("prepare", help="write --params/--set into params.yaml and the watched folders into dvc.yaml "
+                         "(what run and the Airflow DAG do before dvc repro)")
+    opener = verb("open-run", help="create the MLflow parent run of a pipeline run and print its id "
+                  f"(pass it to the steps as {tracking.ENV_PARENT})")
     opener.add_argument("--name", default=None, help="run name (default: the Airflow run id or a timestamp)")
-    closer = sub.add_parser("close-run", help="set the final status and summary metrics of a parent run")
+    closer = verb("close-run", help="set the final status and summary metrics of a parent run")
     closer.add_argument("--run-id", default=None, help=f"parent run id (default: ${tracking.ENV_PARENT})")
+    closer.add_argument("--run-key", default=None, help=f"or the pipeline run key (default: ${tracking.ENV_RUN_KEY} "
+                        "or, under Airflow, the DAG run id)")
     closer.add_argument("--status", default="FINISHED", choices=["FINISHED", "FAILED", "KILLED"])
     return parser
 
 
+def _check(params: Params, args) -> int:
+    from . import workspace
+
+    print(f"{args.params}: ok")
+    root = Path.cwd()
+    # dvc.yaml must agree with the params file it runs (this folder's params.yaml), not with any other
+    if (root / "dvc.yaml").is_file() and Path(args.params).resolve() == (root / "params.yaml").resolve():
+        problem = workspace.drift(root, params)
+        if problem:
+            raise ConfigError(problem)
+        print("dvc.yaml: the snapshot and index stages watch the data roots of their sources")
+    return 0
+
+
+def _close_run(tracker, args) -> int:
+    if tracker is None:
+        return 0
+    run_id = args.run_id or os.environ.get(tracking.ENV_PARENT)
+    key = args.run_key or tracking.run_key()
+    if not run_id and key:
+        run_id = tracker.find_parent(key)
+        if run_id is None:
+            print(f"tracking: no step of pipeline run '{key}' was recorded (nothing ran); nothing to close")
+            return 0
+    if not run_id:
+        raise ConfigError(f"close-run: pass --run-id or --run-key, or set {tracking.ENV_PARENT}")
+    summary = tracker.close_parent(run_id, args.status)
+    print(f"tracking: closed {run_id}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(summary.items())))
+    return 0
+
+
+def _dispatch(args, params: Params) -> int:
+    if args.step == "check":
+        return _check(params, args)
+    if args.step == "run":
+        return _run_pipeline(params)
+    if args.step == "prepare":
+        prepare_workspace(_workspace(), params)
+        return 0
+    if args.step == "repro":
+        return _repro_stage(params, args.stage)
+    if args.step in ("embed", "search"):
+        from . import index
+
+        if args.step == "embed":
+            index.embed_command(params, args.sources, args.out, args.model)
+        else:
+            index.search_command(params, args.images, args.top_k, args.index, args.model)
+        return 0
+    tracker = tracking.from_params(params)
+    if args.step == "open-run":
+        print(tracker.open_parent(args.name) if tracker else "")
+    elif args.step == "close-run":
+        return _close_run(tracker, args)
+    else:
+        run_step(args.step, params, getattr(args, "k", None), tracker)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.params = args.params_after or args.params
     if not sys.stderr.isatty():  # logs (DVC, Airflow, CI): one progress line every 30 s, not every batch
         os.environ.setdefault("TQDM_MININTERVAL", "30")
     try:
-        params = load_params(args.params, _parse_set(args.set))
-        if args.step == "check":
-            print(f"{args.params}: ok")
-            return 0
-        tracker = tracking.from_params(params)
-        if args.step == "open-run":
-            print(tracker.open_parent(args.name) if tracker else "")
-        elif args.step == "close-run":
-            run_id = args.run_id or os.environ.get(tracking.ENV_PARENT)
-            if tracker is not None:
-                if not run_id:
-                    raise ConfigError(f"close-run: pass --run-id or set {tracking.ENV_PARENT}")
-                summary = tracker.close_parent(run_id, args.status)
-                print(f"tracking: closed {run_id}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(summary.items())))
-        elif args.step == "run":
-            timings = _run_tracked(params, tracker)
-            print("step timings (s): " + ", ".join(f"{k}={v:.1f}" for k, v in timings.items()))
-        else:
-            run_step(args.step, params, getattr(args, "k", None), tracker)
+        params = load_params(args.params, _parse_set(args.set + args.set_after))
+        return _dispatch(args, params)
     except (ConfigError, SourceError) as err:
         print(f"grappa: error: {err}", file=sys.stderr)
         return 2
@@ -164,7 +280,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("grappa: interrupted; finished artifacts and checkpoints are kept, rerun to resume", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

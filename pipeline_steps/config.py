@@ -23,7 +23,7 @@ class _Strict(BaseModel):
 class DataParams(_Strict):
     # Each source is a manifest (.csv/.parquet), a folder of images, or an s3:// prefix/manifest.
     sources: list[str] = Field(min_length=1)
-    # Cap per (domain, split) so the CPU demo fits its budget; None keeps everything.
+    # Cap per (domain, split) of each source so the CPU demo fits its budget; None keeps everything.
     # query_db is capped by whole classes (first classes in sorted order) so mAP@R stays meaningful.
     max_unlabeled_per_domain: int | None = Field(default=None, ge=1)
     max_query_db_per_domain: int | None = Field(default=None, ge=2)
@@ -121,6 +121,17 @@ class EvaluateParams(_Strict):
     grid_queries: int = Field(default=4, ge=0)  # queries per domain in the top-5 grid plot
 
 
+class IndexParams(_Strict):
+    # The searchable catalogue, given like data.sources; empty: every image of the data snapshot.
+    sources: list[str] = []
+    # faiss index_factory string over L2-normalised embeddings, inner-product metric: "Flat" is exact
+    # (small catalogues); "IVF4096,Flat" or "HNSW32" for large ones.
+    factory: str = Field(default="Flat", min_length=1)
+    # faiss ParameterSpace settings applied before searching, e.g. "nprobe=16" or "efSearch=64".
+    search_params: str = ""
+    batch_size: int = Field(default=64, ge=1)
+
+
 class TrackingParams(_Strict):
     # MLflow: URI from MLFLOW_TRACKING_URI (default sqlite:///<repo>/mlflow.db); GRAPPA_TRACKING=0 also disables.
     enabled: bool = True
@@ -138,6 +149,7 @@ class Params(_Strict):
     adaptor: AdaptorParams = AdaptorParams()
     fusion: FusionParams = FusionParams()
     evaluate: EvaluateParams = EvaluateParams()
+    index: IndexParams = IndexParams()
     tracking: TrackingParams = TrackingParams()
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import io
-import random
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -53,7 +53,9 @@ class SourceError(ValueError):
 # --------------------------------------------------------------------------- sources
 
 
-def resolve_sources(sources: list[str]) -> tuple[list[ImageRecord], list[Skipped]]:
+def resolve_sources(sources: list[str], select: Callable[[list[ImageRecord]], list[ImageRecord]] | None = None
+                    ) -> tuple[list[ImageRecord], list[Skipped]]:
+    """Records of every source (``select`` applied to each source's own records), without repeats."""
     records: list[ImageRecord] = []
     skipped: list[Skipped] = []
     for source in sources:
@@ -62,7 +64,7 @@ def resolve_sources(sources: list[str]) -> tuple[list[ImageRecord], list[Skipped
             got, bad = _read_manifest(source)
         else:
             got, bad = _list_folder(source)
-        records += got
+        records += select(got) if select else got
         skipped += bad
     seen: set[str] = set()
     unique = []
@@ -83,7 +85,7 @@ def _list_folder(source: str) -> tuple[list[ImageRecord], list[Skipped]]:
     inside: list[bool]
     if is_s3(source):
         prefix = source.rstrip("/") + "/"
-        uris = list_s3(prefix)
+        uris = list(list_s3(prefix))
         rel_paths = [u[len(prefix):] for u in uris]
         inside = [True] * len(uris)
     else:
@@ -177,7 +179,9 @@ def cap_per_domain(
     """Deterministic subsample per domain: random unlabeled images, whole query_db classes.
 
     The result depends only on the set of records (not on their order in a manifest or listing):
-    every (domain, split) group comes out sorted by image_id.
+    every (domain, split) group comes out sorted by image_id. The unlabeled sample keeps the images
+    with the smallest seeded hash of their id (a bottom-k sample), so new images landing in a capped
+    domain displace at most as many kept images as arrive, instead of reshuffling the whole sample.
     """
     by_key: dict[tuple[str, str], list[ImageRecord]] = defaultdict(list)
     for rec in records:
@@ -187,7 +191,8 @@ def cap_per_domain(
         group = sorted(group, key=lambda r: r.image_id)
         if split == "unlabeled":
             if max_unlabeled is not None and len(group) > max_unlabeled:
-                group = sorted(random.Random(f"{seed}/{domain}").sample(group, max_unlabeled), key=lambda r: r.image_id)
+                rank = {r.image_id: hashlib.sha256(f"{seed}/{r.image_id}".encode()).digest() for r in group}
+                group = sorted(sorted(group, key=lambda r: rank[r.image_id])[:max_unlabeled], key=lambda r: r.image_id)
         elif max_query_db is not None and len(group) > max_query_db:
             by_class: dict[str, list[ImageRecord]] = defaultdict(list)
             for rec in group:

@@ -5,7 +5,9 @@ All-vs-all leave-one-out retrieval on each domain's labelled ``query_db`` split 
 of all adaptor sets), ``oracle`` (per domain the best single k: it uses the test labels to choose,
 so it is an upper reference, not a model) and ``grappa`` (the fused model).
 
-Writes ``<out>/evaluate/metrics.json``, ``results.md`` and ``plots/*.png``.
+Writes ``<out>/evaluate/metrics.json``, ``results.md``, ``plots/*.png`` and ``champion.json`` (the
+model that serves: this run's exported model, or with tracking on whichever version is ``champion``
+after the equal-terms comparison of publish.py).
 """
 from __future__ import annotations
 
@@ -14,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from . import servable
 from .artifacts import write_json, write_text
 from .assemble import assemble
 from .backbones import create_backbone
 from .config import Params
-from .inputs import encode, load_inputs
+from .inputs import ImageDataset, encode, image_transform, load_inputs
 from .metrics import leave_one_out_neighbours, retrieval_metrics
 from .model import FUSION, UNIFORM, ZERO_SHOT, pick_device, single
 
@@ -38,6 +41,23 @@ def per_domain_metrics(vectors: np.ndarray, domains: np.ndarray, labels: np.ndar
         per_domain[domain] = retrieval_metrics(vectors[mask], labels[mask])
     mean = {m: float(np.mean([d[m] for d in per_domain.values()])) for m in METRICS}
     return {"per_domain": per_domain, "mean": mean}
+
+
+def score_servable(model: servable.Servable, params: Params) -> float:
+    """Mean mAP@R of a servable model on this run's query_db split (for the equal-terms comparison).
+
+    Fed like the candidate was: the cached prefix activations when the model's frozen prefix is the
+    one extracted here, else the images through the model's own preprocessing.
+    """
+    inputs = load_inputs(Path(params.out_dir) / "extract", "query_db", model.preprocess, train=False,
+                         min_side=params.data.min_side, max_pixels=params.data.max_pixels)
+    dataset = inputs.dataset
+    if not dataset.is_images and not model.same_prefix_as(params):  # cached activations of another prefix
+        dataset = ImageDataset(inputs.uris, image_transform(model.preprocess, train=False), params.data.min_side,
+                               params.data.max_pixels)
+    vectors, _ = encode(model.model.to(pick_device()), dataset, FUSION, params.evaluate.batch_size,
+                        num_workers=params.extract.num_workers, desc="re-score champion")
+    return per_domain_metrics(vectors, inputs.domains, inputs.labels.astype(str))["mean"]["map_at_r"]
 
 
 def oracle(methods: dict, ks: list[int]) -> tuple[dict, dict[str, int]]:
@@ -124,6 +144,9 @@ def run(params: Params) -> dict:
             table += "\n" + instance_table(task.name, result["instance_tasks"][task.name])
     write_json(out / "metrics.json", result)
     write_text(out / "results.md", table)
+    # Without a registry this run's model serves; publish.py rewrites this after its comparison.
+    exported = servable.read_config(servable.model_dir(params))
+    servable.write_champion(params, exported["weights_sha256"], str(servable.model_dir(params)))
     _plot_all(out / "plots", methods, attention_by_domain, ks, inputs, embeddings["grappa"], labels, params)
     print(table)
     return result

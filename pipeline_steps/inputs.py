@@ -138,15 +138,23 @@ def loader(dataset: Dataset, batch_size: int, shuffle: bool = False, num_workers
 
 @torch.inference_mode()
 def encode(model, dataset: Dataset, mode: str, batch_size: int, num_workers: int = 0,
-           desc: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Embeddings (N, D) of every item under ``mode``, plus (N, L, M) attentions in fusion mode."""
+           desc: str | None = None, unreadable: list | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Embeddings (N, D) of every item under ``mode``, plus (N, L, M) attentions in fusion mode.
+
+    An item that cannot be read is an error, unless ``unreadable`` is a list: then (row, reason) is
+    appended to it and the row's embedding is left at zero.
+    """
     model.eval()
     device = next(model.parameters()).device
     embeddings, alphas = [None] * len(dataset), [None] * len(dataset)
     for rows, x, bad in tqdm(loader(dataset, batch_size, num_workers=num_workers), desc=desc or mode,
                              unit="batch", leave=False):
-        if bad:  # every input was readable when it was listed: a file vanished or broke since
+        if bad and unreadable is None:  # every input was readable when it was listed: a file vanished or broke since
             raise SourceError(f"{len(bad)} images could not be read (e.g. {bad[0][1]}); rerun 'grappa extract'")
+        if bad:
+            unreadable.extend(bad)
+        if x is None:
+            continue
         x = x.to(device)
         if getattr(dataset, "is_images", False):
             x = model.forward_prefix(x)
@@ -156,6 +164,11 @@ def encode(model, dataset: Dataset, mode: str, batch_size: int, num_workers: int
             embeddings[r] = emb[j].numpy()
             if alpha is not None:
                 alphas[r] = alpha[j].numpy()
+    if not embeddings:
+        return np.zeros((0, model.backbone.embed_dim), np.float32), None
+    if unreadable:
+        empty = np.zeros(model.backbone.embed_dim, np.float32)
+        embeddings, alphas = [empty if e is None else e for e in embeddings], [None]
     emb_arr = np.stack(embeddings).astype(np.float32)
     return emb_arr, (np.stack(alphas) if alphas[0] is not None else None)
 

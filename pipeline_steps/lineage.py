@@ -146,6 +146,28 @@ def airflow_tags() -> dict[str, str]:
     for var, tag in (("DVC_EXP_NAME", "dvc.exp_name"),):
         if os.environ.get(var):
             tags[tag] = os.environ[var]
+    tags.update(trigger_tags())
+    return tags
+
+
+ENV_TRIGGER = "GRAPPA_TRIGGER"
+
+
+def trigger_tags() -> dict[str, str]:
+    """What started the run: the asset events (source, fingerprint) the DAG passes as JSON in GRAPPA_TRIGGER."""
+    import json
+
+    try:
+        events = json.loads(os.environ.get(ENV_TRIGGER) or "[]")
+    except ValueError:
+        return {}
+    if not isinstance(events, list):
+        return {}
+    tags = {}
+    for field in ("source", "fingerprint"):
+        values = [str(e[field]) for e in events if isinstance(e, dict) and e.get(field)]
+        if values:
+            tags[f"grappa.trigger.{field}"] = redact_uri(", ".join(values))[:5000]
     return tags
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -46,14 +47,47 @@ def _describe(err: Exception) -> str:
     return str(err).splitlines()[0][:300]
 
 
-def list_s3(prefix_uri: str) -> list[str]:
-    """All object URIs under an s3 prefix, in key order."""
+@dataclass(frozen=True)
+class ObjectStat:
+    """What tells a changed file from an unchanged one without reading it."""
+
+    size: int
+    mtime_ns: int | None = None  # local files
+    etag: str | None = None  # s3 objects
+
+
+def list_s3(prefix_uri: str, recursive: bool = True) -> dict[str, ObjectStat]:
+    """Every object under an s3 prefix (only its direct children unless ``recursive``), in key order."""
     bucket, prefix = split_s3(prefix_uri)
+    extra = {} if recursive else {"Delimiter": "/"}
     try:
-        pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        return [f"s3://{bucket}/{obj['Key']}" for page in pages for obj in page.get("Contents", [])]
+        pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, **extra)
+        return {f"s3://{bucket}/{obj['Key']}": ObjectStat(int(obj["Size"]), etag=str(obj["ETag"]).strip('"'))
+                for page in pages for obj in page.get("Contents", [])}
     except Exception as err:  # botocore raises many types; all mean "cannot list"
         raise StorageError(f"cannot list {prefix_uri}: {_describe(err)}") from None
+
+
+def stat_many(uris: list[str]) -> dict[str, ObjectStat]:
+    """Size and mtime (local) or ETag (s3) of each URI that exists; missing ones are left out.
+
+    S3 objects are listed one parent "folder" at a time (a request per 1000 objects), never
+    fetched or HEAD-ed one by one.
+    """
+    found: dict[str, ObjectStat] = {}
+    parents = sorted({uri.rsplit("/", 1)[0] + "/" for uri in uris if is_s3(uri)})
+    for parent in parents:
+        found.update(list_s3(parent, recursive=False))
+    wanted = set(uris)
+    found = {uri: st for uri, st in found.items() if uri in wanted}
+    for uri in uris:
+        if not is_s3(uri):
+            try:
+                st = os.stat(uri)
+            except OSError:
+                continue
+            found[uri] = ObjectStat(st.st_size, mtime_ns=st.st_mtime_ns)
+    return found
 
 
 def read_bytes(uri: str | Path) -> bytes:

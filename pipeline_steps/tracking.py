@@ -3,14 +3,17 @@
 - URI: ``MLFLOW_TRACKING_URI``, else ``sqlite:///<repo or cwd>/mlflow.db`` with artifacts in the
   ``mlruns/`` folder next to the DB (``GRAPPA_MLFLOW_ARTIFACT_LOCATION``, e.g. ``s3://bucket/mlflow``,
   overrides where a *new* experiment keeps its artifacts).
-- Parent: ``grappa run`` opens it; for separately run steps (dvc.yaml, Airflow tasks) its id comes
-  from ``GRAPPA_MLFLOW_PARENT_RUN_ID`` (``grappa open-run`` / ``grappa close-run``); without either a
-  step is a standalone run.
+- Parent: the steps of one pipeline run meet in one parent run, found by the run key
+  ``GRAPPA_PIPELINE_RUN`` (``grappa run`` sets it; under Airflow it is the DAG run id) and created
+  by the first step that logs, so a run in which DVC had nothing to do leaves no empty run behind.
+  The orchestrator closes it (``grappa run`` itself, the DAG's ``close_run`` task). An explicit
+  ``GRAPPA_MLFLOW_PARENT_RUN_ID`` (``grappa open-run``) wins; without any, a step is a standalone run.
 - Each step is logged *after* it has written its outputs, from its report/metrics files, so a
   tracking failure never costs a step's results. Errors become one :class:`TrackingError` line.
 - Experiment: ``tracking.experiment`` (``MLFLOW_EXPERIMENT_NAME`` overrides it); the fused model is
-  registered as ``tracking.registered_model`` with alias ``candidate``, and ``champion`` when its
-  mean mAP@R beats the current champion's.
+  registered as ``tracking.registered_model`` (an MLflow pyfunc: images in, embeddings out) with
+  alias ``candidate``, and ``champion`` when its mean mAP@R beats the champion's *on the same
+  evaluation set*: when the sets differ the champion is re-scored on this one first (see publish_model).
 - Off with ``tracking.enabled: false`` or ``GRAPPA_TRACKING=0``.
 - Nothing from the environment is logged, and every logged string has URI userinfo stripped.
 """
@@ -28,10 +31,10 @@ from . import lineage
 from .config import Params
 
 ENV_PARENT = "GRAPPA_MLFLOW_PARENT_RUN_ID"
+ENV_RUN_KEY = "GRAPPA_PIPELINE_RUN"
+RUN_KEY_TAG = "grappa.pipeline_run"
 ENV_SWITCH = "GRAPPA_TRACKING"
 ENV_ARTIFACT_LOCATION = "GRAPPA_MLFLOW_ARTIFACT_LOCATION"
-CHAMPION, CANDIDATE = "champion", "candidate"
-SCORE_TAG = "grappa.mean_map_at_r"  # model-version tag the champion comparison reads
 
 # Bounded retries for an unreachable server (MLflow's own defaults wait minutes).
 _CLIENT_DEFAULTS = {
@@ -44,11 +47,13 @@ _CLIENT_DEFAULTS = {
 
 # params.yaml sections each step depends on (logged as flattened params of its child run)
 STEP_SECTIONS = {
+    "snapshot": ("seed", "data"),
     "extract": ("seed", "data", "backbone", "extract"),
     "cluster": ("seed", "backbone", "cluster"),
     "train-adaptor": ("seed", "backbone", "cluster", "adaptor"),
     "train-fusion": ("seed", "backbone", "cluster", "adaptor", "fusion"),
     "evaluate": ("seed", "data", "backbone", "cluster", "adaptor", "fusion", "evaluate"),
+    "index": ("seed", "backbone", "index"),
 }
 
 
@@ -79,16 +84,18 @@ def artifact_location(uri: str) -> str | None:
 def step_output_dir(params: Params, step: str, k: int | None) -> Path:
     out = Path(params.out_dir)
     return {
+        "snapshot": out / "snapshot",
         "extract": out / "extract",
         "cluster": out / "cluster",
         "train-adaptor": out / "adaptors" / f"k{k}",
         "train-fusion": out / "fusion",
         "evaluate": out / "evaluate",
+        "index": out / "index",
     }[step]
 
 
 def step_report_file(params: Params, step: str, k: int | None) -> Path:
-    name = {"train-adaptor": "metrics.json", "evaluate": "metrics.json"}.get(step, "report.json")
+    name = {"train-adaptor": "metrics.json", "evaluate": "metrics.json", "index": "index.json"}.get(step, "report.json")
     return step_output_dir(params, step, k) / name
 
 
@@ -120,6 +127,11 @@ def numeric_metrics(report: dict, skip: tuple[str, ...] = ("history",)) -> dict[
     return out
 
 
+def run_key() -> str | None:
+    """The key the steps of one pipeline run share: GRAPPA_PIPELINE_RUN, else the Airflow DAG run id."""
+    return os.environ.get(ENV_RUN_KEY) or lineage.airflow_tags().get("airflow.dag_run_id")
+
+
 def _one_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     text = lineage.redact_uri(lines[0] if lines else type(err).__name__)
@@ -146,7 +158,6 @@ class Tracker:
         mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or self.uri)
         self.client = MlflowClient(self.uri)
         self._experiment_id: str | None = None
-        self.parent_from_airflow = False  # parent found/created from the Airflow run id (see airflow_parent)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -180,10 +191,12 @@ class Tracker:
 
     # ------------------------------------------------------------------ parent run
 
-    def open_parent(self, run_name: str | None = None) -> str:
+    def open_parent(self, run_name: str | None = None, key: str | None = None) -> str:
         """Create (but do not keep active) the parent run of one pipeline run; returns its id."""
         with self._guard("open the pipeline run"):
             tags = {**self._common_tags(), "grappa.kind": "pipeline", "mlflow.source.name": "grappa"}
+            if key:
+                tags[RUN_KEY_TAG] = key
             name = run_name or tags.get("airflow.dag_run_id") or f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}"
             run = self.client.create_run(self.experiment_id(), tags=tags, run_name=name)
             run_id = run.info.run_id
@@ -192,20 +205,34 @@ class Tracker:
         self.parent_run_id = run_id
         return run_id
 
-    def airflow_parent(self) -> str | None:
-        """Under Airflow, the parent run of this DAG run: found by its run id tag, else created.
+    def _parents(self, key: str) -> list:
+        """Parent runs tagged with ``key``, earliest first (run id breaks a tie)."""
+        found = self.client.search_runs([self.experiment_id()], max_results=10,
+                                        filter_string=f"tags.`grappa.kind` = 'pipeline' and tags.`{RUN_KEY_TAG}` = '{key}'")
+        return sorted(found, key=lambda r: (r.info.start_time, r.info.run_id))
 
-        Steps of one DAG run execute in separate tasks (often containers), so they meet through the
-        tracking server rather than XCom. ``extract`` runs first and alone, so it creates the parent
-        before the mapped training tasks look for it.
+    def find_parent(self, key: str) -> str | None:
+        """The parent run of pipeline run ``key``, if a step has created it."""
+        with self._guard("find the pipeline run"):
+            found = self._parents(key)
+        return found[0].info.run_id if found else None
+
+    def keyed_parent(self, key: str) -> str:
+        """The parent run of pipeline run ``key``: found, else created by this (first logging) step.
+
+        Steps of one run execute in separate processes (DVC stages, Airflow tasks, containers) and
+        meet through the tracking server. Two steps may start at once (mapped adaptor tasks); both
+        then create a parent, and the later one deletes its own in favour of the earliest.
         """
-        dag_run_id = lineage.airflow_tags().get("airflow.dag_run_id")
-        if not dag_run_id:
-            return None
-        found = self.client.search_runs([self.experiment_id()], max_results=1, order_by=["attributes.start_time ASC"],
-                                        filter_string=f"tags.`grappa.kind` = 'pipeline' and "
-                                                      f"tags.`airflow.dag_run_id` = '{dag_run_id}'")
-        return found[0].info.run_id if found else self.open_parent(f"dag:{dag_run_id}")
+        found = self._parents(key)
+        if found:
+            return found[0].info.run_id
+        own = self.open_parent(key=key)  # named after the Airflow run id, else a timestamp
+        earliest = self._parents(key)[0].info.run_id
+        if earliest != own:
+            self.client.delete_run(own)
+        self.parent_run_id = earliest
+        return earliest
 
     def close_parent(self, run_id: str, status: str = "FINISHED") -> dict[str, float]:
         """Copy the evaluation summary from the children onto the parent and set its final status."""
@@ -244,9 +271,8 @@ class Tracker:
 
         stage = lineage.dvc_stage_name(step, k)
         with self._guard(f"log step '{stage}'"):
-            if not self.parent_run_id:
-                self.parent_run_id = self.airflow_parent()
-                self.parent_from_airflow = self.parent_run_id is not None
+            if not self.parent_run_id and run_key():
+                self.parent_run_id = self.keyed_parent(run_key())
             tags = {**self._common_tags(), **lineage.dvc_lock_tags(stage), "dvc.stage": stage, "grappa.step": step,
                     "grappa.kind": "step", "mlflow.source.name": f"grappa {step}"}
             if k is not None:
@@ -287,12 +313,15 @@ class Tracker:
             self._log_batch(run_id, metrics=values, step=epoch)
         if report_file.is_file():
             mlflow.log_artifact(str(report_file))
-        features = Path(params.out_dir) / "extract" / "features.parquet"
-        contexts = {"extract": [("unlabeled", "training"), ("query_db", "evaluation")],
-                    "evaluate": [("query_db", "evaluation")]}.get(step, [("unlabeled", "training")])
-        if features.is_file():
+        # the snapshot step logs its manifest; later steps the extracted features (decodable images only)
+        data = (folder / "manifest.parquet" if step == "snapshot"
+                else Path(params.out_dir) / "extract" / "features.parquet")
+        contexts = {"snapshot": [("unlabeled", "training"), ("query_db", "evaluation")],
+                    "extract": [("unlabeled", "training"), ("query_db", "evaluation")],
+                    "evaluate": [("query_db", "evaluation")], "index": []}.get(step, [("unlabeled", "training")])
+        if data.is_file():
             for split, context in contexts:
-                self._log_dataset(run_id, features, split, context)
+                self._log_dataset(run_id, data, split, context)
         if step == "evaluate":
             for extra in ("results.md",):
                 if (folder / extra).is_file():
@@ -321,63 +350,17 @@ class Tracker:
 
     def _log_model(self, run_id: str, params: Params, metrics: dict) -> None:
         import mlflow
-        import timm
-        import torch
 
-        from .assemble import assemble, fusion_path
-        from .backbones import create_backbone
+        from .assemble import fusion_path
+        from .publish import publish_model
 
         out = Path(params.out_dir)
-        # the portable state bundle: adaptors + fusion + params (loadable without MLflow)
+        # the per-step state bundle: adaptors + fusion + params (the inputs the servable model was built from)
         for k in params.cluster.ks:
             mlflow.log_artifact(str(out / "adaptors" / f"k{k}" / "adaptor.pt"), artifact_path=f"bundle/adaptors/k{k}")
         mlflow.log_artifact(str(fusion_path(params)), artifact_path="bundle/fusion")
         self.client.log_text(run_id, _params_yaml(params), "bundle/params.yaml")
-
-        backbone, _, _ = create_backbone(params.backbone)
-        model = assemble(params, backbone, with_fusion=True, load_fusion=True).eval()
-        name = params.tracking.registered_model
-        info = mlflow.pytorch.log_model(
-            model,
-            name="grappa",
-            serialization_format="pickle",  # pt2 needs torch.export + an input example; drops custom methods
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}",
-                              f"mlflow=={mlflow.__version__}"],
-            code_paths=[str(Path(__file__).resolve().parent)],
-            registered_model_name=name,
-            metadata={"ks": params.cluster.ks, "backbone": params.backbone.name},
-        )
-        version = str(info.registered_model_version)
-        score = _score(metrics)
-        if score is not None:
-            self.client.set_model_version_tag(name, version, SCORE_TAG, repr(score))
-        self.client.set_model_version_tag(name, version, "dvc.stage", lineage.dvc_stage_name("evaluate"))
-        if self.parent_run_id:
-            self.client.set_model_version_tag(name, version, "grappa.parent_run_id", self.parent_run_id)
-        self.client.set_registered_model_alias(name, CANDIDATE, version)
-        promoted = self._maybe_promote(name, version, score)
-        self.client.set_tag(run_id, "grappa.model_version", version)
-        self.client.set_tag(run_id, "grappa.model_alias", CHAMPION if promoted else CANDIDATE)
-        print(f"tracking: registered {name} version {version} as {CANDIDATE}"
-              + (f" and {CHAMPION}" if promoted else f" (not {CHAMPION})"), flush=True)
-
-    def _maybe_promote(self, name: str, version: str, score: float | None) -> bool:
-        """``champion`` moves to the new version only if its mean mAP@R beats the current champion's."""
-        if score is None:
-            return False
-        try:
-            current = self.client.get_model_version_by_alias(name, CHAMPION)
-        except Exception:  # no champion yet
-            current = None
-        if current is not None:
-            try:
-                best = float(current.tags.get(SCORE_TAG, "nan"))
-            except ValueError:
-                best = float("nan")
-            if best == best and score <= best:  # a NaN/missing score never blocks promotion
-                return False
-        self.client.set_registered_model_alias(name, CHAMPION, version)
-        return True
+        publish_model(self, run_id, params, metrics)
 
     def _log_batch(self, run_id: str, params: dict | None = None, metrics: dict | None = None,
                    step: int = 0) -> None:
@@ -389,13 +372,6 @@ class Tracker:
             metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if v == v],
             params=[Param(k, v) for k, v in (params or {}).items()],
         )
-
-
-def _score(metrics: dict) -> float | None:
-    try:
-        return float(metrics["methods"]["grappa"]["mean"]["map_at_r"])
-    except (KeyError, TypeError, ValueError):
-        return None
 
 
 def _params_yaml(params: Params) -> str:

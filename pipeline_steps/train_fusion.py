@@ -1,6 +1,8 @@
 """Step 4 — ``grappa train-fusion``: one model for all tasks from the M frozen adaptor sets.
 
-Backbone and adaptors are frozen; only the per-block fusion layers (W_Q, W_K, W_V) train.
+Backbone and adaptors are frozen; only the per-block fusion layers (W_Q, W_K, W_V) train. Writes
+``<out>/fusion/`` (fusion.pt, knn.parquet, report.json) and ``<out>/model/``, the whole fused model
+as one servable artifact (see servable.py).
 
 Objective (per batch of B anchors i, each with one neighbour j(i) drawn uniformly from its k nearest
 neighbours in the frozen feature space of the unlabeled union; f = fused, L2-normalised embedding,
@@ -29,6 +31,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
+from . import servable
 from .artifacts import load_torch, save_torch, write_json, write_table
 from .assemble import assemble, fusion_path
 from .backbones import create_backbone
@@ -103,6 +106,7 @@ def run(params: Params) -> dict:
     model.cpu()
     save_torch(fusion_path(params), {"state_dict": model.fusion.state_dict(),
                                      "meta": {"ks": params.cluster.ks, "attn_dim": hp.attn_dim}})
+    exported = servable.export(model, params, preprocess, servable.model_dir(params))
     report = {
         "images": len(inputs.image_ids),
         "history": history,
@@ -110,6 +114,7 @@ def run(params: Params) -> dict:
         # mean attention over granularities on the unlabeled pool, per adapted block
         "mean_attention_per_block": alphas.mean(axis=0).tolist(),
         "ks": params.cluster.ks,
+        "model_sha256": exported["weights_sha256"],
         "seconds": time.perf_counter() - t0,
     }
     write_json(fusion_path(params).with_name("report.json"), report)

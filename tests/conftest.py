@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image, ImageDraw
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -80,6 +83,55 @@ def tiny_params_dict(tmp_path: Path, sources: list, **sections) -> dict:
     for key, value in sections.items():
         raw[key] = {**raw[key], **value} if isinstance(raw.get(key), dict) and isinstance(value, dict) else value
     return raw
+
+
+def make_workspace(repo: Path, sources: list, link_code: bool = False, **sections) -> Path:
+    """A DVC workspace at ``repo`` (git repo, dvc.yaml, .dvc/config, the code, params.yaml) for tiny runs.
+
+    ``sources`` are written relative to ``repo`` where they can be; ``link_code`` symlinks the
+    package instead of copying it (tracked runs then carry this checkout's git commit).
+    """
+    repo.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(REPO / name, repo / name)
+    (repo / ".dvc").mkdir(exist_ok=True)
+    for name in ("config", ".gitignore"):
+        shutil.copy(REPO / ".dvc" / name, repo / ".dvc" / name)
+    if link_code:
+        (repo / "pipeline_steps").symlink_to(REPO / "pipeline_steps", target_is_directory=True)
+    else:
+        shutil.copytree(REPO / "pipeline_steps", repo / "pipeline_steps", ignore=shutil.ignore_patterns("__pycache__"))
+    # The committed default remote is a fixed path; a per-checkout override goes to config.local.
+    (repo / ".dvc" / "config.local").write_text(f"['remote \"local\"']\n    url = {repo.parent / 'dvc-remote'}\n")
+    write_workspace_params(repo, sources, **sections)
+    return repo
+
+
+def write_workspace_params(repo: Path, sources: list, **sections) -> None:
+    """params.yaml of a tiny run in workspace ``repo`` (every key written: DVC does not know the defaults),
+    and the data roots of its sources in dvc.yaml."""
+    from pipeline_steps.config import parse_params
+    from pipeline_steps.workspace import sync_data_deps
+
+    relative = [os.path.relpath(s, repo) if not str(s).startswith("s3://") else str(s) for s in sources]
+    defaults = {"backbone": {"image_size": 32}, "adaptor": {"epochs": 1, "batch_size": 8},
+                "fusion": {"epochs": 1, "batch_size": 8, "knn": 3}}
+    for key, value in defaults.items():
+        sections[key] = {**value, **sections.get(key, {})}
+    raw = tiny_params_dict(repo, relative, **sections)
+    raw["out_dir"], raw["extract"]["cache_dir"] = "outputs", ".cache/features"  # DVC outs live in the workspace
+    params = parse_params(raw)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    sync_data_deps(repo, params)
+
+
+def snapshot_and_extract(params) -> dict:
+    """Steps 1 and 2 (the data snapshot of the params' sources, then its features); extract's report."""
+    from pipeline_steps import extract, snapshot
+
+    snapshot.run(params)
+    return extract.run(params)
 
 
 @pytest.fixture(autouse=True)

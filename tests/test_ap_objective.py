@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline_steps import cluster, extract, train_adaptor
+from conftest import snapshot_and_extract, tiny_params_dict
+from pipeline_steps import cluster, train_adaptor
 from pipeline_steps.artifacts import load_torch
 from pipeline_steps.config import ConfigError, parse_params
 from pipeline_steps.train_adaptor import ClusterBatchSampler
-from tests.conftest import tiny_params_dict
 
 
 def test_cluster_batches_always_hold_positives():
@@ -27,7 +27,7 @@ def test_cluster_batches_always_hold_positives():
 def test_ap_objective_trains_adaptors(tmp_path, collection, objective):
     params = parse_params(tiny_params_dict(tmp_path, collection, adaptor={"objective": objective, "epochs": 1,
                                                                            "images_per_cluster": 2}))
-    extract.run(params)
+    snapshot_and_extract(params)
     cluster.run(params)
     report = train_adaptor.run(params, 2)
     assert "ap" in report["final"] and 0.0 <= report["final"]["ap"] <= 1.0
@@ -40,7 +40,7 @@ def test_ap_objective_trains_adaptors(tmp_path, collection, objective):
 def test_instance_discrimination_needs_images(tmp_path, collection):
     cached = parse_params(tiny_params_dict(tmp_path, collection, adaptor={"objective": "histogram_ap",
                                                                           "ap_positives": "augmentation"}))
-    extract.run(cached)
+    snapshot_and_extract(cached)
     cluster.run(cached)
     with pytest.raises(ConfigError, match="ap_positives"):
         train_adaptor.run(cached, 2)
@@ -51,7 +51,7 @@ def test_instance_discrimination_from_images(tmp_path, collection):
         tmp_path, collection,
         backbone={"name": "test_efficientnet", "weights": "none", "image_size": 48, "adapt_from_block": 0},
         adaptor={"objective": "histogram_ap", "ap_positives": "augmentation", "epochs": 1}))
-    extract.run(params)
+    snapshot_and_extract(params)
     cluster.run(params)
     report = train_adaptor.run(params, 2)
     assert 0.0 <= report["final"]["ap"] <= 1.0

@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import make_collection, tiny_params_dict
-from pipeline_steps import cluster, extract
+from conftest import make_collection, snapshot_and_extract, tiny_params_dict
+from pipeline_steps import cluster
 from pipeline_steps.artifacts import read_table, vectors_to_arrow, write_table
 from pipeline_steps.config import ConfigError, parse_params
 
@@ -108,7 +108,7 @@ def test_extract_then_cluster_is_deterministic(tmp_path):
     for name in ("a", "b"):
         raw = tiny_params_dict(tmp_path / name, manifests, cluster={"ks": [2, 5], "niter": 10, "nredo": 2})
         params = parse_params(raw)
-        extract.run(params)
+        snapshot_and_extract(params)
         cluster.run(params)
         out = Path(params.out_dir)
         runs.append({

@@ -171,6 +171,7 @@ def test_cli_missing_backbone_checkpoint_is_one_line_exit_2(tmp_path, capsys):
                                 size=32)
     raw = tiny_params_dict(tmp_path, manifests, backbone={"weights": str(tmp_path / "no" / "such.pt")})
     path = _write(tmp_path, raw)
+    assert _cli(capsys, "--params", str(path), "snapshot")[0] == 0
     rc, out, err = _cli(capsys, "--params", str(path), "extract")
     assert rc == 2
     _assert_one_line(err, "backbone.weights", "such.pt")
@@ -180,7 +181,7 @@ def test_cli_missing_backbone_checkpoint_is_one_line_exit_2(tmp_path, capsys):
 
 def test_cli_unknown_source_is_one_line_exit_2(tmp_path, capsys):
     raw = tiny_params_dict(tmp_path, [tmp_path / "missing-folder"])
-    rc, _, err = _cli(capsys, "--params", str(_write(tmp_path, raw)), "extract")
+    rc, _, err = _cli(capsys, "--params", str(_write(tmp_path, raw)), "snapshot")
     assert rc == 2
     _assert_one_line(err, "missing-folder")
 
@@ -190,9 +191,26 @@ def test_cluster_k_larger_than_unlabeled_pool_is_a_clear_error(tmp_path, capsys)
     manifests = make_collection(tmp_path / "data", classes=2, per_class=2, unlabeled=3, size=32)
     raw = tiny_params_dict(tmp_path, manifests, cluster={"ks": [2, 8]})
     path = _write(tmp_path, raw)
+    assert _cli(capsys, "--params", str(path), "snapshot")[0] == 0
     assert _cli(capsys, "--params", str(path), "extract")[0] == 0
     rc, out, err = _cli(capsys, "--params", str(path), "cluster")
     assert rc == 2
     _assert_one_line(err, "cluster.ks", "k=8", "(6)")
     assert "Traceback" not in err + out
     assert not (Path(raw["out_dir"]) / "cluster" / "k2.parquet").exists(), "must fail before clustering any k"
+
+
+def test_params_and_set_work_after_the_verb_too(tmp_path, capsys):
+    path = _write(tmp_path, _base(tmp_path))
+    rc, out, _ = _cli(capsys, "check", "--params", str(path), "--set", "cluster.ks=[3, 6]")
+    assert rc == 0 and f"{path}: ok" in out
+    rc, _, err = _cli(capsys, "check", "--params", str(path), "--set", "cluster.ks=[1, 6]")
+    assert rc == 2
+    _assert_one_line(err, "cluster.ks")
+    # overrides before and after the verb both apply
+    rc, _, err = _cli(capsys, "--set", "cluster.ks=[1, 6]", "check", "--params", str(path), "--set", "seed=1")
+    assert rc == 2
+    _assert_one_line(err, "cluster.ks")
+    rc, _, err = _cli(capsys, "--params", str(path), "check", "--set", "seed=zero")
+    assert rc == 2
+    _assert_one_line(err, "seed")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,8 @@ pytest.importorskip("airflow.sdk")
 sys.path.insert(0, str(DAGS))
 import runners  # noqa: E402
 
-STEP_TASKS = {"extract", "cluster", "train_adaptor", "train_fusion", "evaluate"}
+STEP_TASKS = {"snapshot", "extract", "cluster", "train_adaptor", "train_fusion", "evaluate", "index"}
+GLUE_TASKS = {"plan", "close_run"}
 HEAVY = ("torch", "timm", "faiss", "pipeline_steps", "mlflow", "dvc", "pandas")
 
 
@@ -83,17 +85,23 @@ def test_step_tasks_match_dvc_stages(pipeline):
     assert done.returncode == 0, done.stderr
     stages = {name.split("@")[0] for name in done.stdout.split()}
     assert stages == STEP_TASKS
-    assert set(pipeline.task_ids) - {"plan_ks"} == stages
+    assert set(pipeline.task_ids) - GLUE_TASKS == stages
 
 
 def test_pipeline_structure(pipeline, dagbag):
-    up = {t.task_id: t.upstream_task_ids - {"plan_ks"} for t in pipeline.tasks}
-    assert up == {"plan_ks": set(), "extract": set(), "cluster": {"extract"}, "train_adaptor": {"cluster"},
-                  "train_fusion": {"train_adaptor"}, "evaluate": {"train_fusion"}}
+    up = {t.task_id: t.upstream_task_ids - {"plan"} for t in pipeline.tasks}
+    assert up == {"plan": set(), "snapshot": set(), "extract": {"snapshot"}, "cluster": {"extract"},
+                  "train_adaptor": {"cluster"}, "train_fusion": {"train_adaptor"}, "evaluate": {"train_fusion"},
+                  "index": {"evaluate"}, "close_run": {"index"}}
     for task_id in STEP_TASKS:
         task = pipeline.get_task(task_id)
         assert task.retries >= 1 and task.retry_exponential_backoff > 1, task_id
-    assert pipeline.get_task("plan_ks").retries == 0  # a bad run conf must fail at once
+        # an up-to-date stage exits 99 and shows as skipped, without skipping the stages after it
+        skip = task.partial_kwargs["skip_on_exit_code"] if task.is_mapped else task.skip_on_exit_code
+        assert task.trigger_rule == "none_failed" and runners.UP_TO_DATE_EXIT in (
+            skip if isinstance(skip, (list, tuple, set)) else [skip]), task_id
+    assert pipeline.get_task("plan").retries == 0  # a bad run conf must fail at once
+    assert pipeline.get_task("close_run").trigger_rule == "all_done"  # the MLflow parent is closed whatever happened
     adaptor = pipeline.get_task("train_adaptor")
     assert adaptor.is_mapped and adaptor.max_active_tis_per_dagrun == runners.env_int("GRAPPA_MAX_PARALLEL_K", 2)
     assert adaptor.map_index_template.startswith("k=")
@@ -108,18 +116,30 @@ def test_plan_turns_run_conf_into_cli_overrides(tmp_path):
     params = tmp_path / "p.yaml"
     params.write_text(yaml.safe_dump({"cluster": {"ks": [8, 4]}}))
     plan = runners.plan({"params_file": str(params)}, "docker")
-    assert plan["ks"] == [4, 8]
+    assert plan["ks"] == [4, 8] and plan["prepare"] is None
     assert plan["extract"] == ["--params", str(params), "extract"]
     assert plan["train_adaptor"][1] == ["--params", str(params), "train-adaptor", "--k", "8"]
+    # local runs go through DVC: the conf is written into the workspace first, then each task is a stage
     plan = runners.plan({"params_file": str(params), "sources": ["s3://b/raw/"], "ks": [3, 2]}, "local")
-    assert plan["cluster"].endswith("--params " + str(params) + " --set 'data.sources=[\"s3://b/raw/\"]' "
-                                    "--set 'cluster.ks=[3, 2]' cluster")
-    assert plan["cluster"].split()[:3] == [sys.executable, "-m", "pipeline_steps"]
+    assert plan["prepare"].endswith("--params " + str(params) + " --set 'data.sources=[\"s3://b/raw/\"]' "
+                                    "--set 'cluster.ks=[3, 2]' prepare")
+    assert plan["prepare"].split()[:3] == [sys.executable, "-m", "pipeline_steps"]
+    assert plan["cluster"] == shlex.join([sys.executable, "-m", "pipeline_steps", "repro", "cluster"])
+    assert [c.split()[-1] for c in plan["train_adaptor"]] == ["train_adaptor@2", "train_adaptor@3"]
     for bad in ({"ks": [4]}, {"ks": [1, 2]}, {"ks": [2, 2]}):
         with pytest.raises(ValueError, match="cluster.ks"):
             runners.plan(bad, "local")
     with pytest.raises(ValueError, match="pass 'ks'"):
         runners.plan({"params_file": "missing.yaml"}, "k8s")
+
+
+def test_trigger_events_reach_the_steps():
+    from types import SimpleNamespace
+
+    events = {"grappa_unlabeled": [SimpleNamespace(extra={"source": "/data/in", "fingerprint": "abc"}),
+                                   SimpleNamespace(extra={})]}
+    assert runners.trigger_events(events) == [{"source": "/data/in", "fingerprint": "abc"}]
+    assert runners.trigger_events(None) == []
 
 
 @pytest.fixture
@@ -144,7 +164,8 @@ def test_docker_runner_renders_container_args(container_env, dagbag):
     assert (mount["Target"], mount["Source"], mount["Type"]) == ("/workspace", "grappa-workspace", "volume")
     assert op.device_requests[0].capabilities == [["gpu"]]
     # secrets only as private env; the Airflow run id (templated) joins the steps in one MLflow parent run
-    assert op.environment == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "GRAPPA_AIRFLOW_RUN_ID": "{{ run_id }}"}
+    assert op.environment == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "GRAPPA_AIRFLOW_RUN_ID": "{{ run_id }}",
+                              "GRAPPA_TRIGGER": runners.TRIGGER_TEMPLATE}
     assert op._private_environment == {"AWS_SECRET_ACCESS_KEY": "not-a-real-secret"}
     assert op.retries >= 1 and not op.mount_tmp_dir and op.auto_remove == "success"
     # Whole DAG with this runner: the mapped task expands the docker command over k.
@@ -174,7 +195,8 @@ def test_k8s_runner_renders_pod_spec(container_env):
     assert container.args == ["--params", "params.yaml", "--set", "cluster.ks=[2, 3]", "train-fusion"]
     assert container.resources.limits == {"nvidia.com/gpu": "1"}
     assert [(e.name, e.value) for e in container.env] == [("MLFLOW_TRACKING_URI", "http://mlflow:5000"),
-                                                           ("GRAPPA_AIRFLOW_RUN_ID", "{{ run_id }}")]
+                                                           ("GRAPPA_AIRFLOW_RUN_ID", "{{ run_id }}"),
+                                                           ("GRAPPA_TRIGGER", runners.TRIGGER_TEMPLATE)]
     assert container.env_from[0].secret_ref.name == "grappa-aws"
     assert container.volume_mounts[0].mount_path == "/workspace"
     assert pod.spec.volumes[0].persistent_volume_claim.claim_name == "grappa-workspace"
@@ -182,29 +204,8 @@ def test_k8s_runner_renders_pod_spec(container_env):
     assert op.retries >= 1
 
 
-def test_dag_test_end_to_end_local_runner(pipeline, airflow_db, tmp_path, monkeypatch):
-    manifests = make_collection(tmp_path / "data", size=32)
-    params = tiny_params_dict(tmp_path, manifests, backbone={"image_size": 32},
-                              adaptor={"epochs": 1, "batch_size": 8}, fusion={"epochs": 1, "batch_size": 8, "knn": 3})
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    monkeypatch.setenv("GRAPPA_PARAMS", str(tmp_path / "params.yaml"))
-    monkeypatch.setenv("GRAPPA_TRACKING", "0")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    shapes_only = [str(m) for m in manifests if m.parent.name == "shapes"]
-
-    run = pipeline.test(run_conf={"ks": [2, 3], "sources": shapes_only})
-
-    states = {(ti.task_id, ti.rendered_map_index): ti.state for ti in run.get_task_instances()}
-    assert run.state == "success", states
-    assert states[("train_adaptor", "k=2")] == states[("train_adaptor", "k=3")] == "success"
-    out = tmp_path / "outputs"
-    assert (out / "adaptors" / "k3" / "adaptor.pt").is_file() and not (out / "adaptors" / "k4").exists()
-    metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
-    assert metrics["ks"] == [2, 3]
-    assert set(metrics["methods"]["grappa"]["per_domain"]) == {"shapes"}  # conf sources won over the file
-
-
-def test_folder_watcher_emits_only_on_change(dagbag, airflow_db, tmp_path):
+def test_folder_watcher_emits_until_a_pipeline_run_starts_on_the_change(dagbag, airflow_db, tmp_path):
+    from airflow.models import Variable
     from airflow.models.asset import AssetEvent
     from airflow.utils.session import create_session
     from sqlalchemy import select
@@ -214,18 +215,25 @@ def test_folder_watcher_emits_only_on_change(dagbag, airflow_db, tmp_path):
     folder.mkdir()
     (folder / "a.png").write_bytes(b"x")
 
-    def events() -> int:
+    def events() -> list[dict]:
         with create_session() as session:
-            return sum(e.extra.get("source") == str(folder) for e in session.scalars(select(AssetEvent)))
+            return [e.extra for e in session.scalars(select(AssetEvent)) if e.extra.get("source") == str(folder)]
 
     def poll() -> str:
-        run = watcher.test(run_conf={"folder": str(folder)})
+        run = watcher.test(run_conf={"folders": [str(folder)]})
         return run.get_task_instance("detect_folder_change").state
 
-    assert (poll(), events()) == ("success", 1)  # first sight of the folder
-    assert (poll(), events()) == ("skipped", 1)  # unchanged listing: no event
+    assert (poll(), len(events())) == ("success", 1)  # first sight of the folder
+    # No pipeline run has started on it (nothing scheduled here): the watcher keeps asking, it never
+    # takes an event for done by itself.
+    assert (poll(), len(events())) == ("success", 2)
+    fingerprint = events()[-1]["fingerprint"]
+    assert fingerprint == runners.folders_fingerprint([str(folder)])
+    # what the pipeline's plan task records when a run starts on this event
+    Variable.set(runners._variable_key(str(folder)), fingerprint)
+    assert (poll(), len(events())) == ("skipped", 2)  # unchanged since a run started: no event
     (folder / "b.png").write_bytes(b"yy")
-    assert (poll(), events()) == ("success", 2)
+    assert (poll(), len(events())) == ("success", 3)
 
 
 def test_fingerprints(tmp_path):
@@ -235,6 +243,10 @@ def test_fingerprints(tmp_path):
     assert runners.folder_fingerprint(tmp_path) == first
     os.utime(tmp_path / "sub" / "a.png", ns=(1, 1))
     assert runners.folder_fingerprint(tmp_path) != first
+    (tmp_path / "other").mkdir()
+    both = runners.folders_fingerprint([str(tmp_path / "sub"), str(tmp_path / "other")])
+    (tmp_path / "other" / "b.png").write_bytes(b"2")
+    assert runners.folders_fingerprint([str(tmp_path / "sub"), str(tmp_path / "other")]) != both
     values = iter(["a", "b"])
     assert runners.settled(lambda: next(values), 0) is None  # still being written
     assert runners.settled(lambda: "same", 0) == "same"

@@ -1,12 +1,15 @@
-"""dvc.yaml: declared deps/params match the code, and `dvc repro` reruns exactly what changed.
+"""dvc.yaml: declared deps/params match the code, and every entry point reruns exactly what changed.
 
-The repro tests run the real stages on a tiny synthetic collection in a throw-away git repo that
-holds a copy of dvc.yaml, .dvc/config and pipeline_steps/ (MLflow tracking off).
+The repro tests run the real stages on a tiny synthetic collection in a throw-away workspace (git
+repo with a copy of dvc.yaml, .dvc/config and pipeline_steps/; MLflow tracking off): `grappa run`,
+the Airflow DAG's per-stage commands and a plain `dvc repro` share one dvc.lock.
 """
 from __future__ import annotations
 
 import ast
+import json
 import os
+import sys
 import re
 import shutil
 import subprocess
@@ -15,15 +18,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, make_collection, tiny_params_dict
+from conftest import REPO, make_collection, make_workspace
+
+sys.path.insert(0, str(REPO / "dags"))
+import runners  # noqa: E402
 
 VENV_BIN = Path(__file__).resolve().parents[1] / ".venv" / "bin"
 DVC = str(VENV_BIN / "dvc") if (VENV_BIN / "dvc").exists() else shutil.which("dvc")
 PKG = REPO / "pipeline_steps"
-# Record a finished step in MLflow; they never change an output, so editing them must not rerun.
-SIDE_EFFECT_ONLY = {"tracking", "lineage"}
-STEP_MODULE = {"extract": "extract", "cluster": "cluster", "train_adaptor": "train_adaptor",
-               "train_fusion": "train_fusion", "evaluate": "evaluate"}
+# Record a finished step in MLflow; they never change a DVC-visible output, so editing them must not rerun.
+SIDE_EFFECT_ONLY = {"tracking", "lineage", "publish"}
+STEP_MODULE = {"snapshot": "snapshot", "extract": "extract", "cluster": "cluster", "train_adaptor": "train_adaptor",
+               "train_fusion": "train_fusion", "evaluate": "evaluate", "index": "index"}
+ALL_STAGES = {"snapshot", "extract", "cluster", "train_adaptor@2", "train_adaptor@4", "train_fusion", "evaluate",
+              "index"}
 
 pytestmark = pytest.mark.skipif(DVC is None, reason="dvc is not installed")
 
@@ -92,6 +100,17 @@ def test_params_exist_and_k_list_only_where_needed():
     assert {"${out_dir}/evaluate/metrics.json": {"cache": False}} in stages["evaluate"]["metrics"]
 
 
+def test_committed_dvc_yaml_watches_the_sources_of_params_yaml():
+    from pipeline_steps.config import load_params
+    from pipeline_steps.workspace import data_roots, drift
+
+    params = load_params(REPO / "params.yaml")
+    assert drift(REPO, params) is None
+    assert "data/incoming" in data_roots(params.data.sources)  # the loop's drop folder
+    snapshot_outs = stage_body(dvc_yaml()["snapshot"])["outs"]
+    assert {"${out_dir}/snapshot": {"persist": True}} in snapshot_outs  # the previous manifest is the hash cache
+
+
 # -- end to end -------------------------------------------------------------------------------
 
 def run_dvc(repo: Path, *args: str) -> str:
@@ -102,98 +121,116 @@ def run_dvc(repo: Path, *args: str) -> str:
     return done.stdout + done.stderr
 
 
+def run_grappa(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GRAPPA_TRACKING": "0", "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([str(VENV_BIN / "python"), "-m", "pipeline_steps", *args], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
 def ran(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-def write_params(repo: Path, ks: list[int]) -> None:
-    sources = sorted((repo.parent / "data").glob("*/manifest.csv"))
-    raw = tiny_params_dict(repo, sources, cluster={"ks": ks}, backbone={"image_size": 32},
-                           adaptor={"epochs": 1, "batch_size": 8}, fusion={"epochs": 1, "batch_size": 8, "knn": 3})
-    raw["out_dir"], raw["extract"]["cache_dir"] = "outputs", ".cache/features"  # DVC outs live in the repo
-    from pipeline_steps.config import parse_params
-
-    # Every key the stages declare must be present in the file (DVC does not know the defaults).
-    (repo / "params.yaml").write_text(yaml.safe_dump(parse_params(raw).model_dump(mode="json"), sort_keys=False))
+def report(repo: Path, step: str) -> dict:
+    return json.loads((repo / "outputs" / step / "report.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def dvc_repo(tmp_path_factory) -> Path:
-    return make_dvc_repo(tmp_path_factory.mktemp("dvc"))
-
-
-def make_dvc_repo(root: Path) -> Path:
-    repo = root / "repo"
-    make_collection(root / "data", size=32)
-    repo.mkdir()
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(REPO / name, repo / name)
-    (repo / ".dvc").mkdir()
-    for name in ("config", ".gitignore"):
-        shutil.copy(REPO / ".dvc" / name, repo / ".dvc" / name)
-    shutil.copytree(PKG, repo / "pipeline_steps", ignore=shutil.ignore_patterns("__pycache__"))
-    write_params(repo, [2, 4])
-    # The committed default remote is a fixed path; a per-checkout override goes to config.local.
-    run_dvc(repo, "remote", "modify", "--local", "local", "url", str(root / "remote"))
-    return repo
+    root = tmp_path_factory.mktemp("dvc")
+    manifests = make_collection(root / "data", size=32)
+    (root / "drop" / "shapes").mkdir(parents=True)  # a folder source, like data/incoming
+    return make_workspace(root / "repo", [*manifests, root / "drop"])
 
 
 @pytest.fixture(scope="module")
-def reproduced(dvc_repo) -> str:
-    return run_dvc(dvc_repo, "repro")
+def reproduced(dvc_repo) -> subprocess.CompletedProcess:
+    """The README's main command: `grappa run` goes through `dvc repro`."""
+    done = run_grappa(dvc_repo, "run")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
 
 
-def test_repro_runs_every_stage_then_is_up_to_date(dvc_repo, reproduced):
-    assert ran(reproduced) == {"extract", "cluster", "train_adaptor@2", "train_adaptor@4", "train_fusion", "evaluate"}
+def test_grappa_run_goes_through_dvc_then_is_up_to_date(dvc_repo, reproduced):
+    assert ran(reproduced.stdout) == ALL_STAGES
+    assert "step timings (s): snapshot=" in reproduced.stdout
     assert "up to date" in run_dvc(dvc_repo, "status")
     out = dvc_repo / "outputs"
-    for path in ("extract/features.parquet", "cluster/k4.parquet", "adaptors/k2/adaptor.pt",
-                 "fusion/fusion.pt", "evaluate/metrics.json", "evaluate/results.md"):
+    for path in ("snapshot/manifest.parquet", "extract/features.parquet", "cluster/k4.parquet", "adaptors/k2/adaptor.pt",
+                 "fusion/fusion.pt", "model/model.pt", "evaluate/metrics.json", "evaluate/champion.json",
+                 "index/catalogue.faiss"):
         assert (out / path).is_file(), path
     assert (dvc_repo / ".cache" / "features").is_dir()  # the feature cache sits outside every out
     lock = yaml.safe_load((dvc_repo / "dvc.lock").read_text())["stages"]
     assert lock["train_adaptor@2"]["cmd"] == "python -m pipeline_steps train-adaptor --k 2"
     assert "cluster" not in lock["train_adaptor@2"]["params"]["params.yaml"]
     assert lock["evaluate"]["params"]["params.yaml"]["cluster.ks"] == [2, 4]
+    assert {"../drop", "../data/shapes"} <= {d["path"] for d in lock["snapshot"]["deps"]}  # the data roots
+
+    again = run_grappa(dvc_repo, "run")
+    assert again.returncode == 0 and ran(again.stdout) == set()
+    assert "nothing to do" in again.stdout
 
 
-def test_changing_one_k_reruns_only_that_adaptor_and_downstream(dvc_repo, reproduced):
-    write_params(dvc_repo, [2, 3])
-    output = run_dvc(dvc_repo, "repro")
-    # cluster reruns (it clusters every k) but writes a byte-identical k2 file, so k=2 is kept.
-    assert ran(output) == {"cluster", "train_adaptor@3", "train_fusion", "evaluate"}
-    assert "Stage 'train_adaptor@2' didn't change" in output
+def test_dag_commands_agree_with_grappa_run(dvc_repo, reproduced, monkeypatch):
+    """The local DAG's tasks are `grappa repro <stage>`: after `grappa run` each one is up to date (exit 99)."""
+    monkeypatch.setattr(runners, "REPO", dvc_repo)
+    monkeypatch.delenv("GRAPPA_PARAMS", raising=False)
+    monkeypatch.setenv("GRAPPA_PYTHON", str(VENV_BIN / "python"))
+    plan = runners.plan({}, "local")
+    assert plan["ks"] == [2, 4] and plan["train_adaptor"][1].endswith("repro train_adaptor@4")
+    assert runners.prepare_workspace(plan["prepare"]) == ""  # params.yaml and dvc.yaml already say this run
+    env = {**os.environ, "GRAPPA_TRACKING": "0", "DVC_NO_ANALYTICS": "1"}
+    done = subprocess.run(["bash", "-c", plan["extract"]], cwd=dvc_repo, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == runners.UP_TO_DATE_EXIT, done.stdout + done.stderr
+    assert "stage 'extract' is up to date" in done.stdout
+
+
+def test_new_image_reruns_the_dag_stages_and_extracts_only_it(dvc_repo, reproduced, monkeypatch):
+    """An image dropped into a folder source: DVC sees it, each DAG command reruns its stage, extract
+    computes exactly one new feature, and dvc.lock ends up to date."""
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (250, 20, 200)).save(dvc_repo.parent / "drop" / "shapes" / "new.png")
+    assert re.search(r"modified:\s+\S*/drop\n", run_dvc(dvc_repo, "status"))
+    monkeypatch.setattr(runners, "REPO", dvc_repo)
+    monkeypatch.setenv("GRAPPA_PYTHON", str(VENV_BIN / "python"))
+    plan = runners.plan({}, "local")
+    env = {**os.environ, "GRAPPA_TRACKING": "0", "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"}
+    for command in [plan["snapshot"], plan["extract"], plan["cluster"], *plan["train_adaptor"], plan["train_fusion"],
+                    plan["evaluate"], plan["index"]]:
+        done = subprocess.run(["bash", "-c", command], cwd=dvc_repo, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, command + "\n" + done.stdout[-2000:] + done.stderr[-2000:]
+    assert report(dvc_repo, "snapshot")["since_previous"] == {"new": 1, "changed": 0, "removed": 0, "unchanged": 64}
+    assert report(dvc_repo, "snapshot")["files_read"] == 1  # the 64 others kept their hashes (size + mtime)
+    assert (report(dvc_repo, "extract")["computed"], report(dvc_repo, "extract")["from_cache"]) == (1, 64)
+    assert json.loads((dvc_repo / "outputs" / "index" / "index.json").read_text())["count"] == 65
     assert "up to date" in run_dvc(dvc_repo, "status")
+
+
+def test_override_is_written_where_dvc_sees_it(dvc_repo, reproduced):
+    """`grappa run --set` records the override in params.yaml (comments kept), so dvc.lock holds it and a
+    plain `dvc repro` afterwards has nothing to do; unchanged k keep their adaptors."""
+    params_text = (dvc_repo / "params.yaml").read_text()
+    (dvc_repo / "params.yaml").write_text("# the team's params\n" + params_text)
+    done = run_grappa(dvc_repo, "run", "--set", "cluster.ks=[2, 3]")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "params.yaml: cluster.ks: [2, 4] -> [2, 3]" in done.stdout
+    # cluster reruns (it clusters every k) but writes a byte-identical k2 file, so k=2 is kept.
+    assert ran(done.stdout) == {"cluster", "train_adaptor@3", "train_fusion", "evaluate", "index"}
+    assert "Stage 'train_adaptor@2' didn't change" in done.stdout
+    written = (dvc_repo / "params.yaml").read_text()
+    assert written.startswith("# the team's params\n") and yaml.safe_load(written)["cluster"]["ks"] == [2, 3]
+    lock = yaml.safe_load((dvc_repo / "dvc.lock").read_text())["stages"]
+    assert lock["cluster"]["params"]["params.yaml"]["cluster"]["ks"] == [2, 3]
+    assert ran(run_dvc(dvc_repo, "repro")) == set()
 
 
 def test_push_to_local_remote(dvc_repo, reproduced):
     output = run_dvc(dvc_repo, "push")
     assert re.search(r"\d+ files? pushed", output), output
-    remote = dvc_repo.parent / "remote"
+    remote = dvc_repo.parent / "dvc-remote"
     assert any(p.is_file() for p in remote.rglob("*"))
     assert "in sync" in run_dvc(dvc_repo, "status", "--cloud")
-
-
-def test_dag_commands_leave_dvc_up_to_date(tmp_path, monkeypatch):
-    """The local DAG runs each step through `dvc repro -s`, so `dvc repro` afterwards has nothing to do."""
-    import subprocess as sp
-    import sys
-
-    sys.path.insert(0, str(REPO / "dags"))
-    import runners
-
-    repo = make_dvc_repo(tmp_path)
-    monkeypatch.setattr(runners, "REPO", repo)
-    monkeypatch.delenv("GRAPPA_PARAMS", raising=False)
-    monkeypatch.setenv("GRAPPA_PYTHON", str(VENV_BIN / "python"))
-    plan = runners.plan({}, "local")
-    assert plan["ks"] == [2, 4] and "repro --single-item train_adaptor@4" in plan["train_adaptor"][1]
-    env = {**os.environ, "GRAPPA_TRACKING": "0", "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"}
-    for command in [plan["extract"], plan["cluster"], *plan["train_adaptor"], plan["train_fusion"], plan["evaluate"]]:
-        done = sp.run(["bash", "-c", command], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-2000:]
-    assert "up to date" in run_dvc(repo, "status")
-    assert ran(run_dvc(repo, "repro")) == set()
-    # a run conf with overrides is not what params.yaml says: the steps are called directly
-    assert "pipeline_steps" in runners.plan({"ks": [2, 3]}, "local")["train_adaptor"][0]

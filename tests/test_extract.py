@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import draw_image, tiny_params_dict
-from pipeline_steps import artifacts, extract
+from conftest import draw_image, snapshot_and_extract, tiny_params_dict
+from pipeline_steps import artifacts, extract, snapshot
 from pipeline_steps.artifacts import arrow_to_vectors, atomic_path, read_table, write_json
 from pipeline_steps.config import ConfigError, parse_params
 from test_data import encode, png_header_only
@@ -86,14 +86,18 @@ def messy(tmp_path):
 def test_extract_skips_bad_files_with_reasons_and_keeps_the_rest(tmp_path, messy):
     folder, manifest, good, bad = messy
     params = _params(tmp_path, [folder, manifest], extract={"num_workers": 2})
+    snapshot_report = snapshot.run(params)
     report = extract.run(params)
 
     out = Path(params.out_dir) / "extract"
     table = read_table(out / "features.parquet")
     ids = table.column("image_id").to_pylist()
     assert set(ids) == good and len(ids) == len(good)
-    skipped = {s["image_id"]: s["reason"] for s in report["skipped"]}
+    # the snapshot leaves out what it cannot use as a record, extract what it cannot decode
+    skipped = {s["image_id"]: s["reason"] for s in snapshot_report["skipped"] + report["skipped"]}
     assert set(skipped) == bad
+    assert {s["image_id"] for s in snapshot_report["skipped"]} == {
+        "dom/dom/escape_link.png", "man/img/missing.png", "man/../outside.png"}
     assert "empty" in skipped["dom/dom/empty.jpg"]
     assert "undecodable" in skipped["dom/dom/text.jpg"]
     assert "undecodable" in skipped["dom/dom/truncated.jpg"]
@@ -132,13 +136,13 @@ def test_extract_cache_computes_only_new_images(tmp_path):
     for i in range(5):
         _valid(i).save(folder / f"a{i}.png")
     params = _params(tmp_path, [folder.parent])
-    first = extract.run(params)
+    first = snapshot_and_extract(params)
     assert (first["computed"], first["from_cache"]) == (5, 0)
     vectors_before = arrow_to_vectors(read_table(Path(params.out_dir) / "extract" / "features.parquet").column("vector"))
 
     for i in (5, 6):
         _valid(i).save(folder / f"a{i}.png")
-    second = extract.run(params)
+    second = snapshot_and_extract(params)
     assert second["computed"] == 2
     assert second["from_cache"] == first["computed"]
     assert second["images"] == 7
@@ -148,12 +152,12 @@ def test_extract_cache_computes_only_new_images(tmp_path):
     # cached vectors are exactly the ones computed the first time
     assert np.array_equal(vectors[[ids.index(f"dom/dom/a{i}.png") for i in range(5)]], vectors_before)
 
-    third = extract.run(params)
+    third = snapshot_and_extract(params)
     assert (third["computed"], third["from_cache"]) == (0, 7)
 
     # another backbone setup must not reuse these vectors
     other = _params(tmp_path, [folder.parent], backbone={"pooling": "mac"})
-    assert extract.run(other)["computed"] == 7
+    assert snapshot_and_extract(other)["computed"] == 7
     assert _tmp_files(tmp_path) == []
 
 
@@ -163,7 +167,7 @@ def test_extract_crash_while_writing_keeps_previous_artifacts(tmp_path, monkeypa
     for i in range(4):
         _valid(i).save(folder / f"a{i}.png")
     params = _params(tmp_path, [folder.parent])
-    extract.run(params)
+    snapshot_and_extract(params)
     out = Path(params.out_dir) / "extract"
     before = {name: (out / name).read_bytes() for name in ("features.parquet", "prefix.npy", "report.json")}
 
@@ -179,7 +183,7 @@ def test_extract_crash_while_writing_keeps_previous_artifacts(tmp_path, monkeypa
 
     monkeypatch.setattr(pq, "write_table", crashing_write_table)
     with pytest.raises(OSError, match="simulated crash"):
-        extract.run(params)
+        snapshot_and_extract(params)
     monkeypatch.undo()
 
     for name, data in before.items():
@@ -188,7 +192,7 @@ def test_extract_crash_while_writing_keeps_previous_artifacts(tmp_path, monkeypa
     assert _tmp_files(tmp_path) == []
 
     # the cache shard of the crashed run was complete: the rerun computes nothing new
-    report = extract.run(params)
+    report = snapshot_and_extract(params)
     assert (report["computed"], report["from_cache"], report["images"]) == (0, 6, 6)
     assert np.load(out / "prefix.npy").shape[0] == read_table(out / "features.parquet").num_rows == 6
 
@@ -197,13 +201,13 @@ def test_extract_empty_or_all_bad_folder_is_a_clear_error(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ConfigError, match="no images found"):
-        extract.run(_params(tmp_path, [empty]))
+        snapshot_and_extract(_params(tmp_path, [empty]))
     bad = tmp_path / "bad" / "dom"
     bad.mkdir(parents=True)
     (bad / "x.jpg").write_bytes(b"")
     (bad / "y.png").write_bytes(b"nope")
     with pytest.raises(ConfigError, match="none of the images could be decoded"):
-        extract.run(_params(tmp_path, [bad.parent]))
+        snapshot_and_extract(_params(tmp_path, [bad.parent]))
     assert not (tmp_path / "outputs" / "extract" / "features.parquet").exists()
 
 
@@ -269,8 +273,8 @@ def test_killed_extraction_keeps_the_features_it_flushed(tmp_path, monkeypatch):
 
     monkeypatch.setattr(extract.FeatureCache, "append", append_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        extract.run(params.model_copy(update={"extract": params.extract.model_copy(update={"batch_size": 2})}))
+        snapshot_and_extract(params.model_copy(update={"extract": params.extract.model_copy(update={"batch_size": 2})}))
     assert not (Path(params.out_dir) / "extract" / "features.parquet").exists()  # nothing half-published
     monkeypatch.setattr(extract.FeatureCache, "append", real_append)
-    report = extract.run(params)
+    report = snapshot_and_extract(params)
     assert (report["computed"], report["from_cache"]) == (2, 4)

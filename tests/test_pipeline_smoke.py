@@ -1,4 +1,4 @@
-"""The five steps chained on a tiny synthetic collection."""
+"""The seven steps chained on a tiny synthetic collection."""
 import json
 from pathlib import Path
 
@@ -8,7 +8,8 @@ from pipeline_steps.cli import run_all
 def test_all_steps_chain(tiny_params):
     timings = run_all(tiny_params)
     out = Path(tiny_params.out_dir)
-    assert set(timings) == {"extract", "cluster", "train-adaptor@2", "train-adaptor@4", "train-fusion", "evaluate"}
+    assert set(timings) == {"snapshot", "extract", "cluster", "train-adaptor@2", "train-adaptor@4", "train-fusion",
+                            "evaluate", "index"}
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
     assert set(metrics["methods"]) == {"zero_shot", "single_k_2", "single_k_4", "uniform", "oracle", "grappa"}
     for res in metrics["methods"].values():
@@ -17,3 +18,6 @@ def test_all_steps_chain(tiny_params):
     for plot in ("per_domain_map_at_r.png", "attention_by_domain.png", "top5_grappa.png"):
         assert (out / "evaluate" / "plots" / plot).stat().st_size > 1000
     assert not list((out / "checkpoints").glob("*.pt")), "checkpoints must be cleaned after success"
+    index = json.loads((out / "index" / "index.json").read_text())
+    model = json.loads((out / "model" / "model.json").read_text())
+    assert index["count"] == 64 and index["model_sha256"] == model["weights_sha256"]  # every snapshot image

@@ -16,8 +16,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, make_collection, tiny_params_dict
-from pipeline_steps import cluster, extract, train_adaptor, train_fusion
+from conftest import REPO, make_collection, snapshot_and_extract, tiny_params_dict
+from pipeline_steps import cluster, train_adaptor, train_fusion
 from pipeline_steps.artifacts import load_torch
 from pipeline_steps.cli import run_all
 from pipeline_steps.config import parse_params
@@ -35,7 +35,7 @@ def prepared(tmp_path_factory) -> Path:
     raw = tiny_params_dict(root, manifests, cluster={"ks": [2, 3], "niter": 10, "nredo": 1},
                            adaptor=ADAPTOR, fusion=FUSION)
     params = parse_params(raw)
-    extract.run(params)
+    snapshot_and_extract(params)
     cluster.run(params)
     (root / "raw.json").write_text(json.dumps(raw))
     return root

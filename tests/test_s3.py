@@ -7,6 +7,7 @@ import yaml
 
 from conftest import make_collection, tiny_params_dict
 from pipeline_steps import tracking
+from pipeline_steps.config import parse_params
 from pipeline_steps.storage import read_bytes, s3_client
 from test_tracking import _SCRUB, closed_port, error_lines, fresh_tracking_uri, run_cli
 
@@ -83,8 +84,9 @@ def extracted(s3_env, uploaded, tmp_path_factory):
     sources = [f"s3://{BUCKET}/folder/", f"s3://{BUCKET}/coll/shapes/manifest.csv",
                f"s3://{BUCKET}/coll/stripes/manifest.csv"]
     params = _params(tmp_path, sources)
-    rc, _, stderr = run_cli(["--params", params, "extract"])
-    assert rc == 0, stderr[-2000:]
+    for step in ("snapshot", "extract"):
+        rc, _, stderr = run_cli(["--params", params, step])
+        assert rc == 0, stderr[-2000:]
     return tmp_path, params
 
 
@@ -127,18 +129,47 @@ def test_mlflow_artifacts_land_in_s3(s3_env, extracted, tmp_path_factory, tmp_pa
 def test_unreachable_endpoint_fails_cleanly(extracted, tmp_path, monkeypatch, source, message, code):
     """Endpoint down: bounded retries, one line, non-zero exit, the previous outputs untouched."""
     out_dir, _ = extracted
-    features = out_dir / "outputs" / "extract" / "features.parquet"
-    before = (features.read_bytes(), features.stat().st_mtime_ns)
+    outputs = [out_dir / "outputs" / "extract" / "features.parquet", out_dir / "outputs" / "snapshot" / "manifest.parquet"]
+    before = [(path.read_bytes(), path.stat().st_mtime_ns) for path in outputs]
     params = _params(out_dir, [source], dest=tmp_path)
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_port()}")
     monkeypatch.setenv("GRAPPA_S3_MAX_ATTEMPTS", "2")
     s3_client.cache_clear()
-    rc, _, stderr = run_cli(["--params", params, "extract"])
+    rc, _, stderr = run_cli(["--params", params, "snapshot"])
     assert rc == code
     (line,) = error_lines(stderr)
     assert message in line and source in line
     assert "Traceback" not in stderr
-    assert (features.read_bytes(), features.stat().st_mtime_ns) == before
+    assert [(path.read_bytes(), path.stat().st_mtime_ns) for path in outputs] == before
+
+
+def test_snapshot_reads_only_new_or_changed_objects(s3_env, uploaded, tmp_path, monkeypatch):
+    """ETags from one listing tell unchanged objects apart: a rerun downloads only what changed."""
+    import boto3
+
+    from pipeline_steps import snapshot, storage
+
+    client = boto3.client("s3")
+    for i in range(3):
+        client.copy_object(Bucket=BUCKET, Key=f"delta/dom/img_{i}.png",
+                           CopySource={"Bucket": BUCKET, "Key": f"folder/dots/img_{i}.png"})
+    params = parse_params(tiny_params_dict(tmp_path, [f"s3://{BUCKET}/delta/"]))
+    reads = []
+    real_read = storage.read_bytes
+    monkeypatch.setattr(snapshot, "read_bytes", lambda uri: reads.append(uri) or real_read(uri))
+    first = snapshot.run(params)
+    assert (first["images"], first["files_read"], len(reads)) == (3, 3, 3)
+    manifest = snapshot.manifest_path(params).read_bytes()
+    reads.clear()
+    assert snapshot.run(params)["files_read"] == 0 and reads == []
+    assert snapshot.manifest_path(params).read_bytes() == manifest  # unchanged data: byte-identical snapshot
+    client.copy_object(Bucket=BUCKET, Key="delta/dom/img_3.png", CopySource={"Bucket": BUCKET, "Key": "folder/dots/img_3.png"})
+    client.put_object(Bucket=BUCKET, Key="delta/dom/img_0.png", Body=real_read(f"s3://{BUCKET}/folder/dots/img_5.png"))
+    third = snapshot.run(params)
+    assert sorted(reads) == [f"s3://{BUCKET}/delta/dom/img_0.png", f"s3://{BUCKET}/delta/dom/img_3.png"]
+    assert third["since_previous"] == {"new": 1, "changed": 1, "removed": 0, "unchanged": 2}
+    rows = {r["image_id"]: r for r in pq.read_table(snapshot.manifest_path(params)).to_pylist()}
+    assert all(r["etag"] and r["mtime_ns"] is None for r in rows.values())
 
 
 def test_throttling_is_retried(s3_env, uploaded):

@@ -107,6 +107,7 @@ def test_backbone_weights_pickle_refused(tmp_path, monkeypatch):
     raw = tiny_params_dict(tmp_path, manifests, backbone={"weights": str(path)})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.setenv(tracking.ENV_SWITCH, "0")
+    assert run_cli(["--params", str(tmp_path / "params.yaml"), "snapshot"])[0] == 0
     rc, _, stderr = run_cli(["--params", str(tmp_path / "params.yaml"), "extract"])
     assert rc == 2
     (line,) = error_lines(stderr)

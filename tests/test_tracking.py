@@ -20,11 +20,11 @@ from unittest import mock
 import pytest
 import yaml
 
-from conftest import REPO, make_collection, tiny_params_dict
-from pipeline_steps import cli, lineage, tracking
+from conftest import REPO, make_collection, make_workspace
+from pipeline_steps import cli, lineage, publish, tracking
 
 MODEL = "grappa-test-fused"
-STAGES = {"extract", "cluster", "train_adaptor@2", "train_adaptor@4", "train_fusion", "evaluate"}
+STAGES = {"snapshot", "extract", "cluster", "train_adaptor@2", "train_adaptor@4", "train_fusion", "evaluate", "index"}
 # Fake credentials present in the environment during the shared run (test_security scans for them).
 SECRETS = {
     "AWS_ACCESS_KEY_ID": "AKIAGRAPPAFAKE000042",
@@ -104,22 +104,31 @@ _SHARED: dict[str, SimpleNamespace] = {}
 
 
 def tracked_run(tmp_path_factory) -> SimpleNamespace:
-    """The tiny pipeline run once with tracking on (fake AWS credentials and Airflow ids in env)."""
+    """`grappa run` once with tracking on, in a DVC workspace (fake AWS credentials and Airflow ids in env).
+
+    The steps read a fixed dvc.lock (GRAPPA_DVC_LOCK) for their lock tags, so those can be checked exactly.
+    """
     key = str(tmp_path_factory.getbasetemp())
     if key in _SHARED:
         return _SHARED[key]
     root = tmp_path_factory.mktemp("tracked")
     manifests = make_collection(root / "data")
-    raw = tiny_params_dict(root, manifests, tracking={"experiment": "grappa-test", "registered_model": MODEL})
-    params_path = root / "params.yaml"
-    params_path.write_text(yaml.safe_dump(raw))
-    (root / "dvc.lock").write_text(yaml.safe_dump(DVC_LOCK))
+    repo = make_workspace(root / "repo", manifests, link_code=True, backbone={"image_size": 48},
+                          adaptor={"epochs": 2}, fusion={"epochs": 2},
+                          tracking={"experiment": "grappa-test", "registered_model": MODEL})
+    params_path = repo / "params.yaml"
+    raw = yaml.safe_load(params_path.read_text())
+    # the same params with absolute paths, for the tests that run single steps elsewhere
+    raw["data"]["sources"] = [str((repo / source).resolve()) for source in raw["data"]["sources"]]
+    raw["extract"]["cache_dir"] = str(repo / raw["extract"]["cache_dir"])
+    (root / "fixed.lock").write_text(yaml.safe_dump(DVC_LOCK))
     uri = fresh_tracking_uri(tmp_path_factory, root / "tracking")
-    env = {**{k: None for k in _SCRUB}, **SECRETS, **AIRFLOW, "MLFLOW_TRACKING_URI": uri}
-    with environment(**env), contextlib.chdir(root):
-        rc, stdout, stderr = run_cli(["--params", str(params_path), "run"])
-    _SHARED[key] = SimpleNamespace(root=root, params_path=params_path, raw=raw, uri=uri, rc=rc, stdout=stdout,
-                                   stderr=stderr, out_dir=Path(raw["out_dir"]), secrets=dict(SECRETS))
+    env = {**{k: None for k in _SCRUB}, **SECRETS, **AIRFLOW, "MLFLOW_TRACKING_URI": uri,
+           "GRAPPA_DVC_LOCK": str(root / "fixed.lock"), "OMP_NUM_THREADS": "1"}
+    with environment(**env), contextlib.chdir(repo):
+        rc, stdout, stderr = run_cli(["run"])
+    _SHARED[key] = SimpleNamespace(root=root, repo=repo, params_path=params_path, raw=raw, uri=uri, rc=rc,
+                                   stdout=stdout, stderr=stderr, out_dir=repo / "outputs", secrets=dict(SECRETS))
     return _SHARED[key]
 
 
@@ -237,7 +246,9 @@ def test_inputs_logged_with_digests(run, runs):
     assert extract[("unlabeled", "training")].digest == expected["unlabeled"][:32]
     assert extract[("query_db", "evaluation")].digest == expected["query_db"][:32]
     assert children["extract"].data.tags["dataset.unlabeled.sha256"] == expected["unlabeled"]
-    assert features.name in extract[("unlabeled", "training")].source
+    # same (image id, content) pairs as the snapshot's: MLflow keeps the one dataset, first logged by snapshot
+    assert "snapshot/manifest.parquet" in extract[("unlabeled", "training")].source
+    assert set(inputs(children["snapshot"])) == set(extract)
     assert set(inputs(children["train_adaptor@2"])) == {("unlabeled", "training")}
     assert set(inputs(children["evaluate"])) == {("query_db", "evaluation")}
 
@@ -249,14 +260,13 @@ def test_first_version_is_candidate_and_champion(run, runs, client):
     assert str(client.get_model_version_by_alias(MODEL, "candidate").version) == "1"
     assert version.run_id == children["evaluate"].info.run_id
     metrics = json.loads((run.out_dir / "evaluate" / "metrics.json").read_text())
-    assert float(version.tags[tracking.SCORE_TAG]) == pytest.approx(metrics["methods"]["grappa"]["mean"]["map_at_r"])
+    assert float(version.tags[publish.SCORE_TAG]) == pytest.approx(metrics["methods"]["grappa"]["mean"]["map_at_r"])
     assert "registered grappa-test-fused version 1 as candidate and champion" in run.stdout
 
 
 def test_lineage_from_champion_to_extract_digest(run, client):
     """models:/<name>@champion -> its run -> parent run -> extract child's dataset digest."""
     import mlflow
-    import torch
 
     version = client.get_model_version_by_alias(MODEL, "champion")
     evaluate_run = client.get_run(version.run_id)
@@ -268,12 +278,15 @@ def test_lineage_from_champion_to_extract_digest(run, client):
     digest, rows = lineage.split_digest(run.out_dir / "extract" / "features.parquet", "unlabeled")
     assert rows == 32 and logged["unlabeled"] == digest[:32]
 
-    # the registered model is our GrappaModel, usable as is
-    model = mlflow.pytorch.load_model(f"models:/{MODEL}@champion")
-    assert type(model).__name__ == "GrappaModel"
-    with torch.no_grad():
-        emb = model(torch.rand(2, 3, 48, 48))
-    assert emb.shape[0] == 2 and torch.allclose(emb.norm(dim=1), torch.ones(2), atol=1e-4)
+    # the registered model takes images and returns unit-length embeddings
+    import numpy as np
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    images = sorted((run.root / "data" / "shapes" / "images").glob("q_*.png"))[:2]
+    emb = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}))
+    assert emb.shape == (2, 256) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert model.metadata.get_input_schema().input_names() == ["image", "path"]
 
 
 def _fake_evaluate(delta: float):
@@ -307,7 +320,7 @@ def test_dag_style_runs_candidate_vs_champion(run, client, tmp_path, monkeypatch
 
     params_path = copy_of_run(run, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
-    champion_score = float(client.get_model_version_by_alias(MODEL, "champion").tags[tracking.SCORE_TAG])
+    champion_score = float(client.get_model_version_by_alias(MODEL, "champion").tags[publish.SCORE_TAG])
 
     for delta, expect_champion in ((-0.05, "1"), (+0.05, None)):
         rc, stdout, stderr = run_cli(["--params", str(params_path), "open-run", "--name", f"dag {delta}"])
@@ -335,6 +348,54 @@ def test_dag_style_runs_candidate_vs_champion(run, client, tmp_path, monkeypatch
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "3"
 
 
+def test_champion_is_rescored_when_the_evaluation_set_changed(run, client, tmp_path, monkeypatch):
+    """A candidate evaluated on other images is compared with the champion re-scored on those images."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from pipeline_steps.artifacts import read_table, write_table
+
+    params_path = copy_of_run(run, tmp_path, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    extract_dir = tmp_path / "outputs" / "extract"
+    table = read_table(extract_dir / "features.parquet")
+    keep = ~np.array(pc.and_(pc.equal(table.column("split"), "query_db"),
+                             pc.equal(table.column("domain"), "stripes")).to_pylist())
+    write_table(extract_dir / "features.parquet", table.filter(keep))  # the stripes queries are gone
+    np.save(extract_dir / "prefix.npy", np.load(extract_dir / "prefix.npy")[keep])
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+
+    rc, stdout, stderr = run_cli(["--params", str(params_path), "evaluate"])
+    assert rc == 0, stderr
+    metrics = json.loads((tmp_path / "outputs" / "evaluate" / "metrics.json").read_text())
+    assert set(metrics["methods"]["grappa"]["per_domain"]) == {"shapes"}
+    score = metrics["methods"]["grappa"]["mean"]["map_at_r"]
+    candidate = client.get_model_version(MODEL, client.get_model_version_by_alias(MODEL, "candidate").version)
+    assert candidate.tags[publish.EVAL_SET_TAG] != champion.tags[publish.EVAL_SET_TAG]
+    assert candidate.tags["grappa.compared_with"] == f"v{champion.version}"
+    # the champion has the same weights here: re-scored on this set it must reach exactly this score
+    assert float(candidate.tags["grappa.champion_score_on_eval_set"]) == pytest.approx(score, abs=1e-6)
+    assert "re-scored on this evaluation set" in candidate.tags["grappa.promotion"]
+    assert client.get_model_version_by_alias(MODEL, "champion").version == champion.version  # not better: kept
+    assert json.loads((tmp_path / "outputs" / "evaluate" / "champion.json").read_text())["version"] == str(champion.version)
+    assert "(not champion)" in stdout
+
+
+def test_promotion_decisions():
+    same, other = "set-a", "set-b"
+    never = lambda: pytest.fail("re-scored although the sets are the same")  # noqa: E731
+    assert publish.decide(0.5, same, None, never).promote
+    assert publish.decide(None, same, publish.Standing("1", 0.1, same), never).promote is False
+    assert publish.decide(0.5, same, publish.Standing("1", 0.4, same), never).promote
+    assert not publish.decide(0.4, same, publish.Standing("1", 0.4, same), never).promote  # a tie keeps the champion
+    # another set: the stored 0.9 is not comparable; the champion's score on this set decides
+    decision = publish.decide(0.5, same, publish.Standing("1", 0.9, other), lambda: 0.45)
+    assert decision.promote and decision.champion_score == 0.45 and "re-scored" in decision.reason
+    assert not publish.decide(0.5, same, publish.Standing("1", 0.1, other), lambda: 0.55).promote
+    legacy = publish.decide(0.5, same, publish.Standing("1", None, None), lambda: None)
+    assert legacy.promote and "cannot be scored" in legacy.reason
+
+
 # --------------------------------------------------------------------------- failure modes and switches
 
 
@@ -348,12 +409,12 @@ def test_unreachable_server_keeps_outputs(run, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    rc, stdout, stderr = run_cli(["--params", str(params_path), "extract"])
+    rc, stdout, stderr = run_cli(["--params", str(params_path), "snapshot"])
     assert rc == 4
-    assert (tmp_path / "outputs" / "extract" / "features.parquet").is_file()
-    assert (tmp_path / "outputs" / "extract" / "report.json").is_file()
+    assert (tmp_path / "outputs" / "snapshot" / "manifest.parquet").is_file()
+    assert (tmp_path / "outputs" / "snapshot" / "report.json").is_file()
     (line,) = error_lines(stderr)
-    assert "cannot log step 'extract'" in line and "unreachable after 1 retries" in line
+    assert "cannot log step 'snapshot'" in line and "unreachable after 1 retries" in line
     assert "hunter2secret" not in stderr + stdout
     assert "Traceback" not in stderr
 
@@ -415,7 +476,7 @@ def test_airflow_steps_meet_in_one_parent_per_dag_run(run, client, tmp_path, mon
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("GRAPPA_AIRFLOW_RUN_ID", "scheduled__2026-02-02")
     monkeypatch.chdir(tmp_path)
-    for step in ("cluster", "evaluate"):  # two tasks, two processes in production
+    for step in ("cluster", "evaluate", "close-run"):  # three tasks, three processes in production
         rc, _, stderr = run_cli(["--params", str(params_path), step])
         assert rc == 0, stderr
     experiment = client.get_experiment_by_name("grappa-test")
@@ -423,5 +484,5 @@ def test_airflow_steps_meet_in_one_parent_per_dag_run(run, client, tmp_path, mon
                                    "tags.`airflow.dag_run_id` = 'scheduled__2026-02-02' and tags.`grappa.kind` = 'pipeline'")
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(c.data.tags["dvc.stage"] for c in children) == ["cluster", "evaluate"]
-    assert parent.info.status == "FINISHED"  # closed by the DAG run's last step
+    assert parent.info.status == "FINISHED"  # closed by the DAG's close_run task
     assert "methods.grappa.mean.map_at_r" in parent.data.metrics

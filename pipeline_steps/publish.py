@@ -1,0 +1,197 @@
+"""Model publisher: register the fused model as a servable MLflow pyfunc and move ``champion`` on
+equal terms.
+
+A new version gets alias ``candidate``. It becomes ``champion`` only if its mean mAP@R beats the
+champion's *on the same evaluation set* (same query_db images and contents, same task list; its
+identity is the ``grappa.eval_set`` tag). When the champion was scored on another set, it is
+re-scored on this one in the same step, and both scores, the set and the decision are recorded on
+the new version. The champion's identity is written to ``<out>/evaluate/champion.json``
+(servable.write_champion), the file the ``index`` stage depends on, so the catalogue index is
+rebuilt exactly when the champion changes.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import lineage
+from .config import Params
+
+CHAMPION, CANDIDATE = "champion", "candidate"
+SCORE_TAG = "grappa.mean_map_at_r"  # the version's mean mAP@R on EVAL_SET_TAG
+EVAL_SET_TAG = "grappa.eval_set"
+MODEL_SHA_TAG = "grappa.model_sha256"
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+# what the pyfunc model imports when loaded (pinned to this environment's versions)
+RUNTIME_PACKAGES = ("torch", "timm", "mlflow", "numpy", "pandas", "pillow", "pyarrow", "pydantic", "pyyaml", "tqdm")
+
+
+# --------------------------------------------------------------------------- pure decisions
+
+
+def eval_set_id(params: Params) -> str:
+    """Identity of what ``evaluate`` scored: the query_db images (ids and content hashes) and the tasks."""
+    features = Path(params.out_dir) / "extract" / "features.parquet"
+    digest, _ = lineage.split_digest(features, "query_db")
+    tasks = sorted(t.name for t in params.evaluate.instance_tasks)
+    return hashlib.sha256(json.dumps([digest, tasks]).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Standing:
+    """A registered version's score and the evaluation set it was measured on."""
+
+    version: str
+    score: float | None
+    eval_set: str | None
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+    champion_score: float | None = None  # the champion's score on the candidate's evaluation set
+
+
+def decide(score: float | None, eval_set: str, champion: Standing | None,
+           rescore: Callable[[], float | None]) -> Decision:
+    """Promote the candidate only if it beats the champion measured on ``eval_set``."""
+    if score is None:
+        return Decision(False, "the candidate has no mean mAP@R")
+    if champion is None:
+        return Decision(True, "first version: no champion yet")
+    if champion.eval_set == eval_set and champion.score is not None:
+        best, basis = champion.score, "same evaluation set"
+    else:
+        best = rescore()
+        if best is None:
+            return Decision(True, f"champion v{champion.version} cannot be scored on this evaluation set "
+                                  "(it predates the servable format); replaced")
+        basis = f"champion v{champion.version} re-scored on this evaluation set"
+    verdict = "beats" if score > best else "does not beat"
+    return Decision(score > best, f"{score:.4f} {verdict} {best:.4f} ({basis})", best)
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+def signature(embed_dim: int):
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    from .pyfunc_model import IMAGE, PATH
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("binary", IMAGE, required=False), ColSpec("string", PATH, required=False)]),
+        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, embed_dim), name="embedding")]),
+    )
+
+
+def input_example(size: int):
+    """Two small images as bytes (a request needs no file on the server)."""
+    import pandas as pd
+    from PIL import Image
+
+    def png(colour) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (size, size), colour).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    return pd.DataFrame({"image": [png((200, 30, 30)), png((30, 30, 200))]})
+
+
+def _requirements() -> list[str]:
+    return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in RUNTIME_PACKAGES]
+
+
+def _standing(version) -> Standing:
+    try:
+        score = float(version.tags[SCORE_TAG])
+    except (KeyError, ValueError):
+        score = None
+    return Standing(str(version.version), score if score == score else None, version.tags.get(EVAL_SET_TAG))
+
+
+def score_registered(name: str, version: str, params: Params) -> float | None:
+    """Mean mAP@R of a registered version on this run's evaluation set (None if it cannot be loaded)."""
+    from . import servable
+    from .evaluate import score_servable
+
+    try:
+        model = servable.load(servable.download(f"models:/{name}/{version}"))
+    except Exception as err:  # a version registered in an older format, or unreadable
+        print(f"tracking: cannot load champion v{version} to re-score it: {str(err).splitlines()[0][:200]}")
+        return None
+    return score_servable(model, params)
+
+
+def publish_model(tracker, run_id: str, params: Params, metrics: dict) -> tuple[str, Decision]:
+    """Log and register the servable model of this run; move the aliases; returns (version, decision)."""
+    import mlflow
+
+    from . import servable
+
+    client = tracker.client
+    folder = servable.model_dir(params)
+    config = servable.read_config(folder)
+    name = params.tracking.registered_model
+    info = mlflow.pyfunc.log_model(
+        name="grappa",
+        python_model=str(PYFUNC_FILE),  # models-from-code: no pickled Python object in the registry
+        artifacts={"model": str(folder)},
+        code_paths=[str(Path(__file__).resolve().parent)],
+        signature=signature(config["embed_dim"]),
+        input_example=input_example(config["image_size"]),
+        pip_requirements=_requirements(),
+        registered_model_name=name,
+        metadata={"ks": config["ks"], "backbone": config["timm_name"], "model_sha256": config["weights_sha256"]},
+    )
+    version = str(info.registered_model_version)
+    score = _score(metrics)
+    eval_set = eval_set_id(params)
+    tags = {EVAL_SET_TAG: eval_set, MODEL_SHA_TAG: config["weights_sha256"],
+            "dvc.stage": lineage.dvc_stage_name("evaluate")}
+    if score is not None:
+        tags[SCORE_TAG] = repr(score)
+    if tracker.parent_run_id:
+        tags["grappa.parent_run_id"] = tracker.parent_run_id
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    client.set_registered_model_alias(name, CANDIDATE, version)
+
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except Exception:  # no champion yet
+        current = None
+    champion = _standing(current) if current is not None else None
+    decision = decide(score, eval_set, champion, lambda: score_registered(name, champion.version, params))
+    if champion is not None:
+        client.set_model_version_tag(name, version, "grappa.compared_with", f"v{champion.version}")
+    if decision.champion_score is not None:
+        client.set_model_version_tag(name, version, "grappa.champion_score_on_eval_set", repr(decision.champion_score))
+    client.set_model_version_tag(name, version, "grappa.promotion", decision.reason)
+    if decision.promote:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        servable.write_champion(params, config["weights_sha256"], f"models:/{name}/{version}", version)
+    else:
+        held = client.get_model_version(name, champion.version)
+        servable.write_champion(params, held.tags.get(MODEL_SHA_TAG, ""), f"models:/{name}/{champion.version}",
+                       champion.version)
+    client.set_tag(run_id, "grappa.model_version", version)
+    client.set_tag(run_id, "grappa.model_alias", CHAMPION if decision.promote else CANDIDATE)
+    print(f"tracking: registered {name} version {version} as {CANDIDATE}"
+          + (f" and {CHAMPION}" if decision.promote else f" (not {CHAMPION})") + f": {decision.reason}", flush=True)
+    return version, decision
+
+
+def _score(metrics: dict) -> float | None:
+    try:
+        return float(metrics["methods"]["grappa"]["mean"]["map_at_r"])
+    except (KeyError, TypeError, ValueError):
+        return None

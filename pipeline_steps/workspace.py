@@ -1,0 +1,254 @@
+"""The DVC workspace every pipeline run goes through: params.yaml, dvc.yaml and ``dvc repro``.
+
+One rule for every entry point (``grappa run``, the Airflow tasks, a user's ``dvc repro``): the
+outputs are what ``dvc.yaml`` computes from ``params.yaml``. So
+
+- a run-time override (``grappa run --set``/``--params FILE``, an Airflow run conf) is first written
+  into ``params.yaml``, as ``dvc exp run --set-param`` does, and ``dvc.lock`` records it; it stays
+  until changed back (``git diff params.yaml`` shows it);
+- the ``snapshot`` stage depends on the data roots of ``data.sources`` (a manifest's folder, an
+  image folder, an ``s3://`` prefix) as DVC external dependencies, and ``index`` on those of
+  ``index.sources``, so ``dvc status`` sees images land, change or vanish. DVC cannot derive those
+  paths from params.yaml (it interpolates no lists into ``deps``), so :func:`sync_data_deps` writes
+  them into ``dvc.yaml``; every entry point calls it and ``grappa check`` reports a drift.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from .config import ConfigError, Params, parse_params
+from .data import MANIFEST_EXTENSIONS
+from .storage import is_s3
+
+SNAPSHOT_STAGE, INDEX_STAGE = "snapshot", "index"
+CODE_PREFIX = "pipeline_steps/"
+UP_TO_DATE_EXIT = 99  # Airflow's skip_on_exit_code default: a task with nothing to do shows as skipped
+
+
+def _yaml():
+    from ruamel.yaml import YAML
+
+    yaml = YAML()  # round-trip: comments, key order and flow style survive an edit
+    yaml.preserve_quotes = True
+    yaml.width = 4096
+    yaml.indent(mapping=2, sequence=4, offset=2)  # "  - item" under its key, as in our YAML files
+    return yaml
+
+
+def _load(path: Path):
+    return _yaml().load(path.read_text())
+
+
+def _dump(path: Path, document) -> None:
+    from .artifacts import write_text
+
+    buffer = io.StringIO()
+    _yaml().dump(document, buffer)
+    write_text(path, buffer.getvalue())
+
+
+# --------------------------------------------------------------------------- params.yaml
+
+
+def _leaves(obj, prefix: str = "") -> dict[str, object]:
+    if isinstance(obj, dict):
+        out: dict[str, object] = {}
+        for key, value in obj.items():
+            out.update(_leaves(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def _set(document, dotted: str, value) -> None:
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    *parents, leaf = dotted.split(".")
+    node = document
+    for part in parents:
+        if part not in node or node[part] is None:
+            node[part] = CommentedMap()
+        node = node[part]
+    old = node.get(leaf)
+    if isinstance(value, list):
+        seq = CommentedSeq(value)
+        if isinstance(old, CommentedSeq) and old.fa.flow_style():
+            seq.fa.set_flow_style()
+        value = seq
+    node[leaf] = value
+
+
+def record_params(path: Path, target: Params) -> list[str]:
+    """Make ``path`` (params.yaml) say ``target``; returns one line per changed key ("key: old -> new").
+
+    Only differing keys are rewritten, so the file's comments and layout stay.
+    """
+    document = _load(path) if path.is_file() else None
+    if document is None:
+        from ruamel.yaml.comments import CommentedMap
+
+        document = CommentedMap()
+    current = parse_params(_plain(document)).model_dump(mode="json") if len(document) else {}
+    wanted = target.model_dump(mode="json")
+    before, after = _leaves(current), _leaves(wanted)
+    changed = [key for key in after if key not in before or before[key] != after[key]]
+    for key in changed:
+        _set(document, key, after[key])
+    if changed:
+        _dump(path, document)
+    return [f"{key}: {before.get(key, '(default)')!r} -> {after[key]!r}" for key in changed]
+
+
+def _plain(node):
+    """ruamel's commented containers -> plain dicts/lists (what pydantic validates)."""
+    if isinstance(node, dict):
+        return {str(k): _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    return node
+
+
+# --------------------------------------------------------------------------- dvc.yaml
+
+
+def data_roots(sources: list[str]) -> list[str]:
+    """What DVC must watch for each source: a manifest's folder (its images live below it), an image
+    folder, an s3 prefix (with a trailing slash), in order and without repeats."""
+    roots: list[str] = []
+    for source in sources:
+        if PurePosixPath(source).suffix.lower() in MANIFEST_EXTENSIONS:
+            root = source.rsplit("/", 1)[0] + "/" if is_s3(source) else (os.path.dirname(source) or ".")
+        else:
+            root = source.rstrip("/") + "/" if is_s3(source) else source.rstrip("/") or "/"
+        if root not in roots:
+            roots.append(root)
+    return roots
+
+
+def watched_sources(params: Params) -> dict[str, list[str]]:
+    """The stages that read image sources, and those sources."""
+    return {SNAPSHOT_STAGE: params.data.sources, INDEX_STAGE: params.index.sources}
+
+
+def _deps(document, stage: str) -> list:
+    try:
+        return document["stages"][stage]["deps"]
+    except (KeyError, TypeError):
+        raise ConfigError(f"dvc.yaml has no '{stage}' stage with deps") from None
+
+
+def _is_data_dep(dep) -> bool:
+    return isinstance(dep, str) and not dep.startswith(CODE_PREFIX) and "${" not in dep
+
+
+def check_outputs_inside(workspace: Path, params: Params) -> None:
+    """DVC 3 tracks outputs only inside the project: out_dir must be a relative folder in it."""
+    out = Path(params.out_dir)
+    if out.is_absolute() or ".." in out.parts:
+        raise ConfigError(f"out_dir: '{params.out_dir}' is outside the DVC workspace {workspace}; "
+                          "use a relative folder (e.g. outputs)")
+
+
+def sync_data_deps(workspace: Path, params: Params) -> list[str]:
+    """Write the data roots of the watched sources into their stages' deps in dvc.yaml.
+
+    Returns what was added and removed ("snapshot + root" / "index - root"); empty means in sync.
+    """
+    dvc_yaml = workspace / "dvc.yaml"
+    document = _load(dvc_yaml)
+    changes = []
+    for stage, sources in watched_sources(params).items():
+        deps = _deps(document, stage)
+        wanted = data_roots(sources)
+        for root in wanted:
+            if not is_s3(root) and not (workspace / root).exists():
+                raise ConfigError(f"source not found: {root} (listed for the {stage} stage)")
+        declared = [d for d in deps if _is_data_dep(d)]
+        if declared == wanted:
+            continue
+        keep = [d for d in deps if not _is_data_dep(d)]
+        deps.clear()
+        deps.extend(keep + wanted)
+        changes += [f"{stage} + {r}" for r in wanted if r not in declared]
+        changes += [f"{stage} - {r}" for r in declared if r not in wanted]
+    if changes:
+        _dump(dvc_yaml, document)
+    return changes
+
+
+def drift(workspace: Path, params: Params) -> str | None:
+    """None when dvc.yaml watches exactly the data roots params.yaml lists, else what differs."""
+    document = _load(workspace / "dvc.yaml")
+    for stage, sources in watched_sources(params).items():
+        declared = [d for d in _deps(document, stage) if _is_data_dep(d)]
+        wanted = data_roots(sources)
+        if declared != wanted:
+            return (f"dvc.yaml's {stage} stage watches {declared} but params.yaml's sources need {wanted}; "
+                    "run 'grappa prepare' (grappa run and the Airflow DAG do it themselves)")
+    return None
+
+
+# --------------------------------------------------------------------------- dvc repro
+
+
+@dataclass
+class Repro:
+    """What one ``dvc repro`` did: stages run (with seconds), skipped as up to date, restored from the run cache."""
+
+    returncode: int
+    ran: dict[str, float] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    restored: list[str] = field(default_factory=list)
+
+
+_RUNNING = re.compile(r"^Running stage '([^']+)'")
+_SKIPPED = re.compile(r"^Stage '([^']+)' didn't change, skipping")
+_RESTORED = re.compile(r"^Stage '([^']+)' is cached - skipping run")
+
+
+def dvc_command() -> list[str]:
+    """The dvc of this interpreter's environment (the stage commands' ``python`` is put beside it)."""
+    bindir = Path(sys.executable).parent
+    dvc = bindir / "dvc"
+    return [str(dvc) if dvc.exists() else "dvc"]
+
+
+def repro(workspace: Path, stage: str | None = None, env: dict[str, str] | None = None,
+          echo=print) -> Repro:
+    """``dvc repro`` (one stage with ``stage``) in ``workspace``, streaming its output through ``echo``."""
+    argv = [*dvc_command(), "--wait-for-lock", "repro", *(["--single-item", stage] if stage else [])]
+    bindir = str(Path(sys.executable).parent)
+    child_env = {**os.environ, **(env or {}), "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+    child_env.setdefault("DVC_NO_ANALYTICS", "1")
+    result = Repro(returncode=0)
+    current, started = None, 0.0
+    try:
+        proc = subprocess.Popen(argv, cwd=workspace, env=child_env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+    except OSError as err:
+        raise ConfigError(f"cannot run dvc ({err.strerror}); is DVC installed in this environment?") from None
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        echo(line.rstrip("\n"))
+        stripped = line.strip()
+        for pattern, bucket in ((_RUNNING, None), (_SKIPPED, result.skipped), (_RESTORED, result.restored)):
+            match = pattern.match(stripped)
+            if not match:
+                continue
+            if current is not None:
+                result.ran[current] = time.perf_counter() - started
+                current = None
+            if bucket is None:
+                current, started = match.group(1), time.perf_counter()
+            else:
+                bucket.append(match.group(1))
+    result.returncode = proc.wait()
+    if current is not None:
+        result.ran[current] = time.perf_counter() - started
+    return result

@@ -1,0 +1,130 @@
+"""Embed, index, search: the catalogue index built with the model that serves, grown incrementally."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import draw_image, make_collection, tiny_params_dict
+from pipeline_steps import extract, index, servable, snapshot
+from pipeline_steps.cli import run_all
+from pipeline_steps.config import ConfigError, parse_params
+from test_tracking import run_cli
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """The seven steps on a tiny collection plus a folder source (tracking off: the workspace model serves)."""
+    root = tmp_path_factory.mktemp("index")
+    manifests = make_collection(root / "data")
+    (root / "drop" / "shapes").mkdir(parents=True)
+    raw = tiny_params_dict(root, [*manifests, root / "drop"])
+    run_all(parse_params(raw))
+    return root, raw
+
+
+@pytest.fixture
+def work(pipeline, tmp_path):
+    """A private copy of the pipeline's outputs (the tests change the catalogue, the index and the champion)."""
+    root, raw = pipeline
+    shutil.copytree(root / "outputs", tmp_path / "outputs")
+    shutil.copytree(root / "drop", tmp_path / "drop")
+    raw = {**raw, "out_dir": str(tmp_path / "outputs"),
+           "data": {**raw["data"], "sources": [*raw["data"]["sources"][:-1], str(tmp_path / "drop")]}}
+    return parse_params(raw), raw
+
+
+def _meta(params) -> dict:
+    return json.loads((index.index_dir(params) / index.META_FILE).read_text())
+
+
+def _other_model(params, folder: Path) -> servable.Servable:
+    """The pipeline's model with one fusion weight changed, exported elsewhere: another model."""
+    model = servable.load(servable.model_dir(params))
+    next(p for name, p in model.model.named_parameters() if name.startswith("fusion.")).data.add_(0.5)
+    servable.export(model.model, params, model.preprocess, folder)
+    return servable.load(folder)
+
+
+def test_catalogue_images_find_themselves_first(work):
+    params, _ = work
+    meta = _meta(params)
+    model = servable.load(servable.model_dir(params))
+    assert meta["count"] == 64 and meta["model_sha256"] == model.digest and meta["factory"] == "Flat"
+    vectors_index, rows, _ = index.read(index.index_dir(params))
+    uris = [rows[i]["uri"] for i in (0, 17, 40, 63)]
+    # queries go through the full image path, the index was filled from the cached prefix: same embedding
+    scores, ids = index.search(vectors_index, model.embed(uris), top_k=3)
+    assert [rows[i]["uri"] for i in ids[:, 0]] == uris
+    assert scores[:, 0].min() > 0.999
+
+
+def test_new_catalogue_images_are_added_not_rebuilt(work):
+    params, raw = work
+    for i in range(2):
+        draw_image("shapes", i, seed=900 + i).save(Path(raw["data"]["sources"][-1]) / "shapes" / f"new{i}.png")
+    snapshot.run(params)
+    assert extract.run(params)["computed"] == 2
+    meta = index.run(params)
+    assert (meta["embedded"], meta["count"]) == (2, 66)
+    assert meta["action"].startswith("added 2 images")
+    assert index.run(params)["embedded"] == 0  # nothing new: nothing embedded
+
+
+def test_another_champion_rebuilds_and_a_foreign_model_is_refused(work, tmp_path, capsys):
+    params, _ = work
+    other = _other_model(params, tmp_path / "other")
+    with pytest.raises(ConfigError, match="was built by model .* not by"):
+        index.search_command(params, [str(tmp_path / "q.png")], 3, None, str(tmp_path / "other"))
+    servable.write_champion(params, other.digest, str(tmp_path / "other"))
+    meta = index.run(params)
+    assert meta["action"].startswith("rebuilt (the index was built by model")
+    assert (meta["model_sha256"], meta["embedded"]) == (other.digest, 64)
+
+
+def test_search_cli_prints_ranked_ids_paths_and_scores(work, tmp_path):
+    params, raw = work
+    query = raw["data"]["sources"][0].replace("manifest.csv", "images/q_1_0.png")
+    (tmp_path / "params.yaml").write_text(json.dumps(raw))
+    rc, out, err = run_cli(["search", query, "--top-k", "2", "--params", str(tmp_path / "params.yaml")])
+    assert rc == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0] == f"query 1: {query}" and "rank" in lines[1]
+    rank, score, image_id, uri = lines[2].split()
+    assert (rank, image_id, uri) == ("1", "shapes/images/q_1_0.png", query) and float(score) > 0.999
+    rc, _, err = run_cli(["search", str(tmp_path / "absent.png"), "--params", str(tmp_path / "params.yaml")])
+    assert rc == 2 and "absent.png" in err and "Traceback" not in err
+
+
+def test_index_factories(work):
+    params, raw = work
+    hnsw = parse_params({**raw, "index": {"factory": "HNSW16", "search_params": "efSearch=32"}})
+    meta = index.run(hnsw)
+    assert meta["action"].startswith("rebuilt (index.factory changed") and meta["count"] == 64
+    searcher, rows, _ = index.read(index.index_dir(hnsw))
+    model = servable.load(servable.model_dir(hnsw))
+    _, ids = index.search(searcher, model.embed([rows[5]["uri"]]), 1, "efSearch=32")
+    assert ids[0, 0] == 5
+    with pytest.raises(ConfigError, match="index.factory: faiss cannot build 'IVF256,Flat' over 64 vectors"):
+        index.run(parse_params({**raw, "index": {"factory": "IVF256,Flat"}}))
+    with pytest.raises(ConfigError, match="index.factory"):
+        index.run(parse_params({**raw, "index": {"factory": "NoSuchIndex"}}))
+
+
+def test_embed_writes_one_row_per_readable_image(work, tmp_path, capsys):
+    params, raw = work
+    folder = Path(raw["data"]["sources"][0]).parent / "images"
+    (tmp_path / "broken").mkdir()
+    shutil.copy(next(folder.glob("q_0_0.png")), tmp_path / "broken" / "ok.png")
+    (tmp_path / "broken" / "bad.png").write_bytes(b"not a png")
+    out = tmp_path / "emb.parquet"
+    index.embed_command(params, [str(tmp_path / "broken")], str(out), None)
+    table = pq.read_table(out)
+    assert table.column("image_id").to_pylist() == ["broken/ok.png"]
+    assert len(table.column("embedding")[0].as_py()) == 256
+    sha = table.schema.metadata[b"grappa.model_sha256"].decode()
+    assert sha == servable.load(servable.model_dir(params)).digest
+    assert "skipped broken/bad.png" in capsys.readouterr().out

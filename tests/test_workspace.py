@@ -1,0 +1,79 @@
+"""The DVC workspace rule: overrides go into params.yaml, dvc.yaml watches the folders the sources name."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, make_collection, tiny_params_dict
+from pipeline_steps import workspace
+from pipeline_steps.config import ConfigError, load_params, parse_params
+
+PARAMS_WITH_COMMENTS = """\
+# Parameters of every step
+seed: 0
+data:
+  # where the images are
+  sources:
+    - {source}
+cluster:
+  ks: [2, 4]   # pseudo-granularities
+"""
+
+
+def test_data_roots_are_what_dvc_must_watch():
+    assert workspace.data_roots([
+        "../shared/birds/manifest.csv", "data/incoming/", "s3://bucket/raw", "s3://bucket/m/list.parquet",
+        "manifest.csv", "data/incoming",
+    ]) == ["../shared/birds", "data/incoming", "s3://bucket/raw/", "s3://bucket/m/", "."]
+
+
+def test_record_params_rewrites_only_changed_keys_and_keeps_comments(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(PARAMS_WITH_COMMENTS.format(source="data/m.csv"))
+    current = load_params(path)
+    assert workspace.record_params(path, current) == []  # nothing to record: the file is left alone
+
+    target = load_params(path, {"cluster.ks": [2, 3], "data.max_unlabeled_per_domain": 10})
+    changes = workspace.record_params(path, target)
+    assert changes == ["data.max_unlabeled_per_domain: None -> 10", "cluster.ks: [2, 4] -> [2, 3]"]
+    text = path.read_text()
+    for kept in ("# Parameters of every step", "  # where the images are", "# pseudo-granularities"):
+        assert kept in text
+    assert "ks: [2, 3]" in text  # the flow style of the list is kept
+    assert load_params(path) == target
+
+
+def test_sync_data_deps_replaces_only_the_data_roots(tmp_path):
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    manifests = make_collection(tmp_path / "data", classes=2, per_class=2, unlabeled=2)
+    (tmp_path / "drop").mkdir()
+    params = parse_params(tiny_params_dict(tmp_path, [f"data/{m.parent.name}/manifest.csv" for m in manifests] + ["drop"]))
+    assert "snapshot stage watches" in workspace.drift(tmp_path, params)
+    before = (tmp_path / "dvc.yaml").read_text()
+
+    changes = workspace.sync_data_deps(tmp_path, params)
+    assert "snapshot + data/shapes" in changes and "snapshot - ../shared/data/multidomain/birds" in changes
+    assert workspace.drift(tmp_path, params) is None and workspace.sync_data_deps(tmp_path, params) == []
+    after = (tmp_path / "dvc.yaml").read_text()
+    deps = yaml.safe_load(after)["stages"]["snapshot"]["deps"]
+    assert deps[-3:] == ["data/shapes", "data/stripes", "drop"]
+    assert [d for d in deps if d.startswith("pipeline_steps/")] == \
+        [d for d in yaml.safe_load(before)["stages"]["snapshot"]["deps"] if d.startswith("pipeline_steps/")]
+    # comments and every other stage are untouched
+    assert [line for line in before.splitlines() if "multidomain" not in line and "incoming" not in line] == \
+        [line for line in after.splitlines() if "data/s" not in line and "- drop" not in line]
+
+    catalogue = parse_params({**tiny_params_dict(tmp_path, ["drop"]), "index": {"sources": ["drop"]}})
+    assert "index + drop" in workspace.sync_data_deps(tmp_path, catalogue)
+    assert yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]["index"]["deps"][-1] == "drop"
+
+
+def test_missing_source_and_outputs_outside_are_clear_errors(tmp_path):
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    with pytest.raises(ConfigError, match="source not found: nowhere"):
+        workspace.sync_data_deps(tmp_path, parse_params(tiny_params_dict(tmp_path, ["nowhere"])))
+    with pytest.raises(ConfigError, match="out_dir: .* outside the DVC workspace"):
+        workspace.check_outputs_inside(tmp_path, parse_params(tiny_params_dict(tmp_path, ["x"])))  # absolute out_dir
