@@ -6,7 +6,8 @@
   (all optional). With the local runner the conf is first written into the workspace's params.yaml
   (``grappa prepare``) and every step task runs ``grappa repro <stage>``: DVC reruns exactly what
   the new data or conf changed, and a task whose stage is up to date ends as *skipped* with a log
-  line saying so, so a run with nothing new is a visible no-op.
+  line saying so. A run with nothing new at all stops at ``plan`` (``dvc status`` up to date, said
+  in its log) and every later task shows as skipped: a visible no-op.
 - ``grappa_watch_folder`` / ``grappa_watch_s3``: poll the local folders the pipeline reads (or
   GRAPPA_WATCH_DIR) / an S3 prefix and emit an event on the asset when the listing differs from
   the one the last pipeline run started on.
@@ -32,6 +33,8 @@ import runners  # noqa: E402
 UNLABELED = Asset(uri="grappa://data/unlabeled", name="grappa_unlabeled")
 STEP_TASKS = [task_id for task_id in runners.STEPS if task_id != "train_adaptor"]
 START = datetime(2026, 1, 1)
+# The watchers' poll schedule; empty: no schedule (triggered by hand or by the API only).
+WATCH_SCHEDULE = os.environ.get("GRAPPA_WATCH_SCHEDULE", "*/15 * * * *") or None
 SETTLE_S = float(os.environ.get("GRAPPA_WATCH_SETTLE_S", 30))
 
 
@@ -51,10 +54,11 @@ def build_pipeline(runner: str):
         doc_md=__doc__,
     )
     def grappa_pipeline():
-        @task
+        @task.short_circuit
         def plan(params=None, ti=None, triggering_asset_events=None) -> list:
             # Glue, not a step: a bad conf fails here at once, without retries. Returns one
             # train_adaptor command per k (mapping needs the return value); the others go by key.
+            # Returns [] (every later task skipped) when DVC finds nothing to do.
             events = runners.trigger_events(triggering_asset_events)
             for event in events:
                 print(f"triggered by new data: source={event['source']} fingerprint={event['fingerprint']}")
@@ -64,6 +68,12 @@ def build_pipeline(runner: str):
             if commands["prepare"]:
                 print(runners.prepare_workspace(commands["prepare"]) or "params.yaml and dvc.yaml: unchanged")
             runners.record_started(events)  # the watchers compare against what a run has started on
+            stale = runners.stale_stages(runner)
+            if stale == []:
+                print("nothing to do: the data, params and code are those dvc.lock recorded; every step is skipped")
+                return []
+            if stale:
+                print(f"out of date (dvc status): {', '.join(stale)}")
             ti.xcom_push(key="trigger", value=json.dumps(events))
             for name in (*STEP_TASKS, "close_run"):
                 ti.xcom_push(key=name, value=commands[name])
@@ -87,7 +97,7 @@ pipeline = build_pipeline(runners.runner_name())
 
 @dag(
     dag_id="grappa_watch_folder",
-    schedule=os.environ.get("GRAPPA_WATCH_SCHEDULE", "*/15 * * * *"),
+    schedule=WATCH_SCHEDULE,
     start_date=START,
     catchup=False,
     max_active_runs=1,
@@ -108,7 +118,7 @@ def grappa_watch_folder():
 
 @dag(
     dag_id="grappa_watch_s3",
-    schedule=os.environ.get("GRAPPA_WATCH_SCHEDULE", "*/15 * * * *"),
+    schedule=WATCH_SCHEDULE,
     start_date=START,
     catchup=False,
     max_active_runs=1,

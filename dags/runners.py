@@ -136,6 +136,19 @@ def prepare_workspace(command: str) -> str:
     return done.stdout
 
 
+def stale_stages(runner: str) -> list[str] | None:
+    """The stages `dvc status` finds out of date in the workspace (local runner), None where DVC does
+    not run the steps. An empty list: this run has nothing to do."""
+    if runner != "local":
+        return None
+    dvc = Path(os.environ.get("GRAPPA_PYTHON") or sys.executable).parent / "dvc"
+    done = subprocess.run([str(dvc) if dvc.exists() else "dvc", "status", "--json"], cwd=REPO, capture_output=True,
+                          text=True, timeout=900)
+    if done.returncode != 0:
+        raise RuntimeError(f"dvc status failed: {(done.stderr or done.stdout).strip()[-500:]}")
+    return sorted(json.loads(done.stdout or "{}"))
+
+
 # -- triggers -----------------------------------------------------------------------------------
 
 def trigger_events(triggering_asset_events) -> list[dict]:

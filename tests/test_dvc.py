@@ -187,29 +187,6 @@ def test_dag_commands_agree_with_grappa_run(dvc_repo, reproduced, monkeypatch):
     assert "stage 'extract' is up to date" in done.stdout
 
 
-def test_new_image_reruns_the_dag_stages_and_extracts_only_it(dvc_repo, reproduced, monkeypatch):
-    """An image dropped into a folder source: DVC sees it, each DAG command reruns its stage, extract
-    computes exactly one new feature, and dvc.lock ends up to date."""
-    from PIL import Image
-
-    Image.new("RGB", (32, 32), (250, 20, 200)).save(dvc_repo.parent / "drop" / "shapes" / "new.png")
-    assert re.search(r"modified:\s+\S*/drop\n", run_dvc(dvc_repo, "status"))
-    monkeypatch.setattr(runners, "REPO", dvc_repo)
-    monkeypatch.setenv("GRAPPA_PYTHON", str(VENV_BIN / "python"))
-    plan = runners.plan({}, "local")
-    env = {**os.environ, "GRAPPA_TRACKING": "0", "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"}
-    for command in [plan["snapshot"], plan["extract"], plan["cluster"], *plan["train_adaptor"], plan["train_fusion"],
-                    plan["evaluate"], plan["index"]]:
-        done = subprocess.run(["bash", "-c", command], cwd=dvc_repo, env=env, capture_output=True, text=True,
-                              timeout=600)
-        assert done.returncode == 0, command + "\n" + done.stdout[-2000:] + done.stderr[-2000:]
-    assert report(dvc_repo, "snapshot")["since_previous"] == {"new": 1, "changed": 0, "removed": 0, "unchanged": 64}
-    assert report(dvc_repo, "snapshot")["files_read"] == 1  # the 64 others kept their hashes (size + mtime)
-    assert (report(dvc_repo, "extract")["computed"], report(dvc_repo, "extract")["from_cache"]) == (1, 64)
-    assert json.loads((dvc_repo / "outputs" / "index" / "index.json").read_text())["count"] == 65
-    assert "up to date" in run_dvc(dvc_repo, "status")
-
-
 def test_override_is_written_where_dvc_sees_it(dvc_repo, reproduced):
     """`grappa run --set` records the override in params.yaml (comments kept), so dvc.lock holds it and a
     plain `dvc repro` afterwards has nothing to do; unchanged k keep their adaptors."""

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import REPO
 from pipeline_steps import servable
-from test_tracking import MODEL, tracked_run
+from test_tracking import _SCRUB, MODEL, tracked_run
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -52,7 +52,9 @@ def _images(run, n: int = 2) -> list[str]:
 
 
 def _env(run) -> dict:
-    return {**os.environ, "MLFLOW_TRACKING_URI": run.uri, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+    """A user's shell: only the tracking URI set (nothing that earlier tests left in this process)."""
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
+    return {**env, "MLFLOW_TRACKING_URI": run.uri, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
             "PYTHONPATH": ""}
 
 
@@ -116,5 +118,6 @@ def test_mlflow_models_serve_answers_an_http_request_with_an_image(run, tmp_path
         status, body = _post(port, {"dataframe_records": [{"path": ""}]})
         assert status >= 400 and "give the image" in json.dumps(body)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)

@@ -1,0 +1,258 @@
+"""The loop as a user lives it, under a real Airflow 3 scheduler on loopback (not ``dag.test()``).
+
+api-server (127.0.0.1), scheduler, dag-processor and triggerer run as separate processes on SQLite
+with the LocalExecutor, an MLflow tracking server beside them, the local runner in a DVC workspace
+of tiny images. Images dropped into the watched folder go through the folder watcher, an asset
+event and a ``grappa_pipeline`` run; the second drop must extract exactly the new images and
+register a new model version; an event with nothing new must end as a visible no-op; ``dvc status``
+must be up to date at the end. Everything is driven through the REST API, as a user's script would.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, draw_image, make_collection, make_workspace
+from test_tracking import _SCRUB
+
+VENV_BIN = Path(sys.executable).parent
+PIPELINE, WATCHER = "grappa_pipeline", "grappa_watch_folder"
+STEP_TASKS = {"snapshot", "extract", "cluster", "train_adaptor", "train_fusion", "evaluate", "index"}
+MODEL = "grappa-loop"
+
+pytestmark = pytest.mark.skipif(not (VENV_BIN / "airflow").exists() or shutil.which("git") is None,
+                                reason="needs the airflow CLI in the venv and git")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    root: Path
+    repo: Path
+    api: str
+    mlflow: str
+    procs: dict = field(default_factory=dict)
+
+    def call(self, method: str, path: str, body: dict | None = None) -> dict:
+        token = json.loads(urllib.request.urlopen(f"{self.api}/auth/token", timeout=30).read())["access_token"]
+        request = urllib.request.Request(f"{self.api}{path}", method=method,
+                                         data=None if body is None else json.dumps(body).encode(),
+                                         headers={"Authorization": f"Bearer {token}",
+                                                  "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read() or b"{}")
+
+    def runs(self, dag_id: str) -> list[dict]:
+        return self.call("GET", f"/api/v2/dags/{dag_id}/dagRuns?limit=100")["dag_runs"]
+
+    def tasks(self, dag_id: str, run_id: str) -> dict[tuple[str, int], str]:
+        found = self.call("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
+        return {(t["task_id"], t["map_index"]): t["state"] for t in found}
+
+    def log(self, dag_id: str, run_id: str, task_id: str) -> str:
+        content = self.call("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/1")
+        return "\n".join(str(line.get("event", "")) for line in content["content"])
+
+    def wait(self, dag_id: str, run_id: str, timeout: float = 900) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.call("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")["state"]
+            if state in ("success", "failed"):
+                return state
+            for name, proc in self.procs.items():
+                assert proc.poll() is None, f"{name} died:\n" + (self.root / f"{name}.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, f"{dag_id} {run_id} still {state} after {timeout} s"
+            time.sleep(3)
+
+    def trigger(self, dag_id: str) -> str:
+        return self.call("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None})["dag_run_id"]
+
+    def poll_watcher(self) -> tuple[str, str | None]:
+        """Run the folder watcher now; returns its task's state and the pipeline run it caused (if any)."""
+        before = {r["dag_run_id"] for r in self.runs(PIPELINE)}
+        run_id = self.trigger(WATCHER)
+        assert self.wait(WATCHER, run_id, timeout=300) == "success"
+        state = self.tasks(WATCHER, run_id)[("detect_folder_change", -1)]
+        if state != "success":
+            return state, None
+        deadline = time.monotonic() + 120
+        while not (new := [r for r in self.runs(PIPELINE) if r["dag_run_id"] not in before]):
+            assert time.monotonic() < deadline, "the asset event started no pipeline run"
+            time.sleep(2)
+        return state, new[0]["dag_run_id"]
+
+
+def _wait_http(url: str, procs: dict, root: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            return
+        except (urllib.error.URLError, OSError):
+            for name, proc in procs.items():
+                assert proc.poll() is None, f"{name} died:\n" + (root / f"{name}.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, f"{url} not up after {timeout} s"
+            time.sleep(1)
+
+
+def _drop(folder: Path, names: list[str], seed: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        draw_image("shapes", i % 4, seed=seed + i, size=32).save(folder / name)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loop")
+    manifests = make_collection(root / "data", size=32, per_class=3, unlabeled=12)
+    (root / "incoming").mkdir()
+    repo = make_workspace(root / "repo", [*manifests, root / "incoming"], link_code=True, cluster={"ks": [2, 3]},
+                          tracking={"experiment": "grappa-loop", "registered_model": MODEL})
+    api_port, mlflow_port = _free_port(), _free_port()
+    stack = Stack(root, repo, f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{mlflow_port}")
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUB and not k.startswith(("AIRFLOW", "GRAPPA_"))}
+    env.update({
+        "PATH": f"{VENV_BIN}{os.pathsep}{env['PATH']}", "OMP_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1",
+        "AIRFLOW_HOME": str(root / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{stack.api}/execution/", "AIRFLOW__API__BASE_URL": stack.api,
+        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(16), "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+        "GRAPPA_REPO": str(repo), "GRAPPA_RUNNER": "local", "GRAPPA_RETRIES": "0", "GRAPPA_WATCH_SETTLE_S": "1",
+        "GRAPPA_WATCH_SCHEDULE": "",  # the test runs the watcher itself, when it has dropped images
+        "GRAPPA_TRACKING": "1", "MLFLOW_TRACKING_URI": stack.mlflow,
+    })
+    done = subprocess.run([str(VENV_BIN / "airflow"), "db", "migrate"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    commands = {
+        "mlflow": ["mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+                   "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                   "--default-artifact-root", (root / "mlartifacts").as_uri(), "--workers", "1"],
+        "api-server": ["airflow", "api-server", "-H", "127.0.0.1", "-p", str(api_port)],
+        # the log servers of scheduler and triggerer would listen on every interface: not started
+        "scheduler": ["airflow", "scheduler", "--skip-serve-logs"],
+        "dag-processor": ["airflow", "dag-processor"],
+        "triggerer": ["airflow", "triggerer", "--skip-serve-logs"],
+    }
+    try:
+        for name, argv in commands.items():
+            stack.procs[name] = subprocess.Popen([str(VENV_BIN / argv[0]), *argv[1:]], cwd=root, env=env,
+                                                 stdout=open(root / f"{name}.log", "w"), stderr=subprocess.STDOUT,
+                                                 start_new_session=True)
+        _wait_http(f"{stack.mlflow}/health", stack.procs, root)
+        _wait_http(f"{stack.api}/api/v2/monitor/health", stack.procs, root)
+        deadline = time.monotonic() + 180
+        while {PIPELINE, WATCHER} - {d["dag_id"] for d in stack.call("GET", "/api/v2/dags")["dags"]}:
+            assert time.monotonic() < deadline, "DAGs not parsed in 180 s"
+            time.sleep(2)
+        yield stack
+    finally:
+        for proc in stack.procs.values():  # stopped by PID (their whole process group)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in stack.procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+def _report(stack: Stack, step: str) -> dict:
+    return json.loads((stack.repo / "outputs" / step / "report.json").read_text())
+
+
+def _versions(stack: Stack) -> list[str]:
+    from mlflow.tracking import MlflowClient
+
+    return sorted(int(v.version) for v in MlflowClient(stack.mlflow).search_model_versions(f"name = '{MODEL}'"))
+
+
+@pytest.fixture(scope="module")
+def first_run(stack):
+    _drop(stack.root / "incoming" / "shapes", [f"first{i}.png" for i in range(4)], seed=5000)
+    state, run_id = stack.poll_watcher()
+    assert state == "success" and run_id.startswith("asset_triggered__")
+    assert stack.wait(PIPELINE, run_id) == "success", stack.tasks(PIPELINE, run_id)
+    return run_id
+
+
+def test_dropped_images_start_a_pipeline_run_that_registers_a_model(stack, first_run):
+    from mlflow.tracking import MlflowClient
+
+    tasks = stack.tasks(PIPELINE, first_run)
+    assert {task for task, _ in tasks} == STEP_TASKS | {"plan", "close_run"}
+    assert set(tasks.values()) == {"success"}, tasks
+    assert {index for task, index in tasks if task == "train_adaptor"} == {0, 1}  # one task per k
+    assert _report(stack, "snapshot")["since_previous"]["new"] == 48 + 4  # the manifests' images and the drop
+    assert _versions(stack) == [1]
+    # the event's (source, fingerprint) reached the run: logged by plan, tagged on the MLflow parent run
+    plan_log = stack.log(PIPELINE, first_run, "plan")
+    (line,) = [line for line in plan_log.splitlines() if line.startswith("triggered by new data: source=")]
+    assert str((stack.root / "incoming").resolve()) in line and str(stack.root / "data" / "shapes") in line
+    client = MlflowClient(stack.mlflow)
+    experiment = client.get_experiment_by_name("grappa-loop")
+    (parent,) = client.search_runs([experiment.experiment_id], f"tags.`airflow.dag_run_id` = '{first_run}' "
+                                                               "and tags.`grappa.kind` = 'pipeline'")
+    assert parent.info.status == "FINISHED" and parent.data.tags["grappa.trigger.fingerprint"] in plan_log
+    index = json.loads((stack.repo / "outputs" / "index" / "index.json").read_text())
+    assert index["model_version"] == "1" and index["count"] == 52
+
+
+def test_new_images_are_the_only_ones_extracted_and_a_new_version_is_registered(stack, first_run):
+    _drop(stack.root / "incoming" / "shapes", ["second0.png", "second1.png", "second2.png"], seed=6000)
+    state, run_id = stack.poll_watcher()
+    assert state == "success"
+    assert stack.wait(PIPELINE, run_id) == "success", stack.tasks(PIPELINE, run_id)
+    assert _report(stack, "snapshot")["since_previous"] == {"new": 3, "changed": 0, "removed": 0, "unchanged": 52}
+    assert _report(stack, "snapshot")["files_read"] == 3  # the others kept their hashes (size + mtime)
+    extract = _report(stack, "extract")
+    assert (extract["computed"], extract["from_cache"]) == (3, 52)
+    assert _versions(stack) == [1, 2]
+    assert "tracking: registered grappa-loop version 2" in stack.log(PIPELINE, run_id, "evaluate")
+
+
+def test_nothing_new_is_a_visible_no_op(stack, first_run):
+    # the watcher sees the listing the last run started on: no event, and it says why
+    before = {r["dag_run_id"] for r in stack.runs(PIPELINE)}
+    state, run_id = stack.poll_watcher()
+    assert (state, run_id) == ("skipped", None) and {r["dag_run_id"] for r in stack.runs(PIPELINE)} == before
+    # an asset event anyway (e.g. an uploader POSTing one): every step is skipped, each log says why
+    (asset,) = [a for a in stack.call("GET", "/api/v2/assets")["assets"] if a["name"] == "grappa_unlabeled"]
+    stack.call("POST", "/api/v2/assets/events", {"asset_id": asset["id"], "extra": {"source": "api", "fingerprint": "x"}})
+    deadline = time.monotonic() + 120
+    while not (new := [r for r in stack.runs(PIPELINE) if r["dag_run_id"] not in before]):
+        assert time.monotonic() < deadline, "the asset event started no pipeline run"
+        time.sleep(2)
+    run_id = new[0]["dag_run_id"]
+    assert stack.wait(PIPELINE, run_id) == "success"
+    tasks = stack.tasks(PIPELINE, run_id)
+    assert tasks.pop(("plan", -1)) == "success"
+    assert set(tasks.values()) == {"skipped"}, tasks
+    assert "nothing to do: the data, params and code are those dvc.lock recorded" in stack.log(PIPELINE, run_id, "plan")
+    assert _versions(stack) == [1, 2]  # nothing registered
+
+
+def test_dvc_status_is_up_to_date_at_the_end(stack, first_run):
+    done = subprocess.run([str(VENV_BIN / "dvc"), "status"], cwd=stack.repo, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    assert done.returncode == 0 and "Data and pipelines are up to date." in done.stdout, done.stdout + done.stderr
