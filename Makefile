@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lock
+.PHONY: setup demo test lock up down serve
 
 $(VENV)/.installed: requirements/requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,19 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The loop's services on loopback (README, "The loop"): Airflow http://127.0.0.1:8080 and MLflow :5000.
+up: setup
+	$(PY) -m stack.local start
+
+down:
+	$(PY) -m stack.local stop
+
+# The champion over HTTP on 127.0.0.1:5001: POST images to /invocations, get embeddings back.
+MODEL ?= grappa-fused
+serve: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
+		$(VENV)/bin/mlflow models serve -m "models:/$(MODEL)@champion" -h 127.0.0.1 -p 5001 --env-manager local
 
 # Re-resolve the pinned environment (needs `uv`; run after editing requirements.in).
 lock:

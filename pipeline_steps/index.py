@@ -163,8 +163,7 @@ def catalogue_rows(params: Params, previous: list[dict]) -> tuple[list[dict], li
             raise ConfigError(f"data snapshot not found at {path}; run 'grappa snapshot' first")
         return read_table(path).to_pylist(), []
     records, skipped = resolve_sources(params.index.sources)
-    known = {(r["uri"], r["size"], r["mtime_ns"], r["etag"]): r["content_hash"] for r in previous}
-    rows, unreadable, _ = snapshot.take_snapshot(records, known)
+    rows, unreadable, _ = snapshot.take_snapshot(records, snapshot.hash_cache(previous))
     return rows, [{"image_id": s.image_id, "reason": s.reason} for s in skipped + unreadable]
 
 

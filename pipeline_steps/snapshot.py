@@ -41,6 +41,12 @@ def _version_key(uri: str, st: ObjectStat) -> tuple:
     return uri, st.size, st.mtime_ns, st.etag
 
 
+def hash_cache(rows: list[dict]) -> dict[tuple, str]:
+    """(uri, size, mtime_ns, etag) -> content hash of earlier manifest rows: a file whose key is here
+    need not be read again."""
+    return {(r["uri"], r["size"], r["mtime_ns"], r["etag"]): r["content_hash"] for r in rows}
+
+
 def previous_rows(path: Path) -> list[dict]:
     """The rows of an earlier manifest at ``path`` (none if there is none or it cannot be read)."""
     if not path.is_file():
@@ -122,8 +128,7 @@ def run(params: Params) -> dict:
     if not records:
         raise ConfigError("data.sources: no images found in " + ", ".join(params.data.sources))
     previous = previous_rows(path)
-    known = {(r["uri"], r["size"], r["mtime_ns"], r["etag"]): r["content_hash"] for r in previous}
-    rows, unreadable, hashed = take_snapshot(records, known)
+    rows, unreadable, hashed = take_snapshot(records, hash_cache(previous))
     skipped += unreadable
     if not rows:
         raise ConfigError("data.sources: none of the listed images could be read (see the skipped list)")

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, make_collection, make_workspace
+from conftest import REPO
+from test_tracking import tracked_run
 
 sys.path.insert(0, str(REPO / "dags"))
 import runners  # noqa: E402
@@ -136,24 +137,27 @@ def report(repo: Path, step: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def dvc_repo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("dvc")
-    manifests = make_collection(root / "data", size=32)
-    (root / "drop" / "shapes").mkdir(parents=True)  # a folder source, like data/incoming
-    return make_workspace(root / "repo", [*manifests, root / "drop"])
+def tracked(tmp_path_factory):
+    """`grappa run` (the README's main command) in a workspace, shared with the tracking tests."""
+    run = tracked_run(tmp_path_factory)
+    assert run.rc == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
 
 
 @pytest.fixture(scope="module")
-def reproduced(dvc_repo) -> subprocess.CompletedProcess:
-    """The README's main command: `grappa run` goes through `dvc repro`."""
-    done = run_grappa(dvc_repo, "run")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
+def dvc_repo(tracked) -> Path:
+    return tracked.repo
+
+
+@pytest.fixture(scope="module")
+def reproduced(tracked) -> str:
+    return tracked.stdout
 
 
 def test_grappa_run_goes_through_dvc_then_is_up_to_date(dvc_repo, reproduced):
-    assert ran(reproduced.stdout) == ALL_STAGES
-    assert "step timings (s): snapshot=" in reproduced.stdout
+    """After the main command, `dvc status` is up to date and running it again does nothing."""
+    assert ran(reproduced) == ALL_STAGES
+    assert "step timings (s): snapshot=" in reproduced
     assert "up to date" in run_dvc(dvc_repo, "status")
     out = dvc_repo / "outputs"
     for path in ("snapshot/manifest.parquet", "extract/features.parquet", "cluster/k4.parquet", "adaptors/k2/adaptor.pt",
@@ -190,19 +194,21 @@ def test_dag_commands_agree_with_grappa_run(dvc_repo, reproduced, monkeypatch):
 def test_override_is_written_where_dvc_sees_it(dvc_repo, reproduced):
     """`grappa run --set` records the override in params.yaml (comments kept), so dvc.lock holds it and a
     plain `dvc repro` afterwards has nothing to do; unchanged k keep their adaptors."""
-    params_text = (dvc_repo / "params.yaml").read_text()
-    (dvc_repo / "params.yaml").write_text("# the team's params\n" + params_text)
-    done = run_grappa(dvc_repo, "run", "--set", "cluster.ks=[2, 3]")
+    repo = dvc_repo.with_name("repo-override")  # a copy beside it (same relative sources): the shared run stays
+    shutil.copytree(dvc_repo, repo, symlinks=True)
+    params_text = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text("# the team's params\n" + params_text)
+    done = run_grappa(repo, "run", "--set", "cluster.ks=[2, 3]")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "params.yaml: cluster.ks: [2, 4] -> [2, 3]" in done.stdout
     # cluster reruns (it clusters every k) but writes a byte-identical k2 file, so k=2 is kept.
     assert ran(done.stdout) == {"cluster", "train_adaptor@3", "train_fusion", "evaluate", "index"}
     assert "Stage 'train_adaptor@2' didn't change" in done.stdout
-    written = (dvc_repo / "params.yaml").read_text()
+    written = (repo / "params.yaml").read_text()
     assert written.startswith("# the team's params\n") and yaml.safe_load(written)["cluster"]["ks"] == [2, 3]
-    lock = yaml.safe_load((dvc_repo / "dvc.lock").read_text())["stages"]
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     assert lock["cluster"]["params"]["params.yaml"]["cluster"]["ks"] == [2, 3]
-    assert ran(run_dvc(dvc_repo, "repro")) == set()
+    assert ran(run_dvc(repo, "repro")) == set()
 
 
 def test_push_to_local_remote(dvc_repo, reproduced):

@@ -128,3 +128,18 @@ def test_embed_writes_one_row_per_readable_image(work, tmp_path, capsys):
     sha = table.schema.metadata[b"grappa.model_sha256"].decode()
     assert sha == servable.load(servable.model_dir(params)).digest
     assert "skipped broken/bad.png" in capsys.readouterr().out
+
+
+def test_catalogue_given_as_its_own_sources(work, tmp_path):
+    params, raw = work
+    shop = tmp_path / "catalogue" / "shop"
+    shop.mkdir(parents=True)
+    for i in range(3):
+        draw_image("stripes", i, seed=800 + i).save(shop / f"item{i}.png")
+    catalogue = parse_params({**raw, "index": {"sources": [str(shop.parent)]}})
+    meta = index.run(catalogue)
+    assert meta["action"] == "rebuilt (catalogue images were removed or changed)"  # the snapshot's 64 are not in it
+    assert (meta["count"], meta["embedded"]) == (3, 3)  # read and embedded from the images themselves
+    draw_image("stripes", 3, seed=803).save(shop / "item3.png")
+    meta = index.run(catalogue)
+    assert meta["action"].startswith("added 1 images") and meta["count"] == 4

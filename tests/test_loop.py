@@ -1,8 +1,8 @@
 """The loop as a user lives it, under a real Airflow 3 scheduler on loopback (not ``dag.test()``).
 
-api-server (127.0.0.1), scheduler, dag-processor and triggerer run as separate processes on SQLite
-with the LocalExecutor, an MLflow tracking server beside them, the local runner in a DVC workspace
-of tiny images. Images dropped into the watched folder go through the folder watcher, an asset
+``stack/local.py`` (what ``make up`` runs) starts api-server (127.0.0.1), scheduler, dag-processor
+and triggerer as separate processes on SQLite with the LocalExecutor, and an MLflow tracking server
+beside them; the local runner works in a DVC workspace of tiny images. Images dropped into the watched folder go through the folder watcher, an asset
 event and a ``grappa_pipeline`` run; the second drop must extract exactly the new images and
 register a new model version; an event with nothing new must end as a visible no-op; ``dvc status``
 must be up to date at the end. Everything is driven through the REST API, as a user's script would.
@@ -11,22 +11,21 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, draw_image, make_collection, make_workspace
-from test_tracking import _SCRUB
+
+sys.path.insert(0, str(REPO))
+from stack import local  # noqa: E402  (the launcher `make up` runs)
 
 VENV_BIN = Path(sys.executable).parent
 PIPELINE, WATCHER = "grappa_pipeline", "grappa_watch_folder"
@@ -44,16 +43,20 @@ def _free_port() -> int:
 
 
 @dataclass
-class Stack:
+class Loop:
+    """The running stack, seen through Airflow's REST API (as a user's script sees it)."""
+
+    settings: local.Settings
     root: Path
-    repo: Path
-    api: str
-    mlflow: str
-    procs: dict = field(default_factory=dict)
+
+    @property
+    def repo(self) -> Path:
+        return self.settings.workspace
 
     def call(self, method: str, path: str, body: dict | None = None) -> dict:
-        token = json.loads(urllib.request.urlopen(f"{self.api}/auth/token", timeout=30).read())["access_token"]
-        request = urllib.request.Request(f"{self.api}{path}", method=method,
+        api = self.settings.api
+        token = json.loads(urllib.request.urlopen(f"{api}/auth/token", timeout=30).read())["access_token"]
+        request = urllib.request.Request(f"{api}{path}", method=method,
                                          data=None if body is None else json.dumps(body).encode(),
                                          headers={"Authorization": f"Bearer {token}",
                                                   "Content-Type": "application/json"})
@@ -77,13 +80,20 @@ class Stack:
             state = self.call("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")["state"]
             if state in ("success", "failed"):
                 return state
-            for name, proc in self.procs.items():
-                assert proc.poll() is None, f"{name} died:\n" + (self.root / f"{name}.log").read_text()[-3000:]
+            dead = set(local.SERVICES) - set(local.status(self.settings))
+            assert not dead, f"{dead} died; logs in {self.settings.home}"
             assert time.monotonic() < deadline, f"{dag_id} {run_id} still {state} after {timeout} s"
             time.sleep(3)
 
     def trigger(self, dag_id: str) -> str:
         return self.call("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None})["dag_run_id"]
+
+    def new_run(self, before: set[str], timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
+        while not (new := [r for r in self.runs(PIPELINE) if r["dag_run_id"] not in before]):
+            assert time.monotonic() < deadline, "the asset event started no pipeline run"
+            time.sleep(2)
+        return new[0]["dag_run_id"]
 
     def poll_watcher(self) -> tuple[str, str | None]:
         """Run the folder watcher now; returns its task's state and the pipeline run it caused (if any)."""
@@ -91,26 +101,7 @@ class Stack:
         run_id = self.trigger(WATCHER)
         assert self.wait(WATCHER, run_id, timeout=300) == "success"
         state = self.tasks(WATCHER, run_id)[("detect_folder_change", -1)]
-        if state != "success":
-            return state, None
-        deadline = time.monotonic() + 120
-        while not (new := [r for r in self.runs(PIPELINE) if r["dag_run_id"] not in before]):
-            assert time.monotonic() < deadline, "the asset event started no pipeline run"
-            time.sleep(2)
-        return state, new[0]["dag_run_id"]
-
-
-def _wait_http(url: str, procs: dict, root: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=5)
-            return
-        except (urllib.error.URLError, OSError):
-            for name, proc in procs.items():
-                assert proc.poll() is None, f"{name} died:\n" + (root / f"{name}.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, f"{url} not up after {timeout} s"
-            time.sleep(1)
+        return state, (self.new_run(before) if state == "success" else None)
 
 
 def _drop(folder: Path, names: list[str], seed: int) -> None:
@@ -126,55 +117,20 @@ def stack(tmp_path_factory):
     (root / "incoming").mkdir()
     repo = make_workspace(root / "repo", [*manifests, root / "incoming"], link_code=True, cluster={"ks": [2, 3]},
                           tracking={"experiment": "grappa-loop", "registered_model": MODEL})
-    api_port, mlflow_port = _free_port(), _free_port()
-    stack = Stack(root, repo, f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{mlflow_port}")
-    env = {k: v for k, v in os.environ.items() if k not in _SCRUB and not k.startswith(("AIRFLOW", "GRAPPA_"))}
-    env.update({
-        "PATH": f"{VENV_BIN}{os.pathsep}{env['PATH']}", "OMP_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1",
-        "AIRFLOW_HOME": str(root / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{stack.api}/execution/", "AIRFLOW__API__BASE_URL": stack.api,
-        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(16), "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-        "GRAPPA_REPO": str(repo), "GRAPPA_RUNNER": "local", "GRAPPA_RETRIES": "0", "GRAPPA_WATCH_SETTLE_S": "1",
-        "GRAPPA_WATCH_SCHEDULE": "",  # the test runs the watcher itself, when it has dropped images
-        "GRAPPA_TRACKING": "1", "MLFLOW_TRACKING_URI": stack.mlflow,
-    })
-    done = subprocess.run([str(VENV_BIN / "airflow"), "db", "migrate"], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    commands = {
-        "mlflow": ["mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-                   "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                   "--default-artifact-root", (root / "mlartifacts").as_uri(), "--workers", "1"],
-        "api-server": ["airflow", "api-server", "-H", "127.0.0.1", "-p", str(api_port)],
-        # the log servers of scheduler and triggerer would listen on every interface: not started
-        "scheduler": ["airflow", "scheduler", "--skip-serve-logs"],
-        "dag-processor": ["airflow", "dag-processor"],
-        "triggerer": ["airflow", "triggerer", "--skip-serve-logs"],
-    }
+    settings = local.Settings(workspace=repo, home=root / "stack", api_port=_free_port(), mlflow_port=_free_port(),
+                              watch_schedule="",  # the test runs the watcher itself, once it has dropped images
+                              env={"GRAPPA_RETRIES": "0", "GRAPPA_WATCH_SETTLE_S": "1", "OMP_NUM_THREADS": "1"})
     try:
-        for name, argv in commands.items():
-            stack.procs[name] = subprocess.Popen([str(VENV_BIN / argv[0]), *argv[1:]], cwd=root, env=env,
-                                                 stdout=open(root / f"{name}.log", "w"), stderr=subprocess.STDOUT,
-                                                 start_new_session=True)
-        _wait_http(f"{stack.mlflow}/health", stack.procs, root)
-        _wait_http(f"{stack.api}/api/v2/monitor/health", stack.procs, root)
+        local.start(settings)
+        loop = Loop(settings, root)
         deadline = time.monotonic() + 180
-        while {PIPELINE, WATCHER} - {d["dag_id"] for d in stack.call("GET", "/api/v2/dags")["dags"]}:
+        while {PIPELINE, WATCHER} - {d["dag_id"] for d in loop.call("GET", "/api/v2/dags")["dags"]}:
             assert time.monotonic() < deadline, "DAGs not parsed in 180 s"
             time.sleep(2)
-        yield stack
+        yield loop
     finally:
-        for proc in stack.procs.values():  # stopped by PID (their whole process group)
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in stack.procs.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        local.stop(settings)
+        assert local.status(settings) == {}
 
 
 def _report(stack: Stack, step: str) -> dict:
@@ -184,7 +140,8 @@ def _report(stack: Stack, step: str) -> dict:
 def _versions(stack: Stack) -> list[str]:
     from mlflow.tracking import MlflowClient
 
-    return sorted(int(v.version) for v in MlflowClient(stack.mlflow).search_model_versions(f"name = '{MODEL}'"))
+    client = MlflowClient(stack.settings.mlflow, registry_uri=stack.settings.mlflow)
+    return sorted(int(v.version) for v in client.search_model_versions(f"name = '{MODEL}'"))
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +166,7 @@ def test_dropped_images_start_a_pipeline_run_that_registers_a_model(stack, first
     plan_log = stack.log(PIPELINE, first_run, "plan")
     (line,) = [line for line in plan_log.splitlines() if line.startswith("triggered by new data: source=")]
     assert str((stack.root / "incoming").resolve()) in line and str(stack.root / "data" / "shapes") in line
-    client = MlflowClient(stack.mlflow)
+    client = MlflowClient(stack.settings.mlflow, registry_uri=stack.settings.mlflow)
     experiment = client.get_experiment_by_name("grappa-loop")
     (parent,) = client.search_runs([experiment.experiment_id], f"tags.`airflow.dag_run_id` = '{first_run}' "
                                                                "and tags.`grappa.kind` = 'pipeline'")
@@ -239,11 +196,7 @@ def test_nothing_new_is_a_visible_no_op(stack, first_run):
     # an asset event anyway (e.g. an uploader POSTing one): every step is skipped, each log says why
     (asset,) = [a for a in stack.call("GET", "/api/v2/assets")["assets"] if a["name"] == "grappa_unlabeled"]
     stack.call("POST", "/api/v2/assets/events", {"asset_id": asset["id"], "extra": {"source": "api", "fingerprint": "x"}})
-    deadline = time.monotonic() + 120
-    while not (new := [r for r in stack.runs(PIPELINE) if r["dag_run_id"] not in before]):
-        assert time.monotonic() < deadline, "the asset event started no pipeline run"
-        time.sleep(2)
-    run_id = new[0]["dag_run_id"]
+    run_id = stack.new_run(before)
     assert stack.wait(PIPELINE, run_id) == "success"
     tasks = stack.tasks(PIPELINE, run_id)
     assert tasks.pop(("plan", -1)) == "success"

@@ -104,16 +104,19 @@ _SHARED: dict[str, SimpleNamespace] = {}
 
 
 def tracked_run(tmp_path_factory) -> SimpleNamespace:
-    """`grappa run` once with tracking on, in a DVC workspace (fake AWS credentials and Airflow ids in env).
+    """The README's main command, `grappa run`, once with tracking on in a DVC workspace (fake AWS
+    credentials and Airflow ids in env), shared by this module, test_dvc, test_security and test_serving.
 
-    The steps read a fixed dvc.lock (GRAPPA_DVC_LOCK) for their lock tags, so those can be checked exactly.
+    Sources: two manifests and an (empty) drop folder. The steps read a fixed dvc.lock
+    (GRAPPA_DVC_LOCK) for their lock tags, so those can be checked exactly.
     """
     key = str(tmp_path_factory.getbasetemp())
     if key in _SHARED:
         return _SHARED[key]
     root = tmp_path_factory.mktemp("tracked")
     manifests = make_collection(root / "data")
-    repo = make_workspace(root / "repo", manifests, link_code=True, backbone={"image_size": 48},
+    (root / "drop").mkdir()
+    repo = make_workspace(root / "repo", [*manifests, root / "drop"], link_code=True, backbone={"image_size": 48},
                           adaptor={"epochs": 2}, fusion={"epochs": 2},
                           tracking={"experiment": "grappa-test", "registered_model": MODEL})
     params_path = repo / "params.yaml"

@@ -1,0 +1,1 @@
+"""Services the pipeline runs beside (see local.py)."""

@@ -1,0 +1,194 @@
+"""The loop's services on this machine, loopback only: an MLflow tracking server and Airflow 3
+(api-server, scheduler, dag-processor, triggerer; LocalExecutor on SQLite) running the DAGs of
+``dags/`` with the local runner in this workspace.
+
+    python -m stack.local start      # make up: UIs at http://127.0.0.1:8080 (Airflow), :5000 (MLflow)
+    python -m stack.local status
+    python -m stack.local stop       # make down: every process it started, by PID
+
+MLflow keeps the store ``grappa run`` writes without a server (``mlflow.db`` and ``mlruns/`` in the
+workspace), so the demo's runs and registry are there too. State (Airflow home, PIDs, logs) lives
+in ``.stack/``. The log servers of the scheduler and triggerer, which would listen on every
+interface, are not started; task logs are read from disk. No login (local use only).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SERVICES = ("mlflow", "api-server", "scheduler", "dag-processor", "triggerer")
+
+
+@dataclass
+class Settings:
+    workspace: Path = REPO
+    home: Path = REPO / ".stack"
+    api_port: int = 8080
+    mlflow_port: int = 5000
+    watch_schedule: str = "*/2 * * * *"  # the folder watcher's poll; "" = only when triggered
+    env: dict = field(default_factory=dict)  # more settings for the tasks (GRAPPA_*, ...)
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def mlflow(self) -> str:
+        return f"http://127.0.0.1:{self.mlflow_port}"
+
+
+def environment(settings: Settings) -> dict[str, str]:
+    """The services' environment: this interpreter's tools first, nothing inherited about Airflow or MLflow."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MLFLOW_", "GRAPPA_"))}
+    env.update({
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
+        "AIRFLOW_HOME": str(settings.home / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{settings.api}/execution/", "AIRFLOW__API__BASE_URL": settings.api,
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
+        "GRAPPA_REPO": str(settings.workspace), "GRAPPA_RUNNER": "local", "GRAPPA_WATCH_SCHEDULE": settings.watch_schedule,
+        "MLFLOW_TRACKING_URI": settings.mlflow,
+    })
+    env.update(settings.env)
+    return env
+
+
+def _commands(settings: Settings) -> dict[str, list[str]]:
+    store = settings.workspace
+    return {
+        "mlflow": [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(settings.mlflow_port),
+                   "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+                   "--default-artifact-root", (store / "mlruns").as_uri(), "--workers", "1"],
+        "api-server": [str(BIN / "airflow"), "api-server", "-H", "127.0.0.1", "-p", str(settings.api_port)],
+        "scheduler": [str(BIN / "airflow"), "scheduler", "--skip-serve-logs"],
+        "dag-processor": [str(BIN / "airflow"), "dag-processor"],
+        "triggerer": [str(BIN / "airflow"), "triggerer", "--skip-serve-logs"],
+    }
+
+
+def _pids_file(settings: Settings) -> Path:
+    return settings.home / "pids.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our own child (same process started it): reaped now
+            return False
+    except ChildProcessError:
+        pass  # started by another process (`make up`, then `make down`)
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def status(settings: Settings) -> dict[str, int]:
+    """The services this stack started that are still running (name -> PID)."""
+    path = _pids_file(settings)
+    pids = json.loads(path.read_text()) if path.is_file() else {}
+    return {name: pid for name, pid in pids.items() if _alive(pid)}
+
+
+def _wait(url: str, settings: Settings, pids: dict[str, int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            return
+        except (urllib.error.URLError, OSError):
+            dead = [name for name, pid in pids.items() if not _alive(pid)]
+            if dead:
+                log = (settings.home / f"{dead[0]}.log").read_text()[-2000:]
+                raise RuntimeError(f"{dead[0]} stopped while starting; the end of its log:\n{log}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not answer within {timeout:.0f} s (logs in {settings.home})")
+            time.sleep(1)
+
+
+def start(settings: Settings, timeout: float = 240) -> dict[str, int]:
+    """Start every service (after `airflow db migrate`), wait until MLflow and the API answer; name -> PID."""
+    running = status(settings)
+    if running:
+        raise RuntimeError(f"already running ({', '.join(running)}); stop it first")
+    settings.home.mkdir(parents=True, exist_ok=True)
+    env = environment(settings)
+    # every service signs and checks the same task tokens
+    env.setdefault("AIRFLOW__API_AUTH__JWT_SECRET", secrets.token_hex(16))
+    done = subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"airflow db migrate failed: {done.stderr.strip()[-1000:]}")
+    pids: dict[str, int] = {}
+    for name, argv in _commands(settings).items():
+        with open(settings.home / f"{name}.log", "a") as log:
+            # a session of its own: `stop` ends the service with every process it forked
+            proc = subprocess.Popen(argv, cwd=settings.workspace, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        pids[name] = proc.pid
+        _pids_file(settings).write_text(json.dumps(pids))
+    try:
+        _wait(f"{settings.mlflow}/health", settings, pids, timeout)
+        _wait(f"{settings.api}/api/v2/monitor/health", settings, pids, timeout)
+    except BaseException:
+        stop(settings)
+        raise
+    return pids
+
+
+def stop(settings: Settings, grace_s: float = 30) -> list[str]:
+    """Stop the services this stack started (SIGTERM to each one's process group, SIGKILL after ``grace_s``)."""
+    running = status(settings)
+    for pid in running.values():
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except OSError:
+            pass
+    deadline = time.monotonic() + grace_s
+    while any(_alive(pid) for pid in running.values()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in running.values():
+        if _alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    _pids_file(settings).unlink(missing_ok=True)
+    return sorted(running)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stack.local", description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["start", "status", "stop"])
+    args = parser.parse_args(argv)
+    settings = Settings()
+    try:
+        if args.action == "start":
+            start(settings)
+            print(f"Airflow {settings.api} (no login), MLflow {settings.mlflow}; logs in {settings.home}")
+        elif args.action == "status":
+            running = status(settings)
+            print(", ".join(f"{name} (pid {pid})" for name, pid in running.items()) or "not running")
+        else:
+            stopped = stop(settings)
+            print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+    except RuntimeError as err:
+        print(f"stack: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
