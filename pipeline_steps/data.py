@@ -12,10 +12,10 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable
+from typing import Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -205,6 +205,11 @@ def cap_per_domain(
                 group += by_class[cls]
         kept += group
     return kept
+
+
+def counts(values: Iterable[str]) -> dict[str, int]:
+    """How many of each value (a split, a domain), sorted by value: the reports' ``by_*`` fields."""
+    return dict(sorted(Counter(values).items()))
 
 
 def _natural_key(label: str) -> tuple:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from .artifacts import arrow_to_vectors, atomic_paths, read_table, vectors_to_arrow, write_json, write_table
 from .backbones import create_backbone
 from .config import ConfigError, Params
-from .data import ImageRecord, Skipped
+from .data import ImageRecord, Skipped, counts
 from .inputs import ImageDataset, image_transform, loader
 from .model import GrappaModel, pick_device
 from .snapshot import manifest_path
@@ -95,8 +95,8 @@ def run(params: Params) -> dict:
     report = {
         "backbone_fingerprint": fingerprint,
         "images": len(rows),
-        "by_split": _count(rows, lambda r: r.split),
-        "by_domain": _count(rows, lambda r: r.domain),
+        "by_split": counts(rec.split for rec, _ in rows),
+        "by_domain": counts(rec.domain for rec, _ in rows),
         "computed": len(new_hashes),
         "from_cache": len({h for _, h in rows} - set(new_hashes)),
         "skipped": [{"image_id": s.image_id, "reason": s.reason} for s in skipped],
@@ -171,10 +171,3 @@ def _write_outputs(out: Path, rows, cached, prefix_shape) -> None:
     else:
         (out / "prefix.npy").unlink(missing_ok=True)  # a stale cache from another setup must not be trusted
         write_table(out / "features.parquet", table)
-
-
-def _count(rows, key) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for rec, _ in rows:
-        counts[key(rec)] = counts.get(key(rec), 0) + 1
-    return dict(sorted(counts.items()))

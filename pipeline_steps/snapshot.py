@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .artifacts import read_table, write_json, write_table
 from .config import ConfigError, Params
-from .data import ImageRecord, Skipped, cap_per_domain, content_hash, resolve_sources
+from .data import ImageRecord, Skipped, cap_per_domain, content_hash, counts, resolve_sources
 from .storage import ObjectStat, StorageError, read_bytes, stat_many
 
 SCHEMA = pa.schema([
@@ -136,8 +136,8 @@ def run(params: Params) -> dict:
     report = {
         "images": len(rows),
         "digest": digest(rows),
-        "by_split": _count(rows, "split"),
-        "by_domain": _count(rows, "domain"),
+        "by_split": counts(r["split"] for r in rows),
+        "by_domain": counts(r["domain"] for r in rows),
         "since_previous": changes({r["image_id"]: r["content_hash"] for r in previous},
                                   {r["image_id"]: r["content_hash"] for r in rows}),
         "files_read": hashed,  # new or modified files; the others kept the hash of the previous snapshot
@@ -149,10 +149,3 @@ def run(params: Params) -> dict:
     print(f"snapshot: {len(rows)} images ({', '.join(f'{v} {k}' for k, v in since.items())}); "
           f"{hashed} files read, {len(skipped)} skipped")
     return report
-
-
-def _count(rows: list[dict], key: str) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row[key]] = counts.get(row[key], 0) + 1
-    return dict(sorted(counts.items()))

@@ -147,6 +147,12 @@ def _is_data_dep(dep) -> bool:
     return isinstance(dep, str) and not dep.startswith(CODE_PREFIX) and "${" not in dep
 
 
+def _data_deps(document, params: Params) -> list[tuple[str, list[str], list[str]]]:
+    """(stage, data roots dvc.yaml declares, data roots params.yaml's sources need) per watched stage."""
+    return [(stage, [d for d in _deps(document, stage) if _is_data_dep(d)], data_roots(sources))
+            for stage, sources in watched_sources(params).items()]
+
+
 def check_outputs_inside(workspace: Path, params: Params) -> None:
     """DVC 3 tracks outputs only inside the project: out_dir must be a relative folder in it."""
     out = Path(params.out_dir)
@@ -163,15 +169,13 @@ def sync_data_deps(workspace: Path, params: Params) -> list[str]:
     dvc_yaml = workspace / "dvc.yaml"
     document = _load(dvc_yaml)
     changes = []
-    for stage, sources in watched_sources(params).items():
-        deps = _deps(document, stage)
-        wanted = data_roots(sources)
+    for stage, declared, wanted in _data_deps(document, params):
         for root in wanted:
             if not is_s3(root) and not (workspace / root).exists():
                 raise ConfigError(f"source not found: {root} (listed for the {stage} stage)")
-        declared = [d for d in deps if _is_data_dep(d)]
         if declared == wanted:
             continue
+        deps = _deps(document, stage)
         keep = [d for d in deps if not _is_data_dep(d)]
         deps.clear()
         deps.extend(keep + wanted)
@@ -184,10 +188,7 @@ def sync_data_deps(workspace: Path, params: Params) -> list[str]:
 
 def drift(workspace: Path, params: Params) -> str | None:
     """None when dvc.yaml watches exactly the data roots params.yaml lists, else what differs."""
-    document = _load(workspace / "dvc.yaml")
-    for stage, sources in watched_sources(params).items():
-        declared = [d for d in _deps(document, stage) if _is_data_dep(d)]
-        wanted = data_roots(sources)
+    for stage, declared, wanted in _data_deps(_load(workspace / "dvc.yaml"), params):
         if declared != wanted:
             return (f"dvc.yaml's {stage} stage watches {declared} but params.yaml's sources need {wanted}; "
                     "run 'grappa prepare' (grappa run and the Airflow DAG do it themselves)")

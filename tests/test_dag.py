@@ -103,13 +103,22 @@ def test_pipeline_structure(pipeline, dagbag):
     assert pipeline.get_task("plan").retries == 0  # a bad run conf must fail at once
     assert pipeline.get_task("close_run").trigger_rule == "all_done"  # the MLflow parent is closed whatever happened
     adaptor = pipeline.get_task("train_adaptor")
-    assert adaptor.is_mapped and adaptor.max_active_tis_per_dagrun == runners.env_int("GRAPPA_MAX_PARALLEL_K", 2)
+    assert adaptor.is_mapped and adaptor.max_active_tis_per_dagrun == runners.parallel_k("local")
     assert adaptor.map_index_template.startswith("k=")
     assert pipeline.max_active_runs == 1
     assert [a.name for a in pipeline.timetable.asset_condition.objects] == ["grappa_unlabeled"]
     for dag_id, task_id in (("grappa_watch_folder", "detect_folder_change"), ("grappa_watch_s3", "detect_s3_change")):
         assert [a.name for a in dagbag.dags[dag_id].get_task(task_id).outlets] == ["grappa_unlabeled"]
     assert dagbag.dags["grappa_watch_s3"].get_task("wait_for_objects").deferrable
+
+
+def test_adaptors_in_parallel_fit_the_local_worker(monkeypatch):
+    monkeypatch.delenv("GRAPPA_MAX_PARALLEL_K", raising=False)
+    for cores, local in ((2, 1), (1, 1), (8, 2), (16, 4)):
+        monkeypatch.setattr(os, "cpu_count", lambda: cores)
+        assert (runners.parallel_k("local"), runners.parallel_k("k8s")) == (local, 2), cores
+    monkeypatch.setenv("GRAPPA_MAX_PARALLEL_K", "3")
+    assert runners.parallel_k("local") == 3
 
 
 def test_plan_turns_run_conf_into_cli_overrides(tmp_path):

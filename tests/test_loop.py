@@ -95,13 +95,14 @@ class Loop:
             time.sleep(2)
         return new[0]["dag_run_id"]
 
-    def poll_watcher(self) -> tuple[str, str | None]:
-        """Run the folder watcher now; returns its task's state and the pipeline run it caused (if any)."""
+    def poll_watcher(self) -> tuple[str, str | None, str]:
+        """Run the folder watcher now; returns its task's state, the pipeline run it caused (if any) and its log."""
         before = {r["dag_run_id"] for r in self.runs(PIPELINE)}
         run_id = self.trigger(WATCHER)
         assert self.wait(WATCHER, run_id, timeout=300) == "success"
         state = self.tasks(WATCHER, run_id)[("detect_folder_change", -1)]
-        return state, (self.new_run(before) if state == "success" else None)
+        log = self.log(WATCHER, run_id, "detect_folder_change")
+        return state, (self.new_run(before) if state == "success" else None), log
 
 
 def _drop(folder: Path, names: list[str], seed: int) -> None:
@@ -133,11 +134,11 @@ def stack(tmp_path_factory):
         assert local.status(settings) == {}
 
 
-def _report(stack: Stack, step: str) -> dict:
+def _report(stack: Loop, step: str) -> dict:
     return json.loads((stack.repo / "outputs" / step / "report.json").read_text())
 
 
-def _versions(stack: Stack) -> list[str]:
+def _versions(stack: Loop) -> list[int]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(stack.settings.mlflow, registry_uri=stack.settings.mlflow)
@@ -147,8 +148,8 @@ def _versions(stack: Stack) -> list[str]:
 @pytest.fixture(scope="module")
 def first_run(stack):
     _drop(stack.root / "incoming" / "shapes", [f"first{i}.png" for i in range(4)], seed=5000)
-    state, run_id = stack.poll_watcher()
-    assert state == "success" and run_id.startswith("asset_triggered__")
+    state, run_id, log = stack.poll_watcher()
+    assert state == "success" and run_id.startswith("asset_triggered__") and "event: " in log
     assert stack.wait(PIPELINE, run_id) == "success", stack.tasks(PIPELINE, run_id)
     return run_id
 
@@ -177,7 +178,7 @@ def test_dropped_images_start_a_pipeline_run_that_registers_a_model(stack, first
 
 def test_new_images_are_the_only_ones_extracted_and_a_new_version_is_registered(stack, first_run):
     _drop(stack.root / "incoming" / "shapes", ["second0.png", "second1.png", "second2.png"], seed=6000)
-    state, run_id = stack.poll_watcher()
+    state, run_id, _ = stack.poll_watcher()
     assert state == "success"
     assert stack.wait(PIPELINE, run_id) == "success", stack.tasks(PIPELINE, run_id)
     assert _report(stack, "snapshot")["since_previous"] == {"new": 3, "changed": 0, "removed": 0, "unchanged": 52}
@@ -191,8 +192,9 @@ def test_new_images_are_the_only_ones_extracted_and_a_new_version_is_registered(
 def test_nothing_new_is_a_visible_no_op(stack, first_run):
     # the watcher sees the listing the last run started on: no event, and it says why
     before = {r["dag_run_id"] for r in stack.runs(PIPELINE)}
-    state, run_id = stack.poll_watcher()
+    state, run_id, log = stack.poll_watcher()
     assert (state, run_id) == ("skipped", None) and {r["dag_run_id"] for r in stack.runs(PIPELINE)} == before
+    assert "no event: " in log and f"{(stack.root / 'incoming').resolve()} unchanged since the last {PIPELINE} run" in log
     # an asset event anyway (e.g. an uploader POSTing one): every step is skipped, each log says why
     (asset,) = [a for a in stack.call("GET", "/api/v2/assets")["assets"] if a["name"] == "grappa_unlabeled"]
     stack.call("POST", "/api/v2/assets/events", {"asset_id": asset["id"], "extra": {"source": "api", "fingerprint": "x"}})
