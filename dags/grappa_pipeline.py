@@ -73,7 +73,7 @@ def build_pipeline(runner: str):
                 print("nothing to do: the data, params and code are those dvc.lock recorded; every step is skipped")
                 return []
             if stale:
-                print(f"out of date (dvc status): {', '.join(stale)}")
+                print(f"out of date (dvc status): {', '.join(stale)}; the stages after them rerun where their inputs change")
             ti.xcom_push(key="trigger", value=json.dumps(events))
             for name in (*STEP_TASKS, "close_run"):
                 ti.xcom_push(key=name, value=commands[name])
