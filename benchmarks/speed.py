@@ -37,7 +37,7 @@ from pipeline_steps.backbones import create_backbone  # noqa: E402
 from pipeline_steps.cluster import spherical_kmeans  # noqa: E402
 from pipeline_steps.config import BackboneParams, load_params  # noqa: E402
 from pipeline_steps.metrics import knn_search, leave_one_out_neighbours  # noqa: E402
-from pipeline_steps.model import FUSION, GrappaModel, single  # noqa: E402
+from pipeline_steps.model import CPU_CHUNK, FUSION, GrappaModel, single  # noqa: E402
 
 SCHEMA_VERSION = 1
 DEFAULT_IMAGES = str(REPO.parent / "shared" / "data" / "multidomain" / "*" / "images")
@@ -497,8 +497,9 @@ def bench_training(args, dev: str) -> dict:
         clock.__exit__()
         return clock.wall / timed, clock.cpu / timed
 
-    def adaptor_step_time(start: int, timed: int) -> float:
+    def adaptor_step_time(start: int, timed: int, chunk: int | None) -> float:
         model = GrappaModel(backbone, start, [k_cls], args.reduction).to(dev)
+        model.cpu_chunk = chunk
         classifier = CosineClassifier(torch.randn(k_cls, backbone.embed_dim), 0.05).to(dev)
         mode = single(k_cls)
         n = b * (timed + 1)
@@ -521,9 +522,10 @@ def bench_training(args, dev: str) -> dict:
         params = [{"params": model.adaptors.parameters()}, {"params": classifier.parameters(), "lr": 1e-2}]
         return time_steps(step, batches, params, 1, timed)
 
-    def fusion_step_time(start: int, timed: int) -> float:
+    def fusion_step_time(start: int, timed: int, chunk: int | None) -> float:
         fks = ks[: args.fusion_m] if len(ks) >= args.fusion_m else [2 ** (i + 3) for i in range(args.fusion_m)]
         model = GrappaModel(backbone, start, fks, args.reduction, attn_dim=args.attn_dim).to(dev)
+        model.cpu_chunk = chunk
         model.requires_grad_(False)
         model.fusion.requires_grad_(True)
         n = b * (timed + 1)
@@ -550,26 +552,34 @@ def bench_training(args, dev: str) -> dict:
         return (*time_steps(step, batches, list(model.fusion.parameters()), 1, timed), len(fks))
 
     start = bp.adapt_from_block
-    plan = [("adaptor", start, args.train_steps), ("adaptor", 0, args.paper_steps), ("fusion", start, args.train_steps)]
+    # The shipped model forwards CPU batches in chunks of CPU_CHUNK images; the whole-batch rows are
+    # the same steps without it, timed in the same run.
+    plan = [("adaptor", start, args.train_steps, CPU_CHUNK), ("adaptor", start, args.train_steps, None),
+            ("adaptor", 0, args.paper_steps, CPU_CHUNK), ("fusion", start, args.train_steps, CPU_CHUNK),
+            ("fusion", start, args.train_steps, None)]
     if args.fusion_paper:
-        plan.append(("fusion", 0, args.paper_steps))
-    for kind, s, timed in plan:
+        plan.append(("fusion", 0, args.paper_steps, CPU_CHUNK))
+    for kind, s, timed, chunk in plan:
         if kind == "adaptor":
-            (sec, cpu), m = adaptor_step_time(s, timed), 1
+            (sec, cpu), m = adaptor_step_time(s, timed, chunk), 1
         else:
-            sec, cpu, m = fusion_step_time(s, timed)
+            sec, cpu, m = fusion_step_time(s, timed, chunk)
         recipe = "cpu-recipe (cached prefix)" if s > 0 else "paper (all blocks, image tensors)"
-        rows.append({"name": f"{kind} {recipe}", "stage": kind, "adapt_from_block": s, "adapted_blocks":
-                     len(backbone.blocks) - s, "adaptor_sets": m, "batch": b,
-                     "inputs_per_step": b * (2 if kind == "fusion" else 1), "timed_steps": timed, "s_per_step": sec,
-                     "cpu_s_per_step": cpu})
-    base = {(r["stage"], r["adapt_from_block"] > 0): r["s_per_step"] for r in rows}
-    cpu = {(r["stage"], r["adapt_from_block"] > 0): r["cpu_s_per_step"] for r in rows}
-    ratios = {"adaptor_paper_vs_cpu_recipe": base[("adaptor", False)] / base[("adaptor", True)],
-              "adaptor_paper_vs_cpu_recipe_cpu": cpu[("adaptor", False)] / cpu[("adaptor", True)]}
-    if ("fusion", False) in base:
-        ratios["fusion_paper_vs_cpu_recipe"] = base[("fusion", False)] / base[("fusion", True)]
-        ratios["fusion_paper_vs_cpu_recipe_cpu"] = cpu[("fusion", False)] / cpu[("fusion", True)]
+        rows.append({"name": f"{kind} {recipe}" + ("" if chunk else ", whole batch"), "stage": kind,
+                     "adapt_from_block": s, "adapted_blocks": len(backbone.blocks) - s, "adaptor_sets": m, "batch": b,
+                     "inputs_per_step": b * (2 if kind == "fusion" else 1), "chunk": chunk, "timed_steps": timed,
+                     "s_per_step": sec, "cpu_s_per_step": cpu})
+    base = {(r["stage"], r["adapt_from_block"] > 0, r["chunk"]): r["s_per_step"] for r in rows}
+    cpu = {(r["stage"], r["adapt_from_block"] > 0, r["chunk"]): r["cpu_s_per_step"] for r in rows}
+    shipped = CPU_CHUNK
+    ratios = {"adaptor_paper_vs_cpu_recipe": base[("adaptor", False, shipped)] / base[("adaptor", True, shipped)],
+              "adaptor_paper_vs_cpu_recipe_cpu": cpu[("adaptor", False, shipped)] / cpu[("adaptor", True, shipped)],
+              "fusion_vs_adaptor_batch": base[("fusion", True, shipped)] / base[("adaptor", True, shipped)],
+              "fusion_whole_vs_chunked": base[("fusion", True, None)] / base[("fusion", True, shipped)],
+              "adaptor_whole_vs_chunked": base[("adaptor", True, None)] / base[("adaptor", True, shipped)]}
+    if ("fusion", False, shipped) in base:
+        ratios["fusion_paper_vs_cpu_recipe"] = base[("fusion", False, shipped)] / base[("fusion", True, shipped)]
+        ratios["fusion_paper_vs_cpu_recipe_cpu"] = cpu[("fusion", False, shipped)] / cpu[("fusion", True, shipped)]
     print_table(f"4. training step time, batch {b}, {args.backbone} ({len(backbone.blocks)} blocks), {dev}",
                 ["step", "from block", "sets", "inputs", "s/step", "cpu s/step"],
                 [[r["name"], r["adapt_from_block"], r["adaptor_sets"], r["inputs_per_step"], r["s_per_step"],

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, make_collection, tiny_params_dict
+from pipeline_steps.model import CPU_CHUNK
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -53,8 +54,13 @@ def test_json_schema(quick_run):
         assert 0 < row["faiss_objective"]["mean_cosine"] <= 1 and row["sklearn_objective"]["mean_sq_l2"] >= 0
     names = {r["name"] for r in res["training"]["rows"]}
     assert any("cpu-recipe" in n for n in names) and any("paper" in n for n in names)
-    assert [r["adaptor_sets"] for r in res["training"]["rows"] if r["stage"] == "fusion"] == [4]
-    assert res["training"]["ratios"]["adaptor_paper_vs_cpu_recipe"] > 0
+    assert [r["adaptor_sets"] for r in res["training"]["rows"] if r["stage"] == "fusion"] == [4, 4]
+    # the shipped chunked forward and the whole-batch baseline, side by side, for both steps
+    assert [(r["stage"], r["chunk"]) for r in res["training"]["rows"] if r["adapt_from_block"] > 0] == [
+        ("adaptor", CPU_CHUNK), ("adaptor", None), ("fusion", CPU_CHUNK), ("fusion", None)]
+    ratios = res["training"]["ratios"]
+    assert all(ratios[name] > 0 for name in ("adaptor_paper_vs_cpu_recipe", "fusion_vs_adaptor_batch",
+                                             "fusion_whole_vs_chunked", "adaptor_whole_vs_chunked"))
     assert res["pipeline"]["steps_s"] == {"extract": 1.5, "cluster": 0.5, "train-fusion": 2.0}
     assert res["pipeline"]["total_s"] == 4.0
     for title in ("1. feature extraction", "2. k-means", "3. kNN graph", "4. training step", "5. end-to-end"):

@@ -136,3 +136,32 @@ def test_model_without_fusion_has_no_fusion_mode():
     assert FUSION not in model.modes()
     solo = GrappaModel(model.backbone, 3, [5], reduction=4)
     assert solo.modes() == [ZERO_SHOT, single(5)]
+
+
+@pytest.mark.parametrize("name, size, start", [("test_efficientnet", 48, 3), ("test_vit", 64, 2)])
+def test_cpu_chunks_change_neither_outputs_nor_gradients(name, size, start):
+    model = build(name, size, start)
+    for layers in model.adaptors.values():
+        for adaptor in layers:
+            torch.nn.init.normal_(adaptor.down.bias, std=1.0)
+            torch.nn.init.normal_(adaptor.up.weight, std=0.1)
+    for layer in model.fusion:
+        torch.nn.init.normal_(layer.query.weight, std=0.5)
+    model.requires_grad_(False)
+    model.fusion.requires_grad_(True)
+    model.train()  # as in training: the adaptors' and fusion's modules in train mode, the backbone frozen
+    x = model.forward_prefix(torch.randn(7, 3, size, size, generator=torch.Generator().manual_seed(6)))
+    weights = torch.randn(7, model.backbone.embed_dim, generator=torch.Generator().manual_seed(7))
+    results = {}
+    for chunk in (None, 3):  # 7 images: chunks of 3, 3 and 1
+        model.cpu_chunk = chunk
+        model.zero_grad(set_to_none=True)
+        emb, alpha = model.forward_suffix(x, FUSION)
+        ((emb * weights).sum() + alpha.pow(2).sum()).backward()
+        results[chunk] = (emb.detach(), alpha.detach(), [p.grad.clone() for p in model.fusion.parameters()])
+        assert model.forward_suffix(x, ZERO_SHOT)[1] is None
+    (emb0, alpha0, grads0), (emb3, alpha3, grads3) = results[None], results[3]
+    assert emb3.shape == emb0.shape and alpha3.shape == alpha0.shape == (7, len(model.backbone.blocks) - start, len(KS))
+    assert torch.allclose(emb3, emb0, atol=1e-5) and torch.allclose(alpha3, alpha0, atol=1e-6)
+    assert alpha0.std() > 1e-3  # the attention is not trivially uniform, so equality means something
+    assert all(torch.allclose(g3, g0, atol=1e-5, rtol=1e-4) for g3, g0 in zip(grads3, grads0))
