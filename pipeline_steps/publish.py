@@ -74,7 +74,8 @@ def decide(score: float | None, eval_set: str, champion: Standing | None,
                                   "(it predates the servable format); replaced")
         basis = f"champion v{champion.version} re-scored on this evaluation set"
     verdict = "beats" if score > best else "does not beat"
-    return Decision(score > best, f"{score:.4f} {verdict} {best:.4f} ({basis})", best)
+    # six decimals: two runs can differ in the fifth ("0.3577 beats 0.3577" says nothing)
+    return Decision(score > best, f"{score:.6f} {verdict} {best:.6f} ({basis})", best)
 
 
 # --------------------------------------------------------------------------- MLflow

@@ -391,6 +391,8 @@ def test_promotion_decisions():
     assert publish.decide(None, same, publish.Standing("1", 0.1, same), never).promote is False
     assert publish.decide(0.5, same, publish.Standing("1", 0.4, same), never).promote
     assert not publish.decide(0.4, same, publish.Standing("1", 0.4, same), never).promote  # a tie keeps the champion
+    close = publish.decide(0.357741, same, publish.Standing("1", 0.357712, same), never)
+    assert close.promote and close.reason == "0.357741 beats 0.357712 (same evaluation set)"
     # another set: the stored 0.9 is not comparable; the champion's score on this set decides
     decision = publish.decide(0.5, same, publish.Standing("1", 0.9, other), lambda: 0.45)
     assert decision.promote and decision.champion_score == 0.45 and "re-scored" in decision.reason
