@@ -137,7 +137,7 @@ def _compute(model: GrappaModel, todo: list[tuple[str, str]], params: Params, pr
                 continue
             acts = model.forward_prefix(x.to(device))
             emb = model.forward_suffix(acts, "zero_shot")[0].cpu()
-            acts = acts.to("cpu", torch.float16)
+            acts = acts.to("cpu", torch.float16).contiguous()  # the cache holds NCHW bytes
             for j, i in enumerate(rows.tolist()):
                 hashes.append(todo[i][0])
                 vectors.append(emb[j].numpy())

@@ -121,6 +121,11 @@ class GrappaModel(nn.Module):
         if attn_dim is not None:
             self.fusion = nn.ModuleList(GranularityFusion(d, len(ks), attn_dim, layout) for d in dims)
         self.cpu_chunk: int | None = CPU_CHUNK  # None: whole batches (the speed benchmark's baseline)
+        # CNN maps in NHWC (channels_last): the Lite0 forward at batch 32 ran 2.5x faster on 2 CPU cores
+        # than in NCHW, with the same embeddings to 4e-7 (one run); inputs are converted on the way in.
+        self.channels_last = layout == "channels"
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def train(self, mode: bool = True) -> "GrappaModel":
         super().train(mode)
@@ -130,7 +135,7 @@ class GrappaModel(nn.Module):
     @torch.no_grad()
     def forward_prefix(self, images: torch.Tensor) -> torch.Tensor:
         """The frozen part before the first adapted block (computed once and cached on CPU)."""
-        x = self.backbone.stem(images)
+        x = self.backbone.stem(self._layout(images))
         for block in self.backbone.blocks[: self.start]:
             x = block(x)
         return x
@@ -143,7 +148,11 @@ class GrappaModel(nn.Module):
             return torch.cat([emb for emb, _ in parts]), (None if alphas[0] is None else torch.cat(alphas))
         return self._suffix(x, mode)
 
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     def _suffix(self, x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self._layout(x)
         alphas = []
         for i, block in enumerate(self.backbone.blocks[self.start:]):
             h = block(x)

@@ -278,3 +278,25 @@ def test_killed_extraction_keeps_the_features_it_flushed(tmp_path, monkeypatch):
     monkeypatch.setattr(extract.FeatureCache, "append", real_append)
     report = snapshot_and_extract(params)
     assert (report["computed"], report["from_cache"]) == (2, 4)
+
+
+def test_cached_prefix_through_the_adapted_blocks_gives_the_extracted_features(tmp_path, messy):
+    """The prefix cache holds NCHW activations, whatever memory layout the model computes in."""
+    import torch
+
+    from pipeline_steps.backbones import create_backbone
+    from pipeline_steps.model import ZERO_SHOT, GrappaModel
+
+    folder, manifest, _, _ = messy
+    params = _params(tmp_path, [folder, manifest])
+    snapshot_and_extract(params)
+    out = Path(params.out_dir) / "extract"
+    vectors = arrow_to_vectors(read_table(out / "features.parquet").column("vector"))
+    prefix = torch.from_numpy(np.load(out / "prefix.npy").astype(np.float32))
+    backbone, _, _ = create_backbone(params.backbone)
+    model = GrappaModel(backbone, params.backbone.adapt_from_block, [2], reduction=4).eval()
+    assert model.channels_last  # a CNN computes in NHWC
+    with torch.no_grad():
+        again = model.forward_suffix(prefix, ZERO_SHOT)[0].numpy()
+    cosine = (again * vectors).sum(axis=1)
+    assert cosine.min() > 0.999, cosine.min()  # float16 cache: equal up to its rounding
