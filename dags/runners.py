@@ -224,11 +224,16 @@ def _operator_spec(task_id: str, runner: str) -> tuple[type, dict]:
 
         # GRAPPA_WORKSPACE: a named volume or a host path holding params.yaml, outputs/, .cache/.
         source = os.environ.get("GRAPPA_WORKSPACE", str(REPO))
+        mounts = [Mount(target=WORKSPACE, source=source, type="bind" if source.startswith("/") else "volume")]
+        mounts += [Mount(target=target, source=src, type="bind", read_only=True)
+                   for src, target in data_mounts(os.environ.get("GRAPPA_DOCKER_MOUNTS", ""))]
         return DockerOperator, {
             "task_id": task_id,
             "image": image,
             "docker_url": os.environ.get("DOCKER_HOST", "unix://var/run/docker.sock"),
-            "mounts": [Mount(target=WORKSPACE, source=source, type="bind" if source.startswith("/") else "volume")],
+            "mounts": mounts,
+            # host: the step reaches MLflow / S3 at the addresses the worker uses (127.0.0.1 included)
+            "network_mode": os.environ.get("GRAPPA_DOCKER_NETWORK", "host"),
             "working_dir": WORKSPACE,
             "environment": env,
             "private_environment": {k: os.environ[k] for k in SECRET_ENV if k in os.environ},
@@ -256,6 +261,18 @@ def _operator_spec(task_id: str, runner: str) -> tuple[type, dict]:
         "on_finish_action": "delete_succeeded_pod",  # keep failed pods for debugging
         "get_logs": True,
     }
+
+
+def data_mounts(spec: str) -> list[tuple[str, str]]:
+    """``GRAPPA_DOCKER_MOUNTS`` (``/host/images:/data,/host/more:/more``) as (host, container) pairs,
+    mounted read-only: the steps read images there and write only to the workspace."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        src, sep, target = item.partition(":")
+        if not sep or not src.startswith("/") or not target.startswith("/"):
+            raise ValueError(f"GRAPPA_DOCKER_MOUNTS: {item!r} is not /host/path:/container/path")
+        pairs.append((src, target))
+    return pairs
 
 
 # -- watchers ---------------------------------------------------------------------------------

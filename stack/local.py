@@ -1,6 +1,7 @@
 """The loop's services on this machine, loopback only: an MLflow tracking server and Airflow 3
 (api-server, scheduler, dag-processor, triggerer; LocalExecutor on SQLite) running the DAGs of
-``dags/`` with the local runner in this workspace.
+``dags/`` with the local runner in this workspace (``--runner docker``: each step in a container of
+``GRAPPA_IMAGE``, see containers/README.md).
 
     python -m stack.local start      # make up: UIs at http://127.0.0.1:8080 (Airflow), :5000 (MLflow)
     python -m stack.local status
@@ -29,6 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SERVICES = ("mlflow", "api-server", "scheduler", "dag-processor", "triggerer")
+# The docker runner's settings (containers/README.md) that `start --runner docker` hands to the tasks.
+RUNNER_ENV = ("GRAPPA_IMAGE", "GRAPPA_WORKSPACE", "GRAPPA_DOCKER_MOUNTS", "GRAPPA_DOCKER_NETWORK")
 
 
 @dataclass
@@ -68,10 +71,13 @@ def environment(settings: Settings) -> dict[str, str]:
 
 def _commands(settings: Settings) -> dict[str, list[str]]:
     store = settings.workspace
+    # Steps in containers do not see the worker's disk: the server stores their artifacts itself
+    # (mlflow-artifacts:/ URIs), in the same mlruns/. Local steps write there directly.
+    in_containers = settings.env.get("GRAPPA_RUNNER", "local") != "local"
+    artifacts = ["--artifacts-destination" if in_containers else "--default-artifact-root", (store / "mlruns").as_uri()]
     return {
         "mlflow": [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(settings.mlflow_port),
-                   "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-                   "--default-artifact-root", (store / "mlruns").as_uri(), "--workers", "1"],
+                   "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", *artifacts, "--workers", "1"],
         "api-server": [str(BIN / "airflow"), "api-server", "-H", "127.0.0.1", "-p", str(settings.api_port)],
         "scheduler": [str(BIN / "airflow"), "scheduler", "--skip-serve-logs"],
         "dag-processor": [str(BIN / "airflow"), "dag-processor"],
@@ -172,8 +178,11 @@ def stop(settings: Settings, grace_s: float = 30) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stack.local", description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["start", "status", "stop"])
+    parser.add_argument("--runner", choices=["local", "docker"], default="local",
+                        help="how the DAG runs each step: in this venv (local) or one container per step "
+                             "(docker: image GRAPPA_IMAGE, built by containers/build.sh)")
     args = parser.parse_args(argv)
-    settings = Settings()
+    settings = Settings(env={"GRAPPA_RUNNER": args.runner, **{k: os.environ[k] for k in RUNNER_ENV if k in os.environ}})
     try:
         if args.action == "start":
             start(settings)

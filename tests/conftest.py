@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -111,8 +112,15 @@ def make_workspace(repo: Path, sources: list, link_code: bool = False, **section
 def write_workspace_params(repo: Path, sources: list, **sections) -> None:
     """params.yaml of a tiny run in workspace ``repo`` (every key written: DVC does not know the defaults),
     and the data roots of its sources in dvc.yaml."""
-    from pipeline_steps.config import parse_params
     from pipeline_steps.workspace import sync_data_deps
+
+    sync_data_deps(repo, write_step_params(repo, sources, **sections))
+
+
+def write_step_params(repo: Path, sources: list, **sections):
+    """params.yaml of a tiny run whose paths are all relative to ``repo`` (sources, outputs, cache),
+    so the same file serves the workspace mounted anywhere, e.g. at /workspace in a container."""
+    from pipeline_steps.config import parse_params
 
     relative = [os.path.relpath(s, repo) if not str(s).startswith("s3://") else str(s) for s in sources]
     defaults = {"backbone": {"image_size": 32}, "adaptor": {"epochs": 1, "batch_size": 8},
@@ -123,7 +131,7 @@ def write_workspace_params(repo: Path, sources: list, **sections) -> None:
     raw["out_dir"], raw["extract"]["cache_dir"] = "outputs", ".cache/features"  # DVC outs live in the workspace
     params = parse_params(raw)
     (repo / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
-    sync_data_deps(repo, params)
+    return params
 
 
 def snapshot_and_extract(params) -> dict:
@@ -132,6 +140,20 @@ def snapshot_and_extract(params) -> dict:
 
     snapshot.run(params)
     return extract.run(params)
+
+
+@pytest.fixture(scope="session")
+def step_image() -> str:
+    """The step image as ``containers/build.sh`` builds it on this machine (installing and starting a
+    Docker engine where none runs, which it stops again after the session); skipped only where no
+    engine can run (build.sh exit 3)."""
+    build = REPO / "containers" / "build.sh"
+    done = subprocess.run(["bash", str(build)], capture_output=True, text=True, timeout=3000)
+    if done.returncode == 3:
+        pytest.skip(f"no Docker engine can be started here: {done.stderr.strip().splitlines()[-1]}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    yield json.loads(done.stdout.strip().splitlines()[-1])["image"]
+    subprocess.run(["bash", str(build), "stop"], capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture(autouse=True)

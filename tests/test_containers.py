@@ -1,15 +1,19 @@
-"""Static checks of containers/ (no Docker daemon here: the images are linted, not built)."""
+"""containers/: the images linted, and the CPU step image built (``containers/build.sh``) and run,
+one container per step, against the same chain in the venv."""
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, make_collection, write_step_params
 
 CONTAINERS = REPO / "containers"
 DOCKERFILES = sorted(p for p in CONTAINERS.glob("Dockerfile.*") if p.suffix != ".dockerignore")
@@ -43,7 +47,9 @@ def test_hadolint(dockerfile):
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_structural_lint(dockerfile):
     ins = instructions(dockerfile)
-    bases = [args.split()[0] for op, args in ins if op == "FROM"]
+    # FROM ${BASE_IMAGE}: the default of the ARG before it must be a pinned public image
+    defaults = dict(args.split("=", 1) for op, args in ins if op == "ARG" and "=" in args)
+    bases = [re.sub(r"\$\{(\w+)\}", lambda m: defaults.get(m[1], m[0]), args.split()[0]) for op, args in ins if op == "FROM"]
     assert bases and all(":" in b and not b.endswith(":latest") for b in bases), bases
     users = [args for op, args in ins if op == "USER"]
     assert users and users[-1].split(":")[0] not in ("0", "root"), "the image must end as a non-root user"
@@ -58,6 +64,9 @@ def test_structural_lint(dockerfile):
     assert entry and yaml.safe_load(entry[-1]) == ["python", "-m", "pipeline_steps"]
     if dockerfile.name.endswith("cuda"):
         assert any("faiss-gpu" in args for op, args in ins if op == "RUN")
+    else:  # the venv's lock as it is (`make setup`), and a CA bundle only as a build secret
+        assert any(op == "RUN" and "-r /tmp/requirements.lock" in args and "grep" not in args for op, args in ins)
+        assert not [args for op, args in ins if op in ("COPY", "ADD") and re.search(r"\bca|\.crt|\.pem", args)]
 
 
 def test_compose_stack_has_no_literal_credentials():
@@ -71,3 +80,90 @@ def test_compose_stack_has_no_literal_credentials():
             if SECRETISH.search(key):
                 assert str(value).startswith("${"), f"{name}.{key} must come from containers/.env"
     assert ".env" in (CONTAINERS / ".gitignore").read_text().split()
+
+
+# -- the image, run -------------------------------------------------------------------------------
+
+DOCKER = shutil.which("/usr/bin/docker") or shutil.which("docker")
+CHAIN = [["snapshot"], ["extract"], ["cluster"], ["train-adaptor", "--k", "2"], ["train-adaptor", "--k", "4"],
+         ["train-fusion"], ["evaluate"], ["index"]]
+STEP_ENV = {"GRAPPA_TRACKING": "0", "OMP_NUM_THREADS": "2"}  # the same threads: the same float sums
+TIMINGS = {"timings_s", "seconds", "images_per_s"}  # report keys that differ from run to run
+
+
+def run_in_venv(workspace: Path, argv: list[str]) -> None:
+    done = subprocess.run([sys.executable, "-m", "pipeline_steps", "--params", "params.yaml", *argv], cwd=workspace,
+                          env={**os.environ, **STEP_ENV}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"venv {argv}: {done.stderr[-2000:]}"
+
+
+def run_in_container(image: str, workspace: Path, data: Path, argv: list[str]) -> str:
+    """One step in its own container: no network, the image's non-root user, images read-only."""
+    env = [arg for key, value in STEP_ENV.items() for arg in ("-e", f"{key}={value}")]
+    done = subprocess.run([DOCKER, "run", "--rm", "--network", "none", "--user", "1000:1000", *env,
+                           "-v", f"{workspace}:/workspace", "-v", f"{data}:/data:ro",
+                           image, "--params", "params.yaml", *argv], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"container {argv}: {done.stderr[-2000:]}"
+    return done.stdout + done.stderr
+
+
+def _without_timings(value):
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if k not in TIMINGS}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
+
+
+def _same_tensors(a, b) -> bool:
+    import torch
+
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_tensors(a[k], b[k]) for k in a)
+    return torch.equal(a, b) if torch.is_tensor(a) else a == b
+
+
+def assert_same_outputs(venv: Path, container: Path, data_root: str) -> int:
+    """Every output of the venv chain is in the container chain with the same content (reports
+    without their timings; image URIs with the data root the container saw); returns how many."""
+    import pandas as pd
+    import torch
+
+    files = sorted(p.relative_to(venv) for p in (venv / "outputs").rglob("*") if p.is_file())
+    assert {p.relative_to(container) for p in (container / "outputs").rglob("*") if p.is_file()} == set(files)
+    for rel in files:
+        a, b = venv / rel, container / rel
+        if rel.suffix == ".json":
+            assert _without_timings(json.loads(a.read_text())) == _without_timings(json.loads(b.read_text())), rel
+        elif rel.suffix == ".parquet":
+            left, right = pd.read_parquet(a), pd.read_parquet(b)
+            if "uri" in left:
+                left["uri"] = left["uri"].str.replace(data_root, "/data", regex=False)
+            pd.testing.assert_frame_equal(left, right, check_exact=True, obj=str(rel))
+        elif rel.suffix == ".pt":  # the zip records differ; the tensors and metadata may not
+            assert _same_tensors(torch.load(a, weights_only=False), torch.load(b, weights_only=False)), rel
+        else:  # .npy, .faiss, plots, results.md
+            assert a.read_bytes() == b.read_bytes(), rel
+    return len(files)
+
+
+def test_the_chain_runs_one_container_per_step_and_matches_the_venv(step_image, tmp_path):
+    data = tmp_path / "data"
+    manifests = make_collection(data, size=32)
+    for path in [*data.rglob("*"), data]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    venv, container = tmp_path / "venv", tmp_path / "container"
+    for workspace in (venv, container):
+        workspace.mkdir()
+        write_step_params(workspace, manifests, cluster={"ks": [2, 4]})  # sources ../data/...: /data inside
+    os.chown(container, 1000, 1000)  # the image's user writes the outputs
+    logs = [run_in_container(step_image, container, data, argv) for argv in CHAIN]
+    for argv in CHAIN:
+        run_in_venv(venv, argv)
+    assert "index: rebuilt (no index yet); 64 images" in logs[-1]
+    assert assert_same_outputs(venv, container, str(data.resolve())) >= 25
+    # the model and its index are the same bytes: the image holds the venv's lock, not a look-alike
+    for rel in ("outputs/model/model.pt", "outputs/index/catalogue.faiss"):
+        assert (venv / rel).read_bytes() == (container / rel).read_bytes()
+    # what the containers wrote belongs to the image's non-root user
+    assert {p.stat().st_uid for p in (container / "outputs").rglob("*")} == {1000}

@@ -157,6 +157,7 @@ def container_env(monkeypatch):
     monkeypatch.setenv("GRAPPA_GPU", "1")
     monkeypatch.setenv("GRAPPA_K8S_SECRET", "grappa-aws")
     monkeypatch.setenv("GRAPPA_WORKSPACE", "grappa-workspace")
+    monkeypatch.setenv("GRAPPA_DOCKER_MOUNTS", "/srv/images:/data, /srv/more:/more")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-real-secret")
     return runners.plan({"ks": [2, 3]}, "docker")
@@ -169,8 +170,13 @@ def test_docker_runner_renders_container_args(container_env, dagbag):
     assert isinstance(op, DockerOperator)
     assert op.image == "registry.example/grappa:1.2"
     assert op.command == ["--params", "params.yaml", "--set", "cluster.ks=[2, 3]", "extract"]
-    [mount] = op.mounts
-    assert (mount["Target"], mount["Source"], mount["Type"]) == ("/workspace", "grappa-workspace", "volume")
+    workspace, *data = op.mounts
+    assert (workspace["Target"], workspace["Source"], workspace["Type"]) == ("/workspace", "grappa-workspace", "volume")
+    assert not workspace.get("ReadOnly")
+    # images come in read-only; the step containers share the worker's network (MLflow on 127.0.0.1)
+    assert [(m["Source"], m["Target"], m["Type"], m["ReadOnly"]) for m in data] == [
+        ("/srv/images", "/data", "bind", True), ("/srv/more", "/more", "bind", True)]
+    assert op.network_mode == "host"
     assert op.device_requests[0].capabilities == [["gpu"]]
     # secrets only as private env; the Airflow run id (templated) joins the steps in one MLflow parent run
     assert op.environment == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "GRAPPA_AIRFLOW_RUN_ID": "{{ run_id }}",
@@ -188,6 +194,12 @@ def test_docker_runner_renders_container_args(container_env, dagbag):
     assert mapped.partial_kwargs["image"] == "registry.example/grappa:1.2"
     assert container_env["train_adaptor"] == [["--params", "params.yaml", "--set", "cluster.ks=[2, 3]",
                                                "train-adaptor", "--k", str(k)] for k in (2, 3)]
+
+
+@pytest.mark.parametrize("spec", ["data:/data", "/srv/images", "/srv/images:data"])
+def test_docker_mounts_must_be_absolute_pairs(spec):
+    with pytest.raises(ValueError, match="GRAPPA_DOCKER_MOUNTS"):
+        runners.data_mounts(spec)
 
 
 def test_k8s_runner_renders_pod_spec(container_env):
