@@ -2,7 +2,7 @@
 # The step image, built on this machine from nothing (containers/README.md, "Build and run"):
 #
 #   containers/build.sh          # engine (installed and started if absent), base image, wheels, image
-#   containers/build.sh engine   # only make sure a Docker engine answers
+#   containers/build.sh engine   # only make sure a Docker engine answers (docker.io + docker-compose)
 #   containers/build.sh stop     # stop the engine this script started (by PID), if it did
 #
 # Exit codes: 0 built, 1 a step failed (its error on stderr), 3 no Docker engine can run here.
@@ -31,9 +31,9 @@ ensure_engine() {
     engine_answers && return 0
     if ! command -v dockerd >/dev/null; then
         [ "$(id -u)" = 0 ] || die "no Docker engine, and installing docker.io needs root" 3
-        say "installing docker.io from the Debian mirror"
-        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io; } >"$STATE/apt.log" 2>&1 \
-            || die "apt-get install docker.io failed (see $STATE/apt.log)" 3
+        say "installing docker.io and docker-compose from the Debian mirror"
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io docker-compose; } \
+            >"$STATE/apt.log" 2>&1 || die "apt-get install docker.io failed (see $STATE/apt.log)" 3
         DOCKER=/usr/bin/docker
     fi
     [ "$(id -u)" = 0 ] || die "dockerd is installed but not running, and starting it needs root" 3
@@ -113,6 +113,8 @@ print(s.getsockname()[1])
 PY
 }
 
+git_fact() { git -C "$ROOT" "$@" 2>/dev/null || true; }
+
 build_image() {
     local base port server started status=0
     base="$(ensure_base)"
@@ -122,12 +124,18 @@ build_image() {
     server=$!
     trap 'kill "$server" 2>/dev/null || true' EXIT
     say "building $IMAGE on $base"
-    local previous
+    local previous commit dirty=""
+    commit="$(git_fact rev-parse HEAD)"
+    if [ -n "$commit" ]; then  # the same facts lineage.git_tags reads from a checkout
+        dirty="$(git_fact status --porcelain --untracked-files=no -- pipeline_steps | grep -q . && echo true || echo false)"
+    fi
     previous="$("$DOCKER" image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)"
     started="$(date +%s)"
     DOCKER_BUILDKIT=1 "$DOCKER" build --network host --progress plain \
         -f "$ROOT/containers/Dockerfile.cpu" -t "$IMAGE" \
         --build-arg BASE_IMAGE="$base" --build-arg WHEELHOUSE="http://127.0.0.1:$port/" \
+        --build-arg GIT_COMMIT="$commit" --build-arg GIT_BRANCH="$(git_fact branch --show-current)" \
+        --build-arg GIT_DIRTY="$dirty" \
         --secret id=hostca,src=/etc/ssl/certs/ca-certificates.crt \
         "$ROOT" >"$STATE/build.log" 2>&1 || status=$?
     kill "$server" 2>/dev/null || true

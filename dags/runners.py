@@ -40,6 +40,8 @@ MAP_INDEX_TEMPLATE = {
     "docker": "k={{ task.command[-1] }}",
     "k8s": "k={{ task.arguments[-1] }}",
 }
+AIRFLOW_CONTEXT_ENV = {"AIRFLOW_CTX_DAG_ID": "{{ dag.dag_id }}", "AIRFLOW_CTX_TASK_ID": "{{ task.task_id }}",
+                       "AIRFLOW_CTX_DAG_RUN_ID": "{{ run_id }}"}
 # What started the run (asset events' source and fingerprint), handed to every step for its MLflow tags.
 TRIGGER_TEMPLATE = "{{ ti.xcom_pull(task_ids='plan', key='trigger') or '[]' }}"
 # Non-secret settings handed to step containers when set on the worker; credentials travel as
@@ -208,9 +210,9 @@ def _operator_spec(task_id: str, runner: str) -> tuple[type, dict]:
     image = os.environ.get("GRAPPA_IMAGE", "grappa-pipeline:cpu")
     gpu = os.environ.get("GRAPPA_GPU", "0") == "1"
     env = {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}
-    # Steps of one DAG run meet in one MLflow parent run keyed by the Airflow run id (templated;
-    # the local runner's subprocess gets AIRFLOW_CTX_DAG_RUN_ID from Airflow itself).
-    env["GRAPPA_AIRFLOW_RUN_ID"] = "{{ run_id }}"
+    # The context Airflow gives a local step's subprocess, templated for a container: the steps of
+    # one DAG run meet in one MLflow parent run keyed by the run id, tagged with DAG and task.
+    env.update(AIRFLOW_CONTEXT_ENV)
     env["GRAPPA_TRIGGER"] = TRIGGER_TEMPLATE
     if runner == "local":
         from airflow.providers.standard.operators.bash import BashOperator

@@ -60,15 +60,17 @@ def _git(args: list[str], cwd: Path) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-def git_tags(code_dir: Path = CODE_DIR) -> dict[str, str]:
-    """Commit (and branch, dirty flag) of the repository holding the pipeline code.
+# Inside an image there is no ``.git``: containers/build.sh records the same facts in these variables.
+GIT_ENV = {"mlflow.source.git.commit": "GRAPPA_GIT_COMMIT", "mlflow.source.git.branch": "GRAPPA_GIT_BRANCH",
+           "grappa.git.dirty": "GRAPPA_GIT_DIRTY"}
 
-    Inside an image without ``.git`` the build can pass the commit as ``GRAPPA_GIT_COMMIT``.
-    """
+
+def git_tags(code_dir: Path = CODE_DIR) -> dict[str, str]:
+    """Commit (and branch, dirty flag) of the repository holding the pipeline code, else of the
+    checkout the image was built from (``GIT_ENV``)."""
     commit = _git(["rev-parse", "HEAD"], code_dir)
     if commit is None:
-        commit = os.environ.get("GRAPPA_GIT_COMMIT") or None
-        return {"mlflow.source.git.commit": commit} if commit else {}
+        return {tag: os.environ[env] for tag, env in GIT_ENV.items() if os.environ.get(env)}
     tags = {"mlflow.source.git.commit": commit}
     branch = _git(["rev-parse", "--abbrev-ref", "HEAD"], code_dir)
     if branch and branch != "HEAD":
@@ -141,8 +143,6 @@ def dvc_lock_tags(stage: str, lock_path: Path | None = None) -> dict[str, str]:
 
 def airflow_tags() -> dict[str, str]:
     tags = {tag: os.environ[var] for tag, var in AIRFLOW_ENV.items() if os.environ.get(var)}
-    if "airflow.dag_run_id" not in tags and os.environ.get("GRAPPA_AIRFLOW_RUN_ID"):
-        tags["airflow.dag_run_id"] = os.environ["GRAPPA_AIRFLOW_RUN_ID"]
     for var, tag in (("DVC_EXP_NAME", "dvc.exp_name"),):
         if os.environ.get(var):
             tags[tag] = os.environ[var]

@@ -142,18 +142,32 @@ def snapshot_and_extract(params) -> dict:
     return extract.run(params)
 
 
-@pytest.fixture(scope="session")
-def step_image() -> str:
-    """The step image as ``containers/build.sh`` builds it on this machine (installing and starting a
-    Docker engine where none runs, which it stops again after the session); skipped only where no
-    engine can run (build.sh exit 3)."""
-    build = REPO / "containers" / "build.sh"
-    done = subprocess.run(["bash", str(build)], capture_output=True, text=True, timeout=3000)
+BUILD_SCRIPT = REPO / "containers" / "build.sh"
+
+
+def _build_script(action: str) -> str:
+    """``containers/build.sh <action>``'s last line of output; skips the test where no Docker engine
+    can run here (exit 3: not root and none installed, or dockerd refuses to start)."""
+    done = subprocess.run(["bash", str(BUILD_SCRIPT), action], capture_output=True, text=True, timeout=3000)
     if done.returncode == 3:
         pytest.skip(f"no Docker engine can be started here: {done.stderr.strip().splitlines()[-1]}")
     assert done.returncode == 0, done.stderr[-3000:]
-    yield json.loads(done.stdout.strip().splitlines()[-1])["image"]
-    subprocess.run(["bash", str(build), "stop"], capture_output=True, text=True, timeout=120)
+    return (done.stdout.strip().splitlines() or [""])[-1]
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> None:
+    """A Docker engine (with docker-compose), installed and started where none runs; the one this
+    session started is stopped after it."""
+    _build_script("engine")
+    yield
+    subprocess.run(["bash", str(BUILD_SCRIPT), "stop"], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def step_image(docker_engine) -> str:
+    """The step image as ``containers/build.sh`` builds it on this machine."""
+    return json.loads(_build_script("build"))["image"]
 
 
 @pytest.fixture(autouse=True)

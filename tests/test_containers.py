@@ -82,6 +82,19 @@ def test_compose_stack_has_no_literal_credentials():
     assert ".env" in (CONTAINERS / ".gitignore").read_text().split()
 
 
+def test_compose_file_parses(docker_engine):
+    """With the compose this machine has: Debian's docker-compose 1.29 (no `docker compose` v2 here)."""
+    compose = shutil.which("docker-compose")
+    if compose is None:
+        pytest.skip("docker-compose not installed (apt-get install docker-compose)")
+    done = subprocess.run([compose, "--env-file", str(CONTAINERS / "env.example"), "-f", str(CONTAINERS / "compose.yaml"),
+                           "config"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    resolved = yaml.safe_load(done.stdout)
+    assert resolved["services"]["mlflow"]["image"] == "grappa-pipeline:cpu"
+    assert resolved["services"]["mlflow"]["build"]["dockerfile"].endswith("containers/Dockerfile.cpu")
+
+
 # -- the image, run -------------------------------------------------------------------------------
 
 DOCKER = shutil.which("/usr/bin/docker") or shutil.which("docker")

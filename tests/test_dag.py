@@ -179,8 +179,9 @@ def test_docker_runner_renders_container_args(container_env, dagbag):
     assert op.network_mode == "host"
     assert op.device_requests[0].capabilities == [["gpu"]]
     # secrets only as private env; the Airflow run id (templated) joins the steps in one MLflow parent run
-    assert op.environment == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "GRAPPA_AIRFLOW_RUN_ID": "{{ run_id }}",
+    assert op.environment == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", **runners.AIRFLOW_CONTEXT_ENV,
                               "GRAPPA_TRIGGER": runners.TRIGGER_TEMPLATE}
+    assert runners.AIRFLOW_CONTEXT_ENV["AIRFLOW_CTX_DAG_RUN_ID"] == "{{ run_id }}"
     assert op._private_environment == {"AWS_SECRET_ACCESS_KEY": "not-a-real-secret"}
     assert op.retries >= 1 and not op.mount_tmp_dir and op.auto_remove == "success"
     # Whole DAG with this runner: the mapped task expands the docker command over k.
@@ -216,7 +217,7 @@ def test_k8s_runner_renders_pod_spec(container_env):
     assert container.args == ["--params", "params.yaml", "--set", "cluster.ks=[2, 3]", "train-fusion"]
     assert container.resources.limits == {"nvidia.com/gpu": "1"}
     assert [(e.name, e.value) for e in container.env] == [("MLFLOW_TRACKING_URI", "http://mlflow:5000"),
-                                                           ("GRAPPA_AIRFLOW_RUN_ID", "{{ run_id }}"),
+                                                           *runners.AIRFLOW_CONTEXT_ENV.items(),
                                                            ("GRAPPA_TRIGGER", runners.TRIGGER_TEMPLATE)]
     assert container.env_from[0].secret_ref.name == "grappa-aws"
     assert container.volume_mounts[0].mount_path == "/workspace"

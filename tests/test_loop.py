@@ -9,6 +9,7 @@ must be up to date at the end. Everything is driven through the REST API, as a u
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,12 +18,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, draw_image, make_collection, make_workspace
+from conftest import REPO, draw_image, make_collection, make_workspace, write_step_params
 
 sys.path.insert(0, str(REPO))
 from stack import local  # noqa: E402  (the launcher `make up` runs)
@@ -118,9 +120,16 @@ def stack(tmp_path_factory):
     (root / "incoming").mkdir()
     repo = make_workspace(root / "repo", [*manifests, root / "incoming"], link_code=True, cluster={"ks": [2, 3]},
                           tracking={"experiment": "grappa-loop", "registered_model": MODEL})
+    with running(repo, root, {}) as loop:
+        yield loop
+
+
+@contextlib.contextmanager
+def running(repo: Path, root: Path, env: dict) -> Iterator[Loop]:
+    """The stack on ``repo`` (state under ``root``), up until every DAG is parsed; stopped after."""
     settings = local.Settings(workspace=repo, home=root / "stack", api_port=_free_port(), mlflow_port=_free_port(),
-                              watch_schedule="",  # the test runs the watcher itself, once it has dropped images
-                              env={"GRAPPA_RETRIES": "0", "GRAPPA_WATCH_SETTLE_S": "1", "OMP_NUM_THREADS": "1"})
+                              watch_schedule="",  # the tests run the watcher themselves, once they have dropped images
+                              env={"GRAPPA_RETRIES": "0", "GRAPPA_WATCH_SETTLE_S": "1", "OMP_NUM_THREADS": "1", **env})
     try:
         local.start(settings)
         loop = Loop(settings, root)
@@ -211,3 +220,85 @@ def test_dvc_status_is_up_to_date_at_the_end(stack, first_run):
     done = subprocess.run([str(VENV_BIN / "dvc"), "status"], cwd=stack.repo, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
     assert done.returncode == 0 and "Data and pipelines are up to date." in done.stdout, done.stdout + done.stderr
+
+
+# -- the same loop with the docker runner: every step in a container of the step image ---------
+
+def lineage(loop: Loop, run_id: str) -> dict:
+    """What MLflow holds of one pipeline run, by name: the parent run and each step run (status, the
+    keys of params, metrics and tags, dataset inputs, artifacts) and the model versions it made."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(loop.settings.mlflow, registry_uri=loop.settings.mlflow)
+    experiment = client.get_experiment_by_name("grappa-loop").experiment_id
+    (parent,) = client.search_runs([experiment], f"tags.`airflow.dag_run_id` = '{run_id}' and tags.`grappa.kind` = 'pipeline'")
+    steps = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+
+    def artifacts(run_id: str, path: str | None = None) -> list[str]:
+        return sorted(p for f in client.list_artifacts(run_id, path)
+                      for p in (artifacts(run_id, f.path) if f.is_dir else [f.path]))
+
+    def facts(run) -> dict:
+        # dvc.* tags come from dvc.lock: the local runner runs `dvc repro`, a container the step CLI
+        tags = sorted(k for k in run.data.tags if not k.startswith("dvc."))
+        return {"status": run.info.status, "params": sorted(run.data.params), "metrics": sorted(run.data.metrics),
+                "tags": tags, "datasets": sorted(d.dataset.name for d in run.inputs.dataset_inputs),
+                "artifacts": artifacts(run.info.run_id)}
+
+    made = {run.info.run_id: run.info.run_name for run in steps}
+    versions = client.search_model_versions(f"name = '{MODEL}'")
+    return {"pipeline": facts(parent), "steps": {run.info.run_name: facts(run) for run in steps},
+            "versions": sorted((v.version, made[v.run_id]) for v in versions if v.run_id in made)}
+
+
+def _differences(left: dict, right: dict, path: str = "") -> list[str]:
+    """Where two lineage dicts differ, one line each (what only the left / only the right holds)."""
+    if isinstance(left, dict) and isinstance(right, dict):
+        return [line for key in sorted(set(left) | set(right), key=str)
+                for line in _differences(left.get(key), right.get(key), f"{path}/{key}")]
+    if isinstance(left, list) and isinstance(right, list) and left != right:
+        only_left, only_right = [x for x in left if x not in right], [x for x in right if x not in left]
+        return [f"{path}: only in containers {only_left}, only local {only_right}"]
+    return [] if left == right else [f"{path}: {left!r} != {right!r}"]
+
+
+@pytest.fixture(scope="module")
+def docker_stack(tmp_path_factory, step_image):
+    root = tmp_path_factory.mktemp("docker-loop")
+    manifests = make_collection(root / "data", size=32, per_class=3, unlabeled=12)
+    repo = root / "repo"
+    repo.mkdir()
+    write_step_params(repo, manifests, cluster={"ks": [2, 3]},
+                      tracking={"experiment": "grappa-loop", "registered_model": MODEL})
+    os.chown(repo, 1000, 1000)  # the workspace the step containers (uid 1000) write to
+    env = {"GRAPPA_RUNNER": "docker", "GRAPPA_IMAGE": step_image, "GRAPPA_DOCKER_MOUNTS": f"{root / 'data'}:/data"}
+    with running(repo, root, env) as loop:
+        yield loop
+
+
+def test_the_docker_runner_runs_each_step_in_its_container_with_the_local_runners_lineage(stack, first_run,
+                                                                                           docker_stack):
+    # new data announced as a watcher or an uploader announces it: an asset event with its source
+    before = {r["dag_run_id"] for r in docker_stack.runs(PIPELINE)}
+    (asset,) = [a for a in docker_stack.call("GET", "/api/v2/assets")["assets"] if a["name"] == "grappa_unlabeled"]
+    docker_stack.call("POST", "/api/v2/assets/events",
+                      {"asset_id": asset["id"], "extra": {"source": str(docker_stack.root / "data"), "fingerprint": "f1"}})
+    run_id = docker_stack.new_run(before)
+    assert docker_stack.wait(PIPELINE, run_id) == "success", docker_stack.tasks(PIPELINE, run_id)
+    tasks = docker_stack.tasks(PIPELINE, run_id)
+    assert {task for task, _ in tasks} == STEP_TASKS | {"plan", "close_run"}
+    assert set(tasks.values()) == {"success"}, tasks
+    # each step ran in a container of the image, as the image's user, and wrote to the workspace
+    extract_log = docker_stack.log(PIPELINE, run_id, "extract")
+    assert f"Starting docker container from image {docker_stack.settings.env['GRAPPA_IMAGE']}" in extract_log
+    outputs = docker_stack.repo / "outputs"
+    assert {p.stat().st_uid for p in outputs.rglob("*")} == {1000}
+    assert json.loads((outputs / "index" / "index.json").read_text())["model_version"] == "1"
+    assert "tracking: registered grappa-loop version 1" in docker_stack.log(PIPELINE, run_id, "evaluate")
+    from mlflow.tracking import MlflowClient
+
+    registry = MlflowClient(docker_stack.settings.mlflow, registry_uri=docker_stack.settings.mlflow)
+    assert registry.get_model_version_by_alias(MODEL, "champion").version == "1"
+    # MLflow holds the same lineage as for the local runner's run: the same runs, keys, datasets, artifacts
+    in_containers, local_runner = lineage(docker_stack, run_id), lineage(stack, first_run)
+    assert in_containers == local_runner, _differences(in_containers, local_runner)

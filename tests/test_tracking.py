@@ -36,7 +36,7 @@ AIRFLOW = {"AIRFLOW_CTX_DAG_ID": "grappa_pipeline", "AIRFLOW_CTX_DAG_RUN_ID": "m
            "AIRFLOW_CTX_TASK_ID": "run_all", "AIRFLOW_CTX_MAP_INDEX": "-1"}
 # variables that would change what the shared run does if the calling shell happened to set them
 _SCRUB = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", tracking.ENV_PARENT, tracking.ENV_SWITCH,
-          tracking.ENV_ARTIFACT_LOCATION, "DVC_STAGE", "DVC_ROOT", "GRAPPA_DVC_LOCK", "GRAPPA_AIRFLOW_RUN_ID")
+          tracking.ENV_ARTIFACT_LOCATION, "DVC_STAGE", "DVC_ROOT", "GRAPPA_DVC_LOCK")
 
 DVC_LOCK = {
     "schema": "2.0",
@@ -463,7 +463,7 @@ def test_lineage_helpers(tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_STAGE", "sub/dvc.yaml:train_adaptor@16")
     assert lineage.dvc_stage_name("train-adaptor", 8) == "train_adaptor@16"
     assert lineage.airflow_tags() == {}
-    monkeypatch.setenv("GRAPPA_AIRFLOW_RUN_ID", "scheduled__x")
+    monkeypatch.setenv("AIRFLOW_CTX_DAG_RUN_ID", "scheduled__x")  # a container gets only what the DAG passes
     assert lineage.airflow_tags() == {"airflow.dag_run_id": "scheduled__x"}
     assert lineage.dvc_lock_tags("extract", tmp_path / "missing.lock") == {}
     (tmp_path / "dvc.lock").write_text("stages: [unbalanced")
@@ -479,7 +479,7 @@ def test_airflow_steps_meet_in_one_parent_per_dag_run(run, client, tmp_path, mon
     params_path = copy_of_run(run, tmp_path, monkeypatch)
     for var in lineage.AIRFLOW_ENV.values():  # an earlier in-process dag.test() may have left these set
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("GRAPPA_AIRFLOW_RUN_ID", "scheduled__2026-02-02")
+    monkeypatch.setenv("AIRFLOW_CTX_DAG_RUN_ID", "scheduled__2026-02-02")
     monkeypatch.chdir(tmp_path)
     for step in ("cluster", "evaluate", "close-run"):  # three tasks, three processes in production
         rc, _, stderr = run_cli(["--params", str(params_path), step])
