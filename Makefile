@@ -4,12 +4,25 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lock up down serve
+LOCK := requirements/requirements.lock
+WHEELS := .cache/wheelhouse
+PIP := $(PY) -m pip -q --disable-pip-version-check
 
-$(VENV)/.installed: requirements/requirements.lock pyproject.toml
+.PHONY: setup demo test lock up down serve image wheels
+
+$(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements/requirements.lock
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+
+# The lock's wheels, downloaded once: the venv and the step image (containers/build.sh) install these files.
+$(WHEELS)/.lock.sha256: $(LOCK) | $(VENV)/bin/python
+	$(PIP) wheel --no-deps -r $(LOCK) -w $(WHEELS)
+	sha256sum < $(LOCK) > $@
+
+wheels: $(WHEELS)/.lock.sha256
+
+$(VENV)/.installed: $(LOCK) pyproject.toml $(WHEELS)/.lock.sha256 | $(VENV)/bin/python
+	$(PIP) install --no-index --find-links $(WHEELS) -r $(LOCK)
+	$(PIP) install --no-deps --no-build-isolation -e .
 	touch $@
 
 setup: $(VENV)/.installed
@@ -21,11 +34,17 @@ test: setup
 	$(PY) -m pytest -q
 
 # The loop's services on loopback (README, "The loop"): Airflow http://127.0.0.1:8080 and MLflow :5000.
+# RUNNER=docker: every step in a container of the step image (`make image`; containers/README.md).
+RUNNER ?= local
 up: setup
-	$(PY) -m stack.local start
+	$(PY) -m stack.local start --runner $(RUNNER)
 
 down:
 	$(PY) -m stack.local stop
+
+# The CPU step image grappa-pipeline:cpu (containers/README.md): Docker engine, base image and wheels as needed.
+image: setup
+	containers/build.sh
 
 # The champion over HTTP on 127.0.0.1:5001: POST images to /invocations, get embeddings back.
 MODEL ?= grappa-fused

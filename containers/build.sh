@@ -18,8 +18,7 @@ WHEELHOUSE="$ROOT/.cache/wheelhouse"
 SOCKET="unix:///var/run/docker.sock"
 # Debian's client speaks BuildKit (RUN --mount, --secret); another `docker` on PATH may not.
 DOCKER="$(command -v /usr/bin/docker || command -v docker || true)"
-PYTHON="$ROOT/.venv/bin/python"
-[ -x "$PYTHON" ] || PYTHON="$(command -v python3)"
+PYTHON="$(command -v python3)"
 
 say() { echo "build.sh: $*" >&2; }
 die() { say "$*"; exit "${2:-1}"; }
@@ -88,15 +87,10 @@ ensure_base() {
     echo "$LOCAL_BASE"
 }
 
-# The lock's wheels on the host, served on loopback to the build: after `make setup` pip takes them
-# from its cache, so the image costs no second download.
+# The lock's wheels, which `make setup` downloaded for the venv (`make wheels`, a no-op when they
+# match the lock), served on loopback to the build: the image installs the venv's very files.
 fill_wheelhouse() {
-    local lock="$ROOT/requirements/requirements.lock" stamp="$WHEELHOUSE/.lock.sha256"
-    [ "$(cat "$stamp" 2>/dev/null)" = "$(sha256sum < "$lock")" ] && return 0
-    say "wheels of requirements/requirements.lock -> $WHEELHOUSE"
-    "$PYTHON" -m pip wheel -q --no-deps --disable-pip-version-check -r "$lock" -w "$WHEELHOUSE" \
-        2> >(grep -v "is neither a file nor a directory" >&2)
-    sha256sum < "$lock" >"$stamp"
+    make -C "$ROOT" -s wheels >&2
 }
 
 # A fixed port keeps the wheelhouse URL, a build argument, the same from build to build, so Docker
