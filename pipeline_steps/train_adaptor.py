@@ -9,7 +9,6 @@ inputs) lets a killed run resume.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from .config import AdaptorParams, ConfigError, Params
 from .inputs import NeighbourPairs, collate_usable, load_inputs, loader
 from .losses import CosineClassifier
 from .model import GrappaModel, pick_device, single
-from .training import fit, run_key
+from .training import data_fingerprint, fit, run_key
 
 
 def adaptor_path(params: Params, k: int) -> Path:
@@ -178,7 +177,7 @@ def run(params: Params, k: int) -> dict:
         emb, _ = model.forward_suffix(x, mode)
         return objective(emb, targets[rows], instance_ids=rows)
 
-    key = run_key(params, hp.model_dump(), k, hashlib.md5(targets.cpu().numpy().tobytes()).hexdigest())
+    key = run_key(params, hp.model_dump(), k, data_fingerprint(targets.cpu().numpy()))
     checkpoint = Path(params.out_dir) / "checkpoints" / f"adaptor_k{k}-{key}.pt"
     history = fit(trainable, optimizer, hp.epochs, len(inputs.dataset) // batch_size, hp.warmup_epochs,
                   batches, step, checkpoint, params.seed, desc=f"adaptor k={k}")

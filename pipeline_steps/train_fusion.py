@@ -41,7 +41,7 @@ from .losses import CosineClassifier, attention_propagation, batch_attention_ent
 from .metrics import leave_one_out_neighbours
 from .model import FUSION, pick_device
 from .train_adaptor import classifier_path, pseudo_labels_for
-from .training import fit, run_key
+from .training import data_fingerprint, fit, run_key
 
 
 def run(params: Params) -> dict:
@@ -98,7 +98,9 @@ def run(params: Params) -> dict:
         losses["loss"] = loss
         return losses
 
-    key = run_key(params, hp.model_dump(), params.adaptor.model_dump(), params.cluster.ks)
+    # the images, their neighbour graph and the adaptor sets' weights: other data, another checkpoint
+    data = data_fingerprint(np.array(inputs.image_ids), neighbours, modules=model.adaptors.values())
+    key = run_key(params, hp.model_dump(), params.adaptor.model_dump(), params.cluster.ks, data)
     checkpoint = Path(params.out_dir) / "checkpoints" / f"fusion-{key}.pt"
     history = fit(model.fusion, optimizer, hp.epochs, len(pairs) // batch_size, 0.0, batches, step,
                   checkpoint, params.seed, desc="fusion")

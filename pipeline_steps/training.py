@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -81,6 +82,19 @@ def fit(
         if on_epoch_end:
             on_epoch_end(epoch, summary)
     return history
+
+
+def data_fingerprint(*arrays, modules=()) -> str:
+    """Digest of what a run learns from (arrays: ids, labels, neighbour graphs; modules: frozen
+    weights it builds on), so a checkpoint from other data is never resumed."""
+    digest = hashlib.md5()
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array).tobytes())
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def run_key(params, *parts: object) -> str:

@@ -18,7 +18,7 @@ import yaml
 
 from conftest import REPO, make_collection, snapshot_and_extract, tiny_params_dict
 from pipeline_steps import cluster, train_adaptor, train_fusion
-from pipeline_steps.artifacts import load_torch
+from pipeline_steps.artifacts import load_torch, save_torch
 from pipeline_steps.cli import run_all
 from pipeline_steps.config import parse_params
 
@@ -141,6 +141,27 @@ def test_stale_checkpoint_from_other_params_is_not_resumed(prepared, tmp_path, m
     train_adaptor.run(clean, 2)
     with pytest.raises(AssertionError):  # the learning rate matters, so equality above is meaningful
         _assert_same_state(_adaptor_state(changed, 2), _adaptor_state(clean, 2))
+
+
+def test_fusion_checkpoint_from_other_adaptors_is_not_resumed(prepared, tmp_path, monkeypatch, capsys):
+    params, _ = _params_at(prepared, tmp_path, "fusion_stale", adaptor={"epochs": 1})
+    for k in params.cluster.ks:
+        train_adaptor.run(params, k)
+    with monkeypatch.context() as m:
+        _interrupt_after(m, train_fusion, 4)
+        with pytest.raises(KeyboardInterrupt):
+            train_fusion.run(params)
+    (stale,) = _checkpoints(params)
+    # same params, but the adaptor set k=2 is another one (as after re-clustering other images)
+    path = train_adaptor.adaptor_path(params, 2)
+    state = load_torch(path)
+    name = next(iter(state["state_dict"]))
+    state["state_dict"][name] = state["state_dict"][name] + 0.01
+    save_torch(path, state)
+    capsys.readouterr()
+    train_fusion.run(params)
+    assert "resuming" not in capsys.readouterr().out
+    assert _checkpoints(params) == [stale]  # its own checkpoint was removed once published
 
 
 def test_fusion_killed_mid_epoch_resumes_to_the_same_weights(prepared, tmp_path, monkeypatch, capsys):
