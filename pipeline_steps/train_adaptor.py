@@ -85,8 +85,8 @@ class AdaptorObjective:
             total = total + losses["cross_entropy"]
         if self.uses_ap:
             labels = instance_ids if self.positives == "augmentation" else pseudo
-            losses["ap"] = self.ap_loss(emb, labels)
-            total = total + (self.ap_weight if self.use_ce else 1.0) * losses["ap"]
+            losses["ap_loss"] = self.ap_loss(emb, labels)  # 1 - AP: falls as ranking improves
+            total = total + (self.ap_weight if self.use_ce else 1.0) * losses["ap_loss"]
         losses["loss"] = total
         return losses
 
