@@ -40,6 +40,7 @@ class BackboneParams(_Strict):
     image_size: int = Field(default=224, ge=16)
     # Adaptors go into flat blocks [adapt_from_block, end). 0 = every block (the paper's placement);
     # >0 freezes and caches the prefix activations once, which makes CPU training affordable.
+    # Block counts differ between backbones, so params.yaml names it with the backbone.
     adapt_from_block: int = Field(default=0, ge=0)
     pooling: Literal["avg", "gem", "mac"] = "avg"
 
@@ -77,7 +78,7 @@ class AdaptorParams(_Strict):
     # Stage-1 objective: the pseudo-label cosine softmax of Grappa, a listwise AP loss over
     # pseudo-label positives (instance-retrieval note), or their sum.
     objective: Literal["cosine_softmax", "histogram_ap", "smooth_ap", "cosine_softmax+histogram_ap"] = (
-        "cosine_softmax"
+        "cosine_softmax+histogram_ap"
     )
     ap_weight: float = Field(default=1.0, ge=0)  # weight of the AP term in the summed objective
     # AP positives: images sharing a pseudo-label (batches of P clusters x images_per_cluster), or two
@@ -104,7 +105,7 @@ class FusionParams(_Strict):
     # What the fused embedding is trained for: InfoNCE on kNN pairs (grappa.md 5.3), the stage-1
     # pseudo-label losses of all M levels through their frozen classifiers (the "alternative
     # reading" of 5.3), or both. Attention propagation between neighbours applies in every case.
-    objective: Literal["neighbour_pairs", "pseudo_labels", "pseudo_labels+neighbour_pairs"] = "neighbour_pairs"
+    objective: Literal["neighbour_pairs", "pseudo_labels", "pseudo_labels+neighbour_pairs"] = "pseudo_labels"
 
 
 class InstanceTask(_Strict):
@@ -118,7 +119,7 @@ class EvaluateParams(_Strict):
     batch_size: int = Field(default=64, ge=1)
     # Instance-level tasks evaluated beside the class-level query_db domains (none are bundled).
     instance_tasks: list[InstanceTask] = []
-    grid_queries: int = Field(default=4, ge=0)  # queries per domain in the top-5 grid plot
+    grid_queries: int = Field(default=3, ge=0)  # queries per domain in the top-5 grid plot
 
 
 class IndexParams(_Strict):

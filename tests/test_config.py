@@ -43,6 +43,18 @@ def _assert_one_line(message: str, *needles: str) -> None:
         assert needle in message, f"{needle!r} not in {message!r}"
 
 
+def test_defaults_are_the_shipped_recipe():
+    """What a test or a user leaves out is what params.yaml ships: no default runs a recipe the
+    product does not. Given: the data, the k ladder, and the backbone (its block count decides
+    where adaptors can go)."""
+    from conftest import REPO
+
+    shipped = yaml.safe_load((REPO / "params.yaml").read_text())
+    defaults = parse_params({"data": shipped["data"], "cluster": {"ks": shipped["cluster"]["ks"]},
+                             "backbone": shipped["backbone"]})
+    assert defaults.model_dump(mode="json") == parse_params(shipped).model_dump(mode="json")
+
+
 def test_valid_params_parse_and_ks_are_sorted(tmp_path):
     params = parse_params(_with(_base(tmp_path), "cluster.ks", [8, 2, 4]))
     assert params.cluster.ks == [2, 4, 8]
