@@ -16,6 +16,7 @@ BASE_IMAGE="${GRAPPA_BASE_IMAGE:-python:3.11.7-slim-bookworm}"
 LOCAL_BASE="grappa-base:bookworm-py3.11"  # made here when $BASE_IMAGE cannot be pulled
 WHEELHOUSE="$ROOT/.cache/wheelhouse"
 SOCKET="unix:///var/run/docker.sock"
+HOST_CA="/etc/ssl/certs/ca-certificates.crt"
 # Debian's client speaks BuildKit (RUN --mount, --secret); another `docker` on PATH may not.
 DOCKER="$(command -v /usr/bin/docker || command -v docker || true)"
 PYTHON="$(command -v python3)"
@@ -71,7 +72,8 @@ ensure_base() {
         say "$BASE_IMAGE cannot be pulled: making $LOCAL_BASE with debootstrap"
         command -v debootstrap >/dev/null || {
             [ "$(id -u)" = 0 ] || die "debootstrap is missing and installing it needs root"
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >>"$STATE/apt.log" 2>&1
+            { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap; } \
+                >>"$STATE/apt.log" 2>&1 || die "apt-get install debootstrap failed (see $STATE/apt.log)"
         }
         local mirror rootfs
         mirror="$(grep -rhoE 'https?://[^ ]+/debian/?( |$)' /etc/apt/sources.list /etc/apt/sources.list.d 2>/dev/null \
@@ -124,13 +126,15 @@ build_image() {
         dirty="$(git_fact status --porcelain --untracked-files=no -- pipeline_steps | grep -q . && echo true || echo false)"
     fi
     previous="$("$DOCKER" image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)"
+    local secret=()  # the host's CA bundle, for a build that goes to PyPI itself (no WHEELHOUSE)
+    [ -f "$HOST_CA" ] && secret=(--secret "id=hostca,src=$HOST_CA")
     started="$(date +%s)"
     DOCKER_BUILDKIT=1 "$DOCKER" build --network host --progress plain \
         -f "$ROOT/containers/Dockerfile.cpu" -t "$IMAGE" \
         --build-arg BASE_IMAGE="$base" --build-arg WHEELHOUSE="http://127.0.0.1:$port/" \
         --build-arg GIT_COMMIT="$commit" --build-arg GIT_BRANCH="$(git_fact branch --show-current)" \
         --build-arg GIT_DIRTY="$dirty" \
-        --secret id=hostca,src=/etc/ssl/certs/ca-certificates.crt \
+        "${secret[@]}" \
         "$ROOT" >"$STATE/build.log" 2>&1 || status=$?
     kill "$server" 2>/dev/null || true
     trap - EXIT
