@@ -273,8 +273,8 @@ def bench_extraction(args, dev: str) -> dict:
 
 def faiss_kmeans(x: np.ndarray, k: int, niter: int, seed: int, gpu: bool) -> np.ndarray:
     """Centroids of the pipeline's spherical k-means (faiss), one run (nredo=1, like n_init=1)."""
-    if not gpu:
-        _, centroids = spherical_kmeans(x, k, niter, 1, seed)
+    if not gpu:  # every point trains, as in sklearn (the step's training sample is not what is compared)
+        _, centroids = spherical_kmeans(x, k, niter, 1, seed, max_points_per_centroid=1 << 30)
         return centroids
     km = faiss.Kmeans(x.shape[1], k, niter=niter, nredo=1, spherical=True, seed=seed, verbose=False, gpu=True,
                       min_points_per_centroid=1, max_points_per_centroid=1 << 30)

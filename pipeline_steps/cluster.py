@@ -18,11 +18,16 @@ from .config import ConfigError, Params
 from .inputs import load_features
 
 
-def spherical_kmeans(x: np.ndarray, k: int, niter: int, nredo: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pseudo-labels (N,) and L2-normalised centroids (k, D) of L2-normalised features."""
+def spherical_kmeans(x: np.ndarray, k: int, niter: int, nredo: int, seed: int,
+                     max_points_per_centroid: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Pseudo-labels (N,) and L2-normalised centroids (k, D) of L2-normalised features.
+
+    The centroids are trained on at most ``k * max_points_per_centroid`` points (faiss draws the
+    sample with ``seed``), so training time and memory stop growing with N; every point is assigned.
+    """
     x = np.ascontiguousarray(x, dtype=np.float32)
     km = faiss.Kmeans(x.shape[1], k, niter=niter, nredo=nredo, spherical=True, seed=seed, verbose=False,
-                      min_points_per_centroid=1, max_points_per_centroid=1 << 30)
+                      min_points_per_centroid=1, max_points_per_centroid=max_points_per_centroid)
     km.train(x)
     _, labels = km.index.search(x, 1)
     return labels[:, 0].astype(np.int64), km.centroids / np.linalg.norm(km.centroids, axis=1, keepdims=True)
@@ -53,7 +58,8 @@ def run(params: Params) -> dict:
     for k in ks:
         t0 = time.perf_counter()
         labels, centroids = spherical_kmeans(vectors, k, params.cluster.niter, params.cluster.nredo,
-                                             seed=params.seed * 100_003 + k)
+                                             seed=params.seed * 100_003 + k,
+                                             max_points_per_centroid=params.cluster.max_points_per_centroid)
         save_npy(out / f"centroids_k{k}.npy", centroids.astype(np.float32))
         write_table(out / f"k{k}.parquet", pa.table({"image_id": ids, "pseudo_label": labels}))
         report["per_k"][str(k)] = size_stats(labels, k)

@@ -55,6 +55,8 @@ class ClusterParams(_Strict):
     ks: list[int] = Field(min_length=2)  # at least two granularities to fuse
     niter: int = Field(default=25, ge=1)
     nredo: int = Field(default=3, ge=1)
+    # Centroids train on at most k x this many images (a seeded sample), then every image is assigned.
+    max_points_per_centroid: int = Field(default=256, ge=1)
 
     @field_validator("ks")
     @classmethod

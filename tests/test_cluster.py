@@ -38,6 +38,19 @@ def test_spherical_kmeans_deterministic_normalised_and_recovers_blobs():
     assert np.array_equal(labels, np.argmax(x @ centroids.T, axis=1))
 
 
+def test_kmeans_trains_on_a_bounded_sample_and_assigns_every_point():
+    x, truth = blobs(n_per=200)  # 800 points, k=4: at most 4 x 20 = 80 train the centroids
+    labels, centroids = cluster.spherical_kmeans(x, 4, niter=20, nredo=2, seed=7, max_points_per_centroid=20)
+    full_labels, full_centroids = cluster.spherical_kmeans(x, 4, niter=20, nredo=2, seed=7)
+    assert labels.shape == (800,) and np.array_equal(labels, np.argmax(x @ centroids.T, axis=1))
+    pairs = set(zip(truth.tolist(), labels.tolist()))  # still the truth up to a permutation
+    assert len(pairs) == 4 and len({c for _, c in pairs}) == 4
+    assert not np.array_equal(centroids, full_centroids), "the sample must be what trained the centroids"
+    # below the bound (800 < 4 x 256) the default trains on every point: the same as no bound at all
+    unbounded, _ = cluster.spherical_kmeans(x, 4, niter=20, nredo=2, seed=7, max_points_per_centroid=1 << 30)
+    assert np.array_equal(full_labels, unbounded)
+
+
 def test_size_stats_by_hand():
     labels = np.array([0, 0, 0, 1, 3, 3])  # sizes 3, 1, 0, 2 for k=4
     assert cluster.size_stats(labels, 4) == {
