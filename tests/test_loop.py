@@ -87,6 +87,26 @@ class Loop:
             assert time.monotonic() < deadline, f"{dag_id} {run_id} still {state} after {timeout} s"
             time.sleep(3)
 
+    def mlflow(self):
+        """A client of the stack's MLflow server (tracking and registry)."""
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.settings.mlflow, registry_uri=self.settings.mlflow)
+
+    def pipeline_run(self, run_id: str):
+        """The MLflow parent run of the DAG run ``run_id`` (experiment grappa-loop)."""
+        client = self.mlflow()
+        experiment = client.get_experiment_by_name("grappa-loop").experiment_id
+        (parent,) = client.search_runs([experiment], f"tags.`airflow.dag_run_id` = '{run_id}' "
+                                                     "and tags.`grappa.kind` = 'pipeline'")
+        return parent
+
+    def announce(self, source: str, fingerprint: str) -> None:
+        """An event on the pipeline's asset, as a watcher or an uploader POSTs one."""
+        (asset,) = [a for a in self.call("GET", "/api/v2/assets")["assets"] if a["name"] == "grappa_unlabeled"]
+        self.call("POST", "/api/v2/assets/events", {"asset_id": asset["id"],
+                                                   "extra": {"source": source, "fingerprint": fingerprint}})
+
     def trigger(self, dag_id: str) -> str:
         return self.call("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None})["dag_run_id"]
 
@@ -148,10 +168,7 @@ def _report(stack: Loop, step: str) -> dict:
 
 
 def _versions(stack: Loop) -> list[int]:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(stack.settings.mlflow, registry_uri=stack.settings.mlflow)
-    return sorted(int(v.version) for v in client.search_model_versions(f"name = '{MODEL}'"))
+    return sorted(int(v.version) for v in stack.mlflow().search_model_versions(f"name = '{MODEL}'"))
 
 
 @pytest.fixture(scope="module")
@@ -164,8 +181,6 @@ def first_run(stack):
 
 
 def test_dropped_images_start_a_pipeline_run_that_registers_a_model(stack, first_run):
-    from mlflow.tracking import MlflowClient
-
     tasks = stack.tasks(PIPELINE, first_run)
     assert {task for task, _ in tasks} == STEP_TASKS | {"plan", "close_run"}
     assert set(tasks.values()) == {"success"}, tasks
@@ -176,10 +191,7 @@ def test_dropped_images_start_a_pipeline_run_that_registers_a_model(stack, first
     plan_log = stack.log(PIPELINE, first_run, "plan")
     (line,) = [line for line in plan_log.splitlines() if line.startswith("triggered by new data: source=")]
     assert str((stack.root / "incoming").resolve()) in line and str(stack.root / "data" / "shapes") in line
-    client = MlflowClient(stack.settings.mlflow, registry_uri=stack.settings.mlflow)
-    experiment = client.get_experiment_by_name("grappa-loop")
-    (parent,) = client.search_runs([experiment.experiment_id], f"tags.`airflow.dag_run_id` = '{first_run}' "
-                                                               "and tags.`grappa.kind` = 'pipeline'")
+    parent = stack.pipeline_run(first_run)
     assert parent.info.status == "FINISHED" and parent.data.tags["grappa.trigger.fingerprint"] in plan_log
     index = json.loads((stack.repo / "outputs" / "index" / "index.json").read_text())
     assert index["model_version"] == "1" and index["count"] == 52
@@ -205,8 +217,7 @@ def test_nothing_new_is_a_visible_no_op(stack, first_run):
     assert (state, run_id) == ("skipped", None) and {r["dag_run_id"] for r in stack.runs(PIPELINE)} == before
     assert "no event: " in log and f"{(stack.root / 'incoming').resolve()} unchanged since the last {PIPELINE} run" in log
     # an asset event anyway (e.g. an uploader POSTing one): every step is skipped, each log says why
-    (asset,) = [a for a in stack.call("GET", "/api/v2/assets")["assets"] if a["name"] == "grappa_unlabeled"]
-    stack.call("POST", "/api/v2/assets/events", {"asset_id": asset["id"], "extra": {"source": "api", "fingerprint": "x"}})
+    stack.announce("api", "x")
     run_id = stack.new_run(before)
     assert stack.wait(PIPELINE, run_id) == "success"
     tasks = stack.tasks(PIPELINE, run_id)
@@ -227,12 +238,8 @@ def test_dvc_status_is_up_to_date_at_the_end(stack, first_run):
 def lineage(loop: Loop, run_id: str) -> dict:
     """What MLflow holds of one pipeline run, by name: the parent run and each step run (status, the
     keys of params, metrics and tags, dataset inputs, artifacts) and the model versions it made."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(loop.settings.mlflow, registry_uri=loop.settings.mlflow)
-    experiment = client.get_experiment_by_name("grappa-loop").experiment_id
-    (parent,) = client.search_runs([experiment], f"tags.`airflow.dag_run_id` = '{run_id}' and tags.`grappa.kind` = 'pipeline'")
-    steps = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    client, parent = loop.mlflow(), loop.pipeline_run(run_id)
+    steps = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
 
     def artifacts(run_id: str, path: str | None = None) -> list[str]:
         return sorted(p for f in client.list_artifacts(run_id, path)
@@ -280,9 +287,7 @@ def test_the_docker_runner_runs_each_step_in_its_container_with_the_local_runner
                                                                                            docker_stack):
     # new data announced as a watcher or an uploader announces it: an asset event with its source
     before = {r["dag_run_id"] for r in docker_stack.runs(PIPELINE)}
-    (asset,) = [a for a in docker_stack.call("GET", "/api/v2/assets")["assets"] if a["name"] == "grappa_unlabeled"]
-    docker_stack.call("POST", "/api/v2/assets/events",
-                      {"asset_id": asset["id"], "extra": {"source": str(docker_stack.root / "data"), "fingerprint": "f1"}})
+    docker_stack.announce(str(docker_stack.root / "data"), "f1")
     run_id = docker_stack.new_run(before)
     assert docker_stack.wait(PIPELINE, run_id) == "success", docker_stack.tasks(PIPELINE, run_id)
     tasks = docker_stack.tasks(PIPELINE, run_id)
@@ -295,10 +300,7 @@ def test_the_docker_runner_runs_each_step_in_its_container_with_the_local_runner
     assert {p.stat().st_uid for p in outputs.rglob("*")} == {1000}
     assert json.loads((outputs / "index" / "index.json").read_text())["model_version"] == "1"
     assert "tracking: registered grappa-loop version 1" in docker_stack.log(PIPELINE, run_id, "evaluate")
-    from mlflow.tracking import MlflowClient
-
-    registry = MlflowClient(docker_stack.settings.mlflow, registry_uri=docker_stack.settings.mlflow)
-    assert registry.get_model_version_by_alias(MODEL, "champion").version == "1"
+    assert docker_stack.mlflow().get_model_version_by_alias(MODEL, "champion").version == "1"
     # MLflow holds the same lineage as for the local runner's run: the same runs, keys, datasets, artifacts
     in_containers, local_runner = lineage(docker_stack, run_id), lineage(stack, first_run)
     assert in_containers == local_runner, _differences(in_containers, local_runner)
