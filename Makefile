@@ -28,7 +28,7 @@ $(VENV)/.installed: $(LOCK) pyproject.toml $(WHEELS)/.lock.sha256 | $(VENV)/bin/
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m pipeline_steps run
+	$(PY) -m grappa run
 
 test: setup
 	$(PY) -m pytest -q

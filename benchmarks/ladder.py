@@ -13,15 +13,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline_steps.artifacts import write_json, write_text
-from pipeline_steps.assemble import assemble
-from pipeline_steps.backbones import create_backbone
-from pipeline_steps.cli import run_step
-from pipeline_steps.config import load_params
-from pipeline_steps.evaluate import per_domain_metrics
-from pipeline_steps.inputs import encode, load_inputs
-from pipeline_steps.model import UNIFORM, pick_device, single
-from pipeline_steps.train_adaptor import adaptor_path
+from grappa.io.artifacts import write_json, write_text
+from grappa.io.assemble import assemble
+from grappa.core.backbones import create_backbone
+from grappa.cli import run_step
+from grappa.config import load_params
+from grappa.steps.evaluate import per_domain_metrics
+from grappa.io.datasets import encode, load_inputs
+from grappa.core.model import UNIFORM, pick_device, single
+from grappa.steps.train_adaptor import adaptor_path
 
 from .quality import FULL_DATA, RESULTS
 

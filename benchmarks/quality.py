@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline_steps.artifacts import write_json, write_text
-from pipeline_steps.cli import _parse_set, run_all
-from pipeline_steps.config import load_params
-from pipeline_steps.evaluate import METRICS
+from grappa.io.artifacts import write_json, write_text
+from grappa.cli import _parse_set, run_all
+from grappa.config import load_params
+from grappa.steps.evaluate import METRICS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL_DATA = {"data.max_unlabeled_per_domain": None, "data.max_query_db_per_domain": None}

@@ -33,11 +33,11 @@ if str(REPO) not in sys.path:  # run as a plain script from anywhere
 import faiss  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline_steps.backbones import create_backbone  # noqa: E402
-from pipeline_steps.cluster import spherical_kmeans  # noqa: E402
-from pipeline_steps.config import BackboneParams, load_params  # noqa: E402
-from pipeline_steps.metrics import knn_search, leave_one_out_neighbours  # noqa: E402
-from pipeline_steps.model import CPU_CHUNK, FUSION, GrappaModel, single  # noqa: E402
+from grappa.core.backbones import create_backbone  # noqa: E402
+from grappa.steps.cluster import spherical_kmeans  # noqa: E402
+from grappa.config import BackboneParams, load_params  # noqa: E402
+from grappa.core.metrics import knn_search, leave_one_out_neighbours  # noqa: E402
+from grappa.core.model import CPU_CHUNK, FUSION, GrappaModel, single  # noqa: E402
 
 SCHEMA_VERSION = 1
 DEFAULT_IMAGES = str(REPO.parent / "shared" / "data" / "multidomain" / "*" / "images")
@@ -186,7 +186,7 @@ def bench_extraction(args, dev: str) -> dict:
     import timm.data
     from PIL import Image
 
-    from pipeline_steps.inputs import ImageDataset, image_transform, loader
+    from grappa.io.datasets import ImageDataset, image_transform, loader
 
     files = list_images(args.images)
     if not files:
@@ -462,10 +462,10 @@ def bench_knn(args, info: dict) -> dict:
 def bench_training(args, dev: str) -> dict:
     import torch.nn.functional as F
 
-    from pipeline_steps.inputs import NeighbourPairs, PrefixDataset, loader
-    from pipeline_steps.losses import (CosineClassifier, attention_propagation, batch_attention_entropy,
+    from grappa.io.datasets import NeighbourPairs, PrefixDataset, loader
+    from grappa.core.losses import (CosineClassifier, attention_propagation, batch_attention_entropy,
                                        neighbour_pair_infonce)
-    from pipeline_steps.training import warmup_cosine
+    from grappa.core.training import warmup_cosine
 
     bp = BackboneParams(name=args.backbone, weights=args.weights, image_size=args.image_size,
                         adapt_from_block=args.adapt_from_block)

@@ -123,7 +123,7 @@ build_image() {
     local previous commit dirty=""
     commit="$(git_fact rev-parse HEAD)"
     if [ -n "$commit" ]; then  # the same facts lineage.git_tags reads from a checkout
-        dirty="$(git_fact status --porcelain --untracked-files=no -- pipeline_steps | grep -q . && echo true || echo false)"
+        dirty="$(git_fact status --porcelain --untracked-files=no -- grappa | grep -q . && echo true || echo false)"
     fi
     previous="$("$DOCKER" image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)"
     local secret=()  # the host's CA bundle, for a build that goes to PyPI itself (no WHEELHOUSE)

@@ -131,8 +131,8 @@ def plan(conf: dict, runner: str) -> dict:
 def render(runner: str, argv: list[str]) -> str | list[str]:
     if runner == "local":
         python = os.environ.get("GRAPPA_PYTHON") or sys.executable
-        return shlex.join([python, "-m", "pipeline_steps", *argv])
-    return argv  # the image's ENTRYPOINT is `python -m pipeline_steps`
+        return shlex.join([python, "-m", "grappa", *argv])
+    return argv  # the image's ENTRYPOINT is `python -m grappa`
 
 
 def prepare_workspace(command: str) -> str:
@@ -286,7 +286,7 @@ def watched_folders() -> list[str]:
     raw = yaml.safe_load((REPO / "params.yaml").read_text()) or {}
     sources = (raw.get("data") or {}).get("sources") or []
     sources += (raw.get("index") or {}).get("sources") or []
-    from pipeline_steps.workspace import data_roots  # at task time, on a worker holding the workspace
+    from grappa.workspace import data_roots  # at task time, on a worker holding the workspace
 
     return [str((REPO / root).resolve()) for root in data_roots([str(s) for s in sources])
             if not root.startswith("s3://")]

@@ -100,9 +100,9 @@ def make_workspace(repo: Path, sources: list, link_code: bool = False, **section
     for name in ("config", ".gitignore"):
         shutil.copy(REPO / ".dvc" / name, repo / ".dvc" / name)
     if link_code:
-        (repo / "pipeline_steps").symlink_to(REPO / "pipeline_steps", target_is_directory=True)
+        (repo / "grappa").symlink_to(REPO / "grappa", target_is_directory=True)
     else:
-        shutil.copytree(REPO / "pipeline_steps", repo / "pipeline_steps", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(REPO / "grappa", repo / "grappa", ignore=shutil.ignore_patterns("__pycache__"))
     # The committed default remote is a fixed path; a per-checkout override goes to config.local.
     (repo / ".dvc" / "config.local").write_text(f"['remote \"local\"']\n    url = {repo.parent / 'dvc-remote'}\n")
     write_workspace_params(repo, sources, **sections)
@@ -112,7 +112,7 @@ def make_workspace(repo: Path, sources: list, link_code: bool = False, **section
 def write_workspace_params(repo: Path, sources: list, **sections) -> None:
     """params.yaml of a tiny run in workspace ``repo`` (every key written: DVC does not know the defaults),
     and the data roots of its sources in dvc.yaml."""
-    from pipeline_steps.workspace import sync_data_deps
+    from grappa.workspace import sync_data_deps
 
     sync_data_deps(repo, write_step_params(repo, sources, **sections))
 
@@ -120,7 +120,7 @@ def write_workspace_params(repo: Path, sources: list, **sections) -> None:
 def write_step_params(repo: Path, sources: list, **sections):
     """params.yaml of a tiny run whose paths are all relative to ``repo`` (sources, outputs, cache),
     so the same file serves the workspace mounted anywhere, e.g. at /workspace in a container."""
-    from pipeline_steps.config import parse_params
+    from grappa.config import parse_params
 
     relative = [os.path.relpath(s, repo) if not str(s).startswith("s3://") else str(s) for s in sources]
     defaults = {"backbone": {"image_size": 32}, "adaptor": {"epochs": 1, "batch_size": 8},
@@ -136,7 +136,8 @@ def write_step_params(repo: Path, sources: list, **sections):
 
 def snapshot_and_extract(params) -> dict:
     """Steps 1 and 2 (the data snapshot of the params' sources, then its features); extract's report."""
-    from pipeline_steps import extract, snapshot
+    from grappa.steps import extract
+    from grappa.steps import snapshot
 
     snapshot.run(params)
     return extract.run(params)
@@ -183,6 +184,6 @@ def collection(tmp_path: Path) -> list[Path]:
 
 @pytest.fixture
 def tiny_params(tmp_path: Path, collection):
-    from pipeline_steps.config import parse_params
+    from grappa.config import parse_params
 
     return parse_params(tiny_params_dict(tmp_path, collection))

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline_steps.ap_loss import (
+from grappa.core.ap_loss import (
     HistogramAPLoss,
     SmoothAPLoss,
     build_ap_loss,

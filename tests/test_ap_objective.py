@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from conftest import snapshot_and_extract, tiny_params_dict
-from pipeline_steps import cluster, train_adaptor
-from pipeline_steps.artifacts import load_torch
-from pipeline_steps.config import ConfigError, parse_params
-from pipeline_steps.train_adaptor import ClusterBatchSampler
+from grappa.steps import cluster
+from grappa.steps import train_adaptor
+from grappa.io.artifacts import load_torch
+from grappa.config import ConfigError, parse_params
+from grappa.steps.train_adaptor import ClusterBatchSampler
 
 
 def test_cluster_batches_always_hold_positives():

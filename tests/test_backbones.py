@@ -13,9 +13,9 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from conftest import SHARED_DATA
-from pipeline_steps.backbones import BlockwiseBackbone, create_backbone, lite0_package_state_dict
-from pipeline_steps.config import BackboneParams, ConfigError
-from pipeline_steps.inputs import image_transform
+from grappa.core.backbones import BlockwiseBackbone, create_backbone, lite0_package_state_dict
+from grappa.config import BackboneParams, ConfigError
+from grappa.io.datasets import image_transform
 
 # ImageNet-1k bird classes: 7-24 (cock .. great grey owl), 80-100 (black grouse .. black swan),
 # 127-146 (white stork .. albatross).
@@ -193,8 +193,8 @@ def test_local_checkpoint_roundtrip(tmp_path):
 
 @pytest.mark.parametrize("name", ["test_maxvit"])
 def test_architectures_that_do_not_chain_block_by_block_are_refused(name):
-    from pipeline_steps.backbones import create_backbone
-    from pipeline_steps.config import ConfigError
+    from grappa.core.backbones import create_backbone
+    from grappa.config import ConfigError
 
     with pytest.raises(ConfigError, match="backbone"):
         create_backbone(BackboneParams(name=name, weights="none", image_size=64))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, make_collection, tiny_params_dict
-from pipeline_steps.model import CPU_CHUNK
+from grappa.core.model import CPU_CHUNK
 
 pytestmark = pytest.mark.timeout(120)
 

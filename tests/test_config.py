@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from conftest import make_collection, tiny_params_dict
-from pipeline_steps.cli import main
-from pipeline_steps.config import ConfigError, load_params, parse_params
+from grappa.cli import main
+from grappa.config import ConfigError, load_params, parse_params
 
 
 @pytest.fixture(autouse=True)

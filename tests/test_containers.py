@@ -61,7 +61,7 @@ def test_structural_lint(dockerfile):
     assert any(op == "COPY" and "requirements/requirements.lock" in args for op, args in ins)
     assert any(op == "RUN" and "requirements" in args and "install" in args for op, args in ins)
     entry = [args for op, args in ins if op == "ENTRYPOINT"]
-    assert entry and yaml.safe_load(entry[-1]) == ["python", "-m", "pipeline_steps"]
+    assert entry and yaml.safe_load(entry[-1]) == ["python", "-m", "grappa"]
     if dockerfile.name.endswith("cuda"):
         assert any("faiss-gpu" in args for op, args in ins if op == "RUN")
     else:  # the venv's lock as it is (`make setup`), and a CA bundle only as a build secret
@@ -105,7 +105,7 @@ TIMINGS = {"timings_s", "seconds", "images_per_s"}  # report keys that differ fr
 
 
 def run_in_venv(workspace: Path, argv: list[str]) -> None:
-    done = subprocess.run([sys.executable, "-m", "pipeline_steps", "--params", "params.yaml", *argv], cwd=workspace,
+    done = subprocess.run([sys.executable, "-m", "grappa", "--params", "params.yaml", *argv], cwd=workspace,
                           env={**os.environ, **STEP_ENV}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"venv {argv}: {done.stderr[-2000:]}"
 

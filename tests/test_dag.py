@@ -30,7 +30,7 @@ import runners  # noqa: E402
 
 STEP_TASKS = {"snapshot", "extract", "cluster", "train_adaptor", "train_fusion", "evaluate", "index"}
 GLUE_TASKS = {"plan", "close_run"}
-HEAVY = ("torch", "timm", "faiss", "pipeline_steps", "mlflow", "dvc", "pandas")
+HEAVY = ("torch", "timm", "faiss", "grappa", "mlflow", "dvc", "pandas")
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +132,8 @@ def test_plan_turns_run_conf_into_cli_overrides(tmp_path):
     plan = runners.plan({"params_file": str(params), "sources": ["s3://b/raw/"], "ks": [3, 2]}, "local")
     assert plan["prepare"].endswith("--params " + str(params) + " --set 'data.sources=[\"s3://b/raw/\"]' "
                                     "--set 'cluster.ks=[3, 2]' prepare")
-    assert plan["prepare"].split()[:3] == [sys.executable, "-m", "pipeline_steps"]
-    assert plan["cluster"] == shlex.join([sys.executable, "-m", "pipeline_steps", "repro", "cluster"])
+    assert plan["prepare"].split()[:3] == [sys.executable, "-m", "grappa"]
+    assert plan["cluster"] == shlex.join([sys.executable, "-m", "grappa", "repro", "cluster"])
     assert [c.split()[-1] for c in plan["train_adaptor"]] == ["train_adaptor@2", "train_adaptor@3"]
     for bad in ({"ks": [4]}, {"ks": [1, 2]}, {"ks": [2, 2]}):
         with pytest.raises(ValueError, match="cluster.ks"):
@@ -213,7 +213,7 @@ def test_k8s_runner_renders_pod_spec(container_env):
     [container] = pod.spec.containers
     assert pod.metadata.namespace == "grappa" and pod.metadata.name.startswith("grappa-train-fusion")
     assert container.image == "registry.example/grappa:1.2"
-    assert not container.command  # the image ENTRYPOINT `python -m pipeline_steps` runs the args
+    assert not container.command  # the image ENTRYPOINT `python -m grappa` runs the args
     assert container.args == ["--params", "params.yaml", "--set", "cluster.ks=[2, 3]", "train-fusion"]
     assert container.resources.limits == {"nvidia.com/gpu": "1"}
     assert [(e.name, e.value) for e in container.env] == [("MLFLOW_TRACKING_URI", "http://mlflow:5000"),

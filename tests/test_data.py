@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline_steps.data import (
+from grappa.io.sources import (
     ImageDecodeError,
     ImageRecord,
     SourceError,

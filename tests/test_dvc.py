@@ -1,7 +1,7 @@
 """dvc.yaml: declared deps/params match the code, and every entry point reruns exactly what changed.
 
 The repro tests run the real stages on a tiny synthetic collection in a throw-away workspace (git
-repo with a copy of dvc.yaml, .dvc/config and pipeline_steps/; MLflow tracking off): `grappa run`,
+repo with a copy of dvc.yaml, .dvc/config and grappa/; MLflow tracking off): `grappa run`,
 the Airflow DAG's per-stage commands and a plain `dvc repro` share one dvc.lock.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import runners  # noqa: E402
 
 VENV_BIN = Path(__file__).resolve().parents[1] / ".venv" / "bin"
 DVC = str(VENV_BIN / "dvc") if (VENV_BIN / "dvc").exists() else shutil.which("dvc")
-PKG = REPO / "pipeline_steps"
+PKG = REPO / "grappa"
 # Record a finished step in MLflow; they never change a DVC-visible output, so editing them must not rerun.
 SIDE_EFFECT_ONLY = {"tracking", "lineage", "publish"}
 STEP_MODULE = {"snapshot": "snapshot", "extract": "extract", "cluster": "cluster", "train_adaptor": "train_adaptor",
@@ -56,7 +56,7 @@ def _relative_imports(module: str, top_level_only: bool) -> set[str]:
 
 
 def code_closure(step_module: str) -> set[str]:
-    """Modules a `python -m pipeline_steps <step>` run executes: the CLI's module-level imports
+    """Modules a `python -m grappa <step>` run executes: the CLI's module-level imports
     (its per-step imports are lazy) plus everything the step module imports, even lazily."""
     seen: set[str] = set()
     todo = [("__init__", False), ("__main__", False), ("cli", True), (step_module, False)]
@@ -74,8 +74,8 @@ def test_code_deps_are_each_steps_import_closure():
     assert set(stages) == set(STEP_MODULE)
     problems = []
     for name, module in STEP_MODULE.items():
-        declared = {d for d in stage_body(stages[name])["deps"] if d.startswith("pipeline_steps/")}
-        expected = {f"pipeline_steps/{m}.py" for m in code_closure(module)}
+        declared = {d for d in stage_body(stages[name])["deps"] if d.startswith("grappa/")}
+        expected = {f"grappa/{m}.py" for m in code_closure(module)}
         if declared != expected:
             problems.append(f"{name}: add {sorted(expected - declared)}, remove {sorted(declared - expected)}")
     assert not problems, "dvc.yaml code deps out of date:\n" + "\n".join(problems)
@@ -102,8 +102,8 @@ def test_params_exist_and_k_list_only_where_needed():
 
 
 def test_committed_dvc_yaml_watches_the_sources_of_params_yaml():
-    from pipeline_steps.config import load_params
-    from pipeline_steps.workspace import data_roots, drift
+    from grappa.config import load_params
+    from grappa.workspace import data_roots, drift
 
     params = load_params(REPO / "params.yaml")
     assert drift(REPO, params) is None
@@ -124,7 +124,7 @@ def run_dvc(repo: Path, *args: str) -> str:
 
 def run_grappa(repo: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "GRAPPA_TRACKING": "0", "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([str(VENV_BIN / "python"), "-m", "pipeline_steps", *args], cwd=repo, env=env,
+    return subprocess.run([str(VENV_BIN / "python"), "-m", "grappa", *args], cwd=repo, env=env,
                           capture_output=True, text=True, timeout=900)
 
 
@@ -166,7 +166,7 @@ def test_grappa_run_goes_through_dvc_then_is_up_to_date(dvc_repo, reproduced):
         assert (out / path).is_file(), path
     assert (dvc_repo / ".cache" / "features").is_dir()  # the feature cache sits outside every out
     lock = yaml.safe_load((dvc_repo / "dvc.lock").read_text())["stages"]
-    assert lock["train_adaptor@2"]["cmd"] == "python -m pipeline_steps train-adaptor --k 2"
+    assert lock["train_adaptor@2"]["cmd"] == "python -m grappa train-adaptor --k 2"
     assert "cluster" not in lock["train_adaptor@2"]["params"]["params.yaml"]
     assert lock["evaluate"]["params"]["params.yaml"]["cluster.ks"] == [2, 4]
     assert {"../drop", "../data/shapes"} <= {d["path"] for d in lock["snapshot"]["deps"]}  # the data roots

@@ -12,9 +12,11 @@ import pytest
 from PIL import Image
 
 from conftest import draw_image, snapshot_and_extract, tiny_params_dict
-from pipeline_steps import artifacts, extract, snapshot
-from pipeline_steps.artifacts import arrow_to_vectors, atomic_path, read_table, write_json
-from pipeline_steps.config import ConfigError, parse_params
+from grappa.io import artifacts
+from grappa.steps import extract
+from grappa.steps import snapshot
+from grappa.io.artifacts import arrow_to_vectors, atomic_path, read_table, write_json
+from grappa.config import ConfigError, parse_params
 from test_data import encode, png_header_only
 
 
@@ -284,8 +286,8 @@ def test_cached_prefix_through_the_adapted_blocks_gives_the_extracted_features(t
     """The prefix cache holds NCHW activations, whatever memory layout the model computes in."""
     import torch
 
-    from pipeline_steps.backbones import create_backbone
-    from pipeline_steps.model import ZERO_SHOT, GrappaModel
+    from grappa.core.backbones import create_backbone
+    from grappa.core.model import ZERO_SHOT, GrappaModel
 
     folder, manifest, _, _ = messy
     params = _params(tmp_path, [folder, manifest])

@@ -9,9 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import draw_image, make_collection, tiny_params_dict
-from pipeline_steps import extract, index, servable, snapshot
-from pipeline_steps.cli import run_all
-from pipeline_steps.config import ConfigError, parse_params
+from grappa.steps import extract
+from grappa.steps import index
+from grappa.io import servable
+from grappa.steps import snapshot
+from grappa.cli import run_all
+from grappa.config import ConfigError, parse_params
 from test_tracking import run_cli
 
 

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_steps.cli import run_all
-from pipeline_steps.config import ConfigError, parse_params
-from pipeline_steps import evaluate
+from grappa.cli import run_all
+from grappa.config import ConfigError, parse_params
+from grappa.steps import evaluate
 from tests.conftest import draw_image, tiny_params_dict
 
 

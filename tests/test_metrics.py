@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline_steps.metrics import knn_search, leave_one_out_neighbours, retrieval_metrics
+from grappa.core.metrics import knn_search, leave_one_out_neighbours, retrieval_metrics
 
 
 def on_circle(degrees: list[float]) -> np.ndarray:

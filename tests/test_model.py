@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline_steps.backbones import create_backbone
-from pipeline_steps.config import BackboneParams
-from pipeline_steps.model import FUSION, UNIFORM, ZERO_SHOT, GrappaModel, single
+from grappa.core.backbones import create_backbone
+from grappa.config import BackboneParams
+from grappa.core.model import FUSION, UNIFORM, ZERO_SHOT, GrappaModel, single
 
 KS = [2, 4, 8]
 

@@ -2,7 +2,7 @@
 import json
 from pathlib import Path
 
-from pipeline_steps.cli import run_all
+from grappa.cli import run_all
 
 
 def test_all_steps_chain(tiny_params):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline_steps.pooling import (
+from grappa.core.pooling import (
     GeM,
     MAC,
     AvgPool,

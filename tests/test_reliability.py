@@ -17,10 +17,12 @@ import torch
 import yaml
 
 from conftest import REPO, make_collection, snapshot_and_extract, tiny_params_dict
-from pipeline_steps import cluster, train_adaptor, train_fusion
-from pipeline_steps.artifacts import load_torch, save_torch
-from pipeline_steps.cli import run_all
-from pipeline_steps.config import parse_params
+from grappa.steps import cluster
+from grappa.steps import train_adaptor
+from grappa.steps import train_fusion
+from grappa.io.artifacts import load_torch, save_torch
+from grappa.cli import run_all
+from grappa.config import parse_params
 
 # 2 domains x 12 unlabeled images = 24; batch 8 -> 3 batches per epoch
 ADAPTOR = {"epochs": 3, "batch_size": 8, "warmup_epochs": 1}
@@ -186,10 +188,10 @@ def test_fusion_killed_mid_epoch_resumes_to_the_same_weights(prepared, tmp_path,
 
 
 def _cli(params_path: Path, log: Path, *args: str) -> subprocess.Popen:
-    """``python -m pipeline_steps`` in its own process group, output to ``log`` (a pipe could fill up)."""
+    """``python -m grappa`` in its own process group, output to ``log`` (a pipe could fill up)."""
     env = {**os.environ, "GRAPPA_TRACKING": "0", "PYTHONPATH": str(REPO)}
     with open(log, "w") as fh:
-        return subprocess.Popen([sys.executable, "-m", "pipeline_steps", "--params", str(params_path), *args],
+        return subprocess.Popen([sys.executable, "-m", "grappa", "--params", str(params_path), *args],
                                 cwd=params_path.parent, env=env, stdout=fh, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 

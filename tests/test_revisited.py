@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline_steps.revisited import (
+from grappa.core.revisited import (
     compute_ap,
     compute_map,
     crop_query,

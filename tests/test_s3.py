@@ -6,9 +6,9 @@ import pytest
 import yaml
 
 from conftest import make_collection, tiny_params_dict
-from pipeline_steps import tracking
-from pipeline_steps.config import parse_params
-from pipeline_steps.storage import read_bytes, s3_client
+from grappa import tracking
+from grappa.config import parse_params
+from grappa.io.storage import read_bytes, s3_client
 from test_tracking import _SCRUB, closed_port, error_lines, fresh_tracking_uri, run_cli
 
 BUCKET = "grappa-data"
@@ -147,7 +147,8 @@ def test_snapshot_reads_only_new_or_changed_objects(s3_env, uploaded, tmp_path, 
     """ETags from one listing tell unchanged objects apart: a rerun downloads only what changed."""
     import boto3
 
-    from pipeline_steps import snapshot, storage
+    from grappa.steps import snapshot
+    from grappa.io import storage
 
     client = boto3.client("s3")
     for i in range(3):

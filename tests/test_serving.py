@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from pipeline_steps import servable
+from grappa.io import servable
 from test_tracking import _SCRUB, MODEL, tracked_run
 
 VENV_BIN = Path(sys.executable).parent
@@ -32,11 +32,11 @@ sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f)]
 sys.path = [p for p in sys.path if p and p.rstrip("/") not in ({repo!r}, {repo!r} + "/tests")]
 import mlflow, pandas as pd
 model = mlflow.pyfunc.load_model("models:/{name}@champion")
-import pipeline_steps
+import grappa
 images = {images!r}
 from_bytes = model.predict(pd.DataFrame({{"image": [open(p, "rb").read() for p in images]}}))
 from_paths = model.predict(pd.DataFrame({{"path": images}}))
-print(json.dumps({{"code": pipeline_steps.__file__, "bytes": from_bytes.tolist(), "paths": from_paths.tolist()}}))
+print(json.dumps({{"code": grappa.__file__, "bytes": from_bytes.tolist(), "paths": from_paths.tolist()}}))
 """
 
 
@@ -65,7 +65,7 @@ def test_registered_model_embeds_images_without_the_repository(run, tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert not result["code"].startswith(str(REPO)) and "/code/pipeline_steps/" in result["code"]
+    assert not result["code"].startswith(str(REPO)) and "/code/grappa/" in result["code"]
     from_bytes, from_paths = np.array(result["bytes"]), np.array(result["paths"])
     assert from_bytes.shape == (2, 256) and np.allclose(np.linalg.norm(from_bytes, axis=1), 1.0, atol=1e-5)
     assert np.allclose(from_bytes, from_paths, atol=1e-6)

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from conftest import draw_image, make_collection, tiny_params_dict
-from pipeline_steps import snapshot
-from pipeline_steps.artifacts import read_table
-from pipeline_steps.config import ConfigError, parse_params
-from pipeline_steps.data import ImageRecord, cap_per_domain
+from grappa.steps import snapshot
+from grappa.io.artifacts import read_table
+from grappa.config import ConfigError, parse_params
+from grappa.io.sources import ImageRecord, cap_per_domain
 
 
 @pytest.fixture

@@ -21,7 +21,10 @@ import pytest
 import yaml
 
 from conftest import REPO, make_collection, make_workspace
-from pipeline_steps import cli, lineage, publish, tracking
+from grappa import cli
+from grappa.tracking import lineage
+from grappa.tracking import publisher as publish
+from grappa import tracking
 
 MODEL = "grappa-test-fused"
 STAGES = {"snapshot", "extract", "cluster", "train_adaptor@2", "train_adaptor@4", "train_fusion", "evaluate", "index"}
@@ -43,7 +46,7 @@ DVC_LOCK = {
     "stages": {
         "extract": {
             "cmd": "grappa extract",
-            "deps": [{"path": "pipeline_steps/extract.py", "hash": "md5", "md5": "0123abcd" * 4, "size": 1}],
+            "deps": [{"path": "grappa/extract.py", "hash": "md5", "md5": "0123abcd" * 4, "size": 1}],
             "outs": [{"path": "outputs/extract", "hash": "md5", "md5": "feedbeef" * 4 + ".dir", "size": 2}],
         }
     },
@@ -201,7 +204,7 @@ def test_tags_link_code_dvc_and_airflow(run, runs):
         assert tags["dvc.lock.md5"]
     extract = children["extract"].data.tags
     assert extract["dvc.out.outputs/extract"] == "feedbeef" * 4 + ".dir"
-    assert extract["dvc.dep.pipeline_steps/extract.py"] == "0123abcd" * 4
+    assert extract["dvc.dep.grappa/extract.py"] == "0123abcd" * 4
     assert not any(k.startswith("dvc.out.") for k in children["cluster"].data.tags)  # no lock entry for it
 
 
@@ -294,7 +297,7 @@ def test_lineage_from_champion_to_extract_digest(run, client):
 
 def _fake_evaluate(delta: float):
     """evaluate.run stand-in: the real metrics.json with the fused model's mean mAP@R shifted."""
-    from pipeline_steps.artifacts import write_json
+    from grappa.io.artifacts import write_json
 
     def fake(params):
         path = Path(params.out_dir) / "evaluate" / "metrics.json"
@@ -319,7 +322,7 @@ def copy_of_run(run, tmp_path: Path, monkeypatch) -> Path:
 
 def test_dag_style_runs_candidate_vs_champion(run, client, tmp_path, monkeypatch):
     """open-run / step with GRAPPA_MLFLOW_PARENT_RUN_ID / close-run; a worse model stays candidate only."""
-    import pipeline_steps.evaluate as evaluate
+    import grappa.steps.evaluate as evaluate
 
     params_path = copy_of_run(run, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
@@ -356,7 +359,7 @@ def test_champion_is_rescored_when_the_evaluation_set_changed(run, client, tmp_p
     import numpy as np
     import pyarrow.compute as pc
 
-    from pipeline_steps.artifacts import read_table, write_table
+    from grappa.io.artifacts import read_table, write_table
 
     params_path = copy_of_run(run, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
@@ -426,7 +429,7 @@ def test_unreachable_server_keeps_outputs(run, tmp_path, monkeypatch):
 
 def test_tracking_switches(run, tmp_path, monkeypatch):
     """GRAPPA_TRACKING=0 or tracking.enabled=false: no MLflow at all (an unreachable URI is never touched)."""
-    from pipeline_steps.config import parse_params
+    from grappa.config import parse_params
 
     params = parse_params(run.raw)
     monkeypatch.setenv(tracking.ENV_SWITCH, "0")

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline_steps.artifacts import load_torch
-from pipeline_steps.training import fit, warmup_cosine
+from grappa.io.artifacts import load_torch
+from grappa.core.training import fit, warmup_cosine
 
 
 def test_warmup_cosine_factors():

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from conftest import REPO, make_collection, tiny_params_dict
-from pipeline_steps import workspace
-from pipeline_steps.config import ConfigError, load_params, parse_params
+from grappa import workspace
+from grappa.config import ConfigError, load_params, parse_params
 
 PARAMS_WITH_COMMENTS = """\
 # Parameters of every step
@@ -60,8 +60,8 @@ def test_sync_data_deps_replaces_only_the_data_roots(tmp_path):
     after = (tmp_path / "dvc.yaml").read_text()
     deps = yaml.safe_load(after)["stages"]["snapshot"]["deps"]
     assert deps[-3:] == ["data/shapes", "data/stripes", "drop"]
-    assert [d for d in deps if d.startswith("pipeline_steps/")] == \
-        [d for d in yaml.safe_load(before)["stages"]["snapshot"]["deps"] if d.startswith("pipeline_steps/")]
+    assert [d for d in deps if d.startswith("grappa/")] == \
+        [d for d in yaml.safe_load(before)["stages"]["snapshot"]["deps"] if d.startswith("grappa/")]
     # comments and every other stage are untouched
     assert [line for line in before.splitlines() if "multidomain" not in line and "incoming" not in line] == \
         [line for line in after.splitlines() if "data/s" not in line and "- drop" not in line]

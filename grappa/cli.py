@@ -23,10 +23,10 @@ from pathlib import Path
 
 import yaml
 
-from . import tracking
-from .config import ConfigError, Params, load_params
-from .data import SourceError
-from .storage import StorageError
+from grappa import tracking
+from grappa.config import ConfigError, Params, load_params
+from grappa.io.sources import SourceError
+from grappa.io.storage import StorageError
 
 # CLI verb of every step, in pipeline order; the DVC stage / Airflow task is the verb with "_" for "-".
 STEPS = ("snapshot", "extract", "cluster", "train-adaptor", "train-fusion", "evaluate", "index")
@@ -47,7 +47,7 @@ def _parse_set(items: list[str]) -> dict:
 
 def _execute(step: str, params: Params, k: int | None = None) -> dict:
     # Imported on use: `grappa --help` and param validation must not pay for torch/faiss.
-    module = importlib.import_module(f".{step.replace('-', '_')}", __package__)
+    module = importlib.import_module(f"grappa.steps.{step.replace('-', '_')}")
     return module.run(params, k) if step == "train-adaptor" else module.run(params)
 
 
@@ -92,7 +92,7 @@ def _workspace() -> Path:
 
 def prepare_workspace(root: Path, params: Params, echo=print) -> None:
     """Write ``params`` into params.yaml and the data roots into dvc.yaml (the run-time override rule)."""
-    from . import workspace
+    from grappa import workspace
 
     workspace.check_outputs_inside(root, params)
     for line in workspace.record_params(root / "params.yaml", params):
@@ -103,7 +103,7 @@ def prepare_workspace(root: Path, params: Params, echo=print) -> None:
 
 def _run_pipeline(params: Params) -> int:
     """`grappa run`: `dvc repro` of the whole pipeline, one MLflow parent run around the stages that ran."""
-    from . import workspace
+    from grappa import workspace
 
     root = _workspace()
     prepare_workspace(root, params)
@@ -131,7 +131,7 @@ def _run_pipeline(params: Params) -> int:
 
 def _repro_stage(params: Params, stage: str) -> int:
     """`grappa repro STAGE`: one stage through DVC; exit 99 when DVC found it up to date."""
-    from . import workspace
+    from grappa import workspace
 
     root = _workspace()
     if stage in workspace.watched_sources(params):
@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(params: Params, args) -> int:
-    from . import workspace
+    from grappa import workspace
 
     print(f"{args.params}: ok")
     root = Path.cwd()
@@ -242,7 +242,7 @@ def _dispatch(args, params: Params) -> int:
     if args.step == "repro":
         return _repro_stage(params, args.stage)
     if args.step in ("embed", "search"):
-        from . import index
+        from grappa.steps import index
 
         if args.step == "embed":
             index.embed_command(params, args.sources, args.out, args.model)

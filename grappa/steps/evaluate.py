@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import servable
-from .artifacts import write_json, write_text
-from .assemble import assemble
-from .backbones import create_backbone
-from .config import Params
-from .inputs import ImageDataset, encode, image_transform, load_inputs
-from .metrics import leave_one_out_neighbours, retrieval_metrics
-from .model import FUSION, UNIFORM, ZERO_SHOT, pick_device, single
+from grappa.io import servable
+from grappa.io.artifacts import write_json, write_text
+from grappa.io.assemble import assemble
+from grappa.core.backbones import create_backbone
+from grappa.config import Params
+from grappa.io.datasets import ImageDataset, encode, image_transform, load_inputs
+from grappa.core.metrics import leave_one_out_neighbours, retrieval_metrics
+from grappa.core.model import FUSION, UNIFORM, ZERO_SHOT, pick_device, single
 
 METRICS = ("map_at_r", "recall_at_1")
 
@@ -93,7 +93,7 @@ def run(params: Params) -> dict:
     t0 = time.perf_counter()
     out = Path(params.out_dir) / "evaluate"
     if params.evaluate.instance_tasks:  # a missing dataset must stop us before any work
-        from .instance_eval import locate
+        from grappa.io.instance_tasks import locate
 
         for task in params.evaluate.instance_tasks:
             locate(task)
@@ -134,7 +134,7 @@ def run(params: Params) -> dict:
         "timings_s": {"evaluate": time.perf_counter() - t0},
     }
     if params.evaluate.instance_tasks:
-        from .instance_eval import evaluate_instance_task, instance_table
+        from grappa.io.instance_tasks import evaluate_instance_task, instance_table
 
         modes = {mode: method_name(mode, ks) for mode in model.modes()}
         result["instance_tasks"] = {}
@@ -153,7 +153,7 @@ def run(params: Params) -> dict:
 
 
 def _plot_all(folder: Path, methods, attention_by_domain, ks, inputs, vectors, labels, params: Params) -> None:
-    from . import plots
+    from grappa.io import plots
 
     plots.per_domain_bars(folder / "per_domain_map_at_r.png", methods, "map_at_r")
     plots.attention_heatmaps(folder / "attention_by_domain.png", attention_by_domain, ks)

@@ -17,14 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .artifacts import read_table, save_torch, write_json
-from .backbones import create_backbone
-from .ap_loss import build_ap_loss
-from .config import AdaptorParams, ConfigError, Params
-from .inputs import NeighbourPairs, collate_usable, load_inputs, loader
-from .losses import CosineClassifier
-from .model import GrappaModel, pick_device, single
-from .training import data_fingerprint, fit, run_key
+from grappa.io.artifacts import read_table, save_torch, write_json
+from grappa.core.backbones import create_backbone
+from grappa.core.ap_loss import build_ap_loss
+from grappa.config import AdaptorParams, ConfigError, Params
+from grappa.io.datasets import NeighbourPairs, collate_usable, load_inputs, loader
+from grappa.core.losses import CosineClassifier
+from grappa.core.model import GrappaModel, pick_device, single
+from grappa.core.training import data_fingerprint, fit, run_key
 
 
 def adaptor_path(params: Params, k: int) -> Path:

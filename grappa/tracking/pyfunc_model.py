@@ -34,7 +34,7 @@ def images_of(model_input) -> list:
 
 class GrappaEmbedder(PythonModel):
     def load_context(self, context) -> None:
-        from pipeline_steps import servable
+        from grappa.io import servable
 
         self.servable = servable.load(context.artifacts["model"])
 

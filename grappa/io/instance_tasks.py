@@ -12,11 +12,11 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from .config import ConfigError, InstanceTask
-from .data import ImageDecodeError, decode_image
-from .inputs import ImageDataset, encode, image_transform
-from .revisited import crop_query, evaluate_revisited, find_dataset, load_ground_truth
-from .storage import StorageError, read_bytes
+from grappa.config import ConfigError, InstanceTask
+from grappa.io.sources import ImageDecodeError, decode_image
+from grappa.io.datasets import ImageDataset, encode, image_transform
+from grappa.core.revisited import crop_query, evaluate_revisited, find_dataset, load_ground_truth
+from grappa.io.storage import StorageError, read_bytes
 
 
 class CroppedQueries(Dataset):

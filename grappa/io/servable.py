@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import atomic_paths, load_torch
-from .backbones import BlockwiseBackbone, Preprocess
-from .config import ConfigError, Params
-from .model import FUSION, GrappaModel, pick_device
+from grappa.io.artifacts import atomic_paths, load_torch
+from grappa.core.backbones import BlockwiseBackbone, Preprocess
+from grappa.config import ConfigError, Params
+from grappa.core.model import FUSION, GrappaModel, pick_device
 
 WEIGHTS, CONFIG = "model.pt", "model.json"
 FORMAT = 1
@@ -45,9 +45,9 @@ class Servable:
     @torch.inference_mode()
     def embed(self, images: list, batch_size: int = 32) -> np.ndarray:
         """L2-normalised (N, D) float32 embeddings of images given as bytes, local paths or s3:// URIs."""
-        from .data import ImageDecodeError, decode_image
-        from .inputs import image_transform
-        from .storage import StorageError, read_bytes
+        from grappa.io.sources import ImageDecodeError, decode_image
+        from grappa.io.datasets import image_transform
+        from grappa.io.storage import StorageError, read_bytes
 
         transform = image_transform(self.preprocess, train=False)
         self.model.eval()
@@ -139,7 +139,7 @@ def champion_path(params: Params) -> Path:
 
 def write_champion(params: Params, model_sha256: str, model_uri: str, version: str | None = None) -> None:
     """Record which model serves: only what changes when the champion changes (the index depends on it)."""
-    from .artifacts import write_json
+    from grappa.io.artifacts import write_json
 
     write_json(champion_path(params), {"registered_model": params.tracking.registered_model if version else None,
                                        "version": version, "model_sha256": model_sha256, "model_uri": model_uri})

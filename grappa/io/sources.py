@@ -22,7 +22,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from PIL import Image, ImageFile
 
-from .storage import StorageError, is_s3, list_s3, read_bytes
+from grappa.io.storage import StorageError, is_s3, list_s3, read_bytes
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MANIFEST_EXTENSIONS = {".csv", ".parquet"}

@@ -23,12 +23,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from .config import ConfigError, Params, parse_params
-from .data import MANIFEST_EXTENSIONS
-from .storage import is_s3
+from grappa.config import ConfigError, Params, parse_params
+from grappa.io.sources import MANIFEST_EXTENSIONS
+from grappa.io.storage import is_s3
 
 SNAPSHOT_STAGE, INDEX_STAGE = "snapshot", "index"
-CODE_PREFIX = "pipeline_steps/"
+CODE_PREFIX = "grappa/"
 UP_TO_DATE_EXIT = 99  # Airflow's skip_on_exit_code default: a task with nothing to do shows as skipped
 
 
@@ -47,7 +47,7 @@ def _load(path: Path):
 
 
 def _dump(path: Path, document) -> None:
-    from .artifacts import write_text
+    from grappa.io.artifacts import write_text
 
     buffer = io.StringIO()
     _yaml().dump(document, buffer)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import lineage
-from .config import Params
+from grappa.tracking import lineage
+from grappa.config import Params
 
 CHAMPION, CANDIDATE = "champion", "candidate"
 SCORE_TAG = "grappa.mean_map_at_r"  # the version's mean mAP@R on EVAL_SET_TAG
@@ -86,7 +86,7 @@ def signature(embed_dim: int):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema, TensorSpec
 
-    from .pyfunc_model import IMAGE, PATH
+    from grappa.tracking.pyfunc_model import IMAGE, PATH
 
     return ModelSignature(
         inputs=Schema([ColSpec("binary", IMAGE, required=False), ColSpec("string", PATH, required=False)]),
@@ -121,8 +121,8 @@ def _standing(version) -> Standing:
 
 def score_registered(name: str, version: str, params: Params) -> float | None:
     """Mean mAP@R of a registered version on this run's evaluation set (None if it cannot be loaded)."""
-    from . import servable
-    from .evaluate import score_servable
+    from grappa.io import servable
+    from grappa.steps.evaluate import score_servable
 
     try:
         model = servable.load(servable.download(f"models:/{name}/{version}"))
@@ -136,7 +136,7 @@ def publish_model(tracker, run_id: str, params: Params, metrics: dict) -> tuple[
     """Log and register the servable model of this run; move the aliases; returns (version, decision)."""
     import mlflow
 
-    from . import servable
+    from grappa.io import servable
 
     client = tracker.client
     folder = servable.model_dir(params)

@@ -21,10 +21,10 @@ from pathlib import Path
 import pyarrow as pa
 from tqdm import tqdm
 
-from .artifacts import read_table, write_json, write_table
-from .config import ConfigError, Params
-from .data import ImageRecord, Skipped, cap_per_domain, content_hash, counts, resolve_sources
-from .storage import ObjectStat, StorageError, read_bytes, stat_many
+from grappa.io.artifacts import read_table, write_json, write_table
+from grappa.config import ConfigError, Params
+from grappa.io.sources import ImageRecord, Skipped, cap_per_domain, content_hash, counts, resolve_sources
+from grappa.io.storage import ObjectStat, StorageError, read_bytes, stat_many
 
 SCHEMA = pa.schema([
     ("image_id", pa.string()), ("uri", pa.string()), ("domain", pa.string()), ("split", pa.string()),

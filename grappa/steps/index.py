@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from . import servable, snapshot
-from .artifacts import atomic_paths, read_json, read_table, write_table
-from .config import ConfigError, Params
-from .data import resolve_sources
-from .inputs import ImageDataset, PrefixDataset, encode, image_transform
-from .model import FUSION
+from grappa.io import servable
+from grappa.steps import snapshot
+from grappa.io.artifacts import atomic_paths, read_json, read_table, write_table
+from grappa.config import ConfigError, Params
+from grappa.io.sources import resolve_sources
+from grappa.io.datasets import ImageDataset, PrefixDataset, encode, image_transform
+from grappa.core.model import FUSION
 
 INDEX_FILE, CATALOGUE_FILE, META_FILE = "catalogue.faiss", "catalogue.parquet", "index.json"
 
@@ -224,7 +225,7 @@ def run(params: Params) -> dict:
 
 def embed_command(params: Params, sources: list[str], out: str, model_ref: str | None) -> None:
     """`grappa embed SOURCE... --out FILE`: one row per readable image (id, uri, domain, embedding)."""
-    from .artifacts import vectors_to_arrow
+    from grappa.io.artifacts import vectors_to_arrow
 
     model, identity = load_model(model_ref, params)
     records, skipped = resolve_sources(sources)

@@ -15,11 +15,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .artifacts import arrow_to_vectors, read_table
-from .backbones import Preprocess
-from .config import ConfigError
-from .data import ImageDecodeError, SourceError, decode_image
-from .storage import StorageError, read_bytes
+from grappa.io.artifacts import arrow_to_vectors, read_table
+from grappa.core.backbones import Preprocess
+from grappa.config import ConfigError
+from grappa.io.sources import ImageDecodeError, SourceError, decode_image
+from grappa.io.storage import StorageError, read_bytes
 
 
 def image_transform(preprocess: Preprocess, train: bool):

@@ -27,8 +27,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import lineage
-from .config import Params
+from grappa.tracking import lineage
+from grappa.config import Params
 
 ENV_PARENT = "GRAPPA_MLFLOW_PARENT_RUN_ID"
 ENV_RUN_KEY = "GRAPPA_PIPELINE_RUN"
@@ -351,8 +351,8 @@ class Tracker:
     def _log_model(self, run_id: str, params: Params, metrics: dict) -> None:
         import mlflow
 
-        from .assemble import fusion_path
-        from .publish import publish_model
+        from grappa.io.assemble import fusion_path
+        from grappa.tracking.publisher import publish_model
 
         out = Path(params.out_dir)
         # the per-step state bundle: adaptors + fusion + params (the inputs the servable model was built from)

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .artifacts import load_torch
-from .backbones import BlockwiseBackbone
-from .config import ConfigError, Params
-from .model import GrappaModel, single
+from grappa.io.artifacts import load_torch
+from grappa.core.backbones import BlockwiseBackbone
+from grappa.config import ConfigError, Params
+from grappa.core.model import GrappaModel, single
 
 
 def fusion_path(params: Params) -> Path:

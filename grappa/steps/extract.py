@@ -21,13 +21,13 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from .artifacts import arrow_to_vectors, atomic_paths, read_table, vectors_to_arrow, write_json, write_table
-from .backbones import create_backbone
-from .config import ConfigError, Params
-from .data import ImageRecord, Skipped, counts
-from .inputs import ImageDataset, image_transform, loader
-from .model import GrappaModel, pick_device
-from .snapshot import manifest_path
+from grappa.io.artifacts import arrow_to_vectors, atomic_paths, read_table, vectors_to_arrow, write_json, write_table
+from grappa.core.backbones import create_backbone
+from grappa.config import ConfigError, Params
+from grappa.io.sources import ImageRecord, Skipped, counts
+from grappa.io.datasets import ImageDataset, image_transform, loader
+from grappa.core.model import GrappaModel, pick_device
+from grappa.steps.snapshot import manifest_path
 
 
 class FeatureCache:

@@ -31,17 +31,17 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from . import servable
-from .artifacts import load_torch, save_torch, write_json, write_table
-from .assemble import assemble, fusion_path
-from .backbones import create_backbone
-from .config import Params
-from .inputs import NeighbourPairs, encode, load_inputs, loader
-from .losses import CosineClassifier, attention_propagation, batch_attention_entropy, neighbour_pair_infonce
-from .metrics import leave_one_out_neighbours
-from .model import FUSION, pick_device
-from .train_adaptor import classifier_path, pseudo_labels_for
-from .training import data_fingerprint, fit, run_key
+from grappa.io import servable
+from grappa.io.artifacts import load_torch, save_torch, write_json, write_table
+from grappa.io.assemble import assemble, fusion_path
+from grappa.core.backbones import create_backbone
+from grappa.config import Params
+from grappa.io.datasets import NeighbourPairs, encode, load_inputs, loader
+from grappa.core.losses import CosineClassifier, attention_propagation, batch_attention_entropy, neighbour_pair_infonce
+from grappa.core.metrics import leave_one_out_neighbours
+from grappa.core.model import FUSION, pick_device
+from grappa.steps.train_adaptor import classifier_path, pseudo_labels_for
+from grappa.core.training import data_fingerprint, fit, run_key
 
 
 def run(params: Params) -> dict:

@@ -13,9 +13,9 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from .artifacts import save_npy, write_json, write_table
-from .config import ConfigError, Params
-from .inputs import load_features
+from grappa.io.artifacts import save_npy, write_json, write_table
+from grappa.config import ConfigError, Params
+from grappa.io.datasets import load_features
 
 
 def spherical_kmeans(x: np.ndarray, k: int, niter: int, nredo: int, seed: int,

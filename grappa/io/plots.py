@@ -9,9 +9,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .artifacts import atomic_path  # noqa: E402
-from .data import decode_image  # noqa: E402
-from .storage import StorageError, read_bytes  # noqa: E402
+from grappa.io.artifacts import atomic_path  # noqa: E402
+from grappa.io.sources import decode_image  # noqa: E402
+from grappa.io.storage import StorageError, read_bytes  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
