@@ -13,28 +13,28 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from grappa.io.artifacts import write_json, write_text
-from grappa.io.assemble import assemble
-from grappa.core.backbones import create_backbone
 from grappa.cli import run_step
 from grappa.config import load_params
-from grappa.steps.evaluate import per_domain_metrics
+from grappa.core.backbones import create_backbone
+from grappa.core.evaluation import markdown_table, per_domain_metrics
+from grappa.core.model import UNIFORM, ZERO_SHOT, pick_device, single
+from grappa.io.artifacts import write_json, write_text
+from grappa.io.assemble import assemble
 from grappa.io.datasets import encode, load_inputs
-from grappa.core.model import UNIFORM, pick_device, single
-from grappa.steps.train_adaptor import adaptor_path
+from grappa.io.layout import layout
 
 from .quality import FULL_DATA, RESULTS
 
 
 def ladder_table(rows: dict, images_per_cluster: dict[str, str]) -> str:
     domains = list(next(iter(rows.values()))["per_domain"])
-    lines = ["mAP@R (%), all-vs-all leave-one-out on each domain's query_db split", "",
-             "| model | images per cluster | " + " | ".join(domains) + " | mean |", "|" + "---|" * (len(domains) + 3)]
-    for name, res in rows.items():
+
+    def row(name: str, res: dict) -> list[str]:
         cells = [f"{100 * res['per_domain'][d]['map_at_r']:.1f}" for d in domains]
-        lines.append(f"| {name} | {images_per_cluster.get(name, '')} | " + " | ".join(cells)
-                     + f" | **{100 * res['mean']['map_at_r']:.2f}** |")
-    return "\n".join(lines) + "\n"
+        return [name, images_per_cluster.get(name, ""), *cells, f"**{100 * res['mean']['map_at_r']:.2f}**"]
+
+    return markdown_table("mAP@R (%), all-vs-all leave-one-out on each domain's query_db split",
+                          ["model", "images per cluster", *domains, "mean"], [row(*item) for item in rows.items()])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,21 +61,21 @@ def main(argv: list[str] | None = None) -> int:
     run_step("extract", params)
     pool = run_step("cluster", params)["per_k"]
     for k in args.ks:  # sets trained by an earlier call on the same clusters are reused
-        if not adaptor_path(params, k).exists():
+        if not layout(params).adaptor(k).exists():
             run_step("train-adaptor", params, k)
 
     backbone, preprocess, _ = create_backbone(params.backbone)
-    inputs = load_inputs(Path(params.out_dir) / "extract", "query_db", preprocess, train=False,
+    inputs = load_inputs(layout(params), "query_db", preprocess, train=False,
                          min_side=params.data.min_side, max_pixels=params.data.max_pixels)
     labels = inputs.labels.astype(str)
-    rows = {"zero_shot": per_domain_metrics(inputs.zero_shot, inputs.domains, labels)}
+    rows = {ZERO_SHOT: per_domain_metrics(inputs.zero_shot, inputs.domains, labels)}
     images_per_cluster = {}
 
     def assembled(model_params):
         return assemble(model_params, backbone, with_fusion=False, load_fusion=False).to(pick_device())
 
     every_set = assembled(params)  # serves every single-k mode
-    models = [(f"single_k_{k}", [k], single(k), every_set) for k in args.ks]
+    models = [(single(k), [k], single(k), every_set) for k in args.ks]
     # a uniform model holds exactly its subset's adaptor sets (UNIFORM averages all the sets it holds)
     models += [("uniform_" + "-".join(map(str, s)), s, UNIFORM, assembled(params_for(s))) for s in subsets]
     for name, ks, mode, model in models:

@@ -17,19 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from grappa.io.artifacts import write_json, write_text
 from grappa.cli import _parse_set, run_all
 from grappa.config import load_params
-from grappa.steps.evaluate import METRICS
+from grappa.core.evaluation import METRICS, markdown_table, method_order
+from grappa.io.artifacts import write_json, write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL_DATA = {"data.max_unlabeled_per_domain": None, "data.max_query_db_per_domain": None}
-
-
-def method_order(names) -> list[str]:
-    """zero_shot, single_k_<K> by K, uniform, oracle, grappa (the order of the results table)."""
-    rank = {"zero_shot": (0, 0), "uniform": (2, 0), "oracle": (3, 0), "grappa": (4, 0)}
-    return sorted(names, key=lambda n: rank.get(n, (1, int(n.rsplit("_", 1)[-1]) if n.startswith("single_k_") else 0)))
 
 
 def aggregate(per_seed: list[dict]) -> dict:
@@ -51,15 +45,15 @@ def aggregate(per_seed: list[dict]) -> dict:
 
 def markdown(methods: dict, seeds: list[int]) -> str:
     domains = list(next(iter(methods.values()))["per_domain"])
-    lines = [f"mAP@R (%) mean ± std over seeds {seeds}; R@1 of the mean in the last column", "",
-             "| method | " + " | ".join(domains) + " | mean mAP@R | mean R@1 |", "|" + "---|" * (len(domains) + 3)]
+    rows = []
     for name, res in methods.items():
         cells = [f"{100 * res['per_domain'][d]['map_at_r']:.1f} ± {100 * res['per_domain'][d]['std']['map_at_r']:.1f}"
                  for d in domains]
         cells.append(f"**{100 * res['mean']['map_at_r']:.1f}** ± {100 * res['std']['map_at_r']:.1f}")
         cells.append(f"{100 * res['mean']['recall_at_1']:.1f} ± {100 * res['std']['recall_at_1']:.1f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append([name, *cells])
+    return markdown_table(f"mAP@R (%) mean ± std over seeds {seeds}; R@1 of the mean in the last column",
+                          ["method", *domains, "mean mAP@R", "mean R@1"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,11 +33,11 @@ if str(REPO) not in sys.path:  # run as a plain script from anywhere
 import faiss  # noqa: E402
 import torch  # noqa: E402
 
-from grappa.core.backbones import create_backbone  # noqa: E402
-from grappa.steps.cluster import spherical_kmeans  # noqa: E402
 from grappa.config import BackboneParams, load_params  # noqa: E402
+from grappa.core.backbones import create_backbone  # noqa: E402
+from grappa.core.kmeans import spherical_kmeans  # noqa: E402
 from grappa.core.metrics import knn_search, leave_one_out_neighbours  # noqa: E402
-from grappa.core.model import CPU_CHUNK, FUSION, GrappaModel, single  # noqa: E402
+from grappa.core.model import CPU_CHUNK, GrappaModel, single  # noqa: E402
 
 SCHEMA_VERSION = 1
 DEFAULT_IMAGES = str(REPO.parent / "shared" / "data" / "multidomain" / "*" / "images")
@@ -186,7 +186,9 @@ def bench_extraction(args, dev: str) -> dict:
     import timm.data
     from PIL import Image
 
-    from grappa.io.datasets import ImageDataset, image_transform, loader
+    from grappa.io.datasets import ImageDataset, loader
+
+    from grappa.core.augment import image_transform
 
     files = list_images(args.images)
     if not files:
@@ -460,13 +462,17 @@ def bench_knn(args, info: dict) -> dict:
 
 
 def bench_training(args, dev: str) -> dict:
-    import torch.nn.functional as F
+    """The pipeline's own batch steps (grappa.core.training) on the objectives params.yaml ships."""
+    from functools import partial
 
-    from grappa.io.datasets import NeighbourPairs, PrefixDataset, loader
-    from grappa.core.losses import (CosineClassifier, attention_propagation, batch_attention_entropy,
-                                       neighbour_pair_infonce)
-    from grappa.core.training import warmup_cosine
+    from grappa.core.losses import CosineClassifier
+    from grappa.core.objectives import adaptor_objective, fusion_objective
+    from grappa.core.samplers import NeighbourPairs
+    from grappa.core.training import adaptor_step, fusion_step, train_on_batch, warmup_cosine
+    from grappa.io.datasets import PrefixDataset, loader
+    from grappa.steps.train_adaptor import epoch_batches
 
+    hp_a, hp_f = args._params.adaptor, args._params.fusion
     bp = BackboneParams(name=args.backbone, weights=args.weights, image_size=args.image_size,
                         adapt_from_block=args.adapt_from_block)
     backbone, _, _ = create_backbone(bp)
@@ -481,48 +487,45 @@ def bench_training(args, dev: str) -> dict:
         shape = backbone.block_shapes[start - 1]
         return np.random.default_rng(0).standard_normal((n, *shape), dtype=np.float32).astype(np.float16)
 
-    def time_steps(step, batches, params, warmup: int, timed: int) -> float:
-        optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
+    def time_steps(step, batches, params, lr: float, weight_decay: float, warmup: int,
+                   timed: int) -> tuple[float, float]:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         scheduler = warmup_cosine(optimizer, warmup + timed, 1)
         it = iter(batches)
         clock = Clock(dev)
         for i in range(warmup + timed):
             if i == warmup:
                 clock.__enter__()
-            loss = step(next(it))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            train_on_batch(step, next(it), optimizer, scheduler)
         clock.__exit__()
         return clock.wall / timed, clock.cpu / timed
 
-    def adaptor_step_time(start: int, timed: int, chunk: int | None) -> float:
+    def adaptor_step_time(start: int, timed: int, chunk: int | None) -> tuple[float, float, int, int]:
         model = GrappaModel(backbone, start, [k_cls], args.reduction).to(dev)
         model.cpu_chunk = chunk
-        classifier = CosineClassifier(torch.randn(k_cls, backbone.embed_dim), 0.05).to(dev)
-        mode = single(k_cls)
         n = b * (timed + 1)
-        targets = torch.randint(0, k_cls, (n,), generator=g)
-        if start > 0:  # the CPU recipe: cached float16 prefix activations, through the pipeline's loader
-            batches = loader(PrefixDataset(prefix_array(start, n)), b, shuffle=True, generator=g, drop_last=True)
+        # pseudo-labels in groups of images_per_cluster, so AP terms find positives in every batch
+        targets = torch.arange(n) // hp_a.images_per_cluster % k_cls
+        classifier = CosineClassifier(torch.randn(k_cls, backbone.embed_dim), hp_a.temperature).to(dev)
+        objective = adaptor_objective(hp_a, classifier, targets.to(dev))
+        two_views = objective.ranks_batch and hp_a.ap_positives == "augmentation"
+        if start > 0:  # the CPU recipe: cached float16 prefix activations, batched as the step batches them
+            dataset = PrefixDataset(prefix_array(start, n))
+            dataset = NeighbourPairs(dataset, np.arange(n)[:, None]) if two_views else dataset
+            batches = epoch_batches(dataset, targets.numpy(), b, hp_a, objective.ranks_batch and not two_views, g)
         else:  # the paper's placement: transformed image tensors (decode/augment not counted: a lower bound)
-            images = torch.randn(b, 3, args.image_size, args.image_size, generator=g)
+            views = (b, 2) if two_views else (b,)
+            images = torch.randn(*views, 3, args.image_size, args.image_size, generator=g)
             batches = [(torch.arange(b), images, [])] * (timed + 1)
+        step = partial(adaptor_step, model, objective, single(k_cls), dev, images=start == 0, two_views=two_views,
+                       augment_scale=hp_a.prefix_augment_scale)
+        model.train()
+        params = [{"params": model.adaptors.parameters()},
+                  {"params": classifier.parameters(), "lr": hp_a.classifier_lr}]
+        timing = time_steps(step, batches, params, hp_a.lr, hp_a.weight_decay, 1, timed)
+        return (*timing, 1, b * (2 if two_views else 1))  # s/step, cpu s/step, adaptor sets, inputs per step
 
-        def step(batch):
-            rows_, x, _ = batch
-            x = x.to(dev)
-            if start == 0:
-                x = model.forward_prefix(x)
-            model.train()
-            emb, _ = model.forward_suffix(x, mode)
-            return F.cross_entropy(classifier(emb), targets[rows_].to(dev))
-
-        params = [{"params": model.adaptors.parameters()}, {"params": classifier.parameters(), "lr": 1e-2}]
-        return time_steps(step, batches, params, 1, timed)
-
-    def fusion_step_time(start: int, timed: int, chunk: int | None) -> float:
+    def fusion_step_time(start: int, timed: int, chunk: int | None) -> tuple[float, float, int, int]:
         fks = ks[: args.fusion_m] if len(ks) >= args.fusion_m else [2 ** (i + 3) for i in range(args.fusion_m)]
         model = GrappaModel(backbone, start, fks, args.reduction, attn_dim=args.attn_dim).to(dev)
         model.cpu_chunk = chunk
@@ -530,26 +533,18 @@ def bench_training(args, dev: str) -> dict:
         model.fusion.requires_grad_(True)
         n = b * (timed + 1)
         neighbours = np.random.default_rng(1).integers(0, n, (n, 10))
+        heads = [(CosineClassifier(torch.randn(k, backbone.embed_dim, generator=g), hp_a.temperature)
+                  .requires_grad_(False).to(dev), torch.randint(0, k, (n,), generator=g).to(dev)) for k in fks]
         if start > 0:
             pairs = NeighbourPairs(PrefixDataset(prefix_array(start, n)), neighbours)
             batches = loader(pairs, b, shuffle=True, generator=g, drop_last=True)
         else:
             images = torch.randn(b, 2, 3, args.image_size, args.image_size, generator=g)
             batches = [(torch.arange(b), images, [])] * (timed + 1)
-
-        def step(batch):
-            _, x, _ = batch
-            x = torch.cat([x[:, 0], x[:, 1]]).to(dev)
-            if start == 0:
-                x = model.forward_prefix(x)
-            model.train()
-            emb, alpha = model.forward_suffix(x, FUSION)
-            h = emb.shape[0] // 2
-            loss = neighbour_pair_infonce(emb[:h], emb[h:], 0.07) + attention_propagation(alpha[:h], alpha[h:])
-            loss = loss + 0.01 * sum(layer.value_regulariser() for layer in model.fusion)
-            return loss - 0.0 * batch_attention_entropy(alpha)
-
-        return (*time_steps(step, batches, list(model.fusion.parameters()), 1, timed), len(fks))
+        step = partial(fusion_step, model, fusion_objective(hp_f, model.fusion, heads), dev, images=start == 0)
+        model.train()
+        timing = time_steps(step, batches, list(model.fusion.parameters()), hp_f.lr, hp_f.weight_decay, 1, timed)
+        return (*timing, len(fks), 2 * b)
 
     start = bp.adapt_from_block
     # The shipped model forwards CPU batches in chunks of CPU_CHUNK images; the whole-batch rows are
@@ -560,15 +555,13 @@ def bench_training(args, dev: str) -> dict:
     if args.fusion_paper:
         plan.append(("fusion", 0, args.paper_steps, CPU_CHUNK))
     for kind, s, timed, chunk in plan:
-        if kind == "adaptor":
-            (sec, cpu), m = adaptor_step_time(s, timed, chunk), 1
-        else:
-            sec, cpu, m = fusion_step_time(s, timed, chunk)
+        sec, cpu, m, inputs = (adaptor_step_time if kind == "adaptor" else fusion_step_time)(s, timed, chunk)
         recipe = "cpu-recipe (cached prefix)" if s > 0 else "paper (all blocks, image tensors)"
         rows.append({"name": f"{kind} {recipe}" + ("" if chunk else ", whole batch"), "stage": kind,
                      "adapt_from_block": s, "adapted_blocks": len(backbone.blocks) - s, "adaptor_sets": m, "batch": b,
-                     "inputs_per_step": b * (2 if kind == "fusion" else 1), "chunk": chunk, "timed_steps": timed,
-                     "s_per_step": sec, "cpu_s_per_step": cpu})
+                     "inputs_per_step": inputs, "chunk": chunk, "timed_steps": timed,
+                     "objective": (hp_f if kind == "fusion" else hp_a).objective, "s_per_step": sec,
+                     "cpu_s_per_step": cpu})
     base = {(r["stage"], r["adapt_from_block"] > 0, r["chunk"]): r["s_per_step"] for r in rows}
     cpu = {(r["stage"], r["adapt_from_block"] > 0, r["chunk"]): r["cpu_s_per_step"] for r in rows}
     shipped = CPU_CHUNK
@@ -585,8 +578,11 @@ def bench_training(args, dev: str) -> dict:
                 [[r["name"], r["adapt_from_block"], r["adaptor_sets"], r["inputs_per_step"], r["s_per_step"],
                   r["cpu_s_per_step"]] for r in rows],
                 [", ".join(f"{k} = {v:.1f}x" for k, v in ratios.items()),
-                 "fusion: a batch is B anchor/neighbour pairs = 2B inputs through M adaptor sets"])
-    return {"backbone": args.backbone, "blocks": len(backbone.blocks), "batch": b, "rows": rows, "ratios": ratios}
+                 "fusion: a batch is B anchor/neighbour pairs = 2B inputs through M adaptor sets",
+                 f"the pipeline's own steps and objectives (from {args.params}): adaptor {hp_a.objective}, "
+                 f"fusion {hp_f.objective} + attention propagation and value regulariser"])
+    return {"backbone": args.backbone, "blocks": len(backbone.blocks), "batch": b, "rows": rows, "ratios": ratios,
+            "objectives": {"adaptor": hp_a.objective, "fusion": hp_f.objective}}
 
 
 # --------------------------------------------------------------------------- 5. pipeline wall time
@@ -696,6 +692,7 @@ def resolve_args(argv=None) -> argparse.Namespace:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     params = load_params(args.params)
+    args._params = params  # the shipped recipe the training steps are timed with (not stored in the JSON)
     if args.quick:
         defaults = dict(backbone="test_efficientnet", weights="none", image_size=48, adapt_from_block=3,
                         extract_batch=4, num_workers=0)

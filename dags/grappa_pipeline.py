@@ -31,7 +31,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 import runners  # noqa: E402
 
 UNLABELED = Asset(uri="grappa://data/unlabeled", name="grappa_unlabeled")
-STEP_TASKS = [task_id for task_id in runners.STEPS if task_id != "train_adaptor"]
+STEP_TASKS = [task_id for task_id in runners.STEPS if task_id != runners.MAPPED]
 START = datetime(2026, 1, 1)
 # The watchers' poll schedule; empty: no schedule (triggered by hand or by the API only).
 WATCH_SCHEDULE = os.environ.get("GRAPPA_WATCH_SCHEDULE", "*/15 * * * *") or None
@@ -77,17 +77,16 @@ def build_pipeline(runner: str):
             ti.xcom_push(key="trigger", value=json.dumps(events))
             for name in (*STEP_TASKS, "close_run"):
                 ti.xcom_push(key=name, value=commands[name])
-            return commands["train_adaptor"]
+            return commands[runners.MAPPED]
 
         planned = plan()
         # none_failed: a step skipped as up to date does not skip the steps after it (DVC decides there)
-        step = {name: runners.step_operator(name, planned[name], runner, trigger_rule="none_failed")
-                for name in STEP_TASKS}
-        adaptors = runners.step_operator("train_adaptor", planned, runner, mapped=True, trigger_rule="none_failed")
+        steps = [runners.step_operator(name, planned, runner, mapped=True, trigger_rule="none_failed")
+                 if name == runners.MAPPED else runners.step_operator(name, planned[name], runner, trigger_rule="none_failed")
+                 for name in runners.STEPS]  # in the registry's (pipeline) order
         # Closes the MLflow parent run (if a step opened one) whatever happened before.
         close = runners.step_operator("close_run", planned["close_run"], runner, trigger_rule="all_done")
-        chain(planned, step["snapshot"], step["extract"], step["cluster"], adaptors, step["train_fusion"],
-              step["evaluate"], step["index"], close)
+        chain(planned, *steps, close)
 
     return grappa_pipeline()
 

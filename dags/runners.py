@@ -20,16 +20,13 @@ from pathlib import Path
 import yaml
 
 REPO = Path(os.environ.get("GRAPPA_REPO") or Path(__file__).resolve().parents[1])
+if str(REPO) not in sys.path:  # the step registry lives in the repository's grappa/ package
+    sys.path.insert(0, str(REPO))
+from grappa import registry  # noqa: E402  (standard library only, like this module)
+
 RUNNERS = ("local", "docker", "k8s")
-STEPS = {  # task id (= dvc stage name) -> CLI step
-    "snapshot": "snapshot",
-    "extract": "extract",
-    "cluster": "cluster",
-    "train_adaptor": "train-adaptor",
-    "train_fusion": "train-fusion",
-    "evaluate": "evaluate",
-    "index": "index",
-}
+STEPS = {step.stage: step.verb for step in registry.STEPS}  # task id (= dvc stage name) -> CLI verb
+MAPPED = next(step.stage for step in registry.STEPS if step.per_k)  # one task instance per k
 PIPELINE_DAG = "grappa_pipeline"
 UP_TO_DATE_EXIT = 99  # `grappa repro` found the stage up to date: the task shows as skipped
 WORKSPACE = "/workspace"  # containers: WORKDIR of the image, where the shared volume is mounted
@@ -117,14 +114,14 @@ def plan(conf: dict, runner: str) -> dict:
     ks = planned_ks(conf)
     if runner == "local":
         commands = {task_id: render(runner, ["repro", task_id]) for task_id in STEPS}
-        commands["train_adaptor"] = [render(runner, ["repro", f"train_adaptor@{k}"]) for k in ks]
+        commands[MAPPED] = [render(runner, ["repro", registry.step(MAPPED).stage_name(k)]) for k in ks]
         return {"ks": ks, "prepare": render(runner, [*override_args(conf), "prepare"]),
                 "close_run": render(runner, ["close-run"]), **commands}
     argv = override_args(conf)
     if "--params" not in argv:
         argv = ["--params", "params.yaml", *argv]
     commands = {task_id: render(runner, [*argv, step]) for task_id, step in STEPS.items()}
-    commands["train_adaptor"] = [render(runner, [*argv, "train-adaptor", "--k", str(k)]) for k in ks]
+    commands[MAPPED] = [render(runner, [*argv, STEPS[MAPPED], "--k", str(k)]) for k in ks]
     return {"ks": ks, "prepare": None, "close_run": render(runner, [*argv, "close-run"]), **commands}
 
 
@@ -207,43 +204,61 @@ def parallel_k(runner: str) -> int:
 
 
 def _operator_spec(task_id: str, runner: str) -> tuple[type, dict]:
-    image = os.environ.get("GRAPPA_IMAGE", "grappa-pipeline:cpu")
-    gpu = os.environ.get("GRAPPA_GPU", "0") == "1"
+    return OPERATOR_SPECS[runner](task_id)
+
+
+def _container_env() -> dict[str, str]:
     env = {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}
     # The context Airflow gives a local step's subprocess, templated for a container: the steps of
     # one DAG run meet in one MLflow parent run keyed by the run id, tagged with DAG and task.
     env.update(AIRFLOW_CONTEXT_ENV)
     env["GRAPPA_TRIGGER"] = TRIGGER_TEMPLATE
-    if runner == "local":
-        from airflow.providers.standard.operators.bash import BashOperator
+    return env
 
-        # Inherits the worker's environment (MLflow/AWS settings) and runs in the repo.
-        return BashOperator, {"task_id": task_id, "cwd": str(REPO), "env": {"GRAPPA_TRIGGER": TRIGGER_TEMPLATE},
-                              "append_env": True}
-    if runner == "docker":
-        from airflow.providers.docker.operators.docker import DockerOperator
-        from docker.types import DeviceRequest, Mount
 
-        # GRAPPA_WORKSPACE: a named volume or a host path holding params.yaml, outputs/, .cache/.
-        source = os.environ.get("GRAPPA_WORKSPACE", str(REPO))
-        mounts = [Mount(target=WORKSPACE, source=source, type="bind" if source.startswith("/") else "volume")]
-        mounts += [Mount(target=target, source=src, type="bind", read_only=True)
-                   for src, target in data_mounts(os.environ.get("GRAPPA_DOCKER_MOUNTS", ""))]
-        return DockerOperator, {
-            "task_id": task_id,
-            "image": image,
-            "docker_url": os.environ.get("DOCKER_HOST", "unix://var/run/docker.sock"),
-            "mounts": mounts,
-            # host: the step reaches MLflow / S3 at the addresses the worker uses (127.0.0.1 included)
-            "network_mode": os.environ.get("GRAPPA_DOCKER_NETWORK", "host"),
-            "working_dir": WORKSPACE,
-            "environment": env,
-            "private_environment": {k: os.environ[k] for k in SECRET_ENV if k in os.environ},
-            "device_requests": [DeviceRequest(count=-1, capabilities=[["gpu"]])] if gpu else None,
-            "shm_size": 2 << 30,  # DataLoader workers share batches through /dev/shm
-            "auto_remove": "success",
-            "mount_tmp_dir": False,  # the daemon may be remote
-        }
+def _image() -> str:
+    return os.environ.get("GRAPPA_IMAGE", "grappa-pipeline:cpu")
+
+
+def _gpu() -> bool:
+    return os.environ.get("GRAPPA_GPU", "0") == "1"
+
+
+def _local_spec(task_id: str) -> tuple[type, dict]:
+    from airflow.providers.standard.operators.bash import BashOperator
+
+    # Inherits the worker's environment (MLflow/AWS settings) and runs in the repo.
+    return BashOperator, {"task_id": task_id, "cwd": str(REPO), "env": {"GRAPPA_TRIGGER": TRIGGER_TEMPLATE},
+                          "append_env": True}
+
+
+def _docker_spec(task_id: str) -> tuple[type, dict]:
+    from airflow.providers.docker.operators.docker import DockerOperator
+    from docker.types import DeviceRequest, Mount
+
+    # GRAPPA_WORKSPACE: a named volume or a host path holding params.yaml, outputs/, .cache/.
+    source = os.environ.get("GRAPPA_WORKSPACE", str(REPO))
+    mounts = [Mount(target=WORKSPACE, source=source, type="bind" if source.startswith("/") else "volume")]
+    mounts += [Mount(target=target, source=src, type="bind", read_only=True)
+               for src, target in data_mounts(os.environ.get("GRAPPA_DOCKER_MOUNTS", ""))]
+    return DockerOperator, {
+        "task_id": task_id,
+        "image": _image(),
+        "docker_url": os.environ.get("DOCKER_HOST", "unix://var/run/docker.sock"),
+        "mounts": mounts,
+        # host: the step reaches MLflow / S3 at the addresses the worker uses (127.0.0.1 included)
+        "network_mode": os.environ.get("GRAPPA_DOCKER_NETWORK", "host"),
+        "working_dir": WORKSPACE,
+        "environment": _container_env(),
+        "private_environment": {k: os.environ[k] for k in SECRET_ENV if k in os.environ},
+        "device_requests": [DeviceRequest(count=-1, capabilities=[["gpu"]])] if _gpu() else None,
+        "shm_size": 2 << 30,  # DataLoader workers share batches through /dev/shm
+        "auto_remove": "success",
+        "mount_tmp_dir": False,  # the daemon may be remote
+    }
+
+
+def _k8s_spec(task_id: str) -> tuple[type, dict]:
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from kubernetes.client import models as k8s
 
@@ -252,17 +267,20 @@ def _operator_spec(task_id: str, runner: str) -> tuple[type, dict]:
         "task_id": task_id,
         "name": f"grappa-{task_id.replace('_', '-')}",
         "namespace": os.environ.get("GRAPPA_K8S_NAMESPACE", "grappa"),
-        "image": image,
-        "env_vars": env,
+        "image": _image(),
+        "env_vars": _container_env(),
         "env_from": [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=secret))] if secret else None,
         "volumes": [k8s.V1Volume(name="workspace", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
             claim_name=os.environ.get("GRAPPA_PVC", "grappa-workspace")))],
         "volume_mounts": [k8s.V1VolumeMount(name="workspace", mount_path=WORKSPACE)],
-        "container_resources": k8s.V1ResourceRequirements(limits={"nvidia.com/gpu": "1"}) if gpu else None,
+        "container_resources": k8s.V1ResourceRequirements(limits={"nvidia.com/gpu": "1"}) if _gpu() else None,
         "security_context": k8s.V1PodSecurityContext(run_as_non_root=True, run_as_user=1000, fs_group=1000),
         "on_finish_action": "delete_succeeded_pod",  # keep failed pods for debugging
         "get_logs": True,
     }
+
+
+OPERATOR_SPECS = {"local": _local_spec, "docker": _docker_spec, "k8s": _k8s_spec}
 
 
 def data_mounts(spec: str) -> list[tuple[str, str]]:

@@ -7,7 +7,7 @@ and ``search`` (use the model), ``check``, ``open-run``/``close-run`` (MLflow pa
 User mistakes (bad params, missing inputs, unreadable sources) end with one line on stderr and a
 non-zero exit code, never a traceback: 2 params/sources, 3 storage, 4 tracking (MLflow), 130 interrupted;
 ``repro`` exits 99 (Airflow's "skipped") when the stage was already up to date.
-With tracking on (``tracking:`` in params.yaml, see tracking.py) each step is also recorded as an MLflow
+With tracking on (``tracking:`` in params.yaml, see grappa/tracking/) each step is also recorded as an MLflow
 run once its outputs are on disk.
 """
 from __future__ import annotations
@@ -23,13 +23,13 @@ from pathlib import Path
 
 import yaml
 
-from grappa import tracking
+from grappa import registry, tracking
 from grappa.config import ConfigError, Params, load_params
 from grappa.io.sources import SourceError
 from grappa.io.storage import StorageError
 
-# CLI verb of every step, in pipeline order; the DVC stage / Airflow task is the verb with "_" for "-".
-STEPS = ("snapshot", "extract", "cluster", "train-adaptor", "train-fusion", "evaluate", "index")
+# CLI verb of every step, in pipeline order (grappa/registry.py declares them)
+STEPS = tuple(step.verb for step in registry.STEPS)
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -45,10 +45,11 @@ def _parse_set(items: list[str]) -> dict:
     return overrides
 
 
-def _execute(step: str, params: Params, k: int | None = None) -> dict:
+def _execute(verb: str, params: Params, k: int | None = None) -> dict:
+    step = registry.step(verb)
     # Imported on use: `grappa --help` and param validation must not pay for torch/faiss.
-    module = importlib.import_module(f"grappa.steps.{step.replace('-', '_')}")
-    return module.run(params, k) if step == "train-adaptor" else module.run(params)
+    module = importlib.import_module(step.module)
+    return module.run(params, k) if step.per_k else module.run(params)
 
 
 def run_step(step: str, params: Params, k: int | None = None, tracker=None) -> dict:
@@ -70,7 +71,7 @@ def run_all(params: Params, tracker=None, until: str = STEPS[-1]) -> dict[str, f
     """The steps in order in this process, without DVC (benchmarks and tests); returns each one's seconds."""
     timings: dict[str, float] = {}
     for step in STEPS[: STEPS.index(until) + 1]:
-        for k in params.cluster.ks if step == "train-adaptor" else [None]:
+        for k in params.cluster.ks if registry.step(step).per_k else [None]:
             name = step if k is None else f"{step}@{k}"
             print(f"==> {name}", flush=True)
             t0 = time.perf_counter()
@@ -98,7 +99,7 @@ def prepare_workspace(root: Path, params: Params, echo=print) -> None:
     for line in workspace.record_params(root / "params.yaml", params):
         echo(f"params.yaml: {line}")
     for line in workspace.sync_data_deps(root, params):
-        echo(f"dvc.yaml: deps of {line}")
+        echo(f"dvc.yaml: {line}")
 
 
 def _run_pipeline(params: Params) -> int:
@@ -166,14 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     def verb(name: str, help: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, parents=[common])
 
-    verb("snapshot", help="step 1: the images of data.sources as a versioned manifest (hashes only new files)")
-    verb("extract", help="step 2: frozen backbone features (cached by content hash)")
-    verb("cluster", help="step 3: spherical k-means at every k")
-    verb("train-adaptor", help="step 4: one adaptor set on the k pseudo-labels").add_argument(
-        "--k", type=int, required=True)
-    verb("train-fusion", help="step 5: granularity fusion; exports the servable model")
-    verb("evaluate", help="step 6: retrieval metrics, table and plots; registers and promotes the model")
-    verb("index", help="step 7: faiss index of the catalogue with the champion model")
+    for step in registry.STEPS:
+        parser_of_step = verb(step.verb, help=step.summary)
+        if step.per_k:
+            parser_of_step.add_argument("--k", type=int, required=True, help="the k of cluster.ks to train")
     verb("run", help="the whole pipeline through `dvc repro` (reruns only what changed)")
     verb("repro", help="one DVC stage (what an Airflow task runs); exit 99 if up to date").add_argument(
         "stage", help="a dvc.yaml stage, e.g. extract or train_adaptor@64")

@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from grappa.config import ConfigError, Params, parse_params
+from grappa.dvc_yaml import render as render_dvc_yaml
 from grappa.io.sources import MANIFEST_EXTENSIONS
 from grappa.io.storage import is_s3
+from grappa.registry import STEPS
 
-SNAPSHOT_STAGE, INDEX_STAGE = "snapshot", "index"
 CODE_PREFIX = "grappa/"
 UP_TO_DATE_EXIT = 99  # Airflow's skip_on_exit_code default: a task with nothing to do shows as skipped
 
@@ -131,26 +132,26 @@ def data_roots(sources: list[str]) -> list[str]:
     return roots
 
 
+def _key(params: Params, dotted: str):
+    value = params
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def watched_sources(params: Params) -> dict[str, list[str]]:
     """The stages that read image sources, and those sources."""
-    return {SNAPSHOT_STAGE: params.data.sources, INDEX_STAGE: params.index.sources}
+    return {step.stage: _key(params, step.reads_sources) for step in STEPS if step.reads_sources}
 
 
-def _deps(document, stage: str) -> list:
-    try:
-        return document["stages"][stage]["deps"]
-    except (KeyError, TypeError):
-        raise ConfigError(f"dvc.yaml has no '{stage}' stage with deps") from None
+def _declared_roots(dvc_yaml: Path) -> dict[str, list[str]]:
+    """The data roots each watching stage of an existing dvc.yaml lists (deps outside code and outputs)."""
+    import yaml
 
-
-def _is_data_dep(dep) -> bool:
-    return isinstance(dep, str) and not dep.startswith(CODE_PREFIX) and "${" not in dep
-
-
-def _data_deps(document, params: Params) -> list[tuple[str, list[str], list[str]]]:
-    """(stage, data roots dvc.yaml declares, data roots params.yaml's sources need) per watched stage."""
-    return [(stage, [d for d in _deps(document, stage) if _is_data_dep(d)], data_roots(sources))
-            for stage, sources in watched_sources(params).items()]
+    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {} if dvc_yaml.is_file() else {}
+    return {stage: [d for d in (stages.get(stage) or {}).get("deps") or []
+                    if isinstance(d, str) and not d.startswith(CODE_PREFIX) and "${" not in d]
+            for stage in (step.stage for step in STEPS if step.reads_sources)}
 
 
 def check_outputs_inside(workspace: Path, params: Params) -> None:
@@ -162,36 +163,40 @@ def check_outputs_inside(workspace: Path, params: Params) -> None:
 
 
 def sync_data_deps(workspace: Path, params: Params) -> list[str]:
-    """Write the data roots of the watched sources into their stages' deps in dvc.yaml.
+    """Write dvc.yaml as the registry generates it, watching the data roots of ``params``' sources.
 
-    Returns what was added and removed ("snapshot + root" / "index - root"); empty means in sync.
+    Returns the data roots added and removed ("snapshot deps + root" / "index deps - root"), or that
+    the stages were regenerated (the registry or the imports changed); empty means in sync.
     """
-    dvc_yaml = workspace / "dvc.yaml"
-    document = _load(dvc_yaml)
-    changes = []
-    for stage, declared, wanted in _data_deps(document, params):
-        for root in wanted:
+    wanted = {stage: data_roots(sources) for stage, sources in watched_sources(params).items()}
+    for stage, roots in wanted.items():
+        for root in roots:
             if not is_s3(root) and not (workspace / root).exists():
                 raise ConfigError(f"source not found: {root} (listed for the {stage} stage)")
-        if declared == wanted:
-            continue
-        deps = _deps(document, stage)
-        keep = [d for d in deps if not _is_data_dep(d)]
-        deps.clear()
-        deps.extend(keep + wanted)
-        changes += [f"{stage} + {r}" for r in wanted if r not in declared]
-        changes += [f"{stage} - {r}" for r in declared if r not in wanted]
-    if changes:
-        _dump(dvc_yaml, document)
+    dvc_yaml = workspace / "dvc.yaml"
+    declared = _declared_roots(dvc_yaml)
+    changes = []
+    for stage, roots in wanted.items():
+        changes += [f"{stage} deps + {r}" for r in roots if r not in declared[stage]]
+        changes += [f"{stage} deps - {r}" for r in declared[stage] if r not in roots]
+    text = render_dvc_yaml(wanted)
+    if not dvc_yaml.is_file() or dvc_yaml.read_text() != text:
+        from grappa.io.artifacts import write_text
+
+        write_text(dvc_yaml, text)
+        changes = changes or ["stages regenerated from grappa/registry.py and the steps' imports"]
     return changes
 
 
 def drift(workspace: Path, params: Params) -> str | None:
-    """None when dvc.yaml watches exactly the data roots params.yaml lists, else what differs."""
-    for stage, declared, wanted in _data_deps(_load(workspace / "dvc.yaml"), params):
-        if declared != wanted:
-            return (f"dvc.yaml's {stage} stage watches {declared} but params.yaml's sources need {wanted}; "
+    """None when dvc.yaml is what the registry generates for ``params``' sources, else what differs."""
+    wanted = {stage: data_roots(sources) for stage, sources in watched_sources(params).items()}
+    for stage, declared in _declared_roots(workspace / "dvc.yaml").items():
+        if declared != wanted[stage]:
+            return (f"dvc.yaml's {stage} stage watches {declared} but params.yaml's sources need {wanted[stage]}; "
                     "run 'grappa prepare' (grappa run and the Airflow DAG do it themselves)")
+    if (workspace / "dvc.yaml").read_text() != render_dvc_yaml(wanted):
+        return "dvc.yaml is not what grappa/registry.py and the code's imports generate; run 'grappa prepare'"
     return None
 
 

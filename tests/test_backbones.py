@@ -13,9 +13,9 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from conftest import SHARED_DATA
-from grappa.core.backbones import BlockwiseBackbone, create_backbone, lite0_package_state_dict
 from grappa.config import BackboneParams, ConfigError
-from grappa.io.datasets import image_transform
+from grappa.core.augment import image_transform
+from grappa.core.backbones import BlockwiseBackbone, create_backbone, lite0_package_state_dict
 
 # ImageNet-1k bird classes: 7-24 (cock .. great grey owl), 80-100 (black grouse .. black swan),
 # 127-146 (white stork .. albatross).

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, make_collection, tiny_params_dict
+from grappa.config import AdaptorParams, FusionParams, load_params
 from grappa.core.model import CPU_CHUNK
 
 pytestmark = pytest.mark.timeout(120)
@@ -58,6 +59,13 @@ def test_json_schema(quick_run):
     # the shipped chunked forward and the whole-batch baseline, side by side, for both steps
     assert [(r["stage"], r["chunk"]) for r in res["training"]["rows"] if r["adapt_from_block"] > 0] == [
         ("adaptor", CPU_CHUNK), ("adaptor", None), ("fusion", CPU_CHUNK), ("fusion", None)]
+    # the pipeline's own steps, timed on the objectives it ships (params.yaml = the config defaults)
+    shipped = load_params(REPO / "params.yaml")
+    assert shipped.adaptor.objective == AdaptorParams().objective
+    assert shipped.fusion.objective == FusionParams().objective
+    assert res["training"]["objectives"] == {"adaptor": shipped.adaptor.objective, "fusion": shipped.fusion.objective}
+    assert {(r["stage"], r["objective"]) for r in res["training"]["rows"]} == {
+        ("adaptor", shipped.adaptor.objective), ("fusion", shipped.fusion.objective)}
     ratios = res["training"]["ratios"]
     assert all(ratios[name] > 0 for name in ("adaptor_paper_vs_cpu_recipe", "fusion_vs_adaptor_batch",
                                              "fusion_whole_vs_chunked", "adaptor_whole_vs_chunked"))

@@ -9,9 +9,10 @@ import pyarrow as pa
 import pytest
 
 from conftest import make_collection, snapshot_and_extract, tiny_params_dict
-from grappa.steps import cluster
-from grappa.io.artifacts import read_table, vectors_to_arrow, write_table
 from grappa.config import ConfigError, parse_params
+from grappa.core import kmeans
+from grappa.io.artifacts import read_table, vectors_to_arrow, write_table
+from grappa.steps import cluster
 
 
 def blobs(n_per: int = 30, k: int = 4, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -24,8 +25,8 @@ def blobs(n_per: int = 30, k: int = 4, dim: int = 16, seed: int = 0) -> tuple[np
 
 def test_spherical_kmeans_deterministic_normalised_and_recovers_blobs():
     x, truth = blobs()
-    labels, centroids = cluster.spherical_kmeans(x, 4, niter=20, nredo=2, seed=7)
-    labels2, centroids2 = cluster.spherical_kmeans(x, 4, niter=20, nredo=2, seed=7)
+    labels, centroids = kmeans.spherical_kmeans(x, 4, niter=20, nredo=2, seed=7)
+    labels2, centroids2 = kmeans.spherical_kmeans(x, 4, niter=20, nredo=2, seed=7)
     assert np.array_equal(labels, labels2)
     assert np.array_equal(centroids, centroids2)
     assert labels.dtype == np.int64 and labels.shape == (len(x),)
@@ -40,20 +41,20 @@ def test_spherical_kmeans_deterministic_normalised_and_recovers_blobs():
 
 def test_kmeans_trains_on_a_bounded_sample_and_assigns_every_point():
     x, truth = blobs(n_per=200)  # 800 points, k=4: at most 4 x 20 = 80 train the centroids
-    labels, centroids = cluster.spherical_kmeans(x, 4, niter=20, nredo=2, seed=7, max_points_per_centroid=20)
-    full_labels, full_centroids = cluster.spherical_kmeans(x, 4, niter=20, nredo=2, seed=7)
+    labels, centroids = kmeans.spherical_kmeans(x, 4, niter=20, nredo=2, seed=7, max_points_per_centroid=20)
+    full_labels, full_centroids = kmeans.spherical_kmeans(x, 4, niter=20, nredo=2, seed=7)
     assert labels.shape == (800,) and np.array_equal(labels, np.argmax(x @ centroids.T, axis=1))
     pairs = set(zip(truth.tolist(), labels.tolist()))  # still the truth up to a permutation
     assert len(pairs) == 4 and len({c for _, c in pairs}) == 4
     assert not np.array_equal(centroids, full_centroids), "the sample must be what trained the centroids"
     # below the bound (800 < 4 x 256) the default trains on every point: the same as no bound at all
-    unbounded, _ = cluster.spherical_kmeans(x, 4, niter=20, nredo=2, seed=7, max_points_per_centroid=1 << 30)
+    unbounded, _ = kmeans.spherical_kmeans(x, 4, niter=20, nredo=2, seed=7, max_points_per_centroid=1 << 30)
     assert np.array_equal(full_labels, unbounded)
 
 
 def test_size_stats_by_hand():
     labels = np.array([0, 0, 0, 1, 3, 3])  # sizes 3, 1, 0, 2 for k=4
-    assert cluster.size_stats(labels, 4) == {
+    assert kmeans.size_stats(labels, 4) == {
         "k": 4, "images": 6, "mean_size": 1.5, "min_size": 0, "median_size": 1.5, "max_size": 3,
         "empty": 1, "singletons": 1,
     }

@@ -30,7 +30,9 @@ import runners  # noqa: E402
 
 STEP_TASKS = {"snapshot", "extract", "cluster", "train_adaptor", "train_fusion", "evaluate", "index"}
 GLUE_TASKS = {"plan", "close_run"}
-HEAVY = ("torch", "timm", "faiss", "grappa", "mlflow", "dvc", "pandas")
+# the DAG processor reads the step registry (standard library only), nothing of the steps themselves
+HEAVY = ("torch", "timm", "faiss", "grappa.core", "grappa.steps", "grappa.tracking", "grappa.cli", "mlflow", "dvc",
+         "pandas")
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 from conftest import draw_image, snapshot_and_extract, tiny_params_dict
+from grappa.config import ConfigError, parse_params
 from grappa.io import artifacts
+from grappa.io.artifacts import arrow_to_vectors, atomic_path, read_table, write_json
 from grappa.steps import extract
 from grappa.steps import snapshot
-from grappa.io.artifacts import arrow_to_vectors, atomic_path, read_table, write_json
-from grappa.config import ConfigError, parse_params
 from test_data import encode, png_header_only
 
 

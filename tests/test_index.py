@@ -9,12 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import draw_image, make_collection, tiny_params_dict
-from grappa.steps import extract
-from grappa.steps import index
-from grappa.io import servable
-from grappa.steps import snapshot
 from grappa.cli import run_all
 from grappa.config import ConfigError, parse_params
+from grappa.io import servable
+from grappa.io.layout import layout
+from grappa.steps import extract
+from grappa.steps import index
+from grappa.steps import snapshot
 from test_tracking import run_cli
 
 
@@ -41,12 +42,12 @@ def work(pipeline, tmp_path):
 
 
 def _meta(params) -> dict:
-    return json.loads((index.index_dir(params) / index.META_FILE).read_text())
+    return json.loads((layout(params).index / index.META_FILE).read_text())
 
 
 def _other_model(params, folder: Path) -> servable.Servable:
     """The pipeline's model with one fusion weight changed, exported elsewhere: another model."""
-    model = servable.load(servable.model_dir(params))
+    model = servable.load(layout(params).model)
     next(p for name, p in model.model.named_parameters() if name.startswith("fusion.")).data.add_(0.5)
     servable.export(model.model, params, model.preprocess, folder)
     return servable.load(folder)
@@ -55,9 +56,9 @@ def _other_model(params, folder: Path) -> servable.Servable:
 def test_catalogue_images_find_themselves_first(work):
     params, _ = work
     meta = _meta(params)
-    model = servable.load(servable.model_dir(params))
+    model = servable.load(layout(params).model)
     assert meta["count"] == 64 and meta["model_sha256"] == model.digest and meta["factory"] == "Flat"
-    vectors_index, rows, _ = index.read(index.index_dir(params))
+    vectors_index, rows, _ = index.read(layout(params).index)
     uris = [rows[i]["uri"] for i in (0, 17, 40, 63)]
     # queries go through the full image path, the index was filled from the cached prefix: same embedding
     scores, ids = index.search(vectors_index, model.embed(uris), top_k=3)
@@ -107,8 +108,8 @@ def test_index_factories(work):
     hnsw = parse_params({**raw, "index": {"factory": "HNSW16", "search_params": "efSearch=32"}})
     meta = index.run(hnsw)
     assert meta["action"].startswith("rebuilt (index.factory changed") and meta["count"] == 64
-    searcher, rows, _ = index.read(index.index_dir(hnsw))
-    model = servable.load(servable.model_dir(hnsw))
+    searcher, rows, _ = index.read(layout(hnsw).index)
+    model = servable.load(layout(hnsw).model)
     _, ids = index.search(searcher, model.embed([rows[5]["uri"]]), 1, "efSearch=32")
     assert ids[0, 0] == 5
     with pytest.raises(ConfigError, match="index.factory: faiss cannot build 'IVF256,Flat' over 64 vectors"):
@@ -129,7 +130,7 @@ def test_embed_writes_one_row_per_readable_image(work, tmp_path, capsys):
     assert table.column("image_id").to_pylist() == ["broken/ok.png"]
     assert len(table.column("embedding")[0].as_py()) == 256
     sha = table.schema.metadata[b"grappa.model_sha256"].decode()
-    assert sha == servable.load(servable.model_dir(params)).digest
+    assert sha == servable.load(layout(params).model).digest
     assert "skipped broken/bad.png" in capsys.readouterr().out
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grappa.core.backbones import create_backbone
 from grappa.config import BackboneParams
-from grappa.core.model import FUSION, UNIFORM, ZERO_SHOT, GrappaModel, single
+from grappa.core.backbones import create_backbone
+from grappa.core.model import FUSION, UNIFORM, ZERO_SHOT, GrappaModel, adaptor_key, single, single_k
 
 KS = [2, 4, 8]
 
@@ -103,9 +103,9 @@ def test_only_adaptor_params_get_grads_in_single_mode(name, size, start):
     got = _grads(model)
     with_grad = {n for n, g in got.items() if g}
     assert with_grad, "no parameter received a gradient"
-    assert all(n.startswith(f"adaptors.{single(4)}.") for n in with_grad), with_grad
-    assert {n for n in got if n.startswith(f"adaptors.{single(4)}.")} == with_grad  # every k=4 adaptor param
-    up = [p for n, p in model.named_parameters() if n.startswith(f"adaptors.{single(4)}.") and ".up." in n]
+    assert all(n.startswith(f"adaptors.{adaptor_key(4)}.") for n in with_grad), with_grad
+    assert {n for n in got if n.startswith(f"adaptors.{adaptor_key(4)}.")} == with_grad  # every k=4 adaptor param
+    up = [p for n, p in model.named_parameters() if n.startswith(f"adaptors.{adaptor_key(4)}.") and ".up." in n]
     assert any(p.grad.abs().sum() > 0 for p in up)
     assert all(not p.requires_grad for p in model.backbone.parameters())
     assert not model.backbone.training, "the frozen backbone must stay in eval mode (BN statistics)"
@@ -165,3 +165,15 @@ def test_cpu_chunks_change_neither_outputs_nor_gradients(name, size, start):
     assert torch.allclose(emb3, emb0, atol=1e-5) and torch.allclose(alpha3, alpha0, atol=1e-6)
     assert alpha0.std() > 1e-3  # the attention is not trivially uniform, so equality means something
     assert all(torch.allclose(g3, g0, atol=1e-5, rtol=1e-4) for g3, g0 in zip(grads3, grads0))
+
+
+def test_mode_names_are_the_result_names_and_the_weight_keys_stay():
+    """One spelling from forward_suffix to metrics.json; model.pt keeps its adaptors.k<K>.* keys."""
+    model = build("test_efficientnet", 48, 3)
+    assert model.modes() == ["zero_shot", "single_k_2", "single_k_4", "single_k_8", "uniform", "grappa"]
+    assert single(64) == "single_k_64" and single_k(single(64)) == 64
+    assert single_k("uniform") is None and single_k("single_k_") is None
+    assert {n.split(".")[1] for n in model.state_dict() if n.startswith("adaptors.")} == {"k2", "k4", "k8"}
+    assert model.adaptor_set(4) is model.adaptors["k4"]
+    with pytest.raises(KeyError, match="single_k_16"):
+        model.forward_suffix(model.forward_prefix(torch.zeros(1, 3, 48, 48)), single(16))

@@ -3,6 +3,8 @@ import json
 from pathlib import Path
 
 from grappa.cli import run_all
+from grappa.io.artifacts import load_torch
+from grappa.io.layout import layout
 
 
 def test_all_steps_chain(tiny_params):
@@ -21,3 +23,7 @@ def test_all_steps_chain(tiny_params):
     index = json.loads((out / "index" / "index.json").read_text())
     model = json.loads((out / "model" / "model.json").read_text())
     assert index["count"] == 64 and index["model_sha256"] == model["weights_sha256"]  # every snapshot image
+    # how to feed images travels with every saved artifact, so no loader needs params.yaml for it
+    for artifact in (layout(tiny_params).adaptor(2), layout(tiny_params).adaptor(4), layout(tiny_params).fusion):
+        assert json.loads(json.dumps(load_torch(artifact)["meta"]["preprocess"])) == model["preprocess"], artifact
+    assert model["preprocess"]["image_size"] == tiny_params.backbone.image_size

@@ -17,12 +17,13 @@ import torch
 import yaml
 
 from conftest import REPO, make_collection, snapshot_and_extract, tiny_params_dict
+from grappa.cli import run_all
+from grappa.config import parse_params
+from grappa.io.artifacts import load_torch, save_torch
+from grappa.io.layout import layout
 from grappa.steps import cluster
 from grappa.steps import train_adaptor
 from grappa.steps import train_fusion
-from grappa.io.artifacts import load_torch, save_torch
-from grappa.cli import run_all
-from grappa.config import parse_params
 
 # 2 domains x 12 unlabeled images = 24; batch 8 -> 3 batches per epoch
 ADAPTOR = {"epochs": 3, "batch_size": 8, "warmup_epochs": 1}
@@ -155,7 +156,7 @@ def test_fusion_checkpoint_from_other_adaptors_is_not_resumed(prepared, tmp_path
             train_fusion.run(params)
     (stale,) = _checkpoints(params)
     # same params, but the adaptor set k=2 is another one (as after re-clustering other images)
-    path = train_adaptor.adaptor_path(params, 2)
+    path = layout(params).adaptor(2)
     state = load_torch(path)
     name = next(iter(state["state_dict"]))
     state["state_dict"][name] = state["state_dict"][name] + 0.01

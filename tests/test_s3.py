@@ -8,6 +8,7 @@ import yaml
 from conftest import make_collection, tiny_params_dict
 from grappa import tracking
 from grappa.config import parse_params
+from grappa.io.layout import layout
 from grappa.io.storage import read_bytes, s3_client
 from test_tracking import _SCRUB, closed_port, error_lines, fresh_tracking_uri, run_cli
 
@@ -160,16 +161,16 @@ def test_snapshot_reads_only_new_or_changed_objects(s3_env, uploaded, tmp_path, 
     monkeypatch.setattr(snapshot, "read_bytes", lambda uri: reads.append(uri) or real_read(uri))
     first = snapshot.run(params)
     assert (first["images"], first["files_read"], len(reads)) == (3, 3, 3)
-    manifest = snapshot.manifest_path(params).read_bytes()
+    manifest = layout(params).manifest.read_bytes()
     reads.clear()
     assert snapshot.run(params)["files_read"] == 0 and reads == []
-    assert snapshot.manifest_path(params).read_bytes() == manifest  # unchanged data: byte-identical snapshot
+    assert layout(params).manifest.read_bytes() == manifest  # unchanged data: byte-identical snapshot
     client.copy_object(Bucket=BUCKET, Key="delta/dom/img_3.png", CopySource={"Bucket": BUCKET, "Key": "folder/dots/img_3.png"})
     client.put_object(Bucket=BUCKET, Key="delta/dom/img_0.png", Body=real_read(f"s3://{BUCKET}/folder/dots/img_5.png"))
     third = snapshot.run(params)
     assert sorted(reads) == [f"s3://{BUCKET}/delta/dom/img_0.png", f"s3://{BUCKET}/delta/dom/img_3.png"]
     assert third["since_previous"] == {"new": 1, "changed": 1, "removed": 0, "unchanged": 2}
-    rows = {r["image_id"]: r for r in pq.read_table(snapshot.manifest_path(params)).to_pylist()}
+    rows = {r["image_id"]: r for r in pq.read_table(layout(params).manifest).to_pylist()}
     assert all(r["etag"] and r["mtime_ns"] is None for r in rows.values())
 
 

@@ -8,10 +8,10 @@ import torch
 import yaml
 
 from conftest import make_collection, tiny_params_dict
-from grappa.tracking import lineage
 from grappa import tracking
-from grappa.io.artifacts import load_torch
 from grappa.config import parse_params
+from grappa.io.artifacts import load_torch
+from grappa.tracking import lineage
 from test_tracking import _SCRUB, error_lines, run_cli, tracked_run
 
 

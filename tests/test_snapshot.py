@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 
 from conftest import draw_image, make_collection, tiny_params_dict
-from grappa.steps import snapshot
-from grappa.io.artifacts import read_table
 from grappa.config import ConfigError, parse_params
+from grappa.io.artifacts import read_table
+from grappa.io.layout import layout
 from grappa.io.sources import ImageRecord, cap_per_domain
+from grappa.steps import snapshot
 
 
 @pytest.fixture
@@ -35,12 +36,12 @@ def test_unchanged_files_are_not_read_again_and_give_the_same_manifest(tmp_path,
     first = snapshot.run(params)
     assert (first["images"], first["files_read"], len(reads)) == (5, 5, 5)
     assert first["since_previous"] == {"new": 5, "changed": 0, "removed": 0, "unchanged": 0}
-    manifest = snapshot.manifest_path(params).read_bytes()
+    manifest = layout(params).manifest.read_bytes()
 
     reads.clear()
     second = snapshot.run(params)
     assert (second["files_read"], reads) == (0, [])
-    assert snapshot.manifest_path(params).read_bytes() == manifest  # nothing downstream reruns
+    assert layout(params).manifest.read_bytes() == manifest  # nothing downstream reruns
     assert second["digest"] == first["digest"]
 
     # a touched file (same bytes, new mtime) is read again, and only it; its content is unchanged
@@ -62,7 +63,7 @@ def test_new_changed_and_removed_images(tmp_path, reads):
     report = snapshot.run(params)
     assert report["since_previous"] == {"new": 1, "changed": 1, "removed": 1, "unchanged": 2}
     assert sorted(Path(uri).name for uri in reads) == ["a0.png", "new.png"]
-    rows = read_table(snapshot.manifest_path(params)).to_pylist()
+    rows = read_table(layout(params).manifest).to_pylist()
     assert [r["image_id"] for r in rows] == sorted(r["image_id"] for r in rows)
     assert all(r["mtime_ns"] and r["size"] and r["etag"] is None and len(r["content_hash"]) == 64 for r in rows)
 
@@ -91,7 +92,7 @@ def test_caps_apply_per_source_so_dropped_images_always_count(tmp_path):
         draw_image("shapes", i, seed=500 + i).save(drop / "shapes" / f"d{i}.png")
     raw = tiny_params_dict(tmp_path, [manifest, drop], data={"max_unlabeled_per_domain": 4})
     report = snapshot.run(parse_params(raw))
-    ids = [r["image_id"] for r in read_table(snapshot.manifest_path(parse_params(raw))).to_pylist()]
+    ids = [r["image_id"] for r in read_table(layout(parse_params(raw)).manifest).to_pylist()]
     assert report["by_split"]["unlabeled"] == 4 + 3
     assert {f"shapes/shapes/d{i}.png" for i in range(3)} <= set(ids)
 

@@ -22,9 +22,9 @@ import yaml
 
 from conftest import REPO, make_collection, make_workspace
 from grappa import cli
+from grappa import tracking
 from grappa.tracking import lineage
 from grappa.tracking import publisher as publish
-from grappa import tracking
 
 MODEL = "grappa-test-fused"
 STAGES = {"snapshot", "extract", "cluster", "train_adaptor@2", "train_adaptor@4", "train_fusion", "evaluate", "index"}
@@ -212,8 +212,10 @@ def test_params_metrics_and_artifacts(run, runs, client):
     _, children = runs
     extract = children["extract"]
     assert extract.data.params["backbone.name"] == "test_efficientnet"
-    assert json.loads(extract.data.params["data.sources"])[0].endswith("manifest.csv")
-    assert "adaptor.epochs" not in extract.data.params  # only the sections the step uses
+    # exactly the params.yaml keys the step reads (the registry's, = its DVC params)
+    assert json.loads(children["snapshot"].data.params["data.sources"])[0].endswith("manifest.csv")
+    assert extract.data.params["data.max_pixels"] and "data.sources" not in extract.data.params
+    assert "adaptor.epochs" not in extract.data.params
     assert extract.data.metrics["images"] == 64.0
     assert extract.data.metrics["by_split.unlabeled"] == 32.0
     assert "report.json" in {a.path for a in client.list_artifacts(extract.info.run_id)}
@@ -227,7 +229,8 @@ def test_params_metrics_and_artifacts(run, runs, client):
     assert len(fusion_history) == 2
 
     evaluate = children["evaluate"]
-    assert evaluate.data.params["fusion.knn"] == "3"
+    assert children["train_fusion"].data.params["fusion.knn"] == "3"
+    assert evaluate.data.params["fusion.attn_dim"] and "fusion.knn" not in evaluate.data.params
     assert 0.0 <= evaluate.data.metrics["methods.grappa.mean.map_at_r"] <= 1.0
     assert "methods.zero_shot.per_domain.shapes.recall_at_1" in evaluate.data.metrics
     top = {a.path for a in client.list_artifacts(evaluate.info.run_id)}
@@ -293,6 +296,8 @@ def test_lineage_from_champion_to_extract_digest(run, client):
     emb = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}))
     assert emb.shape == (2, 256) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     assert model.metadata.get_input_schema().input_names() == ["image", "path"]
+    served = json.loads((run.out_dir / "model" / "model.json").read_text())["preprocess"]
+    assert model.metadata.metadata["preprocess"] == served  # how to feed it, in the registry too
 
 
 def _fake_evaluate(delta: float):

@@ -1,16 +1,28 @@
-"""The shared epoch loop: warm-up/cosine schedule, per-epoch checkpoints and exact resume (toy model)."""
+"""The shared training skeleton: warm-up/cosine schedule, per-epoch checkpoints and exact resume (toy
+model); the loss-term registry the two stages' objectives are built from, and their batch steps."""
 from __future__ import annotations
 
 import math
+import re
+import typing
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from grappa.config import AdaptorParams, BackboneParams, ConfigError, FusionParams
+from grappa.core.ap_loss import HistogramAPLoss
+from grappa.core.backbones import create_backbone
+from grappa.core.losses import CosineClassifier, attention_propagation, batch_attention_entropy, neighbour_pair_infonce
+from grappa.core.model import GrappaModel, single
+from grappa.core.objectives import (LOSS_TERMS, EmbeddedBatch, adaptor_objective, adaptor_terms, fusion_objective,
+                                    fusion_terms, parse_objective)
+from grappa.core.training import adaptor_step, fit, fusion_step, train_on_batch, warmup_cosine
 from grappa.io.artifacts import load_torch
-from grappa.core.training import fit, warmup_cosine
 
 
 def test_warmup_cosine_factors():
@@ -98,3 +110,109 @@ def test_different_seed_gives_different_weights(tmp_path):
     a.fit()
     fit(b.model, b.optimizer, b.epochs, 5, 1.0, b.batches, b.step, b.checkpoint, seed=4, desc="toy")
     assert not torch.equal(a.model[0].weight, b.model[0].weight)
+
+
+# --------------------------------------------------------------------------- the loss-term registry
+
+
+def test_shipped_objectives_are_the_named_terms_with_their_weights():
+    assert adaptor_terms(AdaptorParams()) == [("cosine_softmax", 1.0), ("histogram_ap", 1.0)]
+    assert adaptor_terms(AdaptorParams(ap_weight=0.3)) == [("cosine_softmax", 1.0), ("histogram_ap", 0.3)]
+    assert adaptor_terms(AdaptorParams(objective="smooth_ap", ap_weight=0.3)) == [("smooth_ap", 1.0)]  # alone: 1
+    assert adaptor_terms(AdaptorParams(objective="cosine_softmax")) == [("cosine_softmax", 1.0)]
+    assert fusion_terms(FusionParams()) == [("prop", 1.0), ("value", 0.01), ("attn_entropy", 0.0),
+                                            ("pseudo_labels", 1.0)]
+    hp = FusionParams(objective="pseudo_labels+neighbour_pairs", lambda_prop=0.5, lambda_entropy=0.2)
+    assert fusion_terms(hp) == [("prop", 0.5), ("value", 0.01), ("attn_entropy", -0.2), ("neighbour_pairs", 1.0),
+                                ("pseudo_labels", 1.0)]  # registry order, whatever order the params name
+    metrics = {name: LOSS_TERMS[name].metric for name in LOSS_TERMS}
+    assert metrics == {"cosine_softmax": "cross_entropy", "histogram_ap": "ap_loss", "smooth_ap": "ap_loss",
+                       "prop": "prop", "value": "value", "attn_entropy": "attn_entropy",
+                       "neighbour_pairs": "pair", "pseudo_labels": "pseudo_ce"}
+
+
+@pytest.mark.parametrize("field, terms", [("adaptor", adaptor_terms), ("fusion", fusion_terms)])
+def test_every_objective_the_config_accepts_is_built_from_registry_terms(field, terms):
+    params = {"adaptor": AdaptorParams, "fusion": FusionParams}[field]
+    for value in typing.get_args(params.model_fields["objective"].annotation):
+        names = [name for name, _ in terms(params(objective=value))]
+        assert set(value.split("+")) <= set(names) <= set(LOSS_TERMS), value
+
+
+@pytest.mark.parametrize("text, message", [
+    ("cosine_softmax+focal", "params: adaptor.objective: unknown loss term 'focal' (known: cosine_softmax, "
+                             "histogram_ap, smooth_ap)"),
+    ("neighbour_pairs", "unknown loss term 'neighbour_pairs'"),  # a fusion term is not an adaptor term
+    ("histogram_ap+histogram_ap", "named twice"),
+    ("histogram_ap+smooth_ap", "same metric"),
+])
+def test_unknown_or_clashing_terms_are_one_line_config_errors(text, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
+        parse_objective(text, "adaptor.objective", ("cosine_softmax", "histogram_ap", "smooth_ap"))
+    assert "\n" not in str(err.value)
+
+
+def test_objectives_evaluate_to_the_named_losses_and_their_weighted_sum():
+    g = torch.Generator().manual_seed(0)
+    emb = F.normalize(torch.randn(8, 16, generator=g), dim=-1).requires_grad_(True)
+    targets = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1, 2, 0])
+    rows = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    classifier = CosineClassifier(torch.randn(3, 16, generator=g), 0.05)
+    hp = AdaptorParams(ap_weight=0.25)
+    losses = adaptor_objective(hp, classifier, targets)(EmbeddedBatch(emb, rows))
+    assert list(losses) == ["cross_entropy", "accuracy", "ap_loss", "loss"]
+    logits = classifier(emb)
+    ce, ap = F.cross_entropy(logits, targets[rows]), HistogramAPLoss(hp.ap_bins)(emb, targets[rows])
+    assert torch.equal(losses["cross_entropy"], ce) and torch.equal(losses["ap_loss"], ap)
+    assert torch.equal(losses["accuracy"], (logits.argmax(1) == targets[rows]).float().mean())
+    assert torch.equal(losses["loss"], ce + 0.25 * ap)
+    two_views = AdaptorParams(objective="histogram_ap", ap_positives="augmentation")  # positives: the same row
+    views = adaptor_objective(two_views, classifier, targets)(EmbeddedBatch(emb, torch.cat([rows[:4], rows[:4]])))
+    assert torch.equal(views["loss"], HistogramAPLoss(20)(emb, torch.cat([rows[:4], rows[:4]])))
+
+    fusion = nn.ModuleList([nn.Linear(2, 2)])
+    fusion[0].value_regulariser = lambda: torch.tensor(0.5)
+    alpha = torch.softmax(torch.randn(8, 2, 3, generator=g), dim=-1)
+    heads = [(classifier, targets), (CosineClassifier(torch.randn(4, 16, generator=g), 0.05), targets % 4)]
+    hp = FusionParams(objective="pseudo_labels+neighbour_pairs", lambda_entropy=0.1)
+    losses = fusion_objective(hp, fusion, heads)(EmbeddedBatch(emb, rows[:4], alpha))
+    assert list(losses) == ["prop", "value", "attn_entropy", "pair", "pseudo_ce", "loss"]
+    prop, ent = attention_propagation(alpha[:4], alpha[4:]), batch_attention_entropy(alpha)
+    pair = neighbour_pair_infonce(emb[:4], emb[4:], hp.temperature)
+    pseudo = sum(F.cross_entropy(head(emb[:4]), labels[rows[:4]]) for head, labels in heads) / 2
+    assert torch.equal(losses["pair"], pair) and torch.equal(losses["pseudo_ce"], pseudo)
+    assert torch.equal(losses["loss"], prop + 0.01 * 0.5 - 0.1 * ent + pair + pseudo)
+    with pytest.raises(ConfigError, match="pseudo_labels needs"):
+        fusion_objective(FusionParams(), fusion, heads=[])
+
+
+# --------------------------------------------------------------------------- the batch steps
+
+
+def test_batch_steps_train_the_model_on_the_shipped_objectives():
+    torch.manual_seed(0)
+    backbone, _, _ = create_backbone(BackboneParams(name="test_efficientnet", weights="none", image_size=48,
+                                                    adapt_from_block=3))
+    model = GrappaModel(backbone, 3, [2, 4], reduction=4, attn_dim=8).train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, *backbone.block_shapes[2], generator=g)
+    targets = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1])
+    classifier = CosineClassifier(torch.randn(2, backbone.embed_dim, generator=g), 0.05)
+    objective = adaptor_objective(AdaptorParams(), classifier, targets)
+    step = partial(adaptor_step, model, objective, single(2), "cpu", images=False, augment_scale=0.5)
+    optimizer = torch.optim.AdamW([*model.adaptors.parameters(), *classifier.parameters()], lr=1e-2)
+    before = [p.detach().clone() for p in model.adaptors.parameters()]
+    losses = train_on_batch(step, (torch.arange(8), x, []), optimizer, warmup_cosine(optimizer, 2, 0))
+    assert set(losses) == {"cross_entropy", "accuracy", "ap_loss", "loss"}
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.adaptors.parameters()))
+
+    model.requires_grad_(False)
+    model.fusion.requires_grad_(True)
+    heads = [(classifier, targets), (CosineClassifier(torch.randn(4, backbone.embed_dim, generator=g), 0.05),
+                                     torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]))]
+    step = partial(fusion_step, model, fusion_objective(FusionParams(), model.fusion, heads), "cpu", images=False)
+    pairs = torch.stack([x[:4], x[4:]], dim=1)  # 4 anchors, each with one neighbour
+    losses = step((torch.arange(4), pairs, []))
+    assert set(losses) == {"prop", "value", "attn_entropy", "pseudo_ce", "loss"}
+    losses["loss"].backward()
+    assert all(p.grad is not None for p in model.fusion.parameters())

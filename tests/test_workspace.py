@@ -55,7 +55,7 @@ def test_sync_data_deps_replaces_only_the_data_roots(tmp_path):
     before = (tmp_path / "dvc.yaml").read_text()
 
     changes = workspace.sync_data_deps(tmp_path, params)
-    assert "snapshot + data/shapes" in changes and "snapshot - ../shared/data/multidomain/birds" in changes
+    assert "snapshot deps + data/shapes" in changes and "snapshot deps - ../shared/data/multidomain/birds" in changes
     assert workspace.drift(tmp_path, params) is None and workspace.sync_data_deps(tmp_path, params) == []
     after = (tmp_path / "dvc.yaml").read_text()
     deps = yaml.safe_load(after)["stages"]["snapshot"]["deps"]
@@ -67,7 +67,7 @@ def test_sync_data_deps_replaces_only_the_data_roots(tmp_path):
         [line for line in after.splitlines() if "data/s" not in line and "- drop" not in line]
 
     catalogue = parse_params({**tiny_params_dict(tmp_path, ["drop"]), "index": {"sources": ["drop"]}})
-    assert "index + drop" in workspace.sync_data_deps(tmp_path, catalogue)
+    assert "index deps + drop" in workspace.sync_data_deps(tmp_path, catalogue)
     assert yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]["index"]["deps"][-1] == "drop"
 
 

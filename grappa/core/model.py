@@ -22,9 +22,11 @@ from torch import nn
 
 from grappa.core.backbones import BlockwiseBackbone
 
-ZERO_SHOT = "zero_shot"
-UNIFORM = "uniform"
-FUSION = "fusion"
+# Mode names: the one spelling of a model variant, from forward_suffix to metrics.json, results.md and MLflow.
+ZERO_SHOT = "zero_shot"  # the frozen backbone
+UNIFORM = "uniform"  # the mean of every adaptor set the model holds
+FUSION = "grappa"  # the fused model (the one that serves)
+_SINGLE = "single_k_"  # + K: backbone + adaptor set K alone, see single()
 # On the CPU the adapted blocks take at most this many images at a time. Past it a block's working set
 # leaves the caches and the time grows faster than the batch: a fusion batch (128 pairs = 256 images
 # through 3 adaptor sets) took 5.3 s whole and 2.2 s in chunks of 64; an adaptor batch of 128, 0.75 s
@@ -41,7 +43,19 @@ def pick_device() -> torch.device:
 
 
 def single(k: int) -> str:
-    """Mode name for the single-granularity model with adaptor set k."""
+    """Mode name for the single-granularity model with adaptor set k: ``single_k_<k>``."""
+    return f"{_SINGLE}{k}"
+
+
+def single_k(mode: str) -> int | None:
+    """The K of a ``single_k_<K>`` mode name; None for every other name."""
+    tail = mode[len(_SINGLE):] if mode.startswith(_SINGLE) else ""
+    return int(tail) if tail.isdigit() else None
+
+
+def adaptor_key(k: int) -> str:
+    """Key of adaptor set k in ``GrappaModel.adaptors``: part of the weights layout (``adaptors.k<k>.*``
+    in model.pt), never a mode name; changing it would orphan every saved model."""
     return f"k{k}"
 
 
@@ -115,7 +129,7 @@ class GrappaModel(nn.Module):
         layout = backbone.layout
         dims = backbone.block_dims[start:]
         self.adaptors = nn.ModuleDict(
-            {single(k): nn.ModuleList(BottleneckAdaptor(d, reduction, layout) for d in dims) for k in ks}
+            {adaptor_key(k): nn.ModuleList(BottleneckAdaptor(d, reduction, layout) for d in dims) for k in ks}
         )
         self.fusion = None
         if attn_dim is not None:
@@ -151,20 +165,30 @@ class GrappaModel(nn.Module):
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    def adaptor_set(self, k: int) -> nn.ModuleList:
+        """Adaptor set k: one adaptor per adapted block."""
+        return self.adaptors[adaptor_key(k)]
+
     def _suffix(self, x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = self._layout(x)
+        sets = [self.adaptor_set(k) for k in self.ks]
+        alone = None  # the one adaptor set of a single_k_<K> mode
+        if mode not in (ZERO_SHOT, FUSION, UNIFORM):
+            if single_k(mode) not in self.ks:
+                raise KeyError(f"unknown mode {mode!r}; this model's modes are {self.modes()}")
+            alone = self.adaptor_set(single_k(mode))
         alphas = []
         for i, block in enumerate(self.backbone.blocks[self.start:]):
             h = block(x)
             if mode == ZERO_SHOT:
                 x = h
             elif mode == FUSION:
-                x, alpha = self.fusion[i](h, [self.adaptors[single(k)][i](h) for k in self.ks])
+                x, alpha = self.fusion[i](h, [adaptors[i](h) for adaptors in sets])
                 alphas.append(alpha)
             elif mode == UNIFORM:
-                x = h + torch.stack([self.adaptors[single(k)][i](h) for k in self.ks]).mean(0)
+                x = h + torch.stack([adaptors[i](h) for adaptors in sets]).mean(0)
             else:
-                x = h + self.adaptors[mode][i](h)
+                x = h + alone[i](h)
         emb = F.normalize(self.backbone.embed(x), dim=-1)
         return emb, (torch.stack(alphas, dim=1) if alphas else None)
 
@@ -172,6 +196,7 @@ class GrappaModel(nn.Module):
         return self.forward_suffix(self.forward_prefix(images), mode)[0]
 
     def modes(self) -> list[str]:
+        """This model's mode names, in the order of the results table (oracle aside)."""
         out = [ZERO_SHOT] + [single(k) for k in self.ks]
         if len(self.ks) > 1:
             out.append(UNIFORM)

@@ -1,4 +1,4 @@
-"""Global pooling of CNN feature maps and PCA-whitening of the resulting descriptors.
+"""Global pooling of CNN feature maps.
 
 Pooling layers map a (B, C, H, W) feature map to a (B, C) descriptor:
 
@@ -8,20 +8,14 @@ Pooling layers map a (B, C, H, W) feature map to a (B, C) descriptor:
 * :class:`AvgPool` -- global average pooling (SPoC without the centre prior).
 
 None of them L2-normalises: normalisation belongs to the descriptor head.
-
-PCA-whitening (:func:`fit_pca_whitening`, :func:`apply_pca_whitening`) is plain numpy, float32 in
-and out, and is meant to be learned on a held-out set of descriptors (never on the test set).
 """
-from typing import Dict, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
     'gem', 'GeM', 'MAC', 'AvgPool', 'build_pooling',
-    'fit_pca_whitening', 'apply_pca_whitening',
 ]
 
 
@@ -91,76 +85,3 @@ def build_pooling(name: str, **kwargs) -> nn.Module:
     if kwargs and key != 'gem':
         raise ValueError(f'pooling {name!r} takes no arguments, got {sorted(kwargs)}')
     return _POOLINGS[key](**kwargs)
-
-
-def fit_pca_whitening(
-        features: np.ndarray,
-        dim: Optional[int] = None,
-        eps: float = 1e-6,
-        power: float = 0.5,
-) -> Dict[str, np.ndarray]:
-    """Learn PCA-whitening from training descriptors.
-
-    Computes the principal directions V and variances lambda (sample covariance, N - 1
-    denominator) of the centred features and returns the map x -> diag(w) V^T (x - mean) with
-    w_k = (lambda_k + eps * lambda_max) ** -power.
-
-    Args:
-        features: (N, D) training descriptors.
-        dim: number of output dimensions (top principal components); None keeps
-            min(D, N - 1), the rank of the centred data.
-        eps: relative shrinkage added to every eigenvalue, as a fraction of the largest one. It
-            bounds the amplification of near-zero-variance directions (noise) and makes the
-            result invariant to a global rescaling of the features.
-        power: eigenvalue exponent; 0.5 is full whitening, 0.25 is dirtorch's ``--whitenp``.
-
-    Returns:
-        ``{'mean': (D,) float32, 'projection': (dim, D) float32}``. Each direction's sign is
-        fixed (largest-magnitude component positive) so refits give identical outputs.
-    """
-    x = np.asarray(features, dtype=np.float64)
-    if x.ndim != 2:
-        raise ValueError(f'features must be (N, D), got shape {x.shape}')
-    n, d = x.shape
-    if n < 2:
-        raise ValueError('PCA-whitening needs at least 2 training descriptors')
-    rank = min(d, n - 1)
-    if dim is None:
-        dim = rank
-    if not 1 <= dim <= rank:
-        raise ValueError(f'dim must be in [1, {rank}] for {n} samples of dimension {d}, got {dim}')
-    if eps < 0:
-        raise ValueError(f'eps must be >= 0, got {eps}')
-
-    mean = x.mean(axis=0)
-    # SVD of the centred data rather than eig of the covariance: better conditioned, and the
-    # singular values come sorted in decreasing order.
-    _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
-    eigval = s[:dim] ** 2 / (n - 1)
-    eigvec = vt[:dim]  # (dim, D), rows = principal directions
-    signs = np.sign(eigvec[np.arange(dim), np.abs(eigvec).argmax(axis=1)])
-    eigvec = eigvec * signs[:, None]
-    scale = (eigval + eps * eigval[0]) ** -power
-    projection = scale[:, None] * eigvec
-    return {'mean': mean.astype(np.float32), 'projection': projection.astype(np.float32)}
-
-
-def apply_pca_whitening(
-        features: np.ndarray,
-        whitening: Dict[str, np.ndarray],
-        normalize: bool = True,
-) -> np.ndarray:
-    """Project (N, D) (or (D,)) descriptors with a learned whitening; L2-normalise by default.
-
-    Returns float32 of shape (N, dim) (or (dim,)). ``normalize=False`` returns the raw whitened
-    vectors (identity covariance on the training set, up to the shrinkage).
-    """
-    x = np.asarray(features, dtype=np.float32)
-    mean, projection = whitening['mean'], whitening['projection']
-    if x.shape[-1] != mean.shape[0]:
-        raise ValueError(f'feature dimension {x.shape[-1]} != whitening input dimension {mean.shape[0]}')
-    y = (x - mean) @ projection.T
-    if normalize:
-        norm = np.linalg.norm(y, axis=-1, keepdims=True)
-        y = y / np.maximum(norm, 1e-12)  # guard the (degenerate) all-zero vector
-    return y.astype(np.float32, copy=False)

@@ -3,12 +3,17 @@
 Every epoch re-seeds torch from ``seed + epoch`` (data order and augmentations), and a checkpoint is
 written atomically after each epoch, so a run killed mid-epoch and restarted resumes from the last
 finished epoch and ends with the same weights as an uninterrupted run.
+
+The batch steps of both stages are module functions too (:func:`adaptor_step`, :func:`fusion_step`:
+a batch through the model into its :class:`~grappa.core.objectives.Objective`), bound to a run with
+``functools.partial`` by the pipeline steps and by ``benchmarks/speed.py``, which times them.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import random
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -18,7 +23,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from grappa.core.augment import augment_feature_maps
+from grappa.core.model import FUSION, GrappaModel
+from grappa.core.objectives import EmbeddedBatch, Objective
 from grappa.io.artifacts import load_torch, save_torch
+
+Losses = dict[str, torch.Tensor]
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
@@ -31,6 +41,46 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def adaptor_step(model: GrappaModel, objective: Objective, mode: str, device, batch, *, images: bool,
+                 two_views: bool = False, augment_scale: float = 1.0) -> Losses:
+    """Stage 1: a batch ``(rows, inputs, _)`` through adaptor set ``mode`` -> the objective's losses.
+
+    ``images``: the inputs are images, run through the frozen prefix; else cached prefix activations,
+    jittered by :func:`augment_feature_maps` when ``augment_scale`` < 1. ``two_views``: the inputs
+    are (B, 2, ...) augmentations of one image each, both views anchors with the row as instance id.
+    """
+    rows, x, _ = batch
+    rows, x = rows.to(device), x.to(device)
+    if two_views:
+        x, rows = torch.cat([x[:, 0], x[:, 1]]), torch.cat([rows, rows])
+    if images:
+        x = model.forward_prefix(x)
+    elif augment_scale < 1.0 and x.dim() == 4:
+        x = augment_feature_maps(x, augment_scale)
+    emb, _ = model.forward_suffix(x, mode)
+    return objective(EmbeddedBatch(emb, rows))
+
+
+def fusion_step(model: GrappaModel, objective: Objective, device, batch, *, images: bool) -> Losses:
+    """Stage 2: a batch ``(rows, (B, 2, ...) anchor/neighbour inputs, _)`` through the fusion -> losses."""
+    rows, pairs, _ = batch
+    x = pairs.to(device)
+    x = torch.cat([x[:, 0], x[:, 1]])  # the B anchors, then their B neighbours
+    emb, alpha = model.forward_suffix(model.forward_prefix(x) if images else x, FUSION)
+    return objective(EmbeddedBatch(emb, rows.to(device), alpha))
+
+
+def train_on_batch(step: Callable[[object], Losses], batch, optimizer: torch.optim.Optimizer,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler) -> Losses:
+    """One optimisation step: ``step``'s named losses, backward of "loss", optimizer and schedule."""
+    losses = step(batch)
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    optimizer.step()
+    scheduler.step()
+    return losses
+
+
 def fit(
     trainable: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -38,7 +88,7 @@ def fit(
     steps_per_epoch: int,
     warmup_epochs: float,
     batches: Callable[[torch.Generator], Iterable],
-    step: Callable[[object], dict[str, torch.Tensor]],
+    step: Callable[[object], Losses],
     checkpoint: Path,
     seed: int,
     desc: str,
@@ -57,17 +107,14 @@ def fit(
         print(f"{desc}: resuming after epoch {first_epoch} from {checkpoint}")
     for epoch in range(first_epoch, epochs):
         torch.manual_seed(seed + epoch)
+        random.seed(seed + epoch)  # timm's image augmentations draw from Python's RNG in this process
         generator = torch.Generator().manual_seed(seed + epoch)
         sums: dict[str, float] = {}
         count = 0
         t0 = time.perf_counter()
         bar = tqdm(batches(generator), total=steps_per_epoch, desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="batch")
         for batch in bar:
-            losses = step(batch)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            optimizer.step()
-            scheduler.step()
+            losses = train_on_batch(step, batch, optimizer, scheduler)
             count += 1
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())

@@ -1,16 +1,12 @@
 """Assemble a :class:`GrappaModel` from the published artifacts of steps 3 and 4."""
 from __future__ import annotations
 
-from pathlib import Path
 
-from grappa.io.artifacts import load_torch
-from grappa.core.backbones import BlockwiseBackbone
 from grappa.config import ConfigError, Params
-from grappa.core.model import GrappaModel, single
-
-
-def fusion_path(params: Params) -> Path:
-    return Path(params.out_dir) / "fusion" / "fusion.pt"
+from grappa.core.backbones import BlockwiseBackbone
+from grappa.core.model import GrappaModel
+from grappa.io.artifacts import load_torch
+from grappa.io.layout import layout
 
 
 def assemble(params: Params, backbone: BlockwiseBackbone, with_fusion: bool, load_fusion: bool) -> GrappaModel:
@@ -19,15 +15,15 @@ def assemble(params: Params, backbone: BlockwiseBackbone, with_fusion: bool, loa
     model = GrappaModel(backbone, params.backbone.adapt_from_block, ks, params.adaptor.reduction,
                         attn_dim=params.fusion.attn_dim if with_fusion else None)
     for k in ks:
-        path = Path(params.out_dir) / "adaptors" / f"k{k}" / "adaptor.pt"
+        path = layout(params).adaptor(k)
         if not path.exists():
             raise ConfigError(f"adaptor set k={k} not found at {path}; run 'grappa train-adaptor --k {k}' first")
         state = load_torch(path)
         if state["meta"]["backbone"] != params.backbone.model_dump() or state["meta"]["start"] != model.start:
             raise ConfigError(f"adaptor set k={k} was trained with another backbone setup; retrain it")
-        model.adaptors[single(k)].load_state_dict(state["state_dict"])
+        model.adaptor_set(k).load_state_dict(state["state_dict"])
     if load_fusion:
-        path = fusion_path(params)
+        path = layout(params).fusion
         if not path.exists():
             raise ConfigError(f"fusion layers not found at {path}; run 'grappa train-fusion' first")
         state = load_torch(path)

@@ -7,31 +7,20 @@ all-block placement) the steps read and transform the images themselves.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from grappa.io.artifacts import arrow_to_vectors, read_table
-from grappa.core.backbones import Preprocess
 from grappa.config import ConfigError
+from grappa.core.augment import image_transform
+from grappa.core.backbones import Preprocess
+from grappa.io.artifacts import arrow_to_vectors, read_table
+from grappa.io.layout import Layout
 from grappa.io.sources import ImageDecodeError, SourceError, decode_image
 from grappa.io.storage import StorageError, read_bytes
 
-
-def image_transform(preprocess: Preprocess, train: bool):
-    from timm.data import create_transform
-
-    size = preprocess.image_size
-    if train:  # standard metric-learning augmentations (grappa.md section 4)
-        return create_transform((3, size, size), is_training=True, scale=(0.35, 1.0), hflip=0.5,
-                                color_jitter=0.2, mean=preprocess.mean, std=preprocess.std,
-                                interpolation=preprocess.interpolation)
-    return create_transform((3, size, size), is_training=False, mean=preprocess.mean, std=preprocess.std,
-                            interpolation=preprocess.interpolation, crop_pct=preprocess.crop_pct)
 
 
 class ImageDataset(Dataset):
@@ -92,23 +81,15 @@ class StepInputs:
     dataset: Dataset
 
 
-def load_features(extract_dir: str | Path, split: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """image_ids, labels (None for unlabeled) and zero-shot vectors of one split."""
-    table = read_table(Path(extract_dir) / "features.parquet")
-    sub = table.filter(pc.equal(table.column("split"), split))
-    return (sub.column("image_id").to_pylist(), np.array(sub.column("label").to_pylist(), dtype=object),
-            arrow_to_vectors(sub.column("vector")))
 
-
-def load_inputs(extract_dir: str | Path, split: str, preprocess: Preprocess, train: bool,
+def load_inputs(out: Layout, split: str, preprocess: Preprocess, train: bool,
                 min_side: int = 1, max_pixels: int = 1 << 40) -> StepInputs:
-    extract_dir = Path(extract_dir)
-    table = read_table(extract_dir / "features.parquet")
+    table = read_table(out.features)
     split_mask = np.array(table.column("split").to_pylist()) == split
     rows = np.flatnonzero(split_mask)
     sub = table.take(rows)
     uris = sub.column("uri").to_pylist()
-    prefix_path = extract_dir / "prefix.npy"
+    prefix_path = out.prefix
     if prefix_path.exists():
         prefix = np.load(prefix_path, mmap_mode="r")
         if prefix.shape[0] != table.num_rows:  # never train on activations of other images
@@ -173,20 +154,3 @@ def encode(model, dataset: Dataset, mode: str, batch_size: int, num_workers: int
     return emb_arr, (np.stack(alphas) if alphas[0] is not None else None)
 
 
-class NeighbourPairs(Dataset):
-    """Item i = (i, stack[x_i, x_j]) with j drawn uniformly from i's kNN (torch RNG, seeded per epoch)."""
-
-    def __init__(self, base: Dataset, neighbours: np.ndarray):
-        self.base, self.neighbours = base, torch.from_numpy(neighbours)
-        self.is_images = getattr(base, "is_images", False)
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int):
-        j = int(self.neighbours[i, torch.randint(self.neighbours.shape[1], (1,))])
-        _, xi, err_i = self.base[i]
-        _, xj, err_j = self.base[j]
-        if xi is None or xj is None:
-            return i, None, err_i or err_j
-        return i, torch.stack([xi, xj]), None

@@ -7,15 +7,16 @@ cosine similarity and is scored with the official Easy/Medium/Hard mAP and mP@k.
 """
 from __future__ import annotations
 
-import numpy as np
 from pathlib import Path
 
 from torch.utils.data import Dataset
 
 from grappa.config import ConfigError, InstanceTask
-from grappa.io.sources import ImageDecodeError, decode_image
-from grappa.io.datasets import ImageDataset, encode, image_transform
+from grappa.core.augment import image_transform
+from grappa.core.evaluation import markdown_table
 from grappa.core.revisited import crop_query, evaluate_revisited, find_dataset, load_ground_truth
+from grappa.io.datasets import ImageDataset, encode
+from grappa.io.sources import ImageDecodeError, decode_image
 from grappa.io.storage import StorageError, read_bytes
 
 
@@ -47,9 +48,9 @@ def locate(task: InstanceTask) -> tuple[Path, dict]:
         raise ConfigError(f"evaluate.instance_tasks[{task.name}]: {err}") from None
 
 
-def evaluate_instance_task(model, task: InstanceTask, preprocess, modes: dict[str, str], batch_size: int,
+def evaluate_instance_task(model, task: InstanceTask, preprocess, modes: list[str], batch_size: int,
                            num_workers: int) -> dict[str, dict]:
-    """{method name: {"easy"|"medium"|"hard": {"map", "mp@1", "mp@5", "mp@10"}}} for one dataset."""
+    """{mode: {"easy"|"medium"|"hard": {"map", "mp@1", "mp@5", "mp@10"}}} for one dataset."""
     images_dir, cfg = locate(task)
     transform = image_transform(preprocess, train=False)
     ext = cfg.get("ext", ".jpg")
@@ -57,17 +58,15 @@ def evaluate_instance_task(model, task: InstanceTask, preprocess, modes: dict[st
     queries = CroppedQueries([str(images_dir / f"{name}{ext}") for name in cfg["qimlist"]],
                              [q["bbx"] for q in cfg["gnd"]], transform)
     results = {}
-    for mode, name in modes.items():
-        db_vectors, _ = encode(model, database, mode, batch_size, num_workers, desc=f"{task.name} db {name}")
-        q_vectors, _ = encode(model, queries, mode, batch_size, num_workers, desc=f"{task.name} queries {name}")
-        results[name] = evaluate_revisited(q_vectors @ db_vectors.T, cfg)
+    for mode in modes:
+        db_vectors, _ = encode(model, database, mode, batch_size, num_workers, desc=f"{task.name} db {mode}")
+        q_vectors, _ = encode(model, queries, mode, batch_size, num_workers, desc=f"{task.name} queries {mode}")
+        results[mode] = evaluate_revisited(q_vectors @ db_vectors.T, cfg)
     return results
 
 
 def instance_table(task: str, results: dict[str, dict]) -> str:
-    lines = [f"{task}: mAP (%) Easy / Medium / Hard (revisited protocol)", "",
-             "| method | E | M | H | mP@10 M |", "|---|---|---|---|---|"]
-    for name, res in results.items():
-        lines.append(f"| {name} | {100 * res['easy']['map']:.1f} | {100 * res['medium']['map']:.1f} | "
-                     f"{100 * res['hard']['map']:.1f} | {100 * res['medium']['mp@10']:.1f} |")
-    return "\n".join(lines) + "\n"
+    rows = [[name, *(f"{100 * res[protocol]['map']:.1f}" for protocol in ("easy", "medium", "hard")),
+             f"{100 * res['medium']['mp@10']:.1f}"] for name, res in results.items()]
+    return markdown_table(f"{task}: mAP (%) Easy / Medium / Hard (revisited protocol)",
+                          ["method", "E", "M", "H", "mP@10 M"], rows)

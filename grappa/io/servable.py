@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from grappa.io.artifacts import atomic_paths, load_torch
-from grappa.core.backbones import BlockwiseBackbone, Preprocess
 from grappa.config import ConfigError, Params
+from grappa.core.backbones import BlockwiseBackbone, Preprocess
 from grappa.core.model import FUSION, GrappaModel, pick_device
+from grappa.io.artifacts import atomic_paths, load_torch
+from grappa.io.layout import layout
 
 WEIGHTS, CONFIG = "model.pt", "model.json"
 FORMAT = 1
@@ -46,7 +47,7 @@ class Servable:
     def embed(self, images: list, batch_size: int = 32) -> np.ndarray:
         """L2-normalised (N, D) float32 embeddings of images given as bytes, local paths or s3:// URIs."""
         from grappa.io.sources import ImageDecodeError, decode_image
-        from grappa.io.datasets import image_transform
+        from grappa.core.augment import image_transform
         from grappa.io.storage import StorageError, read_bytes
 
         transform = image_transform(self.preprocess, train=False)
@@ -64,11 +65,6 @@ class Servable:
             out.append(self.model(torch.stack(batch).to(device), FUSION).cpu().numpy())
         dim = self.config["embed_dim"]
         return np.concatenate(out).astype(np.float32) if out else np.zeros((0, dim), np.float32)
-
-
-def model_dir(params: Params) -> Path:
-    """Where ``train-fusion`` exports the pipeline's model."""
-    return Path(params.out_dir) / "model"
 
 
 def export(model: GrappaModel, params: Params, preprocess: Preprocess, folder: str | Path) -> dict:
@@ -133,15 +129,11 @@ def load(folder: str | Path, device: str | torch.device | None = None) -> Servab
 # --------------------------------------------------------------------------- the model that serves
 
 
-def champion_path(params: Params) -> Path:
-    return Path(params.out_dir) / "evaluate" / "champion.json"
-
-
 def write_champion(params: Params, model_sha256: str, model_uri: str, version: str | None = None) -> None:
     """Record which model serves: only what changes when the champion changes (the index depends on it)."""
     from grappa.io.artifacts import write_json
 
-    write_json(champion_path(params), {"registered_model": params.tracking.registered_model if version else None,
+    write_json(layout(params).champion, {"registered_model": params.tracking.registered_model if version else None,
                                        "version": version, "model_sha256": model_sha256, "model_uri": model_uri})
 
 

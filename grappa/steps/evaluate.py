@@ -1,4 +1,4 @@
-"""Step 5 — ``grappa evaluate``: per-domain retrieval quality of every model variant.
+"""Step 6 — ``grappa evaluate``: per-domain retrieval quality of every model variant.
 
 All-vs-all leave-one-out retrieval on each domain's labelled ``query_db`` split (mAP@R, R@1) for:
 ``zero_shot`` (frozen backbone), ``single_k_<K>`` (backbone + adaptor set K), ``uniform`` (the mean
@@ -7,7 +7,7 @@ so it is an upper reference, not a model) and ``grappa`` (the fused model).
 
 Writes ``<out>/evaluate/metrics.json``, ``results.md``, ``plots/*.png`` and ``champion.json`` (the
 model that serves: this run's exported model, or with tracking on whichever version is ``champion``
-after the equal-terms comparison of publish.py).
+after the equal-terms comparison of grappa/tracking/publisher.py).
 """
 from __future__ import annotations
 
@@ -16,31 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
+from grappa.config import Params
+from grappa.core.augment import image_transform
+from grappa.core.backbones import create_backbone
+from grappa.core.evaluation import ORACLE, method_order, oracle, per_domain_metrics, results_table
+from grappa.core.metrics import leave_one_out_neighbours
+from grappa.core.model import FUSION, ZERO_SHOT, pick_device
 from grappa.io import servable
 from grappa.io.artifacts import write_json, write_text
 from grappa.io.assemble import assemble
-from grappa.core.backbones import create_backbone
-from grappa.config import Params
-from grappa.io.datasets import ImageDataset, encode, image_transform, load_inputs
-from grappa.core.metrics import leave_one_out_neighbours, retrieval_metrics
-from grappa.core.model import FUSION, UNIFORM, ZERO_SHOT, pick_device, single
-
-METRICS = ("map_at_r", "recall_at_1")
-
-
-def method_name(mode: str, ks: list[int]) -> str:
-    names = {ZERO_SHOT: "zero_shot", UNIFORM: "uniform", FUSION: "grappa"}
-    names.update({single(k): f"single_k_{k}" for k in ks})
-    return names[mode]
-
-
-def per_domain_metrics(vectors: np.ndarray, domains: np.ndarray, labels: np.ndarray) -> dict:
-    per_domain = {}
-    for domain in sorted(set(domains)):
-        mask = domains == domain
-        per_domain[domain] = retrieval_metrics(vectors[mask], labels[mask])
-    mean = {m: float(np.mean([d[m] for d in per_domain.values()])) for m in METRICS}
-    return {"per_domain": per_domain, "mean": mean}
+from grappa.io.datasets import ImageDataset, encode, load_inputs
+from grappa.io.layout import layout
 
 
 def score_servable(model: servable.Servable, params: Params) -> float:
@@ -49,7 +35,7 @@ def score_servable(model: servable.Servable, params: Params) -> float:
     Fed like the candidate was: the cached prefix activations when the model's frozen prefix is the
     one extracted here, else the images through the model's own preprocessing.
     """
-    inputs = load_inputs(Path(params.out_dir) / "extract", "query_db", model.preprocess, train=False,
+    inputs = load_inputs(layout(params), "query_db", model.preprocess, train=False,
                          min_side=params.data.min_side, max_pixels=params.data.max_pixels)
     dataset = inputs.dataset
     if not dataset.is_images and not model.same_prefix_as(params):  # cached activations of another prefix
@@ -60,38 +46,9 @@ def score_servable(model: servable.Servable, params: Params) -> float:
     return per_domain_metrics(vectors, inputs.domains, inputs.labels.astype(str))["mean"]["map_at_r"]
 
 
-def oracle(methods: dict, ks: list[int]) -> tuple[dict, dict[str, int]]:
-    """Per domain, the single-k model with the best mAP@R (task-label-aware upper reference)."""
-    domains = methods[f"single_k_{ks[0]}"]["per_domain"].keys()
-    per_domain, choice = {}, {}
-    for domain in domains:
-        best = max(ks, key=lambda k: methods[f"single_k_{k}"]["per_domain"][domain]["map_at_r"])
-        per_domain[domain] = methods[f"single_k_{best}"]["per_domain"][domain]
-        choice[domain] = best
-    mean = {m: float(np.mean([d[m] for d in per_domain.values()])) for m in METRICS}
-    return {"per_domain": per_domain, "mean": mean}, choice
-
-
-def results_table(methods: dict) -> str:
-    domains = list(next(iter(methods.values()))["per_domain"])
-    head = "| method | " + " | ".join(domains) + " | mean |"
-    lines = [
-        "mAP@R / R@1 (%), all-vs-all leave-one-out on each domain's query_db split",
-        "",
-        head,
-        "|" + "---|" * (len(domains) + 2),
-    ]
-    for name, res in methods.items():
-        cells = [f"{100 * res['per_domain'][d]['map_at_r']:.1f} / {100 * res['per_domain'][d]['recall_at_1']:.1f}"
-                 for d in domains]
-        cells.append(f"**{100 * res['mean']['map_at_r']:.1f}** / {100 * res['mean']['recall_at_1']:.1f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def run(params: Params) -> dict:
     t0 = time.perf_counter()
-    out = Path(params.out_dir) / "evaluate"
+    out = layout(params)
     if params.evaluate.instance_tasks:  # a missing dataset must stop us before any work
         from grappa.io.instance_tasks import locate
 
@@ -100,7 +57,7 @@ def run(params: Params) -> dict:
     ks = params.cluster.ks
     backbone, preprocess, _ = create_backbone(params.backbone)
     model = assemble(params, backbone, with_fusion=True, load_fusion=True).to(pick_device())
-    inputs = load_inputs(Path(params.out_dir) / "extract", "query_db", preprocess, train=False,
+    inputs = load_inputs(layout(params), "query_db", preprocess, train=False,
                          min_side=params.data.min_side, max_pixels=params.data.max_pixels)
     labels = inputs.labels.astype(str)
     methods: dict[str, dict] = {}
@@ -114,13 +71,11 @@ def run(params: Params) -> dict:
                                      num_workers=params.extract.num_workers, desc=f"evaluate {mode}")
             if mode == FUSION:
                 attention = alphas
-        name = method_name(mode, ks)
-        embeddings[name] = vectors
-        methods[name] = per_domain_metrics(vectors, inputs.domains, labels)
-        print(f"{name}: mean mAP@R {methods[name]['mean']['map_at_r']:.4f}")
-    methods["oracle"], oracle_choice = oracle(methods, ks)
-    order = ["zero_shot", *[f"single_k_{k}" for k in ks], "uniform", "oracle", "grappa"]
-    methods = {name: methods[name] for name in order}
+        embeddings[mode] = vectors
+        methods[mode] = per_domain_metrics(vectors, inputs.domains, labels)
+        print(f"{mode}: mean mAP@R {methods[mode]['mean']['map_at_r']:.4f}")
+    methods[ORACLE], oracle_choice = oracle(methods, ks)
+    methods = {name: methods[name] for name in method_order(methods)}
 
     domains = sorted(set(inputs.domains))
     attention_by_domain = {d: attention[inputs.domains == d].mean(axis=0).tolist() for d in domains}
@@ -136,18 +91,17 @@ def run(params: Params) -> dict:
     if params.evaluate.instance_tasks:
         from grappa.io.instance_tasks import evaluate_instance_task, instance_table
 
-        modes = {mode: method_name(mode, ks) for mode in model.modes()}
         result["instance_tasks"] = {}
         for task in params.evaluate.instance_tasks:
             result["instance_tasks"][task.name] = evaluate_instance_task(
-                model, task, preprocess, modes, params.evaluate.batch_size, params.extract.num_workers)
+                model, task, preprocess, model.modes(), params.evaluate.batch_size, params.extract.num_workers)
             table += "\n" + instance_table(task.name, result["instance_tasks"][task.name])
-    write_json(out / "metrics.json", result)
-    write_text(out / "results.md", table)
-    # Without a registry this run's model serves; publish.py rewrites this after its comparison.
-    exported = servable.read_config(servable.model_dir(params))
-    servable.write_champion(params, exported["weights_sha256"], str(servable.model_dir(params)))
-    _plot_all(out / "plots", methods, attention_by_domain, ks, inputs, embeddings["grappa"], labels, params)
+    write_json(out.metrics, result)
+    write_text(out.results, table)
+    # Without a registry this run's model serves; the publisher rewrites this after its comparison.
+    exported = servable.read_config(out.model)
+    servable.write_champion(params, exported["weights_sha256"], str(out.model))
+    _plot_all(out.plots, methods, attention_by_domain, ks, inputs, embeddings[FUSION], labels, params)
     print(table)
     return result
 

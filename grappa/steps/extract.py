@@ -12,7 +12,6 @@ the backbone fingerprint, so a rerun after new images arrive computes only the n
 from __future__ import annotations
 
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -21,43 +20,21 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from grappa.io.artifacts import arrow_to_vectors, atomic_paths, read_table, vectors_to_arrow, write_json, write_table
-from grappa.core.backbones import create_backbone
 from grappa.config import ConfigError, Params
-from grappa.io.sources import ImageRecord, Skipped, counts
-from grappa.io.datasets import ImageDataset, image_transform, loader
+from grappa.core.augment import image_transform
+from grappa.core.backbones import create_backbone
 from grappa.core.model import GrappaModel, pick_device
-from grappa.steps.snapshot import manifest_path
+from grappa.io.artifacts import atomic_paths, read_table, vectors_to_arrow, write_json, write_table
+from grappa.io.datasets import ImageDataset, loader
+from grappa.io.features import FeatureCache
+from grappa.io.layout import EXTRACT_REPORT, Layout, layout
+from grappa.io.sources import ImageRecord, Skipped, counts
 
-
-class FeatureCache:
-    """Append-only Parquet shards of (content_hash, vector, prefix bytes) for one backbone setup."""
-
-    def __init__(self, root: Path):
-        self.root = root
-
-    def load(self) -> dict[str, tuple[np.ndarray, bytes | None]]:
-        entries: dict[str, tuple[np.ndarray, bytes | None]] = {}
-        for shard in sorted(self.root.glob("shard-*.parquet")):
-            table = read_table(shard)
-            vectors = arrow_to_vectors(table.column("vector"))
-            prefixes = table.column("prefix").to_pylist()
-            for h, v, p in zip(table.column("content_hash").to_pylist(), vectors, prefixes):
-                entries[h] = (v, p)
-        return entries
-
-    def append(self, hashes: list[str], vectors: np.ndarray, prefixes: list[bytes | None]) -> None:
-        if not hashes:
-            return
-        table = pa.table({"content_hash": hashes, "vector": vectors_to_arrow(vectors),
-                          "prefix": pa.array(prefixes, type=pa.binary())})
-        # unique name: concurrent extractions never overwrite each other's shards
-        write_table(self.root / f"shard-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet", table)
 
 
 def snapshot_records(params: Params) -> list[tuple[ImageRecord, str]]:
     """(record, content hash) of every image in the data snapshot."""
-    path = manifest_path(params)
+    path = layout(params).manifest
     if not path.is_file():
         raise ConfigError(f"data snapshot not found at {path}; run 'grappa snapshot' first")
     return [(ImageRecord(r["image_id"], r["uri"], r["domain"], r["split"], r["label"]), r["content_hash"])
@@ -66,7 +43,7 @@ def snapshot_records(params: Params) -> list[tuple[ImageRecord, str]]:
 
 def run(params: Params) -> dict:
     t0 = time.perf_counter()
-    out = Path(params.out_dir) / "extract"
+    out = layout(params)
     hashed, skipped = snapshot_records(params), []
     backbone, preprocess, fingerprint = create_backbone(params.backbone)
     start = params.backbone.adapt_from_block
@@ -103,7 +80,7 @@ def run(params: Params) -> dict:
         "timings_s": {"cache_load": t_load - t0, "forward": t_end - t_load, "total": t_end - t0},
         "images_per_s": len(new_hashes) / max(t_end - t_load, 1e-9),
     }
-    write_json(out / "report.json", report)
+    write_json(out.path(EXTRACT_REPORT), report)
     return report
 
 
@@ -148,7 +125,7 @@ def _compute(model: GrappaModel, todo: list[tuple[str, str]], params: Params, pr
     return hashes, np.stack(vectors) if vectors else np.zeros((0, 1), np.float32), prefixes, broken
 
 
-def _write_outputs(out: Path, rows, cached, prefix_shape) -> None:
+def _write_outputs(out: Layout, rows, cached, prefix_shape) -> None:
     recs = [r for r, _ in rows]
     hashes = [h for _, h in rows]
     table = pa.table({
@@ -164,10 +141,10 @@ def _write_outputs(out: Path, rows, cached, prefix_shape) -> None:
         prefix = np.stack([np.frombuffer(cached[h][1], dtype=np.float16).reshape(prefix_shape) for h in hashes])
         # Row-aligned pair: both renames happen only once both files are complete, so a kill never
         # leaves a new prefix.npy next to an old features.parquet (or the reverse).
-        with atomic_paths(out / "prefix.npy", out / "features.parquet") as (tmp_prefix, tmp_features):
+        with atomic_paths(out.prefix, out.features) as (tmp_prefix, tmp_features):
             with open(tmp_prefix, "wb") as fh:
                 np.save(fh, prefix)
             pq.write_table(table, tmp_features)
     else:
-        (out / "prefix.npy").unlink(missing_ok=True)  # a stale cache from another setup must not be trusted
-        write_table(out / "features.parquet", table)
+        out.prefix.unlink(missing_ok=True)  # a stale cache from another setup must not be trusted
+        write_table(out.features, table)

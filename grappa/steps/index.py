@@ -22,19 +22,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from grappa.io import servable
-from grappa.steps import snapshot
-from grappa.io.artifacts import atomic_paths, read_json, read_table, write_table
 from grappa.config import ConfigError, Params
-from grappa.io.sources import resolve_sources
-from grappa.io.datasets import ImageDataset, PrefixDataset, encode, image_transform
+from grappa.core.augment import image_transform
 from grappa.core.model import FUSION
+from grappa.io import servable
+from grappa.io.artifacts import atomic_paths, read_json, read_table, write_table
+from grappa.io.datasets import ImageDataset, PrefixDataset, encode
+from grappa.io.layout import layout
+from grappa.io.sources import resolve_sources
+from grappa.steps import snapshot
 
 INDEX_FILE, CATALOGUE_FILE, META_FILE = "catalogue.faiss", "catalogue.parquet", "index.json"
-
-
-def index_dir(params: Params) -> Path:
-    return Path(params.out_dir) / "index"
 
 
 # --------------------------------------------------------------------------- the model
@@ -43,7 +41,7 @@ def index_dir(params: Params) -> Path:
 def load_model(ref: str | None, params: Params) -> tuple[servable.Servable, dict]:
     """The model for ``ref`` (a servable folder or models:/ URI; None: the champion) and its identity."""
     if ref is None:
-        champion = servable.champion_path(params)
+        champion = layout(params).champion
         if not champion.is_file():
             raise ConfigError(f"no champion recorded at {champion}; run the pipeline up to 'evaluate' first")
         return load_identity(read_json(champion), params)
@@ -56,7 +54,7 @@ def load_model(ref: str | None, params: Params) -> tuple[servable.Servable, dict
 def load_identity(identity: dict, params: Params) -> tuple[servable.Servable, dict]:
     """Load the model ``identity`` names (model_uri, version, model_sha256); this workspace's own copy
     when it has those weights, else from the registry or folder the URI names."""
-    uri, local = identity["model_uri"], servable.model_dir(params)
+    uri, local = identity["model_uri"], layout(params).model
     if identity["model_sha256"] and (local / servable.CONFIG).is_file() \
             and servable.read_config(local)["weights_sha256"] == identity["model_sha256"]:
         folder = local  # no download
@@ -81,17 +79,17 @@ def embed_rows(model: servable.Servable, rows: list[dict], params: Params) -> tu
     """
     vectors = np.zeros((len(rows), model.config["embed_dim"]), np.float32)
     unreadable: list[tuple[int, str]] = []
-    extract = Path(params.out_dir) / "extract"
+    out = layout(params)
     cached: dict[int, int] = {}
-    if model.same_prefix_as(params) and (extract / "prefix.npy").is_file():
-        table = read_table(extract / "features.parquet").select(["image_id", "content_hash"])
+    if model.same_prefix_as(params) and out.prefix.is_file():
+        table = read_table(out.features).select(["image_id", "content_hash"])
         where = {(i, h): n for n, (i, h) in enumerate(zip(table.column("image_id").to_pylist(),
                                                           table.column("content_hash").to_pylist()))}
         cached = {r: where[(row["image_id"], row["content_hash"])] for r, row in enumerate(rows)
                   if (row["image_id"], row["content_hash"]) in where}
     batch = params.index.batch_size
     if cached:
-        prefix = np.load(extract / "prefix.npy", mmap_mode="r")
+        prefix = np.load(out.prefix, mmap_mode="r")
         mine = sorted(cached)
         vectors[mine], _ = encode(model.model, PrefixDataset(prefix, np.array([cached[r] for r in mine])), FUSION,
                                   batch, desc="index (cached prefix)")
@@ -159,7 +157,7 @@ def search(index, queries: np.ndarray, top_k: int, search_params: str = "") -> t
 def catalogue_rows(params: Params, previous: list[dict]) -> tuple[list[dict], list[dict]]:
     """The catalogue as snapshot rows (sorted by image_id), and the records left out with reasons."""
     if not params.index.sources:
-        path = snapshot.manifest_path(params)
+        path = layout(params).manifest
         if not path.is_file():
             raise ConfigError(f"data snapshot not found at {path}; run 'grappa snapshot' first")
         return read_table(path).to_pylist(), []
@@ -186,7 +184,7 @@ def _plan(previous_meta: dict | None, previous: list[dict], rows: list[dict], mo
 
 def run(params: Params) -> dict:
     t0 = time.perf_counter()
-    folder = index_dir(params)
+    folder = layout(params).index
     model, identity = load_model(None, params)
     previous_meta = previous_rows = None
     if all((folder / name).is_file() for name in (INDEX_FILE, CATALOGUE_FILE, META_FILE)):
@@ -249,7 +247,7 @@ def embed_command(params: Params, sources: list[str], out: str, model_ref: str |
 
 def search_command(params: Params, images: list[str], top_k: int, folder: str | None, model_ref: str | None) -> None:
     """`grappa search IMAGE... --top-k N`: the nearest catalogue images of each query, with scores."""
-    folder = Path(folder) if folder else index_dir(params)
+    folder = Path(folder) if folder else layout(params).index
     if not (folder / META_FILE).is_file():
         raise ConfigError(f"no index at {folder}; build one with 'grappa index' (or dvc repro index)")
     index, rows, meta = read(folder)

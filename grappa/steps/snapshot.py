@@ -21,8 +21,9 @@ from pathlib import Path
 import pyarrow as pa
 from tqdm import tqdm
 
-from grappa.io.artifacts import read_table, write_json, write_table
 from grappa.config import ConfigError, Params
+from grappa.io.artifacts import read_table, write_json, write_table
+from grappa.io.layout import SNAPSHOT_REPORT, layout
 from grappa.io.sources import ImageRecord, Skipped, cap_per_domain, content_hash, counts, resolve_sources
 from grappa.io.storage import ObjectStat, StorageError, read_bytes, stat_many
 
@@ -31,10 +32,6 @@ SCHEMA = pa.schema([
     ("label", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("etag", pa.string()),
     ("content_hash", pa.string()),
 ])
-
-
-def manifest_path(params: Params) -> Path:
-    return Path(params.out_dir) / "snapshot" / "manifest.parquet"
 
 
 def _version_key(uri: str, st: ObjectStat) -> tuple:
@@ -123,7 +120,7 @@ def select_records(params: Params) -> tuple[list[ImageRecord], list[Skipped]]:
 
 def run(params: Params) -> dict:
     t0 = time.perf_counter()
-    path = manifest_path(params)
+    path = layout(params).manifest
     records, skipped = select_records(params)
     if not records:
         raise ConfigError("data.sources: no images found in " + ", ".join(params.data.sources))
@@ -144,7 +141,7 @@ def run(params: Params) -> dict:
         "skipped": [{"image_id": s.image_id, "reason": s.reason} for s in skipped],
         "timings_s": {"total": time.perf_counter() - t0},
     }
-    write_json(path.with_name("report.json"), report)
+    write_json(layout(params).path(SNAPSHOT_REPORT), report)
     since = report["since_previous"]
     print(f"snapshot: {len(rows)} images ({', '.join(f'{v} {k}' for k, v in since.items())}); "
           f"{hashed} files read, {len(skipped)} skipped")

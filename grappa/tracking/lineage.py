@@ -93,12 +93,13 @@ def project_root() -> Path:
 
 
 def dvc_stage_name(step: str, k: int | None = None) -> str:
-    """The DVC stage this step runs as: ``DVC_STAGE`` (set by dvc repro) or the naming convention
-    of dvc.yaml (``extract``, ``cluster``, ``train_adaptor@<k>``, ``train_fusion``, ``evaluate``)."""
+    """The DVC stage this step runs as: ``DVC_STAGE`` (set by dvc repro), else the registry's
+    stage name (``extract``, ``train_adaptor@<k>``, ...)."""
+    from grappa import registry
+
     if os.environ.get("DVC_STAGE"):
         return os.environ["DVC_STAGE"].rpartition(":")[2]  # "dvc.yaml:stage" -> "stage"
-    name = step.replace("-", "_")
-    return f"{name}@{k}" if k is not None else name
+    return registry.step(step).stage_name(k)
 
 
 def dvc_lock_path() -> Path:

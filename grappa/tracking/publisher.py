@@ -1,5 +1,9 @@
-"""Model publisher: register the fused model as a servable MLflow pyfunc and move ``champion`` on
+"""Model publisher: log the evaluate run's state bundle, register the fused model as a servable
+MLflow pyfunc (``tracking.registered_model``: images in, embeddings out) and move ``champion`` on
 equal terms.
+
+The bundle (``bundle/`` artifacts of the run: adaptors, fusion, params.yaml) holds the inputs the
+servable model was built from.
 
 A new version gets alias ``candidate``. It becomes ``champion`` only if its mean mAP@R beats the
 champion's *on the same evaluation set* (same query_db images and contents, same task list; its
@@ -19,14 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from grappa.tracking import lineage
 from grappa.config import Params
+from grappa.io.layout import layout
+from grappa.tracking import lineage
+from grappa.tracking.runs import RunTree, _params_yaml
 
 CHAMPION, CANDIDATE = "champion", "candidate"
 SCORE_TAG = "grappa.mean_map_at_r"  # the version's mean mAP@R on EVAL_SET_TAG
 EVAL_SET_TAG = "grappa.eval_set"
 MODEL_SHA_TAG = "grappa.model_sha256"
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # all of grappa/ travels with the model: pyfunc_model imports io, core
 # what the pyfunc model imports when loaded (pinned to this environment's versions)
 RUNTIME_PACKAGES = ("torch", "timm", "mlflow", "numpy", "pandas", "pillow", "pyarrow", "pydantic", "pyyaml", "tqdm")
 
@@ -132,26 +139,38 @@ def score_registered(name: str, version: str, params: Params) -> float | None:
     return score_servable(model, params)
 
 
-def publish_model(tracker, run_id: str, params: Params, metrics: dict) -> tuple[str, Decision]:
-    """Log and register the servable model of this run; move the aliases; returns (version, decision)."""
+def log_bundle(tree: RunTree, run_id: str, params: Params) -> None:
+    """Log this (active) run's state bundle: every adaptor, the fusion and the params."""
+    import mlflow
+
+    outputs = layout(params)
+    for k in params.cluster.ks:
+        mlflow.log_artifact(str(outputs.adaptor(k)), artifact_path=f"bundle/adaptors/k{k}")
+    mlflow.log_artifact(str(outputs.fusion), artifact_path="bundle/fusion")
+    tree.client.log_text(run_id, _params_yaml(params), "bundle/params.yaml")
+
+
+def publish_model(tree: RunTree, run_id: str, params: Params, metrics: dict) -> tuple[str, Decision]:
+    """Log and register the servable model of this (active) run; move the aliases; returns (version, decision)."""
     import mlflow
 
     from grappa.io import servable
 
-    client = tracker.client
-    folder = servable.model_dir(params)
+    client = tree.client
+    folder = layout(params).model
     config = servable.read_config(folder)
     name = params.tracking.registered_model
     info = mlflow.pyfunc.log_model(
         name="grappa",
         python_model=str(PYFUNC_FILE),  # models-from-code: no pickled Python object in the registry
         artifacts={"model": str(folder)},
-        code_paths=[str(Path(__file__).resolve().parent)],
+        code_paths=[str(PACKAGE_DIR)],
         signature=signature(config["embed_dim"]),
         input_example=input_example(config["image_size"]),
         pip_requirements=_requirements(),
         registered_model_name=name,
-        metadata={"ks": config["ks"], "backbone": config["timm_name"], "model_sha256": config["weights_sha256"]},
+        metadata={"ks": config["ks"], "backbone": config["timm_name"], "model_sha256": config["weights_sha256"],
+                  "preprocess": config["preprocess"]},  # how to feed images, beside the weights
     )
     version = str(info.registered_model_version)
     score = _score(metrics)
@@ -160,8 +179,8 @@ def publish_model(tracker, run_id: str, params: Params, metrics: dict) -> tuple[
             "dvc.stage": lineage.dvc_stage_name("evaluate")}
     if score is not None:
         tags[SCORE_TAG] = repr(score)
-    if tracker.parent_run_id:
-        tags["grappa.parent_run_id"] = tracker.parent_run_id
+    if tree.parent_run_id:
+        tags["grappa.parent_run_id"] = tree.parent_run_id
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, CANDIDATE, version)

@@ -3,7 +3,7 @@
 Input: a table with one image per row, as bytes in column ``image`` (base64 in JSON requests) or
 as a local path / ``s3://`` URI in column ``path``. Output: the fused model's L2-normalised
 embeddings, one row per image. Weights, architecture and preprocessing come from the ``model``
-artifact (see servable.py); the code travels in the model's ``code/`` folder, so loading needs no
+artifact (see grappa/io/servable.py); the code travels in the model's ``code/`` folder, so loading needs no
 checkout of this repository.
 """
 from __future__ import annotations

@@ -1,0 +1,99 @@
+"""One pipeline step recorded as a child run of the run tree.
+
+Each step is logged *after* it has written its outputs, from its report/metrics files, so a
+tracking failure never costs a step's results: its params.yaml sections as params, its report's
+numbers as metrics (training curves per epoch), the report and evaluation plots as artifacts, the
+datasets it read as MLflow inputs, and for ``evaluate`` the model (see publisher).
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+from grappa import registry
+from grappa.config import Params
+from grappa.io.layout import layout
+from grappa.tracking import lineage, publisher
+from grappa.tracking.runs import RunTree, _one_line, flatten, step_params
+
+def numeric_metrics(report: dict, skip: tuple[str, ...] = ("history",)) -> dict[str, float]:
+    """Every int/float leaf of a report (bools, strings and lists are not metrics)."""
+    out = {}
+    for key, value in flatten({k: v for k, v in report.items() if k not in skip}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[lineage.safe_key(key)] = float(value)
+    return out
+
+
+def log_step(tree: RunTree, step: str, params: Params, k: int | None, start_s: float,
+             error: BaseException | None = None) -> str:
+    """Record one finished (or failed) step as a child run; returns the run id."""
+    import mlflow
+
+    stage = lineage.dvc_stage_name(step, k)
+    with tree._guard(f"log step '{stage}'"):
+        tags = {**lineage.dvc_lock_tags(stage), "dvc.stage": stage, "grappa.step": step,
+                "grappa.kind": "step", "mlflow.source.name": f"grappa {step}"}
+        if k is not None:
+            tags["grappa.k"] = str(k)
+        run_id = tree.open_child(f"{step} k={k}" if k is not None else step, start_s, tags)
+        step_p = step_params(params, registry.step(step).params)
+        if k is not None:
+            step_p["k"] = str(k)
+        tree._log_batch(run_id, params=step_p)
+        if error is not None:
+            tree.client.set_tag(run_id, "grappa.error", lineage.redact_uri(_one_line(error)))
+            tree.client.set_terminated(run_id, status="FAILED")
+            return run_id
+        with mlflow.start_run(run_id=run_id):  # the active run is where log_artifact/log_input/log_model go
+            _log_outputs(tree, run_id, step, params, k)
+    return run_id
+
+
+def _log_outputs(tree: RunTree, run_id: str, step: str, params: Params, k: int | None) -> None:
+    import mlflow
+
+    declared, out = registry.step(step), layout(params)
+    report_file = out.path(declared.report, k)
+    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    metrics = numeric_metrics(report)
+    if isinstance(report.get("skipped"), list):
+        metrics["skipped"] = float(len(report["skipped"]))
+    tree._log_batch(run_id, metrics=metrics)
+    for entry in report.get("history") or []:  # training curves: one step per epoch
+        epoch = int(entry.get("epoch", 0))
+        values = {lineage.safe_key(f"train.{key}"): float(v) for key, v in entry.items()
+                  if key != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        tree._log_batch(run_id, metrics=values, step=epoch)
+    if report_file.is_file():
+        mlflow.log_artifact(str(report_file))
+    # the snapshot step logs its manifest; later steps the extracted features (decodable images only)
+    data = out.manifest if step == "snapshot" else out.features
+    if data.is_file():
+        for split, context in declared.datasets:
+            _log_dataset(tree, run_id, data, split, context)
+    if step == "evaluate":
+        if out.results.is_file():
+            mlflow.log_artifact(str(out.results))
+        if out.plots.is_dir():
+            mlflow.log_artifacts(str(out.plots), artifact_path="plots")
+        publisher.log_bundle(tree, run_id, params)
+        publisher.publish_model(tree, run_id, params, report)
+
+
+def _log_dataset(tree: RunTree, run_id: str, features: Path, split: str, context: str) -> None:
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    sha, rows = lineage.split_digest(features, split)
+    if not rows:
+        return
+    # MLflow caps dataset digests at 36 chars: log 128 bits of the sha256, the full one as a tag.
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are the local source
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(features.resolve()))
+    dataset = MetaDataset(source=source, name=split, digest=sha[:32])
+    mlflow.log_input(dataset, context=context, tags={"rows": str(rows)})
+    tree.client.set_tag(run_id, f"dataset.{split}.sha256", sha)
