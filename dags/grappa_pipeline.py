@@ -28,7 +28,9 @@ from airflow.sdk import Asset, Param, chain, dag, task
 # Airflow puts the DAG folder on sys.path; this also covers loading the file by path (tests).
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+import planning  # noqa: E402
 import runners  # noqa: E402
+import watchers  # noqa: E402
 
 UNLABELED = Asset(uri="grappa://data/unlabeled", name="grappa_unlabeled")
 STEP_TASKS = [task_id for task_id in runners.STEPS if task_id != runners.MAPPED]
@@ -59,16 +61,16 @@ def build_pipeline(runner: str):
             # Glue, not a step: a bad conf fails here at once, without retries. Returns one
             # train_adaptor command per k (mapping needs the return value); the others go by key.
             # Returns [] (every later task skipped) when DVC finds nothing to do.
-            events = runners.trigger_events(triggering_asset_events)
+            events = planning.trigger_events(triggering_asset_events)
             for event in events:
                 print(f"triggered by new data: source={event['source']} fingerprint={event['fingerprint']}")
             if not events:
                 print("no asset event: manual run")
-            commands = runners.plan(dict(params or {}), runner)
+            commands = planning.plan(dict(params or {}), runner)
             if commands["prepare"]:
-                print(runners.prepare_workspace(commands["prepare"]) or "params.yaml and dvc.yaml: unchanged")
-            runners.record_started(events)  # the watchers compare against what a run has started on
-            stale = runners.stale_stages(runner)
+                print(planning.prepare_workspace(commands["prepare"]) or "params.yaml and dvc.yaml: unchanged")
+            planning.record_started(events)  # the watchers compare against what a run has started on
+            stale = planning.stale_stages(runner)
             if stale == []:
                 print("nothing to do: the data, params and code are those dvc.lock recorded; every step is skipped")
                 return []
@@ -107,10 +109,10 @@ pipeline = build_pipeline(runners.runner_name())
 def grappa_watch_folder():
     @task(outlets=[UNLABELED])
     def detect_folder_change(params=None, outlet_events=None, ti=None) -> str:
-        folders = list(params["folders"]) or runners.watched_folders()
+        folders = list(params["folders"]) or watchers.watched_folders()
         source = ", ".join(folders)
-        fingerprint = runners.settled(lambda: runners.folders_fingerprint(folders), SETTLE_S)
-        return runners.emit_if_changed(source, fingerprint, outlet_events[UNLABELED], runners.pipeline_busy(ti))
+        fingerprint = watchers.settled(lambda: watchers.folders_fingerprint(folders), SETTLE_S)
+        return watchers.emit_if_changed(source, fingerprint, outlet_events[UNLABELED], watchers.pipeline_busy(ti))
 
     detect_folder_change()
 
@@ -151,9 +153,9 @@ def grappa_watch_s3():
 
         client = S3Hook(aws_conn_id=aws_conn_id).get_conn()
         bucket, prefix = params["bucket"], params["prefix"]
-        fingerprint = runners.settled(lambda: runners.s3_fingerprint(client, bucket, prefix), SETTLE_S)
-        return runners.emit_if_changed(f"s3://{bucket}/{prefix}", fingerprint, outlet_events[UNLABELED],
-                                       runners.pipeline_busy(ti))
+        fingerprint = watchers.settled(lambda: watchers.s3_fingerprint(client, bucket, prefix), SETTLE_S)
+        return watchers.emit_if_changed(f"s3://{bucket}/{prefix}", fingerprint, outlet_events[UNLABELED],
+                                       watchers.pipeline_busy(ti))
 
     wait >> detect_s3_change()
 

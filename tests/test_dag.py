@@ -26,7 +26,9 @@ os.environ.update(
 )
 pytest.importorskip("airflow.sdk")
 sys.path.insert(0, str(DAGS))
+import planning  # noqa: E402
 import runners  # noqa: E402
+import watchers  # noqa: E402
 
 STEP_TASKS = {"snapshot", "extract", "cluster", "train_adaptor", "train_fusion", "evaluate", "index"}
 GLUE_TASKS = {"plan", "close_run"}
@@ -64,7 +66,7 @@ def test_dag_folder_parses_without_heavy_imports(tmp_path):
     # A deployed copy of dags/ outside the repo finds the repo through GRAPPA_REPO.
     folder = tmp_path / "dags"
     folder.mkdir()
-    for name in ("grappa_pipeline.py", "runners.py"):
+    for name in (".airflowignore", "grappa_pipeline.py", "planning.py", "runners.py", "watchers.py"):
         (folder / name).write_text((DAGS / name).read_text())
     code = (
         "import json, sys\n"
@@ -126,12 +128,12 @@ def test_adaptors_in_parallel_fit_the_local_worker(monkeypatch):
 def test_plan_turns_run_conf_into_cli_overrides(tmp_path):
     params = tmp_path / "p.yaml"
     params.write_text(yaml.safe_dump({"cluster": {"ks": [8, 4]}}))
-    plan = runners.plan({"params_file": str(params)}, "docker")
+    plan = planning.plan({"params_file": str(params)}, "docker")
     assert plan["ks"] == [4, 8] and plan["prepare"] is None
     assert plan["extract"] == ["--params", str(params), "extract"]
     assert plan["train_adaptor"][1] == ["--params", str(params), "train-adaptor", "--k", "8"]
     # local runs go through DVC: the conf is written into the workspace first, then each task is a stage
-    plan = runners.plan({"params_file": str(params), "sources": ["s3://b/raw/"], "ks": [3, 2]}, "local")
+    plan = planning.plan({"params_file": str(params), "sources": ["s3://b/raw/"], "ks": [3, 2]}, "local")
     assert plan["prepare"].endswith("--params " + str(params) + " --set 'data.sources=[\"s3://b/raw/\"]' "
                                     "--set 'cluster.ks=[3, 2]' prepare")
     assert plan["prepare"].split()[:3] == [sys.executable, "-m", "grappa"]
@@ -139,9 +141,9 @@ def test_plan_turns_run_conf_into_cli_overrides(tmp_path):
     assert [c.split()[-1] for c in plan["train_adaptor"]] == ["train_adaptor@2", "train_adaptor@3"]
     for bad in ({"ks": [4]}, {"ks": [1, 2]}, {"ks": [2, 2]}):
         with pytest.raises(ValueError, match="cluster.ks"):
-            runners.plan(bad, "local")
+            planning.plan(bad, "local")
     with pytest.raises(ValueError, match="pass 'ks'"):
-        runners.plan({"params_file": "missing.yaml"}, "k8s")
+        planning.plan({"params_file": "missing.yaml"}, "k8s")
 
 
 def test_trigger_events_reach_the_steps():
@@ -149,8 +151,8 @@ def test_trigger_events_reach_the_steps():
 
     events = {"grappa_unlabeled": [SimpleNamespace(extra={"source": "/data/in", "fingerprint": "abc"}),
                                    SimpleNamespace(extra={})]}
-    assert runners.trigger_events(events) == [{"source": "/data/in", "fingerprint": "abc"}]
-    assert runners.trigger_events(None) == []
+    assert planning.trigger_events(events) == [{"source": "/data/in", "fingerprint": "abc"}]
+    assert planning.trigger_events(None) == []
 
 
 @pytest.fixture
@@ -162,7 +164,7 @@ def container_env(monkeypatch):
     monkeypatch.setenv("GRAPPA_DOCKER_MOUNTS", "/srv/images:/data, /srv/more:/more")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-real-secret")
-    return runners.plan({"ks": [2, 3]}, "docker")
+    return planning.plan({"ks": [2, 3]}, "docker")
 
 
 def test_docker_runner_renders_container_args(container_env, dagbag):
@@ -252,9 +254,9 @@ def test_folder_watcher_emits_until_a_pipeline_run_starts_on_the_change(dagbag, 
     # takes an event for done by itself.
     assert (poll(), len(events())) == ("success", 2)
     fingerprint = events()[-1]["fingerprint"]
-    assert fingerprint == runners.folders_fingerprint([str(folder)])
+    assert fingerprint == watchers.folders_fingerprint([str(folder)])
     # what the pipeline's plan task records when a run starts on this event
-    Variable.set(runners._variable_key(str(folder)), fingerprint)
+    Variable.set(watchers.variable_key(str(folder)), fingerprint)
     assert (poll(), len(events())) == ("skipped", 2)  # unchanged since a run started: no event
     (folder / "b.png").write_bytes(b"yy")
     assert (poll(), len(events())) == ("success", 3)
@@ -263,17 +265,17 @@ def test_folder_watcher_emits_until_a_pipeline_run_starts_on_the_change(dagbag, 
 def test_fingerprints(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "a.png").write_bytes(b"1")
-    first = runners.folder_fingerprint(tmp_path)
-    assert runners.folder_fingerprint(tmp_path) == first
+    first = watchers.folder_fingerprint(tmp_path)
+    assert watchers.folder_fingerprint(tmp_path) == first
     os.utime(tmp_path / "sub" / "a.png", ns=(1, 1))
-    assert runners.folder_fingerprint(tmp_path) != first
+    assert watchers.folder_fingerprint(tmp_path) != first
     (tmp_path / "other").mkdir()
-    both = runners.folders_fingerprint([str(tmp_path / "sub"), str(tmp_path / "other")])
+    both = watchers.folders_fingerprint([str(tmp_path / "sub"), str(tmp_path / "other")])
     (tmp_path / "other" / "b.png").write_bytes(b"2")
-    assert runners.folders_fingerprint([str(tmp_path / "sub"), str(tmp_path / "other")]) != both
+    assert watchers.folders_fingerprint([str(tmp_path / "sub"), str(tmp_path / "other")]) != both
     values = iter(["a", "b"])
-    assert runners.settled(lambda: next(values), 0) is None  # still being written
-    assert runners.settled(lambda: "same", 0) == "same"
+    assert watchers.settled(lambda: next(values), 0) is None  # still being written
+    assert watchers.settled(lambda: "same", 0) == "same"
 
 
 def test_s3_fingerprint_follows_the_listing():
@@ -285,8 +287,8 @@ def test_s3_fingerprint_follows_the_listing():
         client.create_bucket(Bucket="data")
         client.put_object(Bucket="data", Key="raw/a.png", Body=b"1")
         client.put_object(Bucket="data", Key="other/x.png", Body=b"1")
-        first = runners.s3_fingerprint(client, "data", "raw/")
+        first = watchers.s3_fingerprint(client, "data", "raw/")
         client.put_object(Bucket="data", Key="other/y.png", Body=b"2")
-        assert runners.s3_fingerprint(client, "data", "raw/") == first  # outside the prefix
+        assert watchers.s3_fingerprint(client, "data", "raw/") == first  # outside the prefix
         client.put_object(Bucket="data", Key="raw/b.png", Body=b"2")
-        assert runners.s3_fingerprint(client, "data", "raw/") != first
+        assert watchers.s3_fingerprint(client, "data", "raw/") != first

@@ -21,6 +21,7 @@ from conftest import REPO
 from test_tracking import tracked_run
 
 sys.path.insert(0, str(REPO / "dags"))
+import planning  # noqa: E402
 import runners  # noqa: E402
 
 VENV_BIN = Path(__file__).resolve().parents[1] / ".venv" / "bin"
@@ -187,9 +188,9 @@ def test_dag_commands_agree_with_grappa_run(dvc_repo, reproduced, monkeypatch):
     monkeypatch.setattr(runners, "REPO", dvc_repo)
     monkeypatch.delenv("GRAPPA_PARAMS", raising=False)
     monkeypatch.setenv("GRAPPA_PYTHON", str(VENV_BIN / "python"))
-    plan = runners.plan({}, "local")
+    plan = planning.plan({}, "local")
     assert plan["ks"] == [2, 4] and plan["train_adaptor"][1].endswith("repro train_adaptor@4")
-    assert runners.prepare_workspace(plan["prepare"]) == ""  # params.yaml and dvc.yaml already say this run
+    assert planning.prepare_workspace(plan["prepare"]) == ""  # params.yaml and dvc.yaml already say this run
     env = {**os.environ, "GRAPPA_TRACKING": "0", "DVC_NO_ANALYTICS": "1"}
     done = subprocess.run(["bash", "-c", plan["extract"]], cwd=dvc_repo, env=env, capture_output=True, text=True,
                           timeout=300)

@@ -33,6 +33,12 @@ class Preprocess:
     crop_pct: float
     image_size: int
 
+    @classmethod
+    def from_dict(cls, saved: dict) -> "Preprocess":
+        """The preprocessing saved beside a model's weights (``asdict`` of one; JSON turns tuples into lists)."""
+        return cls(mean=tuple(saved["mean"]), std=tuple(saved["std"]), interpolation=saved["interpolation"],
+                   crop_pct=float(saved["crop_pct"]), image_size=int(saved["image_size"]))
+
 
 class BlockwiseBackbone(nn.Module):
     """A frozen timm model split into ``stem``, a flat ``blocks`` list and ``embed`` (norm + pooling).
@@ -125,8 +131,8 @@ def _split_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
 # --------------------------------------------------------------------------- construction
 
 
-def create_backbone(params: BackboneParams) -> tuple[BlockwiseBackbone, Preprocess, str]:
-    """Build the frozen backbone; returns it, its preprocessing and a weights fingerprint."""
+def timm_network(name: str) -> nn.Module:
+    """timm's architecture ``name`` without a classifier, in its own random init (weights are loaded after)."""
     import timm
 
     try:
@@ -134,9 +140,14 @@ def create_backbone(params: BackboneParams) -> tuple[BlockwiseBackbone, Preproce
         # model, so it must be identical in every step and process (ViT pos_embed/cls_token included).
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = timm.create_model(params.name, pretrained=False, num_classes=0)
+            return timm.create_model(name, pretrained=False, num_classes=0)
     except RuntimeError as err:  # timm: "Unknown model (...)"
         raise ConfigError(f"backbone.name: {err}") from None
+
+
+def create_backbone(params: BackboneParams) -> tuple[BlockwiseBackbone, Preprocess, str]:
+    """Build the frozen backbone; returns it, its preprocessing and a weights fingerprint."""
+    model = timm_network(params.name)
     weights_id = _load_weights(model, params)
     cfg = model.pretrained_cfg
     preprocess = Preprocess(

@@ -1,6 +1,7 @@
-"""Assemble a :class:`GrappaModel` from the published artifacts of steps 3 and 4."""
+"""The Grappa model of a params file: built fresh for training, or assembled from the published
+adaptor sets (step 4) and fusion layers (step 5). (A servable model rebuilds from its own
+``model.json`` instead: grappa.io.servable.)"""
 from __future__ import annotations
-
 
 from grappa.config import ConfigError, Params
 from grappa.core.backbones import BlockwiseBackbone
@@ -9,11 +10,16 @@ from grappa.io.artifacts import load_torch
 from grappa.io.layout import layout
 
 
+def build_model(params: Params, backbone: BlockwiseBackbone, ks: list[int], with_fusion: bool = False) -> GrappaModel:
+    """``backbone`` with fresh adaptor sets for ``ks`` at the params' blocks (and fresh fusion layers)."""
+    return GrappaModel(backbone, params.backbone.adapt_from_block, ks, params.adaptor.reduction,
+                       attn_dim=params.fusion.attn_dim if with_fusion else None)
+
+
 def assemble(params: Params, backbone: BlockwiseBackbone, with_fusion: bool, load_fusion: bool) -> GrappaModel:
     """Backbone + every adaptor set in cluster.ks (+ fusion layers, fresh or trained)."""
     ks = params.cluster.ks
-    model = GrappaModel(backbone, params.backbone.adapt_from_block, ks, params.adaptor.reduction,
-                        attn_dim=params.fusion.attn_dim if with_fusion else None)
+    model = build_model(params, backbone, ks, with_fusion)
     for k in ks:
         path = layout(params).adaptor(k)
         if not path.exists():

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from grappa.config import ConfigError, Params
-from grappa.core.backbones import BlockwiseBackbone, Preprocess
+from grappa.core.backbones import BlockwiseBackbone, Preprocess, timm_network
 from grappa.core.model import FUSION, GrappaModel, pick_device
 from grappa.io.artifacts import atomic_paths, load_torch
 from grappa.io.layout import layout
@@ -107,23 +107,16 @@ def read_config(folder: str | Path) -> dict:
 
 def load(folder: str | Path, device: str | torch.device | None = None) -> Servable:
     """Rebuild the model from ``folder`` (architecture from timm, every weight from ``model.pt``)."""
-    import timm
-
     config = read_config(folder)
     weights = Path(folder) / WEIGHTS
     if hashlib.sha256(weights.read_bytes()).hexdigest() != config["weights_sha256"]:
         raise ConfigError(f"{weights} does not match the sha256 recorded in {CONFIG}; the model is corrupt")
-    with torch.random.fork_rng(devices=[]):  # the random init is overwritten; keep the caller's RNG untouched
-        net = timm.create_model(config["timm_name"], pretrained=False, num_classes=0)
-    backbone = BlockwiseBackbone(net, config["image_size"], config["pooling"])
+    backbone = BlockwiseBackbone(timm_network(config["timm_name"]), config["image_size"], config["pooling"])
     model = GrappaModel(backbone, config["adapt_from_block"], config["ks"], config["reduction"],
                         attn_dim=config["attn_dim"])
     model.load_state_dict(load_torch(weights))
     model.requires_grad_(False).eval().to(device or pick_device())
-    p = config["preprocess"]
-    preprocess = Preprocess(mean=tuple(p["mean"]), std=tuple(p["std"]), interpolation=p["interpolation"],
-                            crop_pct=p["crop_pct"], image_size=p["image_size"])
-    return Servable(model, preprocess, config)
+    return Servable(model, Preprocess.from_dict(config["preprocess"]), config)
 
 
 # --------------------------------------------------------------------------- the model that serves

@@ -25,6 +25,7 @@ from grappa.core.augment import image_transform
 from grappa.core.backbones import create_backbone
 from grappa.core.model import GrappaModel, pick_device
 from grappa.io.artifacts import atomic_paths, read_table, vectors_to_arrow, write_json, write_table
+from grappa.io.assemble import build_model
 from grappa.io.datasets import ImageDataset, loader
 from grappa.io.features import FeatureCache
 from grappa.io.layout import EXTRACT_REPORT, Layout, layout
@@ -47,7 +48,7 @@ def run(params: Params) -> dict:
     hashed, skipped = snapshot_records(params), []
     backbone, preprocess, fingerprint = create_backbone(params.backbone)
     start = params.backbone.adapt_from_block
-    model = GrappaModel(backbone, start, ks=[], reduction=1)
+    model = build_model(params, backbone, ks=[])  # the frozen backbone alone: prefix and zero-shot features
     cache = FeatureCache(Path(params.extract.cache_dir) / f"{fingerprint}-b{start}")
 
     cached = cache.load()

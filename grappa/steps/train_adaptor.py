@@ -20,11 +20,12 @@ from torch.utils.data import DataLoader
 from grappa.config import AdaptorParams, ConfigError, Params
 from grappa.core.backbones import create_backbone
 from grappa.core.losses import CosineClassifier
-from grappa.core.model import GrappaModel, pick_device, single
+from grappa.core.model import pick_device, single
 from grappa.core.objectives import adaptor_objective
 from grappa.core.samplers import ClusterBatchSampler, NeighbourPairs
 from grappa.core.training import adaptor_step, data_fingerprint, fit, run_key
 from grappa.io.artifacts import read_table, save_torch, write_json
+from grappa.io.assemble import build_model
 from grappa.io.datasets import collate_usable, load_inputs, loader
 from grappa.io.layout import ADAPTOR_REPORT, layout
 
@@ -60,7 +61,7 @@ def run(params: Params, k: int) -> dict:
     targets = torch.from_numpy(pseudo_labels_for(params, k, inputs.image_ids))
     centroids = torch.from_numpy(np.load(layout(params).centroids(k)))
 
-    model = GrappaModel(backbone, params.backbone.adapt_from_block, [k], hp.reduction)
+    model = build_model(params, backbone, [k])
     classifier = CosineClassifier(centroids, hp.temperature)
     trainable = nn.ModuleDict({"adaptors": model.adaptors, "classifier": classifier})
     optimizer = torch.optim.AdamW(

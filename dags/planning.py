@@ -1,0 +1,121 @@
+"""What one ``grappa_pipeline`` run does: the step commands for its conf and runner, the workspace
+preparation and ``dvc status`` (local runner), and the asset events that triggered it.
+
+Imported by the DAG processor on every parse: standard library + yaml at module level.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+import runners
+import watchers
+
+
+def _params_file(conf: dict) -> str | None:
+    """The run's params file: the conf's ``params_file``, else env GRAPPA_PARAMS, else none."""
+    return conf.get("params_file") or os.environ.get("GRAPPA_PARAMS") or None
+
+
+def override_args(conf: dict) -> list[str]:
+    """The run conf as CLI options: ``params_file`` (else env GRAPPA_PARAMS), ``sources``, ``ks``."""
+    argv = []
+    params_file = _params_file(conf)
+    if params_file:
+        argv += ["--params", str(params_file)]
+    if conf.get("sources"):
+        argv += ["--set", "data.sources=" + json.dumps([str(s) for s in conf["sources"]])]
+    if conf.get("ks"):
+        argv += ["--set", "cluster.ks=" + json.dumps([int(k) for k in conf["ks"]])]
+    return argv
+
+
+def planned_ks(conf: dict) -> list[int]:
+    ks = conf.get("ks")
+    if not ks:
+        path = runners.REPO / (_params_file(conf) or "params.yaml")
+        if not path.is_file():
+            raise ValueError(f"{path} not readable from the Airflow worker: pass 'ks' in the run conf")
+        ks = (yaml.safe_load(path.read_text()) or {}).get("cluster", {}).get("ks")
+    ks = sorted(int(k) for k in ks or [])
+    # Fail here, before any step starts, on what the CLI would reject anyway.
+    if len(ks) < 2 or len(set(ks)) != len(ks) or ks[0] < 2:
+        raise ValueError(f"cluster.ks must hold at least two distinct values >= 2, got {ks}")
+    return ks
+
+
+def plan(conf: dict, runner: str) -> dict:
+    """The command of every step for this run, in the runner's format.
+
+    Local runs go through DVC: ``prepare`` writes the run conf into the workspace's params.yaml
+    (and the watched folders into dvc.yaml), then each task is ``grappa repro <stage>``, so dvc.lock
+    records what the DAG computed. Containers run the step CLI with the conf as ``--set`` options
+    (the image has no DVC workspace yet; see containers/README.md).
+    """
+    ks = planned_ks(conf)
+    if runner == "local":
+        commands = {task_id: render(runner, ["repro", task_id]) for task_id in runners.STEPS}
+        mapped = runners.registry.step(runners.MAPPED)
+        commands[runners.MAPPED] = [render(runner, ["repro", mapped.stage_name(k)]) for k in ks]
+        return {"ks": ks, "prepare": render(runner, [*override_args(conf), "prepare"]),
+                "close_run": render(runner, ["close-run"]), **commands}
+    argv = override_args(conf)
+    if "--params" not in argv:
+        argv = ["--params", "params.yaml", *argv]
+    commands = {task_id: render(runner, [*argv, step]) for task_id, step in runners.STEPS.items()}
+    commands[runners.MAPPED] = [render(runner, [*argv, runners.STEPS[runners.MAPPED], "--k", str(k)]) for k in ks]
+    return {"ks": ks, "prepare": None, "close_run": render(runner, [*argv, "close-run"]), **commands}
+
+
+def render(runner: str, argv: list[str]) -> str | list[str]:
+    if runner == "local":
+        python = os.environ.get("GRAPPA_PYTHON") or sys.executable
+        return shlex.join([python, "-m", "grappa", *argv])
+    return argv  # the image's ENTRYPOINT is `python -m grappa`
+
+
+def prepare_workspace(command: str) -> str:
+    """Run ``grappa prepare`` in the repo (local runner); returns what it changed, or raises with its error."""
+    done = subprocess.run(command, shell=True, cwd=runners.REPO, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError((done.stderr or done.stdout).strip().splitlines()[-1])
+    return done.stdout
+
+
+def stale_stages(runner: str) -> list[str] | None:
+    """The stages `dvc status` finds out of date in the workspace (local runner), None where DVC does
+    not run the steps. An empty list: this run has nothing to do."""
+    if runner != "local":
+        return None
+    dvc = Path(os.environ.get("GRAPPA_PYTHON") or sys.executable).parent / "dvc"
+    done = subprocess.run([str(dvc) if dvc.exists() else "dvc", "status", "--json"], cwd=runners.REPO,
+                          capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        raise RuntimeError(f"dvc status failed: {(done.stderr or done.stdout).strip()[-500:]}")
+    return sorted(json.loads(done.stdout or "{}"))
+
+
+def trigger_events(triggering_asset_events) -> list[dict]:
+    """(source, fingerprint) of every asset event that triggered this run (none for a manual run)."""
+    events = []
+    for asset_events in (triggering_asset_events or {}).values():
+        for event in asset_events:
+            extra = dict(getattr(event, "extra", None) or {})
+            if extra.get("source"):
+                events.append({"source": str(extra["source"]), "fingerprint": str(extra.get("fingerprint", ""))})
+    return events
+
+
+def record_started(events: list[dict]) -> None:
+    """Remember, per source, the fingerprint a pipeline run has started on (watchers compare to it)."""
+    from airflow.sdk import Variable
+
+    for event in events:
+        Variable.set(watchers.variable_key(event["source"]), event["fingerprint"],
+                     description=f"listing fingerprint of {event['source']} the last pipeline run started on")
