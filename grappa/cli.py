@@ -239,12 +239,12 @@ def _dispatch(args, params: Params) -> int:
     if args.step == "repro":
         return _repro_stage(params, args.stage)
     if args.step in ("embed", "search"):
-        from grappa.steps import index
+        from grappa import use
 
         if args.step == "embed":
-            index.embed_command(params, args.sources, args.out, args.model)
+            use.embed_command(params, args.sources, args.out, args.model)
         else:
-            index.search_command(params, args.images, args.top_k, args.index, args.model)
+            use.search_command(params, args.images, args.top_k, args.index, args.model)
         return 0
     tracker = tracking.from_params(params)
     if args.step == "open-run":

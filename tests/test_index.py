@@ -9,9 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import draw_image, make_collection, tiny_params_dict
+from grappa import use
 from grappa.cli import run_all
 from grappa.config import ConfigError, parse_params
-from grappa.io import servable
+from grappa.io import catalogue, servable
 from grappa.io.layout import layout
 from grappa.steps import extract
 from grappa.steps import index
@@ -42,7 +43,7 @@ def work(pipeline, tmp_path):
 
 
 def _meta(params) -> dict:
-    return json.loads((layout(params).index / index.META_FILE).read_text())
+    return json.loads((layout(params).index / catalogue.META_FILE).read_text())
 
 
 def _other_model(params, folder: Path) -> servable.Servable:
@@ -58,10 +59,10 @@ def test_catalogue_images_find_themselves_first(work):
     meta = _meta(params)
     model = servable.load(layout(params).model)
     assert meta["count"] == 64 and meta["model_sha256"] == model.digest and meta["factory"] == "Flat"
-    vectors_index, rows, _ = index.read(layout(params).index)
+    vectors_index, rows, _ = catalogue.read(layout(params).index)
     uris = [rows[i]["uri"] for i in (0, 17, 40, 63)]
     # queries go through the full image path, the index was filled from the cached prefix: same embedding
-    scores, ids = index.search(vectors_index, model.embed(uris), top_k=3)
+    scores, ids = catalogue.search(vectors_index, model.embed(uris), top_k=3)
     assert [rows[i]["uri"] for i in ids[:, 0]] == uris
     assert scores[:, 0].min() > 0.999
 
@@ -82,7 +83,7 @@ def test_another_champion_rebuilds_and_a_foreign_model_is_refused(work, tmp_path
     params, _ = work
     other = _other_model(params, tmp_path / "other")
     with pytest.raises(ConfigError, match="was built by model .* not by"):
-        index.search_command(params, [str(tmp_path / "q.png")], 3, None, str(tmp_path / "other"))
+        use.search_command(params, [str(tmp_path / "q.png")], 3, None, str(tmp_path / "other"))
     servable.write_champion(params, other.digest, str(tmp_path / "other"))
     meta = index.run(params)
     assert meta["action"].startswith("rebuilt (the index was built by model")
@@ -108,9 +109,9 @@ def test_index_factories(work):
     hnsw = parse_params({**raw, "index": {"factory": "HNSW16", "search_params": "efSearch=32"}})
     meta = index.run(hnsw)
     assert meta["action"].startswith("rebuilt (index.factory changed") and meta["count"] == 64
-    searcher, rows, _ = index.read(layout(hnsw).index)
+    searcher, rows, _ = catalogue.read(layout(hnsw).index)
     model = servable.load(layout(hnsw).model)
-    _, ids = index.search(searcher, model.embed([rows[5]["uri"]]), 1, "efSearch=32")
+    _, ids = catalogue.search(searcher, model.embed([rows[5]["uri"]]), 1, "efSearch=32")
     assert ids[0, 0] == 5
     with pytest.raises(ConfigError, match="index.factory: faiss cannot build 'IVF256,Flat' over 64 vectors"):
         index.run(parse_params({**raw, "index": {"factory": "IVF256,Flat"}}))
@@ -125,7 +126,7 @@ def test_embed_writes_one_row_per_readable_image(work, tmp_path, capsys):
     shutil.copy(next(folder.glob("q_0_0.png")), tmp_path / "broken" / "ok.png")
     (tmp_path / "broken" / "bad.png").write_bytes(b"not a png")
     out = tmp_path / "emb.parquet"
-    index.embed_command(params, [str(tmp_path / "broken")], str(out), None)
+    use.embed_command(params, [str(tmp_path / "broken")], str(out), None)
     table = pq.read_table(out)
     assert table.column("image_id").to_pylist() == ["broken/ok.png"]
     assert len(table.column("embedding")[0].as_py()) == 256

@@ -8,6 +8,7 @@ import yaml
 from conftest import make_collection, tiny_params_dict
 from grappa import tracking
 from grappa.config import parse_params
+from grappa.io import manifests
 from grappa.io.layout import layout
 from grappa.io.storage import read_bytes, s3_client
 from test_tracking import _SCRUB, closed_port, error_lines, fresh_tracking_uri, run_cli
@@ -158,7 +159,7 @@ def test_snapshot_reads_only_new_or_changed_objects(s3_env, uploaded, tmp_path, 
     params = parse_params(tiny_params_dict(tmp_path, [f"s3://{BUCKET}/delta/"]))
     reads = []
     real_read = storage.read_bytes
-    monkeypatch.setattr(snapshot, "read_bytes", lambda uri: reads.append(uri) or real_read(uri))
+    monkeypatch.setattr(manifests, "read_bytes", lambda uri: reads.append(uri) or real_read(uri))
     first = snapshot.run(params)
     assert (first["images"], first["files_read"], len(reads)) == (3, 3, 3)
     manifest = layout(params).manifest.read_bytes()

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import draw_image, make_collection, tiny_params_dict
 from grappa.config import ConfigError, parse_params
+from grappa.io import manifests
 from grappa.io.artifacts import read_table
 from grappa.io.layout import layout
 from grappa.io.sources import ImageRecord, cap_per_domain
@@ -18,8 +19,8 @@ from grappa.steps import snapshot
 def reads(monkeypatch) -> list[str]:
     """Every file the snapshot step reads (to hash it)."""
     seen: list[str] = []
-    real = snapshot.read_bytes
-    monkeypatch.setattr(snapshot, "read_bytes", lambda uri: seen.append(uri) or real(uri))
+    real = manifests.read_bytes
+    monkeypatch.setattr(manifests, "read_bytes", lambda uri: seen.append(uri) or real(uri))
     return seen
 
 

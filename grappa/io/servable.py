@@ -21,7 +21,7 @@ import torch
 from grappa.config import ConfigError, Params
 from grappa.core.backbones import BlockwiseBackbone, Preprocess, timm_network
 from grappa.core.model import FUSION, GrappaModel, pick_device
-from grappa.io.artifacts import atomic_paths, load_torch
+from grappa.io.artifacts import atomic_paths, load_torch, read_json
 from grappa.io.layout import layout
 
 WEIGHTS, CONFIG = "model.pt", "model.json"
@@ -142,3 +142,36 @@ def download(model_uri: str) -> Path:
     if not found:
         raise FileNotFoundError(f"{model_uri} holds no {CONFIG} (not a servable grappa model)")
     return found[0].parent
+
+
+def load_model(ref: str | None, params: Params) -> tuple[Servable, dict]:
+    """The model for ``ref`` (a servable folder or models:/ URI; None: the champion) and its identity."""
+    if ref is None:
+        champion = layout(params).champion
+        if not champion.is_file():
+            raise ConfigError(f"no champion recorded at {champion}; run the pipeline up to 'evaluate' first")
+        return load_identity(read_json(champion), params)
+    if ref.startswith("models:/"):
+        return load_identity({"model_uri": ref, "version": None, "model_sha256": None}, params)
+    return load_identity({"model_uri": ref, "version": None,
+                          "model_sha256": read_config(ref)["weights_sha256"]}, params)
+
+
+def load_identity(identity: dict, params: Params) -> tuple[Servable, dict]:
+    """Load the model ``identity`` names (model_uri, version, model_sha256); this workspace's own copy
+    when it has those weights, else from the registry or folder the URI names."""
+    uri, local = identity["model_uri"], layout(params).model
+    if identity["model_sha256"] and (local / CONFIG).is_file() \
+            and read_config(local)["weights_sha256"] == identity["model_sha256"]:
+        folder = local  # no download
+    elif uri.startswith("models:/"):
+        try:
+            folder = download(uri)
+        except Exception as err:
+            raise ConfigError(f"cannot load {uri} from the MLflow registry: {str(err).splitlines()[0][:200]}") from None
+    else:
+        folder = Path(uri)
+    model = load(folder)
+    if identity["model_sha256"] and model.digest != identity["model_sha256"]:
+        raise ConfigError(f"{uri} has weights {model.digest[:12]}, expected {identity['model_sha256'][:12]}")
+    return model, {**identity, "model_sha256": model.digest}

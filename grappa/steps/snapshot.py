@@ -13,101 +13,15 @@ previous manifest (a DVC ``persist`` output) is the hash cache.
 """
 from __future__ import annotations
 
-import hashlib
 import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pyarrow as pa
-from tqdm import tqdm
 
 from grappa.config import ConfigError, Params
-from grappa.io.artifacts import read_table, write_json, write_table
+from grappa.io import manifests
+from grappa.io.artifacts import write_json, write_table
 from grappa.io.layout import SNAPSHOT_REPORT, layout
-from grappa.io.sources import ImageRecord, Skipped, cap_per_domain, content_hash, counts, resolve_sources
-from grappa.io.storage import ObjectStat, StorageError, read_bytes, stat_many
-
-SCHEMA = pa.schema([
-    ("image_id", pa.string()), ("uri", pa.string()), ("domain", pa.string()), ("split", pa.string()),
-    ("label", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("etag", pa.string()),
-    ("content_hash", pa.string()),
-])
-
-
-def _version_key(uri: str, st: ObjectStat) -> tuple:
-    return uri, st.size, st.mtime_ns, st.etag
-
-
-def hash_cache(rows: list[dict]) -> dict[tuple, str]:
-    """(uri, size, mtime_ns, etag) -> content hash of earlier manifest rows: a file whose key is here
-    need not be read again."""
-    return {(r["uri"], r["size"], r["mtime_ns"], r["etag"]): r["content_hash"] for r in rows}
-
-
-def previous_rows(path: Path) -> list[dict]:
-    """The rows of an earlier manifest at ``path`` (none if there is none or it cannot be read)."""
-    if not path.is_file():
-        return []
-    try:
-        return read_table(path).to_pylist()
-    except Exception:  # an unreadable cache only costs re-hashing
-        return []
-
-
-def hash_files(uris: list[str], workers: int = 8) -> tuple[dict[str, str], dict[str, str]]:
-    """sha256 of each file's bytes; returns (hashes, unreadable uri -> reason)."""
-    def one(uri: str):
-        try:
-            return uri, content_hash(read_bytes(uri)), None
-        except StorageError as err:
-            return uri, None, str(err)
-
-    hashes, failed = {}, {}
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for uri, digest, err in tqdm(pool.map(one, uris), total=len(uris), desc="hash new images", unit="img"):
-            if digest is None:
-                failed[uri] = err
-            else:
-                hashes[uri] = digest
-    return hashes, failed
-
-
-def take_snapshot(records: list[ImageRecord], known: dict[tuple, str]) -> tuple[list[dict], list[Skipped], int]:
-    """Manifest rows of ``records`` (sorted by image_id), what could not be read, and how many files were read."""
-    stats = stat_many([r.uri for r in records])
-    skipped = [Skipped(r.image_id, f"missing file: {r.uri}") for r in records if r.uri not in stats]
-    present = [r for r in records if r.uri in stats]
-    todo = sorted({r.uri for r in present if _version_key(r.uri, stats[r.uri]) not in known})
-    fresh, unreadable = hash_files(todo)
-    rows = []
-    for rec in sorted(present, key=lambda r: r.image_id):
-        st = stats[rec.uri]
-        digest = known.get(_version_key(rec.uri, st)) or fresh.get(rec.uri)
-        if digest is None:
-            skipped.append(Skipped(rec.image_id, unreadable[rec.uri]))
-            continue
-        rows.append({"image_id": rec.image_id, "uri": rec.uri, "domain": rec.domain, "split": rec.split,
-                     "label": rec.label, "size": st.size, "mtime_ns": st.mtime_ns, "etag": st.etag,
-                     "content_hash": digest})
-    return rows, skipped, len(todo)
-
-
-def changes(previous: dict[str, str], current: dict[str, str]) -> dict[str, int]:
-    """Counts of new, changed, removed and unchanged image ids between two {image_id: content_hash}."""
-    return {
-        "new": sum(i not in previous for i in current),
-        "changed": sum(i in previous and previous[i] != h for i, h in current.items()),
-        "removed": sum(i not in current for i in previous),
-        "unchanged": sum(previous.get(i) == h for i, h in current.items()),
-    }
-
-
-def digest(rows: list[dict]) -> str:
-    """sha256 over the sorted (image_id, split, content_hash) of a snapshot: the data version."""
-    blob = hashlib.sha256()
-    for row in sorted(rows, key=lambda r: r["image_id"]):
-        blob.update(f"{row['image_id']}\t{row['split']}\t{row['content_hash']}\n".encode())
-    return blob.hexdigest()
+from grappa.io.sources import ImageRecord, Skipped, cap_per_domain, counts, resolve_sources
 
 
 def select_records(params: Params) -> tuple[list[ImageRecord], list[Skipped]]:
@@ -124,18 +38,18 @@ def run(params: Params) -> dict:
     records, skipped = select_records(params)
     if not records:
         raise ConfigError("data.sources: no images found in " + ", ".join(params.data.sources))
-    previous = previous_rows(path)
-    rows, unreadable, hashed = take_snapshot(records, hash_cache(previous))
+    previous = manifests.previous_rows(path)
+    rows, unreadable, hashed = manifests.take_snapshot(records, manifests.hash_cache(previous))
     skipped += unreadable
     if not rows:
         raise ConfigError("data.sources: none of the listed images could be read (see the skipped list)")
-    write_table(path, pa.Table.from_pylist(rows, schema=SCHEMA))
+    write_table(path, pa.Table.from_pylist(rows, schema=manifests.SCHEMA))
     report = {
         "images": len(rows),
-        "digest": digest(rows),
+        "digest": manifests.digest(rows),
         "by_split": counts(r["split"] for r in rows),
         "by_domain": counts(r["domain"] for r in rows),
-        "since_previous": changes({r["image_id"]: r["content_hash"] for r in previous},
+        "since_previous": manifests.changes({r["image_id"]: r["content_hash"] for r in previous},
                                   {r["image_id"]: r["content_hash"] for r in rows}),
         "files_read": hashed,  # new or modified files; the others kept the hash of the previous snapshot
         "skipped": [{"image_id": s.image_id, "reason": s.reason} for s in skipped],
