@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--top-k", type=int, default=5)
     search.add_argument("--index", default=None, help="index folder (default: <out_dir>/index)")
     search.add_argument("--model", default=None, help="model to embed the queries with (default: the index's own)")
-    verb("check", help="validate params.yaml and that dvc.yaml watches the folders its sources name")
+    verb("check", help="validate params.yaml, and that dvc.yaml is the generated one watching the folders its sources name")
     verb("prepare", help="write --params/--set into params.yaml and the watched folders into dvc.yaml "
                          "(what run and the Airflow DAG do before dvc repro)")
     opener = verb("open-run", help="create the MLflow parent run of a pipeline run and print its id "
@@ -207,7 +207,7 @@ def _check(params: Params, args) -> int:
         problem = workspace.drift(root, params)
         if problem:
             raise ConfigError(problem)
-        print("dvc.yaml: the snapshot and index stages watch the data roots of their sources")
+        print("dvc.yaml: as grappa/registry.py generates it, watching the data roots of the sources")
     return 0
 
 
