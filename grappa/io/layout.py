@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+SNAPSHOT = "snapshot"
 MANIFEST = "snapshot/manifest.parquet"
 SNAPSHOT_REPORT = "snapshot/report.json"
+EXTRACT = "extract"
 FEATURES = "extract/features.parquet"
 PREFIX = "extract/prefix.npy"  # only when backbone.adapt_from_block > 0
 EXTRACT_REPORT = "extract/report.json"
