@@ -10,7 +10,8 @@ outputs are what ``dvc.yaml`` computes from ``params.yaml``. So
   image folder, an ``s3://`` prefix) as DVC external dependencies, and ``index`` on those of
   ``index.sources``, so ``dvc status`` sees images land, change or vanish. DVC cannot derive those
   paths from params.yaml (it interpolates no lists into ``deps``), so :func:`sync_data_deps` writes
-  them into ``dvc.yaml``; every entry point calls it and ``grappa check`` reports a drift.
+  ``dvc.yaml`` as the step registry generates it (grappa.dvc_yaml) with those roots; every entry
+  point calls it and ``grappa check`` reports a drift.
 """
 from __future__ import annotations
 

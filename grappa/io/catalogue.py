@@ -1,8 +1,8 @@
 """The catalogue index on disk and its faiss verbs: build, read, write, search.
 
-``<out>/index/`` holds ``catalogue.faiss`` (inner product over L2-normalised embeddings; faiss id i
-is row i of) ``catalogue.parquet`` (manifest rows) and ``index.json`` (the model it was built with,
-factory, size), the three renamed into place together.
+``<out>/index/`` holds ``catalogue.faiss`` (inner product over L2-normalised embeddings),
+``catalogue.parquet`` (manifest rows: faiss id i is row i) and ``index.json`` (the model it was
+built with, factory, size); the three are renamed into place together.
 """
 from __future__ import annotations
 
