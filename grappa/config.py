@@ -99,6 +99,9 @@ class FusionParams(_Strict):
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
     knn: int = Field(default=10, ge=1)
+    # the kNN graph is exact below this many images, else a faiss IVF index with knn_nprobe probes
+    knn_exact_below: int = Field(default=50_000, ge=2)
+    knn_nprobe: int = Field(default=16, ge=1)
     temperature: float = Field(default=0.07, gt=0)  # InfoNCE temperature over neighbour pairs
     attn_dim: int = Field(default=64, ge=1)
     lambda_prop: float = Field(default=1.0, ge=0)  # attention propagation (KL to neighbours)

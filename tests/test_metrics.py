@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from grappa.core.metrics import knn_search, leave_one_out_neighbours, retrieval_metrics
+from grappa.core.metrics import knn_graph, knn_recall, knn_search, leave_one_out_neighbours, retrieval_metrics
 
 
 def on_circle(degrees: list[float]) -> np.ndarray:
@@ -106,3 +106,25 @@ def test_metrics_agree_with_pytorch_metric_learning():
     theirs = calc.get_accuracy(torch.from_numpy(vectors), torch.from_numpy(labels), ref_includes_query=True)
     assert ours["map_at_r"] == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-6)
     assert ours["recall_at_1"] == pytest.approx(theirs["precision_at_1"], abs=1e-6)
+
+
+def _clustered(n: int, dim: int = 32, centres: int = 60, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(centres, dim))[rng.integers(centres, size=n)] + 0.35 * rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_knn_graph_is_exact_below_the_threshold_and_ivf_above_with_high_recall():
+    x = _clustered(6000)
+    exact, method = knn_graph(x, 10, exact_below=10_000, nprobe=16)
+    assert method == "exact" and np.array_equal(exact, leave_one_out_neighbours(x, 10))
+    assert knn_recall(x, exact, sample=500) == 1.0
+
+    approx, method = knn_graph(x, 10, exact_below=1000, nprobe=16)
+    assert method == "ivf153,nprobe16" and approx.shape == (6000, 10)  # 6000 / 39 lists: faiss' minimum sample
+    assert not (approx == np.arange(6000)[:, None]).any()  # never its own neighbour
+    recall = knn_recall(x, approx, sample=500)
+    assert recall >= 0.9, recall
+    one_probe, _ = knn_graph(x, 10, exact_below=1000, nprobe=1)
+    assert knn_recall(x, one_probe, sample=500) < recall  # fewer probes, fewer true neighbours found
+
