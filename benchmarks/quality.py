@@ -21,6 +21,7 @@ from grappa.cli import _parse_set, run_all
 from grappa.config import load_params
 from grappa.core.evaluation import METRICS, markdown_table, method_order
 from grappa.io.artifacts import write_json, write_text
+from grappa.io.layout import layout
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL_DATA = {"data.max_unlabeled_per_domain": None, "data.max_query_db_per_domain": None}
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         steps = run_all(params, until="evaluate")
         timings[f"seed{seed}"] = {**steps, "total": time.perf_counter() - t0}
-        per_seed.append(json.loads((Path(params.out_dir) / "evaluate" / "metrics.json").read_text()))
+        per_seed.append(json.loads(layout(params).metrics.read_text()))
         done.append(seed)
         # rewritten after every seed: a long benchmark interrupted later keeps what it measured
         methods = aggregate(per_seed)

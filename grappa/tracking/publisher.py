@@ -43,7 +43,7 @@ RUNTIME_PACKAGES = ("torch", "timm", "mlflow", "numpy", "pandas", "pillow", "pya
 
 def eval_set_id(params: Params) -> str:
     """Identity of what ``evaluate`` scored: the query_db images (ids and content hashes) and the tasks."""
-    features = Path(params.out_dir) / "extract" / "features.parquet"
+    features = layout(params).features
     digest, _ = lineage.split_digest(features, "query_db")
     tasks = sorted(t.name for t in params.evaluate.instance_tasks)
     return hashlib.sha256(json.dumps([digest, tasks]).encode()).hexdigest()
