@@ -70,12 +70,12 @@ def run_step(step: str, params: Params, k: int | None = None, tracker=None) -> d
 def run_all(params: Params, tracker=None, until: str = STEPS[-1]) -> dict[str, float]:
     """The steps in order in this process, without DVC (benchmarks and tests); returns each one's seconds."""
     timings: dict[str, float] = {}
-    for step in STEPS[: STEPS.index(until) + 1]:
-        for k in params.cluster.ks if registry.step(step).per_k else [None]:
-            name = step if k is None else f"{step}@{k}"
+    for step in registry.STEPS[: STEPS.index(until) + 1]:
+        for k in params.cluster.ks if step.per_k else [None]:
+            name = step.verb if k is None else f"{step.verb}@{k}"
             print(f"==> {name}", flush=True)
             t0 = time.perf_counter()
-            run_step(step, params, k, tracker)
+            run_step(step.verb, params, k, tracker)
             timings[name] = time.perf_counter() - t0
             print(f"<== {name} done in {timings[name]:.1f}s", flush=True)
     return timings
@@ -135,7 +135,7 @@ def _repro_stage(params: Params, stage: str) -> int:
     from grappa import workspace
 
     root = _workspace()
-    if stage in workspace.watched_sources(params):
+    if stage in workspace.watched_roots(params):
         problem = workspace.drift(root, params)
         if problem:
             raise ConfigError(problem)

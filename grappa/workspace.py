@@ -140,19 +140,19 @@ def _key(params: Params, dotted: str):
     return value
 
 
-def watched_sources(params: Params) -> dict[str, list[str]]:
-    """The stages that read image sources, and those sources."""
-    return {step.stage: _key(params, step.reads_sources) for step in STEPS if step.reads_sources}
+def watched_roots(params: Params) -> dict[str, list[str]]:
+    """The stages that read image sources, and the data roots of those sources DVC must watch."""
+    return {step.stage: data_roots(_key(params, step.reads_sources)) for step in STEPS if step.reads_sources}
 
 
-def _declared_roots(dvc_yaml: Path) -> dict[str, list[str]]:
-    """The data roots each watching stage of an existing dvc.yaml lists (deps outside code and outputs)."""
+def _declared_roots(dvc_yaml: Path, stages: list[str]) -> dict[str, list[str]]:
+    """The data roots ``stages`` of an existing dvc.yaml list (their deps outside code and outputs)."""
     import yaml
 
-    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {} if dvc_yaml.is_file() else {}
-    return {stage: [d for d in (stages.get(stage) or {}).get("deps") or []
+    declared = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {} if dvc_yaml.is_file() else {}
+    return {stage: [d for d in (declared.get(stage) or {}).get("deps") or []
                     if isinstance(d, str) and not d.startswith(CODE_PREFIX) and "${" not in d]
-            for stage in (step.stage for step in STEPS if step.reads_sources)}
+            for stage in stages}
 
 
 def check_outputs_inside(workspace: Path, params: Params) -> None:
@@ -169,13 +169,13 @@ def sync_data_deps(workspace: Path, params: Params) -> list[str]:
     Returns the data roots added and removed ("snapshot deps + root" / "index deps - root"), or that
     the stages were regenerated (the registry or the imports changed); empty means in sync.
     """
-    wanted = {stage: data_roots(sources) for stage, sources in watched_sources(params).items()}
+    wanted = watched_roots(params)
     for stage, roots in wanted.items():
         for root in roots:
             if not is_s3(root) and not (workspace / root).exists():
                 raise ConfigError(f"source not found: {root} (listed for the {stage} stage)")
     dvc_yaml = workspace / "dvc.yaml"
-    declared = _declared_roots(dvc_yaml)
+    declared = _declared_roots(dvc_yaml, list(wanted))
     changes = []
     for stage, roots in wanted.items():
         changes += [f"{stage} deps + {r}" for r in roots if r not in declared[stage]]
@@ -191,8 +191,8 @@ def sync_data_deps(workspace: Path, params: Params) -> list[str]:
 
 def drift(workspace: Path, params: Params) -> str | None:
     """None when dvc.yaml is what the registry generates for ``params``' sources, else what differs."""
-    wanted = {stage: data_roots(sources) for stage, sources in watched_sources(params).items()}
-    for stage, declared in _declared_roots(workspace / "dvc.yaml").items():
+    wanted = watched_roots(params)
+    for stage, declared in _declared_roots(workspace / "dvc.yaml", list(wanted)).items():
         if declared != wanted[stage]:
             return (f"dvc.yaml's {stage} stage watches {declared} but params.yaml's sources need {wanted[stage]}; "
                     "run 'grappa prepare' (grappa run and the Airflow DAG do it themselves)")

@@ -44,11 +44,10 @@ def test_dvc_yaml_is_what_the_registry_generates():
     from grappa import registry
     from grappa.config import load_params
     from grappa.dvc_yaml import render
-    from grappa.workspace import data_roots, watched_sources
+    from grappa.workspace import watched_roots
 
     params = load_params(REPO / "params.yaml")
-    roots = {stage: data_roots(sources) for stage, sources in watched_sources(params).items()}
-    assert (REPO / "dvc.yaml").read_text() == render(roots), "dvc.yaml is stale: run `grappa prepare`"
+    assert (REPO / "dvc.yaml").read_text() == render(watched_roots(params)), "dvc.yaml is stale: run `grappa prepare`"
     stages = dvc_yaml()
     assert list(stages) == [step.stage for step in registry.STEPS]
     for step in registry.STEPS:

@@ -57,7 +57,7 @@ def run(params: Params) -> dict:
     ks = params.cluster.ks
     backbone, preprocess, _ = create_backbone(params.backbone)
     model = assemble(params, backbone, with_fusion=True, load_fusion=True).to(pick_device())
-    inputs = load_inputs(layout(params), "query_db", preprocess, train=False,
+    inputs = load_inputs(out, "query_db", preprocess, train=False,
                          min_side=params.data.min_side, max_pixels=params.data.max_pixels)
     labels = inputs.labels.astype(str)
     methods: dict[str, dict] = {}

@@ -58,7 +58,7 @@ def run(params: Params, k: int) -> dict:
     backbone, preprocess, _ = create_backbone(params.backbone)
     inputs = load_inputs(layout(params), "unlabeled", preprocess, train=True,
                          min_side=params.data.min_side, max_pixels=params.data.max_pixels)
-    targets = torch.from_numpy(pseudo_labels_for(params, k, inputs.image_ids))
+    pseudo = pseudo_labels_for(params, k, inputs.image_ids)
     centroids = torch.from_numpy(np.load(layout(params).centroids(k)))
 
     model = build_model(params, backbone, [k])
@@ -74,8 +74,7 @@ def run(params: Params, k: int) -> dict:
     device = pick_device()
     model.to(device)
     classifier.to(device)
-    targets = targets.to(device)
-    objective = adaptor_objective(hp, classifier, targets)
+    objective = adaptor_objective(hp, classifier, torch.from_numpy(pseudo).to(device))
     two_views = objective.ranks_batch and hp.ap_positives == "augmentation"
     if two_views and not inputs.dataset.is_images:
         raise ConfigError("adaptor.ap_positives: 'augmentation' needs image inputs; set backbone.adapt_from_block: 0")
@@ -84,12 +83,12 @@ def run(params: Params, k: int) -> dict:
 
     def batches(generator):
         model.train()  # AP over pseudo-label positives: P clusters x K images per batch
-        return epoch_batches(dataset, targets.cpu().numpy(), batch_size, hp, objective.ranks_batch and not two_views,
+        return epoch_batches(dataset, pseudo, batch_size, hp, objective.ranks_batch and not two_views,
                              generator, params.extract.num_workers)
 
     step = partial(adaptor_step, model, objective, mode, device, images=dataset.is_images, two_views=two_views,
                    augment_scale=hp.prefix_augment_scale)
-    key = run_key(params, hp.model_dump(), k, data_fingerprint(targets.cpu().numpy()))
+    key = run_key(params, hp.model_dump(), k, data_fingerprint(pseudo))
     checkpoint = layout(params).checkpoint(f"adaptor_k{k}-{key}")
     history = fit(trainable, optimizer, hp.epochs, len(inputs.dataset) // batch_size, hp.warmup_epochs,
                   batches, step, checkpoint, params.seed, desc=f"adaptor k={k}")

@@ -38,7 +38,7 @@ from grappa.core.backbones import create_backbone
 from grappa.core.losses import CosineClassifier
 from grappa.core.metrics import knn_graph, knn_recall
 from grappa.core.model import FUSION, pick_device
-from grappa.core.objectives import Objective, fusion_terms
+from grappa.core.objectives import fusion_objective, fusion_terms
 from grappa.core.samplers import NeighbourPairs
 from grappa.core.training import data_fingerprint, fit, fusion_step, run_key
 from grappa.io import servable
@@ -78,15 +78,13 @@ def run(params: Params) -> dict:
     device = pick_device()
     model.to(device)
 
-    terms = fusion_terms(hp)
     heads = []  # (classifier, pseudo-labels of every unlabeled row) per k, frozen
-    if "pseudo_labels" in dict(terms):
+    if "pseudo_labels" in dict(fusion_terms(hp)):
         for k in params.cluster.ks:
             state = load_torch(layout(params).classifier(k))
             head = CosineClassifier(state["weight"], state["temperature"]).requires_grad_(False).to(device)
             heads.append((head, torch.from_numpy(pseudo_labels_for(params, k, inputs.image_ids)).to(device)))
-    objective = Objective(terms, hp, fusion=model.fusion, heads=heads)
-    step = partial(fusion_step, model, objective, device, images=pairs.is_images)
+    step = partial(fusion_step, model, fusion_objective(hp, model.fusion, heads), device, images=pairs.is_images)
 
     # the images, their neighbour graph and the adaptor sets' weights: other data, another checkpoint
     data = data_fingerprint(np.array(inputs.image_ids), neighbours, modules=model.adaptors.values())
