@@ -1,10 +1,14 @@
 """Airflow DAGs of grappa-pipeline.
 
-- ``grappa_pipeline``: the seven steps (task ids = dvc.yaml stage names), one ``train_adaptor``
-  instance per k, between the glue tasks ``plan`` and ``close_run``. Runs when the unlabeled-data
-  asset gets an event, or manually with conf ``{"sources": [...], "ks": [...], "params_file": "..."}``
-  (all optional). With the local runner the conf is first written into the workspace's params.yaml
-  (``grappa prepare``) and every step task runs ``grappa repro <stage>``: DVC reruns exactly what
+- ``grappa_pipeline``: the steps (task ids = dvc.yaml stage names) between the glue tasks ``plan``
+  and ``close_run``: ``extract`` mapped over the parts of the snapshot (one instance per shard of
+  ``extract.shards``, then ``merge_features`` joins them) and ``train_adaptor`` over k (one instance
+  per k of ``cluster.ks``), each fed its commands by a glue task ``plan_<task>``. Runs when the
+  unlabeled-data asset gets an event, or manually with conf
+  ``{"sources": [...], "ks": [...], "shards": N, "params_file": "..."}`` (all optional). With the
+  local runner the conf is first written into the workspace's params.yaml (``grappa prepare``,
+  which also writes the ``extract@<i>-of-<n>`` stages of ``shards`` into dvc.yaml) and every step
+  task runs ``grappa repro <stage>`` (``extract@0-of-2``, ``train_adaptor@8``): DVC reruns exactly what
   the new data or conf changed, and a task whose stage is up to date ends as *skipped* with a log
   line saying so. A run with nothing new at all stops at ``plan`` (``dvc status`` up to date, said
   in its log) and every later task shows as skipped: a visible no-op.
@@ -33,7 +37,6 @@ import runners  # noqa: E402
 import watchers  # noqa: E402
 
 UNLABELED = Asset(uri="grappa://data/unlabeled", name="grappa_unlabeled")
-STEP_TASKS = [task_id for task_id in runners.STEPS if task_id != runners.MAPPED]
 START = datetime(2026, 1, 1)
 # The watchers' poll schedule; empty: no schedule (triggered by hand or by the API only).
 WATCH_SCHEDULE = os.environ.get("GRAPPA_WATCH_SCHEDULE", "*/15 * * * *") or None
@@ -50,6 +53,7 @@ def build_pipeline(runner: str):
         params={
             "sources": Param(None, type=["null", "array"], items={"type": "string"}),
             "ks": Param(None, type=["null", "array"], items={"type": "integer", "minimum": 2}),
+            "shards": Param(None, type=["null", "integer"], minimum=1),
             "params_file": Param(None, type=["null", "string"]),
         },
         tags=["grappa"],
@@ -57,10 +61,10 @@ def build_pipeline(runner: str):
     )
     def grappa_pipeline():
         @task.short_circuit
-        def plan(params=None, ti=None, triggering_asset_events=None) -> list:
-            # Glue, not a step: a bad conf fails here at once, without retries. Returns one
-            # train_adaptor command per k (mapping needs the return value); the others go by key.
-            # Returns [] (every later task skipped) when DVC finds nothing to do.
+        def plan(params=None, ti=None, triggering_asset_events=None) -> bool:
+            # Glue, not a step: a bad conf fails here at once, without retries. Pushes every step's
+            # command (a list for a mapped step) under its task id. Returns False (every later task
+            # skipped) when DVC finds nothing to do.
             events = planning.trigger_events(triggering_asset_events)
             for event in events:
                 print(f"triggered by new data: source={event['source']} fingerprint={event['fingerprint']}")
@@ -73,19 +77,31 @@ def build_pipeline(runner: str):
             stale = planning.stale_stages(runner)
             if stale == []:
                 print("nothing to do: the data, params and code are those dvc.lock recorded; every step is skipped")
-                return []
+                return False
             if stale:
                 print(f"out of date (dvc status): {', '.join(stale)}; the stages after them rerun where their inputs change")
+            print(f"{commands['shards']} extract shard(s), k in {commands['ks']}")
             ti.xcom_push(key="trigger", value=json.dumps(events))
-            for name in (*STEP_TASKS, "close_run"):
+            for name in (*runners.STEPS, "close_run"):
                 ti.xcom_push(key=name, value=commands[name])
-            return commands[runners.MAPPED]
+            return True
+
+        @task
+        def fan_out(commands: list) -> list:
+            # Glue: a task maps only over another task's return value, so each mapped step gets its
+            # list of commands from plan through one of these.
+            return commands
 
         planned = plan()
-        # none_failed: a step skipped as up to date does not skip the steps after it (DVC decides there)
-        steps = [runners.step_operator(name, planned, runner, mapped=True, trigger_rule="none_failed")
-                 if name == runners.MAPPED else runners.step_operator(name, planned[name], runner, trigger_rule="none_failed")
-                 for name in runners.STEPS]  # in the registry's (pipeline) order
+
+        def step(name: str):
+            # none_failed: a step skipped as up to date does not skip the steps after it (DVC decides there)
+            if name in runners.MAPPED:
+                commands = fan_out.override(task_id=f"plan_{name}")(planned[name])
+                return runners.step_operator(name, commands, runner, mapped=True, trigger_rule="none_failed")
+            return runners.step_operator(name, planned[name], runner, trigger_rule="none_failed")
+
+        steps = [step(name) for name in runners.STEPS]  # in the registry's (pipeline) order
         # Closes the MLflow parent run (if a step opened one) whatever happened before.
         close = runners.step_operator("close_run", planned["close_run"], runner, trigger_rule="all_done")
         chain(planned, *steps, close)

@@ -24,7 +24,7 @@ def _params_file(conf: dict) -> str | None:
 
 
 def override_args(conf: dict) -> list[str]:
-    """The run conf as CLI options: ``params_file`` (else env GRAPPA_PARAMS), ``sources``, ``ks``."""
+    """The run conf as CLI options: ``params_file`` (else env GRAPPA_PARAMS), ``sources``, ``ks``, ``shards``."""
     argv = []
     params_file = _params_file(conf)
     if params_file:
@@ -33,16 +33,23 @@ def override_args(conf: dict) -> list[str]:
         argv += ["--set", "data.sources=" + json.dumps([str(s) for s in conf["sources"]])]
     if conf.get("ks"):
         argv += ["--set", "cluster.ks=" + json.dumps([int(k) for k in conf["ks"]])]
+    if conf.get("shards") is not None:
+        argv += ["--set", f"extract.shards={int(conf['shards'])}"]
     return argv
+
+
+def _file_params(conf: dict, missing: str) -> dict:
+    """The run's params file as a dict; ``missing`` names the conf key that would have spared reading it."""
+    path = runners.REPO / (_params_file(conf) or "params.yaml")
+    if not path.is_file():
+        raise ValueError(f"{path} not readable from the Airflow worker: pass '{missing}' in the run conf")
+    return yaml.safe_load(path.read_text()) or {}
 
 
 def planned_ks(conf: dict) -> list[int]:
     ks = conf.get("ks")
     if not ks:
-        path = runners.REPO / (_params_file(conf) or "params.yaml")
-        if not path.is_file():
-            raise ValueError(f"{path} not readable from the Airflow worker: pass 'ks' in the run conf")
-        ks = (yaml.safe_load(path.read_text()) or {}).get("cluster", {}).get("ks")
+        ks = (_file_params(conf, "ks").get("cluster") or {}).get("ks")
     ks = sorted(int(k) for k in ks or [])
     # Fail here, before any step starts, on what the CLI would reject anyway.
     if len(ks) < 2 or len(set(ks)) != len(ks) or ks[0] < 2:
@@ -50,27 +57,45 @@ def planned_ks(conf: dict) -> list[int]:
     return ks
 
 
+def planned_shards(conf: dict) -> int:
+    """How many parts extract runs as: the conf's ``shards``, else the params file's extract.shards (1 if unset)."""
+    shards = conf.get("shards")
+    if shards is None:
+        shards = (_file_params(conf, "shards").get("extract") or {}).get("shards", 1)
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise ValueError(f"extract.shards must be an integer >= 1, got {shards!r}")
+    return shards
+
+
 def plan(conf: dict, runner: str) -> dict:
-    """The command of every step for this run, in the runner's format.
+    """The command of every step for this run, in the runner's format; a mapped step (``runners.MAPPED``)
+    has a list, one command per item (per shard of ``shards``, per k of ``ks``).
 
     Local runs go through DVC: ``prepare`` writes the run conf into the workspace's params.yaml
-    (and the watched folders into dvc.yaml), then each task is ``grappa repro <stage>``, so dvc.lock
-    records what the DAG computed. Containers run the step CLI with the conf as ``--set`` options
-    (the image has no DVC workspace yet; see containers/README.md).
+    (and the watched folders and the shard stages into dvc.yaml), then each task is ``grappa repro
+    <stage>`` (``extract@0-of-2``, ``train_adaptor@8``), so dvc.lock records what the DAG computed.
+    Containers run the step CLI with the conf as ``--set`` options (``extract --shard 0/2``; the
+    image has no DVC workspace yet; see containers/README.md).
     """
-    ks = planned_ks(conf)
+    ks, shards = planned_ks(conf), planned_shards(conf)
+    values = {"cluster.ks": ks, "extract.shards": shards}  # the params the axes' items come from
+    mapped = [runners.registry.step(task_id) for task_id in runners.MAPPED]
     if runner == "local":
         commands = {task_id: render(runner, ["repro", task_id]) for task_id in runners.STEPS}
-        mapped = runners.registry.step(runners.MAPPED)
-        commands[runners.MAPPED] = [render(runner, ["repro", mapped.stage_name(k)]) for k in ks]
-        return {"ks": ks, "prepare": render(runner, [*override_args(conf), "prepare"]),
+        for step in mapped:
+            commands[step.stage] = [render(runner, ["repro", step.stage_name(item)])
+                                    for item in step.axis.items_of(values[step.axis.key])]
+        return {"ks": ks, "shards": shards, "prepare": render(runner, [*override_args(conf), "prepare"]),
                 "close_run": render(runner, ["close-run"]), **commands}
     argv = override_args(conf)
     if "--params" not in argv:
         argv = ["--params", "params.yaml", *argv]
-    commands = {task_id: render(runner, [*argv, step]) for task_id, step in runners.STEPS.items()}
-    commands[runners.MAPPED] = [render(runner, [*argv, runners.STEPS[runners.MAPPED], "--k", str(k)]) for k in ks]
-    return {"ks": ks, "prepare": None, "close_run": render(runner, [*argv, "close-run"]), **commands}
+    commands = {task_id: render(runner, [*argv, verb]) for task_id, verb in runners.STEPS.items()}
+    for step in mapped:
+        commands[step.stage] = [render(runner, [*argv, step.verb, f"--{step.mapped}", step.axis.arg(item)])
+                                for item in step.axis.items_of(values[step.axis.key])]
+    return {"ks": ks, "shards": shards, "prepare": None, "close_run": render(runner, [*argv, "close-run"]),
+            **commands}
 
 
 def render(runner: str, argv: list[str]) -> str | list[str]:

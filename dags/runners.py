@@ -20,17 +20,22 @@ from grappa import registry  # noqa: E402  (standard library only, like this mod
 
 RUNNERS = ("local", "docker", "k8s")
 STEPS = {step.stage: step.verb for step in registry.STEPS}  # task id (= dvc stage name) -> CLI verb
-MAPPED = next(step.stage for step in registry.STEPS if step.per_k)  # one task instance per k
+# mapped task id -> its one axis: extract one instance per shard, train_adaptor one per k
+MAPPED = {step.stage: step.mapped for step in registry.STEPS if step.mapped}
 PIPELINE_DAG = "grappa_pipeline"
 UP_TO_DATE_EXIT = 99  # `grappa repro` found the stage up to date: the task shows as skipped
 WORKSPACE = "/workspace"  # containers: WORKDIR of the image, where the shared volume is mounted
-# The operator field that receives the CLI arguments, and how the UI names a mapped instance.
+# The operator field that receives the CLI arguments, and where a mapped instance's item is in it:
+# the last argument ('... train-adaptor --k 8', '... extract --shard 0/2'), or the stage's label
+# ('... repro train_adaptor@8', '... repro extract@0-of-2', shown as 0/2 like the CLI spells it).
 COMMAND_FIELD = {"local": "bash_command", "docker": "command", "k8s": "arguments"}
-MAP_INDEX_TEMPLATE = {
-    "local": "k={{ task.bash_command.split()[-1].split('@')[-1] }}",  # '... repro train_adaptor@8'
-    "docker": "k={{ task.command[-1] }}",
-    "k8s": "k={{ task.arguments[-1] }}",
+MAP_INDEX_ITEM = {
+    "local": "task.bash_command.split()[-1].split('@')[-1].replace('-of-', '/')",
+    "docker": "task.command[-1]",
+    "k8s": "task.arguments[-1]",
 }
+# How many instances of a mapped task run at once, by axis.
+PARALLEL_ENV = {"k": "GRAPPA_MAX_PARALLEL_K", "shard": "GRAPPA_MAX_PARALLEL_SHARDS"}
 AIRFLOW_CONTEXT_ENV = {"AIRFLOW_CTX_DAG_ID": "{{ dag.dag_id }}", "AIRFLOW_CTX_TASK_ID": "{{ task.task_id }}",
                        "AIRFLOW_CTX_DAG_RUN_ID": "{{ run_id }}"}
 # What started the run (asset events' source and fingerprint), handed to every step for its MLflow tags.
@@ -64,25 +69,29 @@ def retry_kwargs() -> dict:
 
 
 def step_operator(task_id: str, command, runner: str, mapped: bool = False, **extra):
-    """The operator running one step; with ``mapped`` one instance per element of ``command``."""
+    """The operator running one step; with ``mapped`` one instance per element of ``command``, over
+    the step's one axis (``MAPPED``): named ``k=8`` / ``shard=0/2`` in the UI, at most
+    :func:`parallel` of them at once."""
     cls, kwargs = _operator_spec(task_id, runner)
     kwargs.update(retry_kwargs(), do_xcom_push=False, skip_on_exit_code=UP_TO_DATE_EXIT, **extra)
     field = COMMAND_FIELD[runner]
     if not mapped:
         return cls(**kwargs, **{field: command})
+    axis = MAPPED[task_id]
     kwargs.update(
-        map_index_template=MAP_INDEX_TEMPLATE[runner],
-        max_active_tis_per_dagrun=parallel_k(runner),
+        map_index_template=f"{axis}={{{{ {MAP_INDEX_ITEM[runner]} }}}}",
+        max_active_tis_per_dagrun=parallel(axis, runner),
     )
     return cls.partial(**kwargs).expand(**{field: command})
 
 
-def parallel_k(runner: str) -> int:
-    """How many adaptor sets train at once (GRAPPA_MAX_PARALLEL_K). A local one already uses every
-    core of the worker (torch threads): on 2 cores, two at once took 831 s against 519 s one after
+def parallel(axis: str, runner: str) -> int:
+    """How many instances of a task mapped over ``axis`` run at once (GRAPPA_MAX_PARALLEL_K,
+    GRAPPA_MAX_PARALLEL_SHARDS). A local adaptor set or extraction already uses every core of the
+    worker (torch threads): on 2 cores, two adaptor sets at once took 831 s against 519 s one after
     the other, so locally one per 4 cores; a container or pod brings its own cores (or GPU)."""
     default = max(1, (os.cpu_count() or 1) // 4) if runner == "local" else 2
-    return env_int("GRAPPA_MAX_PARALLEL_K", default)
+    return env_int(PARALLEL_ENV[axis], default)
 
 
 def _operator_spec(task_id: str, runner: str) -> tuple[type, dict]:

@@ -1,8 +1,10 @@
 """``grappa <verb>``: the single entry point used by dvc.yaml, the Airflow DAG and the containers.
 
-Verbs: the seven steps (``snapshot`` ... ``index``, one DVC stage each), ``run`` (the whole pipeline
-through ``dvc repro``), ``repro STAGE`` (one stage through DVC, as an Airflow task runs it), ``embed``
-and ``search`` (use the model), ``check``, ``open-run``/``close-run`` (MLflow parent runs).
+Verbs: the steps (``snapshot`` ... ``index``, as grappa/registry.py declares them; one DVC stage
+each, or one per item for a mapped step: ``extract --shard I/N``, ``train-adaptor --k K``, every
+item in turn without the option), ``run`` (the whole pipeline through ``dvc repro``), ``repro
+STAGE`` (one stage through DVC, as an Airflow task runs it), ``embed`` and ``search`` (use the
+model), ``check``, ``open-run``/``close-run`` (MLflow parent runs).
 
 User mistakes (bad params, missing inputs, unreadable sources) end with one line on stderr and a
 non-zero exit code, never a traceback: 2 params/sources, 3 storage, 4 tracking (MLflow), 130 interrupted;
@@ -45,40 +47,66 @@ def _parse_set(items: list[str]) -> dict:
     return overrides
 
 
-def _execute(verb: str, params: Params, k: int | None = None) -> dict:
+def _execute(verb: str, params: Params, item=None) -> dict:
     step = registry.step(verb)
     # Imported on use: `grappa --help` and param validation must not pay for torch/faiss.
     module = importlib.import_module(step.module)
-    return module.run(params, k) if step.per_k else module.run(params)
+    return module.run(params, item) if step.mapped else module.run(params)
 
 
-def run_step(step: str, params: Params, k: int | None = None, tracker=None) -> dict:
-    """Run one pure step; with a tracker, record it as an MLflow (child) run *after* its outputs exist."""
+def run_step(step: str, params: Params, item=None, tracker=None) -> dict:
+    """Run one pure step (of a mapped step, one item: a k, a :class:`~grappa.io.layout.Shard`); with a
+    tracker, record it as an MLflow (child) run *after* its outputs exist."""
     started = time.time()
     try:
-        result = _execute(step, params, k)
+        result = _execute(step, params, item)
     except BaseException as err:
         if tracker is not None and not isinstance(err, KeyboardInterrupt):
             with contextlib.suppress(Exception):  # best effort: the step's own error is what matters
-                tracker.log_step(step, params, k, started, error=err)
+                tracker.log_step(step, params, item, started, error=err)
         raise
     if tracker is not None:
-        tracker.log_step(step, params, k, started)
+        tracker.log_step(step, params, item, started)
     return result
 
 
+def _run_name(step: registry.Step, item) -> str:
+    return step.verb if item is None else f"{step.verb}@{step.axis.label(item)}"
+
+
 def run_all(params: Params, tracker=None, until: str = STEPS[-1]) -> dict[str, float]:
-    """The steps in order in this process, without DVC (benchmarks and tests); returns each one's seconds."""
+    """The steps in order in this process, without DVC (benchmarks and tests), every item of a mapped
+    step in turn; returns each run's seconds (``extract@0-of-2``, ``train-adaptor@64``, ``cluster``)."""
     timings: dict[str, float] = {}
     for step in registry.STEPS[: STEPS.index(until) + 1]:
-        for k in params.cluster.ks if step.per_k else [None]:
-            name = step.verb if k is None else f"{step.verb}@{k}"
+        for item in step.items(params):
+            name = _run_name(step, item)
             print(f"==> {name}", flush=True)
             t0 = time.perf_counter()
-            run_step(step.verb, params, k, tracker)
+            run_step(step.verb, params, item, tracker)
             timings[name] = time.perf_counter() - t0
             print(f"<== {name} done in {timings[name]:.1f}s", flush=True)
     return timings
+
+
+def step_items(step: registry.Step, params: Params, given: str | int | None) -> list:
+    """The items a step verb runs: the one its option names, or all of them in turn (``[None]`` for
+    an unmapped step). A malformed item is a ConfigError (one line, exit 2)."""
+    if step.axis is None or given is None:
+        return step.items(params)
+    try:
+        return [step.axis.parse(given)]
+    except ValueError as err:
+        raise ConfigError(f"--{step.mapped}: {err}") from None
+
+
+def _run_step_verb(verb: str, params: Params, given, tracker) -> None:
+    step = registry.step(verb)
+    items = step_items(step, params, given)
+    for item in items:
+        if len(items) > 1:
+            print(f"==> {_run_name(step, item)}", flush=True)
+        run_step(verb, params, item, tracker)
 
 
 # --------------------------------------------------------------------------- through DVC
@@ -106,6 +134,7 @@ def _run_pipeline(params: Params) -> int:
     """`grappa run`: `dvc repro` of the whole pipeline, one MLflow parent run around the stages that ran."""
     from grappa import workspace
 
+    started = time.perf_counter()
     root = _workspace()
     prepare_workspace(root, params)
     tracker = tracking.from_params(params)
@@ -123,6 +152,7 @@ def _run_pipeline(params: Params) -> int:
         return 1
     if result.ran:
         print("step timings (s): " + ", ".join(f"{k}={v:.1f}" for k, v in result.ran.items()))
+        print(f"wall time (s): {time.perf_counter() - started:.1f}")
     if result.skipped:
         print(f"up to date (skipped): {', '.join(result.skipped)}")
     if not result.ran and not result.restored:
@@ -135,7 +165,8 @@ def _repro_stage(params: Params, stage: str) -> int:
     from grappa import workspace
 
     root = _workspace()
-    if stage in workspace.watched_roots(params):
+    # the stages dvc.yaml spells out from params.yaml: the data roots they watch, the shards they run
+    if stage in workspace.watched_roots(params) or stage.partition("@")[0] in workspace.SHARD_DEPENDENT:
         problem = workspace.drift(root, params)
         if problem:
             raise ConfigError(problem)
@@ -165,15 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="step", required=True)
 
     def verb(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, parents=[common])
+        return sub.add_parser(name, help=help, description=help, parents=[common])
 
     for step in registry.STEPS:
         parser_of_step = verb(step.verb, help=step.summary)
-        if step.per_k:
-            parser_of_step.add_argument("--k", type=int, required=True, help="the k of cluster.ks to train")
+        if step.axis is not None:  # parsed by step_items: a malformed item is a one-line error
+            parser_of_step.add_argument(f"--{step.mapped}", dest="item", default=None, metavar=step.axis.metavar,
+                                        help=step.axis.help)
     verb("run", help="the whole pipeline through `dvc repro` (reruns only what changed)")
     verb("repro", help="one DVC stage (what an Airflow task runs); exit 99 if up to date").add_argument(
-        "stage", help="a dvc.yaml stage, e.g. extract or train_adaptor@64")
+        "stage", help="a dvc.yaml stage, e.g. cluster, extract@0-of-2 or train_adaptor@64")
     embed = verb("embed", help="embeddings of images (folders, manifests, s3:// prefixes) as Parquet")
     embed.add_argument("sources", nargs="+", help="image sources, like data.sources")
     embed.add_argument("--out", required=True, help="Parquet file to write")
@@ -252,7 +284,7 @@ def _dispatch(args, params: Params) -> int:
     elif args.step == "close-run":
         return _close_run(tracker, args)
     else:
-        run_step(args.step, params, getattr(args, "k", None), tracker)
+        _run_step_verb(args.step, params, getattr(args, "item", None), tracker)
     return 0
 
 

@@ -49,6 +49,9 @@ class ExtractParams(_Strict):
     batch_size: int = Field(default=32, ge=1)
     num_workers: int = Field(default=2, ge=0)
     cache_dir: str = ".cache/features"
+    # `extract --shard i/n` for i < shards: one part of the snapshot each (a mapped Airflow task,
+    # a DVC foreach stage); `merge-features` joins them
+    shards: int = Field(default=1, ge=1, le=1024)  # Airflow's default max_map_length
 
 
 class ClusterParams(_Strict):
@@ -148,6 +151,9 @@ class TrackingParams(_Strict):
 class Params(_Strict):
     seed: int = 0
     out_dir: str = "outputs"
+    # Peak memory of a step's streamed data buffers (feature and activation chunks read from the
+    # store); it changes no result, so no stage depends on it.
+    memory_budget_mb: int = Field(default=1024, ge=64)
     data: DataParams
     backbone: BackboneParams = BackboneParams()
     extract: ExtractParams = ExtractParams()

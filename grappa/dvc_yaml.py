@@ -5,12 +5,19 @@ its layout inputs, the data roots of its image sources, and its code: the import
 module inside ``grappa/`` (lazy imports included), minus the modules that cannot change what it
 computes (:data:`NOT_CODE_DEPS`). Editing the CLI, tracking or the registry reruns no stage;
 editing e.g. ``io/plots.py`` reruns only ``evaluate``.
+
+A mapped step is a ``foreach`` stage: over ``${cluster.ks}`` (DVC reads the k list from params.yaml)
+or over the labels of the ``extract.shards`` parts, written out (``[0-of-2, 1-of-2]``: DVC cannot
+make a list from a count), so this file is generated for one shard count and ``grappa prepare``
+rewrites it when ``extract.shards`` changes. A ``{shard}`` template of a step that is not mapped
+over shards (the merge) is one dep per part.
 """
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
+from grappa.io.layout import shards as shards_of
 from grappa.registry import STEPS, Out, Step
 
 PACKAGE = Path(__file__).resolve().parent
@@ -26,6 +33,9 @@ HEADER = """\
 # themselves; tests/test_dvc.py fails when this file is stale). `dvc repro` reruns exactly the stages
 # whose code, data, inputs or params changed; stage names equal the Airflow task ids.
 #
+# - extract@<i>-of-<n>: one stage per part of the snapshot, n = extract.shards (written out here, so
+#   `grappa prepare` regenerates this file when it changes); merge_features joins the parts;
+# - train_adaptor@<k>: one stage per k of cluster.ks;
 # - code deps: the step module's import closure inside grappa/, without the CLI, the registry and
 #   tracking (they dispatch and record; they compute nothing a stage writes);
 # - params: the params.yaml keys the step reads;
@@ -72,23 +82,39 @@ def code_deps(module: str) -> list[str]:
     return sorted(f for f in files if not any(f == x or (x.endswith("/") and f.startswith(x)) for x in NOT_CODE_DEPS))
 
 
-def _template(path: str, per_k: bool) -> str:
-    return "${out_dir}/" + path.replace("{k}", "${item}" if per_k else "{k}")
+# The foreach of a stage mapped over a list param: DVC interpolates it from params.yaml.
+FOREACH = {"k": "${cluster.ks}"}
 
 
-def _out_lines(out: Out, per_k: bool, pad: str) -> list[str]:
+def _paths(template: str, step: Step, shards: int) -> list[str]:
+    """The dvc.yaml paths of a layout template in ``step``'s stage: its own axis is ``${item}``; a
+    ``{shard}`` the step is not mapped over is one path per part."""
+    path = "${out_dir}/" + (template.replace("{" + step.mapped + "}", "${item}") if step.mapped else template)
+    if "{shard}" in path:
+        return [path.replace("{shard}", shard.label) for shard in shards_of(shards)]
+    return [path]
+
+
+def _out_lines(out: Out, step: Step, shards: int, pad: str) -> list[str]:
     lines = [f"{pad}# {out.note}"] if out.note else []
     flags = ([f"{pad}    persist: true"] if out.persist else []) + ([f"{pad}    cache: false"] if not out.cache else [])
-    path = _template(out.path, per_k)
-    return lines + ([f"{pad}- {path}:", *flags] if flags else [f"{pad}- {path}"])
+    for path in _paths(out.path, step, shards):
+        lines += [f"{pad}- {path}:", *flags] if flags else [f"{pad}- {path}"]
+    return lines
 
 
-def stage_lines(step: Step, data_roots: list[str]) -> list[str]:
-    pad = "      " if step.per_k else "    "
-    cmd = f"python -m grappa {step.verb}" + (" --k ${item}" if step.per_k else "")
+def _foreach(step: Step, shards: int) -> str:
+    if step.mapped == "shard":  # a count: the labels of its parts, written out
+        return "[" + ", ".join(shard.label for shard in shards_of(shards)) + "]"
+    return FOREACH[step.mapped]
+
+
+def stage_lines(step: Step, data_roots: list[str], shards: int) -> list[str]:
+    pad = "      " if step.mapped else "    "
+    cmd = f"python -m grappa {step.verb}" + (f" --{step.mapped} ${{item}}" if step.mapped else "")
     body = [f"{pad}cmd: {cmd}", f"{pad}deps:"]
     body += [f"{pad}  - {path}" for path in code_deps(step.module)]
-    body += [f"{pad}  - {_template(path, step.per_k)}" for path in step.deps]
+    body += [f"{pad}  - {path}" for template in step.deps for path in _paths(template, step, shards)]
     body += [f"{pad}  - {root}" for root in data_roots]
     body += [f"{pad}params:", *[f"{pad}  - {key}" for key in step.params]]
     for kind in ("outs", "metrics", "plots"):
@@ -96,17 +122,18 @@ def stage_lines(step: Step, data_roots: list[str]) -> list[str]:
         if outs:
             body.append(f"{pad}{kind}:")
             for out in outs:
-                body += _out_lines(out, step.per_k, pad + "  ")
+                body += _out_lines(out, step, shards, pad + "  ")
     head = [f"  # {step.summary}", f"  {step.stage}:"]
-    if step.per_k:
-        head += ["    foreach: ${cluster.ks}", "    do:"]
+    if step.mapped:
+        head += [f"    foreach: {_foreach(step, shards)}", "    do:"]
     return head + body
 
 
-def render(data_roots: dict[str, list[str]]) -> str:
-    """The whole dvc.yaml; ``data_roots`` maps a stage to the data folders it watches."""
+def render(data_roots: dict[str, list[str]], shards: int) -> str:
+    """The whole dvc.yaml; ``data_roots`` maps a stage to the data folders it watches, ``shards`` is
+    ``extract.shards``."""
     lines = [HEADER.rstrip("\n"), "", "stages:"]
     for step in STEPS:
-        lines += stage_lines(step, data_roots.get(step.stage, []))
+        lines += stage_lines(step, data_roots.get(step.stage, []), shards)
         lines.append("")
     return "\n".join(lines).rstrip("\n") + "\n"

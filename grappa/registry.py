@@ -1,4 +1,4 @@
-"""The seven steps, declared once: what the CLI, dvc.yaml, the Airflow DAG and MLflow tracking read.
+"""The steps, declared once: what the CLI, dvc.yaml, the Airflow DAG and MLflow tracking read.
 
 One :class:`Step` per step gives its CLI verb (``train-adaptor``; the DVC stage and Airflow task id
 is the same word with ``_``: ``train_adaptor``), the module whose ``run()`` computes it, the
@@ -6,11 +6,19 @@ params.yaml keys it reads (DVC params deps, and the params of its MLflow run), i
 outputs as :mod:`grappa.io.layout` templates, and its report (logged as MLflow metrics).
 ``dvc.yaml`` is generated from these declarations (:mod:`grappa.dvc_yaml`).
 
+A step can be ``mapped`` over one :class:`Axis`: one independent run per item, the item being the
+second argument of its ``run()``. ``k`` (the items of ``cluster.ks``: ``train-adaptor --k 64``, DVC
+stage ``train_adaptor@64``) and ``shard`` (the parts of the snapshot, ``extract.shards`` of them:
+``extract --shard 0/2``, stage ``extract@0-of-2``). The same item has the same name everywhere:
+the DVC stage, the Airflow map index (``shard=0/2``), the MLflow child run.
+
 Standard library only: the Airflow DAG processor imports it on every parse.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from grappa.io import layout as L
 
@@ -27,6 +35,43 @@ class Out:
 
 
 @dataclass(frozen=True)
+class Axis:
+    """What a mapped step runs once per item of. ``name`` is the CLI option (``--k``), the
+    :meth:`grappa.io.layout.Layout.path` keyword of its templates (``{k}``) and the Airflow map index
+    (``k=64``)."""
+
+    name: str
+    key: str  # the params key whose value gives the items
+    metavar: str
+    help: str  # the CLI option's help
+    items_of: Callable[[Any], list]  # the value of ``key`` -> the items, in order
+    parse: Callable[[str], Any]  # the CLI spelling -> an item (ValueError when malformed)
+    label: Callable[[Any], str] = str  # in stage names, dvc.yaml foreach items and layout paths
+    arg: Callable[[Any], str] = str  # the CLI spelling of an item
+
+    def items(self, params) -> list:
+        value = params
+        for part in self.key.split("."):
+            value = getattr(value, part)
+        return self.items_of(value)
+
+
+def _k(text: str) -> int:
+    if not str(text).strip().isdigit():
+        raise ValueError(f"k '{text}': expected an integer of cluster.ks, e.g. 64")
+    return int(text)
+
+
+AXES = {
+    "k": Axis("k", "cluster.ks", "K", "the k of cluster.ks to train (default: every k of cluster.ks, one after "
+              "the other)", items_of=list, parse=_k),
+    "shard": Axis("shard", "extract.shards", "I/N", "the part I of N = extract.shards of the snapshot to extract, "
+                  "e.g. 0/4 (default: every part, one after the other; merge-features then joins them)",
+                  items_of=L.shards, parse=L.Shard.parse, label=lambda shard: shard.label),
+}
+
+
+@dataclass(frozen=True)
 class Step:
     verb: str
     summary: str
@@ -34,10 +79,14 @@ class Step:
     deps: tuple[str, ...]  # layout templates of its inputs (code deps are derived from imports)
     outs: tuple[Out, ...]
     report: str  # layout template of the JSON report logged to MLflow
-    per_k: bool = False  # one independent run per k in cluster.ks (`--k K`, foreach, mapped task)
+    mapped: str | None = None  # an axis of AXES: one independent run per item (`--k K`, foreach, mapped task)
     reads_sources: str | None = None  # params key of the image sources whose data roots it watches
     # (split, MLflow context) of the datasets the step learns from or is scored on, logged as run inputs
     datasets: tuple[tuple[str, str], ...] = (("unlabeled", "training"),)
+
+    def __post_init__(self):
+        if self.mapped is not None and self.mapped not in AXES:
+            raise ValueError(f"step {self.verb}: no axis '{self.mapped}'; the axes are {', '.join(AXES)}")
 
     @property
     def stage(self) -> str:
@@ -47,8 +96,21 @@ class Step:
     def module(self) -> str:
         return f"grappa.steps.{self.stage}"
 
-    def stage_name(self, k: int | None = None) -> str:
-        return f"{self.stage}@{k}" if self.per_k and k is not None else self.stage
+    @property
+    def axis(self) -> Axis | None:
+        return AXES[self.mapped] if self.mapped else None
+
+    def items(self, params) -> list:
+        """What one full run of the step runs over: the axis' items of ``params``, or ``[None]``."""
+        return self.axis.items(params) if self.axis else [None]
+
+    def stage_name(self, item=None) -> str:
+        """``extract@0-of-2``, ``train_adaptor@64``; the stage alone for an unmapped step or no item."""
+        return f"{self.stage}@{self.axis.label(item)}" if self.axis and item is not None else self.stage
+
+    def path_args(self, item=None) -> dict:
+        """The :meth:`grappa.io.layout.Layout.path` keywords of one item (``{"shard": Shard(0, 2)}``)."""
+        return {self.mapped: item} if self.axis and item is not None else {}
 
 
 BASE = ("seed", "out_dir")
@@ -62,9 +124,20 @@ STEPS: tuple[Step, ...] = (
          deps=(), outs=(Out(L.SNAPSHOT, persist=True,
                             note="persistent: the previous manifest is the hash cache (unchanged files are not re-read)"),),
          report=L.SNAPSHOT_REPORT, reads_sources="data.sources", datasets=BOTH_SPLITS),
-    Step("extract", "step 2: frozen backbone features (cached by content hash)",
+    # one run per part of the snapshot (extract.shards of them, in the "extract" section it reads)
+    Step("extract", "step 2: frozen backbone features of one part of the snapshot (cached by content hash)",
          params=(*BASE, "backbone", "extract", *IMAGES),
-         deps=(L.MANIFEST,), outs=(Out(L.EXTRACT, note="a folder: prefix.npy exists only when backbone.adapt_from_block > 0"),),
+         deps=(L.MANIFEST,),
+         outs=(Out(L.EXTRACT_PART, note="a folder: features.parquet, report.json, and prefix.npy when "
+                                        "backbone.adapt_from_block > 0"),),
+         report=L.PART_REPORT, mapped="shard", datasets=()),
+    # the parts' folders: one dep per shard of extract.shards
+    Step("merge-features", "step 2b: the extracted parts as one feature table (prefix activations stay in the parts)",
+         params=(*BASE, "extract.shards"),
+         deps=(L.EXTRACT_PART,),
+         outs=(Out(L.FEATURES), Out(L.PREFIX_INDEX, note="lists the parts' prefix.npy in row order (empty "
+                                                          "when backbone.adapt_from_block is 0)"),
+               Out(L.EXTRACT_REPORT)),
          report=L.EXTRACT_REPORT, datasets=BOTH_SPLITS),
     Step("cluster", "step 3: spherical k-means at every k",
          params=(*BASE, "cluster"),
@@ -73,22 +146,23 @@ STEPS: tuple[Step, ...] = (
          report=L.CLUSTER_REPORT),
     Step("train-adaptor", "step 4: one adaptor set on the k pseudo-labels",
          params=(*BASE, "backbone", "adaptor", *IMAGES, "extract.num_workers"),
-         # prefix.npy is read too: a function of features.parquet's content hashes and the backbone params
-         deps=(L.FEATURES, L.PSEUDO_LABELS, L.CENTROIDS),
+         # prefix.json: the parts' prefix activations it lists are read too (a function of
+         # features.parquet's content hashes and the backbone params)
+         deps=(L.FEATURES, L.PREFIX_INDEX, L.PSEUDO_LABELS, L.CENTROIDS),
          outs=(Out(L.ADAPTOR), Out(L.ADAPTOR_REPORT), Out(L.CLASSIFIER, note="the frozen stage-1 classifier, for fusion.objective: pseudo_labels")),
-         report=L.ADAPTOR_REPORT, per_k=True),
+         report=L.ADAPTOR_REPORT, mapped="k"),
     Step("train-fusion", "step 5: granularity fusion; exports the servable model",
          params=(*BASE, "backbone", "adaptor", "fusion", "cluster.ks", *IMAGES, "extract.num_workers",
                  "evaluate.batch_size"),
          # the adaptors folder orders this stage after every train_adaptor@K, whatever cluster.ks holds
-         deps=(L.FEATURES, L.CLUSTER, L.ADAPTORS),
+         deps=(L.FEATURES, L.PREFIX_INDEX, L.CLUSTER, L.ADAPTORS),
          outs=(Out(L.FUSION), Out(L.KNN), Out(L.FUSION_REPORT),
                Out(L.MODEL, note="the servable model (weights + architecture + preprocessing)")),
          report=L.FUSION_REPORT),
     Step("evaluate", "step 6: retrieval metrics, table and plots; registers and promotes the model",
          params=(*BASE, "backbone", "adaptor.reduction", "fusion.attn_dim", "cluster.ks", *IMAGES,
                  "extract.num_workers", "evaluate", "tracking.registered_model"),
-         deps=(L.FEATURES, L.ADAPTORS, L.FUSION, L.MODEL),
+         deps=(L.FEATURES, L.PREFIX_INDEX, L.ADAPTORS, L.FUSION, L.MODEL),
          outs=(Out(L.RESULTS),
                Out(L.CHAMPION, cache=False, note="which model serves: changes only when `champion` moves, "
                                                  "so `index` reruns exactly then"),
@@ -97,8 +171,8 @@ STEPS: tuple[Step, ...] = (
     Step("index", "step 7: faiss index of the catalogue with the champion model",
          params=(*BASE, "backbone", "index", *IMAGES, "extract.num_workers"),
          # the manifest is the catalogue when index.sources is empty; images extract holds are fed
-         # from its prefix cache
-         deps=(L.MANIFEST, L.FEATURES, L.CHAMPION),
+         # from its prefix activations
+         deps=(L.MANIFEST, L.FEATURES, L.PREFIX_INDEX, L.CHAMPION),
          outs=(Out(L.INDEX, persist=True, note="persistent: new catalogue images are added to the existing index"),),
          report=L.INDEX_REPORT, reads_sources="index.sources", datasets=()),
 )

@@ -11,7 +11,9 @@ outputs are what ``dvc.yaml`` computes from ``params.yaml``. So
   ``index.sources``, so ``dvc status`` sees images land, change or vanish. DVC cannot derive those
   paths from params.yaml (it interpolates no lists into ``deps``), so :func:`sync_data_deps` writes
   ``dvc.yaml`` as the step registry generates it (grappa.dvc_yaml) with those roots; every entry
-  point calls it and ``grappa check`` reports a drift.
+  point calls it and ``grappa check`` reports a drift;
+- likewise the ``extract@<i>-of-<n>`` stages (one per part of ``extract.shards``) and the merge's
+  deps on those parts are written out in ``dvc.yaml``: a changed shard count is a drift too.
 """
 from __future__ import annotations
 
@@ -31,6 +33,10 @@ from grappa.io.storage import is_s3
 from grappa.registry import STEPS
 
 CODE_PREFIX = "grappa/"
+SHARDED = [step.stage for step in STEPS if step.mapped == "shard"]  # extract: one stage per part
+# the stages whose dvc.yaml entry depends on extract.shards: the parts and the merge of the parts
+SHARD_DEPENDENT = SHARDED + [step.stage for step in STEPS if step.mapped != "shard"
+                             and any("{shard}" in path for path in (*step.deps, *(o.path for o in step.outs)))]
 UP_TO_DATE_EXIT = 99  # Airflow's skip_on_exit_code default: a task with nothing to do shows as skipped
 
 
@@ -145,11 +151,28 @@ def watched_roots(params: Params) -> dict[str, list[str]]:
     return {step.stage: data_roots(_key(params, step.reads_sources)) for step in STEPS if step.reads_sources}
 
 
-def _declared_roots(dvc_yaml: Path, stages: list[str]) -> dict[str, list[str]]:
-    """The data roots ``stages`` of an existing dvc.yaml list (their deps outside code and outputs)."""
+def generated(params: Params) -> str:
+    """The dvc.yaml the registry generates for ``params``: its sources' data roots, its shard count."""
+    return render_dvc_yaml(watched_roots(params), params.extract.shards)
+
+
+def _declared_stages(dvc_yaml: Path) -> dict:
     import yaml
 
-    declared = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {} if dvc_yaml.is_file() else {}
+    return (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {} if dvc_yaml.is_file() else {}
+
+
+def _declared_shards(dvc_yaml: Path) -> int | None:
+    """How many parts the extract stages of an existing dvc.yaml run (their foreach), None if unknown."""
+    declared = _declared_stages(dvc_yaml)
+    counts = {len(foreach) for stage in SHARDED
+              if isinstance(foreach := (declared.get(stage) or {}).get("foreach"), list)}
+    return counts.pop() if len(counts) == 1 else None
+
+
+def _declared_roots(dvc_yaml: Path, stages: list[str]) -> dict[str, list[str]]:
+    """The data roots ``stages`` of an existing dvc.yaml list (their deps outside code and outputs)."""
+    declared = _declared_stages(dvc_yaml)
     return {stage: [d for d in (declared.get(stage) or {}).get("deps") or []
                     if isinstance(d, str) and not d.startswith(CODE_PREFIX) and "${" not in d]
             for stage in stages}
@@ -166,8 +189,9 @@ def check_outputs_inside(workspace: Path, params: Params) -> None:
 def sync_data_deps(workspace: Path, params: Params) -> list[str]:
     """Write dvc.yaml as the registry generates it, watching the data roots of ``params``' sources.
 
-    Returns the data roots added and removed ("snapshot deps + root" / "index deps - root"), or that
-    the stages were regenerated (the registry or the imports changed); empty means in sync.
+    Returns the data roots added and removed ("snapshot deps + root" / "index deps - root"), the
+    shard count's change ("extract stages: 1 -> 4 shards"), or that the stages were regenerated (the
+    registry or the imports changed); empty means in sync.
     """
     wanted = watched_roots(params)
     for stage, roots in wanted.items():
@@ -180,7 +204,10 @@ def sync_data_deps(workspace: Path, params: Params) -> list[str]:
     for stage, roots in wanted.items():
         changes += [f"{stage} deps + {r}" for r in roots if r not in declared[stage]]
         changes += [f"{stage} deps - {r}" for r in declared[stage] if r not in roots]
-    text = render_dvc_yaml(wanted)
+    shards = _declared_shards(dvc_yaml)
+    if shards is not None and shards != params.extract.shards:
+        changes.append(f"extract stages: {shards} -> {params.extract.shards} shards")
+    text = generated(params)
     if not dvc_yaml.is_file() or dvc_yaml.read_text() != text:
         from grappa.io.artifacts import write_text
 
@@ -196,7 +223,11 @@ def drift(workspace: Path, params: Params) -> str | None:
         if declared != wanted[stage]:
             return (f"dvc.yaml's {stage} stage watches {declared} but params.yaml's sources need {wanted[stage]}; "
                     "run 'grappa prepare' (grappa run and the Airflow DAG do it themselves)")
-    if (workspace / "dvc.yaml").read_text() != render_dvc_yaml(wanted):
+    shards = _declared_shards(workspace / "dvc.yaml")
+    if shards is not None and shards != params.extract.shards:
+        return (f"dvc.yaml's extract stages run {shards} shard(s) but params.yaml's extract.shards is "
+                f"{params.extract.shards}; run 'grappa prepare' (grappa run and the Airflow DAG do it themselves)")
+    if (workspace / "dvc.yaml").read_text() != generated(params):
         return "dvc.yaml is not what grappa/registry.py and the code's imports generate; run 'grappa prepare'"
     return None
 

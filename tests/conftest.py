@@ -135,12 +135,15 @@ def write_step_params(repo: Path, sources: list, **sections):
 
 
 def snapshot_and_extract(params) -> dict:
-    """Steps 1 and 2 (the data snapshot of the params' sources, then its features); extract's report."""
-    from grappa.steps import extract
-    from grappa.steps import snapshot
+    """Steps 1 and 2 (the data snapshot of the params' sources, then its features: every shard of
+    extract.shards, then merge-features); the merged extract report."""
+    from grappa.io.layout import shards
+    from grappa.steps import extract, merge_features, snapshot
 
     snapshot.run(params)
-    return extract.run(params)
+    for shard in shards(params.extract.shards):
+        extract.run(params, shard)
+    return merge_features.run(params)
 
 
 BUILD_SCRIPT = REPO / "containers" / "build.sh"

@@ -135,3 +135,25 @@ def test_extract_then_cluster_is_deterministic(tmp_path):
     assert a[2] == b[2] and a[5] == b[5]
     assert len({row["pseudo_label"] for row in a[5]}) > 1
     assert np.array_equal(a["c2"], b["c2"]) and np.array_equal(a["c5"], b["c5"])
+
+
+def test_cluster_streams_the_vectors_and_bounds_its_sample_by_the_memory_budget(tmp_path, monkeypatch):
+    """Chunks of 7 vectors (as a million-image store is read): the labels of the in-memory k-means.
+    A budget that fits fewer vectors than k x max_points_per_centroid shrinks the sample, reported."""
+    from grappa.io import features
+
+    x, _ = blobs(n_per=100, k=4)
+    params = parse_params(tiny_params_dict(tmp_path, [tmp_path / "unused"], cluster={"ks": [2, 4], "niter": 10, "nredo": 1}))
+    _fake_extract(Path(params.out_dir), x)
+    monkeypatch.setattr(features, "chunk_rows", lambda row_bytes, budget_mb, share=0.25: 7)
+    report = cluster.run(params)
+    for k in (2, 4):
+        in_memory, _ = kmeans.spherical_kmeans(x, k, 10, 1, seed=params.seed * 100_003 + k)
+        streamed = read_table(Path(params.out_dir) / "cluster" / f"k{k}.parquet").column("pseudo_label").to_numpy()
+        assert np.array_equal(streamed, in_memory)
+        assert report["sample"][str(k)] == 400  # the whole pool: 400 < k x 256
+
+    # as if each vector took 1 MB: half of a 64 MB budget holds 32 of them
+    monkeypatch.setattr(cluster, "vector_dim", lambda out: 1 << 18)
+    small = params.model_copy(update={"memory_budget_mb": 64})
+    assert cluster.run(small)["sample"] == {"2": 32, "4": 32}

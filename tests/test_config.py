@@ -205,6 +205,7 @@ def test_cluster_k_larger_than_unlabeled_pool_is_a_clear_error(tmp_path, capsys)
     path = _write(tmp_path, raw)
     assert _cli(capsys, "--params", str(path), "snapshot")[0] == 0
     assert _cli(capsys, "--params", str(path), "extract")[0] == 0
+    assert _cli(capsys, "--params", str(path), "merge-features")[0] == 0
     rc, out, err = _cli(capsys, "--params", str(path), "cluster")
     assert rc == 2
     _assert_one_line(err, "cluster.ks", "k=8", "(6)")

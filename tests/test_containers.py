@@ -98,7 +98,7 @@ def test_compose_file_parses(docker_engine):
 # -- the image, run -------------------------------------------------------------------------------
 
 DOCKER = shutil.which("/usr/bin/docker") or shutil.which("docker")
-CHAIN = [["snapshot"], ["extract"], ["cluster"], ["train-adaptor", "--k", "2"], ["train-adaptor", "--k", "4"],
+CHAIN = [["snapshot"], ["extract"], ["merge-features"], ["cluster"], ["train-adaptor", "--k", "2"], ["train-adaptor", "--k", "4"],
          ["train-fusion"], ["evaluate"], ["index"]]
 STEP_ENV = {"GRAPPA_TRACKING": "0", "OMP_NUM_THREADS": "2"}  # the same threads: the same float sums
 TIMINGS = {"timings_s", "seconds", "images_per_s"}  # report keys that differ from run to run

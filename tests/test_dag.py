@@ -30,8 +30,9 @@ import planning  # noqa: E402
 import runners  # noqa: E402
 import watchers  # noqa: E402
 
-STEP_TASKS = {"snapshot", "extract", "cluster", "train_adaptor", "train_fusion", "evaluate", "index"}
-GLUE_TASKS = {"plan", "close_run"}
+STEP_TASKS = {"snapshot", "extract", "merge_features", "cluster", "train_adaptor", "train_fusion", "evaluate", "index"}
+# plan_<task>: hands plan's commands of a mapped task to it (mapping reads only a return value)
+GLUE_TASKS = {"plan", "plan_extract", "plan_train_adaptor", "close_run"}
 # the DAG processor reads the step registry (standard library only), nothing of the steps themselves
 HEAVY = ("torch", "timm", "faiss", "grappa.core", "grappa.steps", "grappa.tracking", "grappa.cli", "mlflow", "dvc",
          "pandas")
@@ -94,9 +95,10 @@ def test_step_tasks_match_dvc_stages(pipeline):
 
 def test_pipeline_structure(pipeline, dagbag):
     up = {t.task_id: t.upstream_task_ids - {"plan"} for t in pipeline.tasks}
-    assert up == {"plan": set(), "snapshot": set(), "extract": {"snapshot"}, "cluster": {"extract"},
-                  "train_adaptor": {"cluster"}, "train_fusion": {"train_adaptor"}, "evaluate": {"train_fusion"},
-                  "index": {"evaluate"}, "close_run": {"index"}}
+    assert up == {"plan": set(), "snapshot": set(), "plan_extract": set(), "extract": {"snapshot", "plan_extract"},
+                  "merge_features": {"extract"}, "cluster": {"merge_features"}, "plan_train_adaptor": set(),
+                  "train_adaptor": {"cluster", "plan_train_adaptor"}, "train_fusion": {"train_adaptor"},
+                  "evaluate": {"train_fusion"}, "index": {"evaluate"}, "close_run": {"index"}}
     for task_id in STEP_TASKS:
         task = pipeline.get_task(task_id)
         assert task.retries >= 1 and task.retry_exponential_backoff > 1, task_id
@@ -107,8 +109,14 @@ def test_pipeline_structure(pipeline, dagbag):
     assert pipeline.get_task("plan").retries == 0  # a bad run conf must fail at once
     assert pipeline.get_task("close_run").trigger_rule == "all_done"  # the MLflow parent is closed whatever happened
     adaptor = pipeline.get_task("train_adaptor")
-    assert adaptor.is_mapped and adaptor.max_active_tis_per_dagrun == runners.parallel_k("local")
+    assert adaptor.is_mapped and adaptor.max_active_tis_per_dagrun == runners.parallel("k", "local")
     assert adaptor.map_index_template.startswith("k=")
+    # one mapped axis per task: extract over the shards, with its own cap
+    extract = pipeline.get_task("extract")
+    assert extract.is_mapped and extract.max_active_tis_per_dagrun == runners.parallel("shard", "local")
+    assert extract.map_index_template.startswith("shard=")
+    assert set(extract.expand_input.value) == {"bash_command"} and set(adaptor.expand_input.value) == {"bash_command"}
+    assert not pipeline.get_task("merge_features").is_mapped
     assert pipeline.max_active_runs == 1
     assert [a.name for a in pipeline.timetable.asset_condition.objects] == ["grappa_unlabeled"]
     for dag_id, task_id in (("grappa_watch_folder", "detect_folder_change"), ("grappa_watch_s3", "detect_s3_change")):
@@ -116,21 +124,54 @@ def test_pipeline_structure(pipeline, dagbag):
     assert dagbag.dags["grappa_watch_s3"].get_task("wait_for_objects").deferrable
 
 
-def test_adaptors_in_parallel_fit_the_local_worker(monkeypatch):
+def test_adaptors_and_shards_in_parallel_fit_the_local_worker(monkeypatch):
     monkeypatch.delenv("GRAPPA_MAX_PARALLEL_K", raising=False)
+    monkeypatch.delenv("GRAPPA_MAX_PARALLEL_SHARDS", raising=False)
     for cores, local in ((2, 1), (1, 1), (8, 2), (16, 4)):
         monkeypatch.setattr(os, "cpu_count", lambda: cores)
-        assert (runners.parallel_k("local"), runners.parallel_k("k8s")) == (local, 2), cores
+        for axis in ("k", "shard"):
+            assert (runners.parallel(axis, "local"), runners.parallel(axis, "k8s"),
+                    runners.parallel(axis, "docker")) == (local, 2, 2), (cores, axis)
     monkeypatch.setenv("GRAPPA_MAX_PARALLEL_K", "3")
-    assert runners.parallel_k("local") == 3
+    monkeypatch.setenv("GRAPPA_MAX_PARALLEL_SHARDS", "5")
+    assert (runners.parallel("k", "local"), runners.parallel("shard", "k8s")) == (3, 5)
+
+
+def test_shard_cap_reaches_the_mapped_extract_task(monkeypatch):
+    monkeypatch.setenv("GRAPPA_MAX_PARALLEL_SHARDS", "7")
+    monkeypatch.setenv("GRAPPA_MAX_PARALLEL_K", "1")
+    sys.modules.pop("grappa_pipeline", None)
+    import grappa_pipeline
+
+    dag = grappa_pipeline.build_pipeline("local")
+    assert dag.get_task("extract").max_active_tis_per_dagrun == 7
+    assert dag.get_task("train_adaptor").max_active_tis_per_dagrun == 1
+    assert dag.params["shards"] is None  # a run conf may set it
+
+
+@pytest.mark.parametrize("runner, command, shown", [
+    ("local", {"bash_command": "/venv/bin/python -m grappa repro extract@1-of-3"}, "shard=1/3"),
+    ("local", {"bash_command": "/venv/bin/python -m grappa repro train_adaptor@16"}, "k=16"),
+    ("docker", {"command": ["--params", "params.yaml", "extract", "--shard", "2/3"]}, "shard=2/3"),
+    ("k8s", {"arguments": ["--params", "params.yaml", "train-adaptor", "--k", "8"]}, "k=8"),
+])
+def test_map_index_names_the_item_as_the_cli_spells_it(runner, command, shown):
+    import jinja2
+    from types import SimpleNamespace
+
+    task_id = "extract" if shown.startswith("shard") else "train_adaptor"
+    [commands] = command.values()
+    template = runners.step_operator(task_id, [commands], runner, mapped=True).map_index_template
+    assert jinja2.Template(template).render(task=SimpleNamespace(**command)) == shown
 
 
 def test_plan_turns_run_conf_into_cli_overrides(tmp_path):
     params = tmp_path / "p.yaml"
     params.write_text(yaml.safe_dump({"cluster": {"ks": [8, 4]}}))
     plan = planning.plan({"params_file": str(params)}, "docker")
-    assert plan["ks"] == [4, 8] and plan["prepare"] is None
-    assert plan["extract"] == ["--params", str(params), "extract"]
+    assert plan["ks"] == [4, 8] and plan["shards"] == 1 and plan["prepare"] is None
+    assert plan["extract"] == [["--params", str(params), "extract", "--shard", "0/1"]]  # extract.shards unset: 1
+    assert plan["merge_features"] == ["--params", str(params), "merge-features"]
     assert plan["train_adaptor"][1] == ["--params", str(params), "train-adaptor", "--k", "8"]
     # local runs go through DVC: the conf is written into the workspace first, then each task is a stage
     plan = planning.plan({"params_file": str(params), "sources": ["s3://b/raw/"], "ks": [3, 2]}, "local")
@@ -139,11 +180,37 @@ def test_plan_turns_run_conf_into_cli_overrides(tmp_path):
     assert plan["prepare"].split()[:3] == [sys.executable, "-m", "grappa"]
     assert plan["cluster"] == shlex.join([sys.executable, "-m", "grappa", "repro", "cluster"])
     assert [c.split()[-1] for c in plan["train_adaptor"]] == ["train_adaptor@2", "train_adaptor@3"]
+    assert [c.split()[-1] for c in plan["extract"]] == ["extract@0-of-1"]
     for bad in ({"ks": [4]}, {"ks": [1, 2]}, {"ks": [2, 2]}):
         with pytest.raises(ValueError, match="cluster.ks"):
             planning.plan(bad, "local")
     with pytest.raises(ValueError, match="pass 'ks'"):
         planning.plan({"params_file": "missing.yaml"}, "k8s")
+    with pytest.raises(ValueError, match="pass 'shards'"):
+        planning.plan({"params_file": "missing.yaml", "ks": [2, 4]}, "k8s")
+
+
+def test_plan_maps_extract_over_the_shards_of_the_run_conf(tmp_path):
+    """conf {"shards": 3}: three extract commands for every runner, the conf written as extract.shards."""
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump({"cluster": {"ks": [2, 4]}, "extract": {"shards": 2}}))
+    conf = {"params_file": str(params), "shards": 3}
+    for runner in runners.RUNNERS:
+        plan = planning.plan(conf, runner)
+        assert plan["shards"] == 3 and len(plan["extract"]) == 3, runner
+        if runner == "local":
+            assert [c.split()[-1] for c in plan["extract"]] == ["extract@0-of-3", "extract@1-of-3", "extract@2-of-3"]
+            assert plan["prepare"].endswith("--set extract.shards=3 prepare")
+            assert plan["merge_features"].endswith("repro merge_features")
+        else:
+            assert plan["extract"] == [["--params", str(params), "--set", "extract.shards=3", "extract", "--shard",
+                                        f"{i}/3"] for i in range(3)]
+            assert plan["cluster"] == ["--params", str(params), "--set", "extract.shards=3", "cluster"]
+    # without the conf key: the params file's extract.shards
+    assert [c[-1] for c in planning.plan({"params_file": str(params)}, "k8s")["extract"]] == ["0/2", "1/2"]
+    for bad in (0, -1, True, "2", 1.5):
+        with pytest.raises(ValueError, match="extract.shards must be an integer >= 1"):
+            planning.plan({**conf, "shards": bad}, "local")
 
 
 def test_trigger_events_reach_the_steps():
@@ -170,10 +237,10 @@ def container_env(monkeypatch):
 def test_docker_runner_renders_container_args(container_env, dagbag):
     from airflow.providers.docker.operators.docker import DockerOperator
 
-    op = runners.step_operator("extract", container_env["extract"], "docker")
+    op = runners.step_operator("merge_features", container_env["merge_features"], "docker")
     assert isinstance(op, DockerOperator)
     assert op.image == "registry.example/grappa:1.2"
-    assert op.command == ["--params", "params.yaml", "--set", "cluster.ks=[2, 3]", "extract"]
+    assert op.command == ["--params", "params.yaml", "--set", "cluster.ks=[2, 3]", "merge-features"]
     workspace, *data = op.mounts
     assert (workspace["Target"], workspace["Source"], workspace["Type"]) == ("/workspace", "grappa-workspace", "volume")
     assert not workspace.get("ReadOnly")
@@ -199,6 +266,12 @@ def test_docker_runner_renders_container_args(container_env, dagbag):
     assert mapped.partial_kwargs["image"] == "registry.example/grappa:1.2"
     assert container_env["train_adaptor"] == [["--params", "params.yaml", "--set", "cluster.ks=[2, 3]",
                                                "train-adaptor", "--k", str(k)] for k in (2, 3)]
+    # and extract over the shards (params.yaml's extract.shards)
+    extract = dag.get_task("extract")
+    assert extract.operator_class is DockerOperator or extract.operator_class.__name__ == "DockerOperator"
+    assert set(extract.expand_input.value) == {"command"} and extract.map_index_template.startswith("shard=")
+    assert container_env["extract"] == [["--params", "params.yaml", "--set", "cluster.ks=[2, 3]", "extract",
+                                         "--shard", "0/1"]]
 
 
 @pytest.mark.parametrize("spec", ["data:/data", "/srv/images", "/srv/images:data"])

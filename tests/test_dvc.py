@@ -26,8 +26,8 @@ import runners  # noqa: E402
 
 VENV_BIN = Path(__file__).resolve().parents[1] / ".venv" / "bin"
 DVC = str(VENV_BIN / "dvc") if (VENV_BIN / "dvc").exists() else shutil.which("dvc")
-ALL_STAGES = {"snapshot", "extract", "cluster", "train_adaptor@2", "train_adaptor@4", "train_fusion", "evaluate",
-              "index"}
+ALL_STAGES = {"snapshot", "extract@0-of-1", "merge_features", "cluster", "train_adaptor@2", "train_adaptor@4",
+              "train_fusion", "evaluate", "index"}
 
 pytestmark = pytest.mark.skipif(DVC is None, reason="dvc is not installed")
 
@@ -43,17 +43,20 @@ def stage_body(stage: dict) -> dict:
 def test_dvc_yaml_is_what_the_registry_generates():
     from grappa import registry
     from grappa.config import load_params
-    from grappa.dvc_yaml import render
-    from grappa.workspace import watched_roots
+    from grappa.workspace import generated
 
     params = load_params(REPO / "params.yaml")
-    assert (REPO / "dvc.yaml").read_text() == render(watched_roots(params)), "dvc.yaml is stale: run `grappa prepare`"
+    assert (REPO / "dvc.yaml").read_text() == generated(params), "dvc.yaml is stale: run `grappa prepare`"
     stages = dvc_yaml()
     assert list(stages) == [step.stage for step in registry.STEPS]
     for step in registry.STEPS:
         body = stage_body(stages[step.stage])
         assert body["cmd"].split()[:4] == ["python", "-m", "grappa", step.verb]
         assert body["params"] == list(step.params)
+        # a mapped step's stage is a foreach whose command names the item with the CLI option
+        assert ("foreach" in stages[step.stage]) == (step.mapped is not None)
+        if step.mapped:
+            assert body["cmd"].split()[4:] == [f"--{step.mapped}", "${item}"]
 
 
 def _runtime_imports(module: str) -> set[str]:
@@ -100,6 +103,9 @@ def test_params_exist_and_k_list_only_where_needed():
     adaptor_params = stage_body(stages["train_adaptor"])["params"]
     assert not any(p == "cluster" or p.startswith("cluster.") for p in adaptor_params)
     assert stages["train_adaptor"]["foreach"] == "${cluster.ks}"
+    # the parts of extract.shards (1 in params.yaml) are written out; the merge depends on each of them
+    assert stages["extract"]["foreach"] == ["0-of-1"] and params["extract"].get("shards", 1) == 1
+    assert "${out_dir}/extract/parts/0-of-1" in stages["merge_features"]["deps"]
     # The feature cache and the resume checkpoints must survive DVC removing outs before a run.
     outs = [o if isinstance(o, str) else next(iter(o)) for s in stages.values()
             for key in ("outs", "metrics", "plots") for o in stage_body(s).get(key, [])]
@@ -189,12 +195,14 @@ def test_dag_commands_agree_with_grappa_run(dvc_repo, reproduced, monkeypatch):
     monkeypatch.setenv("GRAPPA_PYTHON", str(VENV_BIN / "python"))
     plan = planning.plan({}, "local")
     assert plan["ks"] == [2, 4] and plan["train_adaptor"][1].endswith("repro train_adaptor@4")
+    assert plan["shards"] == 1 and [c.split()[-1] for c in plan["extract"]] == ["extract@0-of-1"]
     assert planning.prepare_workspace(plan["prepare"]) == ""  # params.yaml and dvc.yaml already say this run
     env = {**os.environ, "GRAPPA_TRACKING": "0", "DVC_NO_ANALYTICS": "1"}
-    done = subprocess.run(["bash", "-c", plan["extract"]], cwd=dvc_repo, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == runners.UP_TO_DATE_EXIT, done.stdout + done.stderr
-    assert "stage 'extract' is up to date" in done.stdout
+    for command, stage in ((plan["extract"][0], "extract@0-of-1"), (plan["merge_features"], "merge_features")):
+        done = subprocess.run(["bash", "-c", command], cwd=dvc_repo, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == runners.UP_TO_DATE_EXIT, done.stdout + done.stderr
+        assert f"stage '{stage}' is up to date" in done.stdout
 
 
 def test_override_is_written_where_dvc_sees_it(dvc_repo, reproduced):

@@ -15,8 +15,9 @@ from conftest import draw_image, snapshot_and_extract, tiny_params_dict
 from grappa.config import ConfigError, parse_params
 from grappa.io import artifacts
 from grappa.io.artifacts import arrow_to_vectors, atomic_path, read_table, write_json
-from grappa.steps import extract
-from grappa.steps import snapshot
+from grappa.io.features import FeatureCache, RowFile, RowFileWriter, open_prefix
+from grappa.io.layout import Layout, Shard
+from grappa.steps import extract, merge_features, snapshot
 from test_data import encode, png_header_only
 
 
@@ -76,6 +77,12 @@ def _params(tmp_path: Path, sources, **sections):
     return parse_params(tiny_params_dict(tmp_path, sources, **sections))
 
 
+def _prefix(params) -> np.ndarray:
+    """Every row of the merged store's prefix activations."""
+    prefix = open_prefix(Layout(params.out_dir))
+    return prefix.take(np.arange(len(prefix)))
+
+
 def _tmp_files(*roots: Path) -> list[Path]:
     return [p for root in roots if root.exists() for p in root.rglob("*.tmp")]
 
@@ -89,7 +96,8 @@ def test_extract_skips_bad_files_with_reasons_and_keeps_the_rest(tmp_path, messy
     folder, manifest, good, bad = messy
     params = _params(tmp_path, [folder, manifest], extract={"num_workers": 2})
     snapshot_report = snapshot.run(params)
-    report = extract.run(params)
+    extract.run(params, Shard(0, 1))
+    report = merge_features.run(params)
 
     out = Path(params.out_dir) / "extract"
     table = read_table(out / "features.parquet")
@@ -125,7 +133,7 @@ def test_extract_skips_bad_files_with_reasons_and_keeps_the_rest(tmp_path, messy
     assert report["from_cache"] == 0
     assert report["by_split"] == {"query_db": 4, "unlabeled": len(good) - 4}
 
-    prefix = np.load(out / "prefix.npy")  # adapt_from_block=3 in the tiny params
+    prefix = _prefix(params)  # adapt_from_block=3 in the tiny params
     assert prefix.shape[0] == len(ids) and prefix.dtype == np.float16
     assert np.array_equal(prefix[row["dom/dom/v0.png"]], prefix[row["dom/dom/dup_of_v0.png"]])
     assert json.loads((out / "report.json").read_text())["computed"] == report["computed"]
@@ -171,19 +179,21 @@ def test_extract_crash_while_writing_keeps_previous_artifacts(tmp_path, monkeypa
     params = _params(tmp_path, [folder.parent])
     snapshot_and_extract(params)
     out = Path(params.out_dir) / "extract"
-    before = {name: (out / name).read_bytes() for name in ("features.parquet", "prefix.npy", "report.json")}
+    names = ("features.parquet", "prefix.json", "report.json", "parts/0-of-1/features.parquet",
+             "parts/0-of-1/prefix.npy", "parts/0-of-1/report.json")
+    before = {name: (out / name).read_bytes() for name in names}
 
     for i in (4, 5):  # the next run would change every output
         _valid(i).save(folder / f"a{i}.png")
-    real_write_table = pq.write_table
 
-    def crashing_write_table(table, where, *args, **kwargs):
-        if "features" in str(where):
-            Path(where).write_bytes(b"PAR1 half a file")  # mid-way
+    real_write = pq.ParquetWriter.write_table
+
+    def crashing_write(self, *args, **kwargs):
+        if "parts" in str(self.where):  # the cache shard is written; the part is not
             raise OSError("simulated crash: disk full")
-        return real_write_table(table, where, *args, **kwargs)
+        return real_write(self, *args, **kwargs)
 
-    monkeypatch.setattr(pq, "write_table", crashing_write_table)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", crashing_write)  # mid-way through the part
     with pytest.raises(OSError, match="simulated crash"):
         snapshot_and_extract(params)
     monkeypatch.undo()
@@ -191,12 +201,12 @@ def test_extract_crash_while_writing_keeps_previous_artifacts(tmp_path, monkeypa
     for name, data in before.items():
         assert (out / name).read_bytes() == data, f"{name} changed by a failed run"
     assert read_table(out / "features.parquet").num_rows == 4
-    assert _tmp_files(tmp_path) == []
+    assert _tmp_files(tmp_path) == [] and not list(out.glob("parts/.*"))
 
     # the cache shard of the crashed run was complete: the rerun computes nothing new
     report = snapshot_and_extract(params)
     assert (report["computed"], report["from_cache"], report["images"]) == (0, 6, 6)
-    assert np.load(out / "prefix.npy").shape[0] == read_table(out / "features.parquet").num_rows == 6
+    assert len(_prefix(params)) == read_table(out / "features.parquet").num_rows == 6
 
 
 def test_extract_empty_or_all_bad_folder_is_a_clear_error(tmp_path):
@@ -267,8 +277,8 @@ def test_killed_extraction_keeps_the_features_it_flushed(tmp_path, monkeypatch):
     appended = []
     real_append = extract.FeatureCache.append
 
-    def append_then_crash(self, hashes, vectors, prefixes):
-        real_append(self, hashes, vectors, prefixes)
+    def append_then_crash(self, hashes, vectors, prefixes, reindex=True):
+        real_append(self, hashes, vectors, prefixes, reindex)
         appended.extend(hashes)
         if len(appended) >= 4:
             raise KeyboardInterrupt  # killed after the second flush
@@ -294,7 +304,7 @@ def test_cached_prefix_through_the_adapted_blocks_gives_the_extracted_features(t
     snapshot_and_extract(params)
     out = Path(params.out_dir) / "extract"
     vectors = arrow_to_vectors(read_table(out / "features.parquet").column("vector"))
-    prefix = torch.from_numpy(np.load(out / "prefix.npy").astype(np.float32))
+    prefix = torch.from_numpy(_prefix(params).astype(np.float32))
     backbone, _, _ = create_backbone(params.backbone)
     model = GrappaModel(backbone, params.backbone.adapt_from_block, [2], reduction=4).eval()
     assert model.channels_last  # a CNN computes in NHWC
@@ -302,3 +312,93 @@ def test_cached_prefix_through_the_adapted_blocks_gives_the_extracted_features(t
         again = model.forward_suffix(prefix, ZERO_SHOT)[0].numpy()
     cosine = (again * vectors).sum(axis=1)
     assert cosine.min() > 0.999, cosine.min()  # float16 cache: equal up to its rounding
+
+
+# --------------------------------------------------------------------------- the feature store
+
+
+def test_sharded_extraction_gives_the_features_of_an_unsharded_one(tmp_path, messy):
+    """Three parts joined by merge-features: the same rows, in the same order, with the same vectors
+    and activations as one part; the prefix stays in the parts (prefix.json lists them)."""
+    folder, manifest, good, _ = messy
+    one = _params(tmp_path / "one", [folder, manifest])
+    three = _params(tmp_path / "three", [folder, manifest], extract={"shards": 3})
+    reports = [snapshot_and_extract(p) for p in (one, three)]
+    tables = [read_table(Path(p.out_dir) / "extract" / "features.parquet") for p in (one, three)]
+    meta = [t.drop(["vector"]) for t in tables]
+    assert meta[0].equals(meta[1]) and set(tables[0].column("image_id").to_pylist()) == good
+    # other batches, other float summation order in the conv kernels: equal to float32 rounding
+    vectors = [arrow_to_vectors(t.column("vector")) for t in tables]
+    assert np.abs(vectors[0] - vectors[1]).max() < 1e-6
+    assert np.array_equal(_prefix(one), _prefix(three))
+    index = json.loads((Path(three.out_dir) / "extract" / "prefix.json").read_text())
+    assert [part["path"] for part in index["parts"]] == [f"parts/{i}-of-3/prefix.npy" for i in range(3)]
+    assert sum(part["rows"] for part in index["parts"]) == tables[0].num_rows
+    assert reports[1]["shards"] == 3 and reports[1]["images"] == reports[0]["images"]
+    assert sorted(s["image_id"] for s in reports[1]["skipped"]) == sorted(s["image_id"] for s in reports[0]["skipped"])
+
+    # fewer shards next time: the stale parts go, the table is the same
+    two = three.model_copy(update={"extract": three.extract.model_copy(update={"shards": 2})})
+    snapshot_and_extract(two)
+    parts = sorted(p.name for p in (Path(two.out_dir) / "extract" / "parts").iterdir())
+    assert parts == ["0-of-2", "1-of-2"]
+    assert read_table(Path(two.out_dir) / "extract" / "features.parquet").drop(["vector"]).equals(meta[0])
+
+
+def test_shard_arguments_are_checked_against_the_params(tmp_path, messy):
+    folder, manifest, _, _ = messy
+    params = _params(tmp_path, [folder, manifest], extract={"shards": 2})
+    snapshot.run(params)
+    with pytest.raises(ConfigError, match="extract.shards is 2"):
+        extract.run(params, Shard(0, 3))
+    extract.run(params, Shard(1, 2))
+    with pytest.raises(ConfigError, match=r"extract parts missing: run 'grappa extract --shard 0/2'"):
+        merge_features.run(params)
+    with pytest.raises(ValueError):
+        Shard.parse("2/2")
+
+
+def test_row_files_are_written_in_chunks_and_read_by_rows(tmp_path):
+    x = np.random.default_rng(0).standard_normal((50, 3, 2)).astype(np.float16)
+    writer = RowFileWriter(tmp_path / "a.npy", 50, (3, 2), np.float16)
+    for start in range(0, 50, 7):
+        writer.write(x[start:start + 7])
+    writer.close()
+    assert np.array_equal(np.load(tmp_path / "a.npy"), x)  # a plain .npy
+    rows = RowFile(tmp_path / "a.npy")
+    picks = np.array([49, 3, 4, 5, 0, 3])
+    assert np.array_equal(rows.take(picks), x[picks]) and np.array_equal(rows.read(10, 20), x[10:20])
+    short = RowFileWriter(tmp_path / "b.npy", 5, (3, 2), np.float16)
+    short.write(x[:2])
+    with pytest.raises(ValueError, match="2 of 5 rows"):
+        short.close()  # an incomplete file is never published
+    assert not (tmp_path / "b.npy").exists() and not list(tmp_path.glob(".*tmp"))
+
+
+def test_cache_compaction_merges_small_shards_and_reads_the_previous_format(tmp_path):
+    rng = np.random.default_rng(0)
+    cache = FeatureCache(tmp_path / "cache", row_shape=(2, 2))
+    hashes = [f"{i:064x}" for i in range(40)]
+    vectors = rng.standard_normal((40, 3)).astype(np.float32)
+    prefixes = rng.standard_normal((40, 2, 2)).astype(np.float16)
+    for start in range(0, 36, 4):  # nine small shards, as nine incremental runs leave
+        cache.append(hashes[start:start + 4], vectors[start:start + 4], prefixes[start:start + 4])
+    # one shard of the previous format: prefix bytes in a Parquet column
+    import pyarrow as pa
+    pq.write_table(pa.table({"content_hash": hashes[36:], "vector": artifacts.vectors_to_arrow(vectors[36:]),
+                             "prefix": pa.array([p.tobytes() for p in prefixes[36:]], type=pa.binary())}),
+                   tmp_path / "cache" / "shard-00000000000000-legacy.parquet")
+    cache.append(hashes[:4], vectors[:4], prefixes[:4])  # a duplicate shard (two extractions raced)
+    assert cache.index() == 40 and cache.needs_compaction(rows_per_shard=16)
+    before = cache.gather(hashes[::-1])
+
+    report = cache.compact(rows_per_shard=16)
+    assert report == {"shards_before": 11, "shards_after": 3, "images": 40}
+    assert len(list((tmp_path / "cache").glob("shard-*.npy"))) == 3
+    assert not cache.needs_compaction(rows_per_shard=16)
+    after = cache.gather(hashes[::-1])
+    assert np.array_equal(after[0], vectors[::-1]) and np.array_equal(after[1], prefixes[::-1])
+    assert np.array_equal(before[1], after[1])
+
+    with cache.shared():  # an extraction holds the cache: compaction waits for another run
+        assert "skipped" in FeatureCache(tmp_path / "cache").compact(rows_per_shard=4)

@@ -8,15 +8,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import draw_image, make_collection, tiny_params_dict
+from conftest import draw_image, make_collection, snapshot_and_extract, tiny_params_dict
 from grappa import use
 from grappa.cli import run_all
 from grappa.config import ConfigError, parse_params
 from grappa.io import catalogue, servable
 from grappa.io.layout import layout
-from grappa.steps import extract
 from grappa.steps import index
-from grappa.steps import snapshot
 from test_tracking import run_cli
 
 
@@ -71,8 +69,7 @@ def test_new_catalogue_images_are_added_not_rebuilt(work):
     params, raw = work
     for i in range(2):
         draw_image("shapes", i, seed=900 + i).save(Path(raw["data"]["sources"][-1]) / "shapes" / f"new{i}.png")
-    snapshot.run(params)
-    assert extract.run(params)["computed"] == 2
+    assert snapshot_and_extract(params)["computed"] == 2
     meta = index.run(params)
     assert (meta["embedded"], meta["count"]) == (2, 66)
     assert meta["action"].startswith("added 2 images")

@@ -31,7 +31,8 @@ from stack import local  # noqa: E402  (the launcher `make up` runs)
 
 VENV_BIN = Path(sys.executable).parent
 PIPELINE, WATCHER = "grappa_pipeline", "grappa_watch_folder"
-STEP_TASKS = {"snapshot", "extract", "cluster", "train_adaptor", "train_fusion", "evaluate", "index"}
+STEP_TASKS = {"snapshot", "extract", "merge_features", "cluster", "train_adaptor", "train_fusion", "evaluate", "index"}
+GLUE_TASKS = {"plan", "plan_extract", "plan_train_adaptor", "close_run"}  # plan_<task>: a mapped task's commands
 MODEL = "grappa-loop"
 
 pytestmark = pytest.mark.skipif(not (VENV_BIN / "airflow").exists() or shutil.which("git") is None,
@@ -182,7 +183,7 @@ def first_run(stack):
 
 def test_dropped_images_start_a_pipeline_run_that_registers_a_model(stack, first_run):
     tasks = stack.tasks(PIPELINE, first_run)
-    assert {task for task, _ in tasks} == STEP_TASKS | {"plan", "close_run"}
+    assert {task for task, _ in tasks} == STEP_TASKS | GLUE_TASKS
     assert set(tasks.values()) == {"success"}, tasks
     assert {index for task, index in tasks if task == "train_adaptor"} == {0, 1}  # one task per k
     assert _report(stack, "snapshot")["since_previous"]["new"] == 48 + 4  # the manifests' images and the drop
@@ -291,7 +292,7 @@ def test_the_docker_runner_runs_each_step_in_its_container_with_the_local_runner
     run_id = docker_stack.new_run(before)
     assert docker_stack.wait(PIPELINE, run_id) == "success", docker_stack.tasks(PIPELINE, run_id)
     tasks = docker_stack.tasks(PIPELINE, run_id)
-    assert {task for task, _ in tasks} == STEP_TASKS | {"plan", "close_run"}
+    assert {task for task, _ in tasks} == STEP_TASKS | GLUE_TASKS
     assert set(tasks.values()) == {"success"}, tasks
     # each step ran in a container of the image, as the image's user, and wrote to the workspace
     extract_log = docker_stack.log(PIPELINE, run_id, "extract")

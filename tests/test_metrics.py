@@ -128,3 +128,28 @@ def test_knn_graph_is_exact_below_the_threshold_and_ivf_above_with_high_recall()
     one_probe, _ = knn_graph(x, 10, exact_below=1000, nprobe=1)
     assert knn_recall(x, one_probe, sample=500) < recall  # fewer probes, fewer true neighbours found
 
+
+
+def test_streamed_ivf_graph_holds_codes_within_the_budget_and_measures_its_recall():
+    """Vectors fed in chunks (as the fusion step reads them from the store): the same graph as in
+    memory with full vectors; with fewer code bytes than a float vector, product-quantised codes;
+    the streamed exact search equals the in-memory one."""
+    from grappa.core.metrics import exact_neighbours, ivf_knn_graph
+
+    x = _clustered(6000)
+
+    def chunks():
+        return [(np.arange(s, min(s + 1000, len(x))), x[s:s + 1000]) for s in range(0, len(x), 1000)]
+
+    in_memory, _ = knn_graph(x, 10, exact_below=1000, nprobe=16)
+    streamed, method = ivf_knn_graph(chunks, x, len(x), 10, nprobe=16)
+    assert method == "ivf153,nprobe16" and np.array_equal(streamed, in_memory)
+
+    coded, method = ivf_knn_graph(chunks, x, len(x), 10, nprobe=16, code_bytes=16)  # 16 of 128 bytes
+    assert method == "ivf153,pq16,nprobe16"
+    assert not (coded == np.arange(6000)[:, None]).any()
+    rows = np.arange(0, 6000, 37)
+    assert np.array_equal(exact_neighbours(x[rows], rows, chunks, 10), leave_one_out_neighbours(x, 10)[rows])
+    streamed_recall = knn_recall(None, coded, 500, chunks=chunks, take=lambda r: x[r])
+    assert streamed_recall == knn_recall(x, coded, 500)
+    assert 0.5 < streamed_recall < knn_recall(x, streamed, 500)  # coarser codes cost recall, measured

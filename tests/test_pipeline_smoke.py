@@ -10,7 +10,7 @@ from grappa.io.layout import layout
 def test_all_steps_chain(tiny_params):
     timings = run_all(tiny_params)
     out = Path(tiny_params.out_dir)
-    assert set(timings) == {"snapshot", "extract", "cluster", "train-adaptor@2", "train-adaptor@4", "train-fusion",
+    assert set(timings) == {"snapshot", "extract@0-of-1", "merge-features", "cluster", "train-adaptor@2", "train-adaptor@4", "train-fusion",
                             "evaluate", "index"}
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
     assert set(metrics["methods"]) == {"zero_shot", "single_k_2", "single_k_4", "uniform", "oracle", "grappa"}

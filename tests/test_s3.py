@@ -86,7 +86,7 @@ def extracted(s3_env, uploaded, tmp_path_factory):
     sources = [f"s3://{BUCKET}/folder/", f"s3://{BUCKET}/coll/shapes/manifest.csv",
                f"s3://{BUCKET}/coll/stripes/manifest.csv"]
     params = _params(tmp_path, sources)
-    for step in ("snapshot", "extract"):
+    for step in ("snapshot", "extract", "merge-features"):
         rc, _, stderr = run_cli(["--params", params, step])
         assert rc == 0, stderr[-2000:]
     return tmp_path, params

@@ -27,7 +27,8 @@ from grappa.tracking import lineage
 from grappa.tracking import publisher as publish
 
 MODEL = "grappa-test-fused"
-STAGES = {"snapshot", "extract", "cluster", "train_adaptor@2", "train_adaptor@4", "train_fusion", "evaluate", "index"}
+STAGES = {"snapshot", "extract@0-of-1", "merge_features", "cluster", "train_adaptor@2", "train_adaptor@4", "train_fusion",
+          "evaluate", "index"}
 # Fake credentials present in the environment during the shared run (test_security scans for them).
 SECRETS = {
     "AWS_ACCESS_KEY_ID": "AKIAGRAPPAFAKE000042",
@@ -44,10 +45,10 @@ _SCRUB = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID", "MLFLOW
 DVC_LOCK = {
     "schema": "2.0",
     "stages": {
-        "extract": {
-            "cmd": "grappa extract",
+        "extract@0-of-1": {
+            "cmd": "grappa extract --shard 0-of-1",
             "deps": [{"path": "grappa/extract.py", "hash": "md5", "md5": "0123abcd" * 4, "size": 1}],
-            "outs": [{"path": "outputs/extract", "hash": "md5", "md5": "feedbeef" * 4 + ".dir", "size": 2}],
+            "outs": [{"path": "outputs/extract/parts/0-of-1", "hash": "md5", "md5": "feedbeef" * 4 + ".dir", "size": 2}],
         }
     },
 }
@@ -202,15 +203,17 @@ def test_tags_link_code_dvc_and_airflow(run, runs):
         assert tags["airflow.dag_id"] == "grappa_pipeline" and tags["airflow.task_id"] == "run_all"
         assert tags["airflow.map_index"] == "-1"
         assert tags["dvc.lock.md5"]
-    extract = children["extract"].data.tags
-    assert extract["dvc.out.outputs/extract"] == "feedbeef" * 4 + ".dir"
+    extract = children["extract@0-of-1"].data.tags
+    assert extract["dvc.out.outputs/extract/parts/0-of-1"] == "feedbeef" * 4 + ".dir"
     assert extract["dvc.dep.grappa/extract.py"] == "0123abcd" * 4
     assert not any(k.startswith("dvc.out.") for k in children["cluster"].data.tags)  # no lock entry for it
 
 
 def test_params_metrics_and_artifacts(run, runs, client):
     _, children = runs
-    extract = children["extract"]
+    extract = children["extract@0-of-1"]  # the one part of extract.shards: 1
+    assert extract.info.run_name == "extract@0-of-1" and extract.data.tags["grappa.shard"] == "0/1"
+    assert extract.data.params["shard"] == "0/1" and extract.data.params["extract.shards"] == "1"
     assert extract.data.params["backbone.name"] == "test_efficientnet"
     # exactly the params.yaml keys the step reads (the registry's, = its DVC params)
     assert json.loads(children["snapshot"].data.params["data.sources"])[0].endswith("manifest.csv")
@@ -250,11 +253,13 @@ def test_inputs_logged_with_digests(run, runs):
         return {(d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"]): d.dataset
                 for d in child.inputs.dataset_inputs}
 
-    extract = inputs(children["extract"])
+    # the merged feature table is what later steps read: its step logs the datasets, not the parts
+    assert inputs(children["extract@0-of-1"]) == {}
+    extract = inputs(children["merge_features"])
     assert set(extract) == {("unlabeled", "training"), ("query_db", "evaluation")}
     assert extract[("unlabeled", "training")].digest == expected["unlabeled"][:32]
     assert extract[("query_db", "evaluation")].digest == expected["query_db"][:32]
-    assert children["extract"].data.tags["dataset.unlabeled.sha256"] == expected["unlabeled"]
+    assert children["merge_features"].data.tags["dataset.unlabeled.sha256"] == expected["unlabeled"]
     # same (image id, content) pairs as the snapshot's: MLflow keeps the one dataset, first logged by snapshot
     assert "snapshot/manifest.parquet" in extract[("unlabeled", "training")].source
     assert set(inputs(children["snapshot"])) == set(extract)
@@ -274,7 +279,7 @@ def test_first_version_is_candidate_and_champion(run, runs, client):
 
 
 def test_lineage_from_champion_to_extract_digest(run, client):
-    """models:/<name>@champion -> its run -> parent run -> extract child's dataset digest."""
+    """models:/<name>@champion -> its run -> parent run -> merge_features child's dataset digest."""
     import mlflow
 
     version = client.get_model_version_by_alias(MODEL, "champion")
@@ -282,7 +287,7 @@ def test_lineage_from_champion_to_extract_digest(run, client):
     parent_id = evaluate_run.data.tags["mlflow.parentRunId"]
     (extract_run,) = client.search_runs([evaluate_run.info.experiment_id],
                                         filter_string=f"tags.mlflow.parentRunId = '{parent_id}' "
-                                                      "and tags.`dvc.stage` = 'extract'")
+                                                      "and tags.`dvc.stage` = 'merge_features'")
     logged = {d.dataset.name: d.dataset.digest for d in extract_run.inputs.dataset_inputs}
     digest, rows = lineage.split_digest(run.out_dir / "extract" / "features.parquet", "unlabeled")
     assert rows == 32 and logged["unlabeled"] == digest[:32]
@@ -365,6 +370,8 @@ def test_champion_is_rescored_when_the_evaluation_set_changed(run, client, tmp_p
     import pyarrow.compute as pc
 
     from grappa.io.artifacts import read_table, write_table
+    from grappa.io.features import write_prefix_index
+    from grappa.io.layout import Layout
 
     params_path = copy_of_run(run, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
@@ -373,7 +380,9 @@ def test_champion_is_rescored_when_the_evaluation_set_changed(run, client, tmp_p
     keep = ~np.array(pc.and_(pc.equal(table.column("split"), "query_db"),
                              pc.equal(table.column("domain"), "stripes")).to_pylist())
     write_table(extract_dir / "features.parquet", table.filter(keep))  # the stripes queries are gone
-    np.save(extract_dir / "prefix.npy", np.load(extract_dir / "prefix.npy")[keep])
+    part = extract_dir / "parts" / "0-of-1" / "prefix.npy"  # the one part's activations, listed in prefix.json
+    np.save(part, np.load(part)[keep])
+    write_prefix_index(Layout(tmp_path / "outputs"), [part])
     champion = client.get_model_version_by_alias(MODEL, "champion")
 
     rc, stdout, stderr = run_cli(["--params", str(params_path), "evaluate"])
@@ -467,18 +476,22 @@ def test_default_uri_and_artifact_location(tmp_path, monkeypatch):
 def test_lineage_helpers(tmp_path, monkeypatch):
     for key in (*_SCRUB, *AIRFLOW):
         monkeypatch.delenv(key, raising=False)
+    from grappa.io.layout import Shard
+
     assert lineage.dvc_stage_name("train-adaptor", 8) == "train_adaptor@8"
+    assert lineage.dvc_stage_name("extract", Shard(1, 2)) == "extract@1-of-2"
+    assert lineage.dvc_stage_name("merge-features") == "merge_features"
     monkeypatch.setenv("DVC_STAGE", "sub/dvc.yaml:train_adaptor@16")
     assert lineage.dvc_stage_name("train-adaptor", 8) == "train_adaptor@16"
     assert lineage.airflow_tags() == {}
     monkeypatch.setenv("AIRFLOW_CTX_DAG_RUN_ID", "scheduled__x")  # a container gets only what the DAG passes
     assert lineage.airflow_tags() == {"airflow.dag_run_id": "scheduled__x"}
-    assert lineage.dvc_lock_tags("extract", tmp_path / "missing.lock") == {}
+    assert lineage.dvc_lock_tags("extract@0-of-1", tmp_path / "missing.lock") == {}
     (tmp_path / "dvc.lock").write_text("stages: [unbalanced")
-    assert lineage.dvc_lock_tags("extract", tmp_path / "dvc.lock") == {}
+    assert lineage.dvc_lock_tags("extract@0-of-1", tmp_path / "dvc.lock") == {}
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(DVC_LOCK))
-    tags = lineage.dvc_lock_tags("extract", tmp_path / "dvc.lock")
-    assert tags["dvc.out.outputs/extract"].endswith(".dir") and len(tags) == 3
+    tags = lineage.dvc_lock_tags("extract@0-of-1", tmp_path / "dvc.lock")
+    assert tags["dvc.out.outputs/extract/parts/0-of-1"].endswith(".dir") and len(tags) == 3
     assert set(lineage.dvc_lock_tags("evaluate", tmp_path / "dvc.lock")) == {"dvc.lock.md5"}
 
 

@@ -77,3 +77,24 @@ def test_missing_source_and_outputs_outside_are_clear_errors(tmp_path):
         workspace.sync_data_deps(tmp_path, parse_params(tiny_params_dict(tmp_path, ["nowhere"])))
     with pytest.raises(ConfigError, match="out_dir: .* outside the DVC workspace"):
         workspace.check_outputs_inside(tmp_path, parse_params(tiny_params_dict(tmp_path, ["x"])))  # absolute out_dir
+
+
+def test_a_changed_shard_count_is_a_drift_that_sync_rewrites(tmp_path):
+    """dvc.yaml spells out the extract@<i>-of-<n> stages: another extract.shards makes it stale."""
+    manifests = make_collection(tmp_path / "data", classes=2, per_class=2, unlabeled=2)
+    sources = [f"data/{m.parent.name}/manifest.csv" for m in manifests]
+    one = parse_params(tiny_params_dict(tmp_path, sources))
+    three = parse_params(tiny_params_dict(tmp_path, sources, extract={"shards": 3}))
+    assert workspace.sync_data_deps(tmp_path, one)  # written for one shard
+    assert workspace.drift(tmp_path, one) is None
+    assert workspace.drift(tmp_path, three) == (
+        "dvc.yaml's extract stages run 1 shard(s) but params.yaml's extract.shards is 3; "
+        "run 'grappa prepare' (grappa run and the Airflow DAG do it themselves)")
+    assert workspace.sync_data_deps(tmp_path, three) == ["extract stages: 1 -> 3 shards"]
+    assert workspace.drift(tmp_path, three) is None and workspace.sync_data_deps(tmp_path, three) == []
+    stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
+    assert stages["extract"]["foreach"] == ["0-of-3", "1-of-3", "2-of-3"]
+    assert [d for d in stages["merge_features"]["deps"] if not d.startswith("grappa/")] == [
+        f"${{out_dir}}/extract/parts/{i}-of-3" for i in range(3)]
+    # the other stages do not depend on the count
+    assert workspace.generated(one).split("# step 3:")[1] == workspace.generated(three).split("# step 3:")[1]

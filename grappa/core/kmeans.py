@@ -12,12 +12,32 @@ def spherical_kmeans(x: np.ndarray, k: int, niter: int, nredo: int, seed: int,
     The centroids are trained on at most ``k * max_points_per_centroid`` points (faiss draws the
     sample with ``seed``), so training time and memory stop growing with N; every point is assigned.
     """
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    centroids = train_centroids(x, k, niter, nredo, seed, max_points_per_centroid)
+    return assign(centroids, x), centroids
+
+
+def sample_size(n: int, k: int, max_points_per_centroid: int) -> int:
+    """How many of ``n`` points the centroids of ``k`` clusters train on."""
+    return min(n, k * max_points_per_centroid)
+
+
+def train_centroids(sample: np.ndarray, k: int, niter: int, nredo: int, seed: int,
+                    max_points_per_centroid: int = 256) -> np.ndarray:
+    """L2-normalised centroids (k, D) of spherical k-means on ``sample`` (faiss subsamples it to
+    ``k * max_points_per_centroid`` points with ``seed`` when it is larger)."""
+    x = np.ascontiguousarray(sample, dtype=np.float32)
     km = faiss.Kmeans(x.shape[1], k, niter=niter, nredo=nredo, spherical=True, seed=seed, verbose=False,
                       min_points_per_centroid=1, max_points_per_centroid=max_points_per_centroid)
     km.train(x)
-    _, labels = km.index.search(x, 1)
-    return labels[:, 0].astype(np.int64), km.centroids / np.linalg.norm(km.centroids, axis=1, keepdims=True)
+    return km.centroids / np.linalg.norm(km.centroids, axis=1, keepdims=True)
+
+
+def assign(centroids: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The nearest centroid (inner product) of each row of ``x``: (N,) int64."""
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    _, labels = index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
+    return labels[:, 0].astype(np.int64)
 
 
 def size_stats(labels: np.ndarray, k: int) -> dict:

@@ -8,6 +8,8 @@ Queries whose class has no other member are left out of both (they have nothing 
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import faiss
 import numpy as np
 
@@ -33,34 +35,86 @@ def leave_one_out_neighbours(vectors: np.ndarray, k: int) -> np.ndarray:
 
 
 def knn_graph(vectors: np.ndarray, k: int, exact_below: int, nprobe: int, seed: int = 0) -> tuple[np.ndarray, str]:
-    """(N, k) leave-one-out neighbours and how they were found: exact below ``exact_below`` vectors,
-    else through a faiss IVF index (4 sqrt(N) inverted lists, its k-means trained on a bounded sample,
-    ``nprobe`` lists searched per query), whose search cost grows like N^1.5 instead of N^2."""
+    """(N, k) leave-one-out neighbours of vectors in memory, and how they were found: exact below
+    ``exact_below`` vectors, else :func:`ivf_knn_graph` over the array."""
     n = vectors.shape[0]
     if n < exact_below:
         return leave_one_out_neighbours(vectors, k), "exact"
     x = np.ascontiguousarray(vectors, dtype=np.float32)
-    nlist = int(min(4 * np.sqrt(n), n / 39))  # faiss wants >= 39 training points per list
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(x.shape[1]), x.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
+    return ivf_knn_graph(lambda: [(np.arange(n), x)], x, n, k, nprobe, seed)
+
+
+Chunks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
+
+
+def ivf_knn_graph(chunks: Chunks, sample: np.ndarray, n: int, k: int, nprobe: int, seed: int = 0,
+                  code_bytes: int | None = None) -> tuple[np.ndarray, str]:
+    """(N, k) int32 leave-one-out neighbours through a faiss IVF index, the vectors streamed twice
+    from ``chunks()`` ((row numbers, vectors) pairs: once to add, once to search), never all held.
+
+    4 sqrt(N) inverted lists (at most N/39), their k-means trained on ``sample``; ``nprobe`` lists
+    searched per query, so the cost grows like N^1.5 instead of N^2. The index keeps the full
+    vectors (IVF-Flat) unless ``code_bytes`` per vector is less than that: then product-quantised
+    codes of at most ``code_bytes`` bytes (IVF-PQ), so its memory follows the budget, not N x D.
+    """
+    dim = sample.shape[1]
+    nlist = max(1, int(min(4 * np.sqrt(n), n / 39)))  # faiss wants >= 39 training points per list
+    quantizer = faiss.IndexFlatIP(dim)
+    if code_bytes is None or code_bytes >= 4 * dim:
+        index, name = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT), f"ivf{nlist}"
+    else:
+        m = max(d for d in range(1, min(code_bytes, dim) + 1) if dim % d == 0)  # PQ needs dim % m == 0
+        index, name = faiss.IndexIVFPQ(quantizer, dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT), f"ivf{nlist},pq{m}"
     index.cp.seed = seed  # the sample faiss trains the coarse k-means on (256 points per list at most)
-    index.train(x)
-    index.add(x)
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    for rows, x in chunks():
+        index.add_with_ids(np.ascontiguousarray(x, dtype=np.float32), rows.astype(np.int64))
     index.nprobe = min(nprobe, nlist)
-    _, idx = index.search(x, k + 1)
-    out = np.empty((n, k), dtype=np.int64)
-    for i in range(n):
-        row = idx[i][(idx[i] != i) & (idx[i] >= 0)]  # self removed; -1 where a probe found too few
-        out[i] = np.resize(row, k) if len(row) else i  # (too few: repeat; none: itself, a no-op pair)
-    return out, f"ivf{nlist},nprobe{index.nprobe}"
+    out = np.empty((n, k), dtype=np.int32)
+    for rows, x in chunks():
+        _, idx = index.search(np.ascontiguousarray(x, dtype=np.float32), k + 1)
+        out[rows] = drop_self(idx, rows, k)
+    return out, f"{name},nprobe{index.nprobe}"
 
 
-def knn_recall(vectors: np.ndarray, graph: np.ndarray, sample: int, seed: int = 0) -> float:
-    """Recall of ``graph`` against the exact leave-one-out kNN, on ``sample`` random rows."""
-    rng = np.random.default_rng(seed)
-    rows = rng.choice(len(vectors), size=min(sample, len(vectors)), replace=False)
-    k = graph.shape[1]
-    _, idx = knn_search(vectors, k + 1, queries=vectors[rows])
-    found = [len(set(graph[r]) & set(idx[j][idx[j] != r][:k])) for j, r in enumerate(rows)]
+def drop_self(idx: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """The first ``k`` results of each row other than itself and faiss' -1 (too few found: the found
+    ones repeated; none: itself, a no-op pair)."""
+    valid = (idx != rows[:, None]) & (idx >= 0)
+    order = np.argsort(~valid, axis=1, kind="stable")  # valid results first, in rank order
+    picked = np.take_along_axis(idx, order, axis=1)[:, :k]
+    for r in np.flatnonzero(valid.sum(axis=1) < k):
+        found = idx[r][valid[r]]
+        picked[r] = np.resize(found, k) if len(found) else rows[r]
+    return picked
+
+
+def exact_neighbours(queries: np.ndarray, query_rows: np.ndarray, chunks: Chunks, k: int) -> np.ndarray:
+    """(Q, k) exact leave-one-out neighbours of ``queries`` (rows ``query_rows``) among every
+    streamed vector: a running top-k, one chunk at a time."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    best_sim = np.full((len(q), k + 1), -np.inf, np.float32)
+    best_idx = np.full((len(q), k + 1), -1, np.int64)
+    for rows, x in chunks():
+        sims = q @ np.ascontiguousarray(x, dtype=np.float32).T
+        sims[query_rows[:, None] == rows[None, :]] = -np.inf  # never itself
+        sim = np.concatenate([best_sim, sims], axis=1)
+        idx = np.concatenate([best_idx, np.broadcast_to(rows, sims.shape)], axis=1)
+        top = np.argsort(-sim, axis=1, kind="stable")[:, : k + 1]
+        best_sim, best_idx = np.take_along_axis(sim, top, axis=1), np.take_along_axis(idx, top, axis=1)
+    return best_idx[:, :k]
+
+
+def knn_recall(vectors: np.ndarray | None, graph: np.ndarray, sample: int, seed: int = 0,
+               chunks: Chunks | None = None, take=None) -> float:
+    """Recall of ``graph`` against the exact leave-one-out kNN, on ``sample`` random rows (of
+    ``vectors`` in memory, or of streamed ``chunks`` with ``take(rows)`` giving the sampled vectors)."""
+    n, k = graph.shape
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
+    if chunks is None:
+        chunks, take = (lambda: [(np.arange(n), vectors)]), (lambda r: vectors[r])
+    exact = exact_neighbours(take(rows), rows, chunks, k)
+    found = [len(set(graph[r].tolist()) & set(exact[j].tolist())) for j, r in enumerate(rows)]
     return float(np.sum(found) / (len(rows) * k))
 
 

@@ -16,8 +16,9 @@ class ClusterBatchSampler:
     """
 
     def __init__(self, labels: np.ndarray, batch_size: int, per_cluster: int, generator: torch.Generator):
-        self.members = [np.flatnonzero(labels == c) for c in np.unique(labels)]
-        self.members = [m for m in self.members if len(m) >= 2]
+        order = np.argsort(labels, kind="stable")  # each cluster's members in ascending order
+        _, starts = np.unique(labels[order], return_index=True)
+        self.members = [m for m in np.split(order, starts[1:]) if len(m) >= 2]
         if not self.members:
             raise ConfigError("adaptor.objective: AP needs clusters with at least two images; lower k")
         self.per_cluster = min(per_cluster, batch_size)
@@ -51,9 +52,16 @@ class NeighbourPairs(Dataset):
         return len(self.base)
 
     def __getitem__(self, i: int):
-        j = int(self.neighbours[i, torch.randint(self.neighbours.shape[1], (1,))])
-        _, xi, err_i = self.base[i]
-        _, xj, err_j = self.base[j]
-        if xi is None or xj is None:
-            return i, None, err_i or err_j
-        return i, torch.stack([xi, xj]), None
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, items: list[int]) -> list:
+        """A batch: the anchors and their drawn neighbours in one read of the base (when it reads
+        batches, like the feature store's prefix rows)."""
+        picks = [int(self.neighbours[i, torch.randint(self.neighbours.shape[1], (1,))]) for i in items]
+        fetch = getattr(self.base, "__getitems__", None) or (lambda rows: [self.base[r] for r in rows])
+        got = fetch(list(items) + picks)
+        out = []
+        for n, i in enumerate(items):
+            (_, xi, err_i), (_, xj, err_j) = got[n], got[len(items) + n]
+            out.append((i, None, err_i or err_j) if xi is None or xj is None else (i, torch.stack([xi, xj]), None))
+        return out

@@ -1,22 +1,24 @@
 """Model inputs for the steps after extraction: decoded images or cached prefix activations.
 
 With ``backbone.adapt_from_block > 0`` the frozen prefix's activations were computed once by
-``extract`` (``prefix.npy``); every later step then runs only the adapted suffix. With 0 (the paper's
-all-block placement) the steps read and transform the images themselves.
+``extract`` (the parts' ``prefix.npy``, listed by ``prefix.json``); every later step then runs only
+the adapted suffix, reading a batch of rows at a time from the store. With 0 (the paper's all-block
+placement) the steps read and transform the images themselves.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from grappa.config import ConfigError
 from grappa.core.augment import image_transform
 from grappa.core.backbones import Preprocess
-from grappa.io.artifacts import arrow_to_vectors, read_table
+from grappa.core.model import FUSION
+from grappa.io.features import open_prefix, read_columns, split_rows, take_vectors
 from grappa.io.layout import Layout
 from grappa.io.sources import ImageDecodeError, SourceError, decode_image
 from grappa.io.storage import StorageError, read_bytes
@@ -44,19 +46,26 @@ class ImageDataset(Dataset):
 
 
 class PrefixDataset(Dataset):
-    """Rows of the cached (N, ...) float16 prefix activations, as float32 tensors."""
+    """Rows of the cached (N, ...) float16 prefix activations (an array or the store's
+    :class:`~grappa.io.features.RowSet`), as float32 tensors; a batch is one read (``__getitems__``)."""
 
     is_images = False
 
-    def __init__(self, prefix: np.ndarray, rows: np.ndarray | None = None):
+    def __init__(self, prefix, rows: np.ndarray | None = None):
         self.prefix = prefix
-        self.rows = np.arange(len(prefix)) if rows is None else rows
+        self.rows = np.arange(len(prefix)) if rows is None else np.asarray(rows)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int):
-        return i, torch.from_numpy(np.asarray(self.prefix[self.rows[i]], dtype=np.float32)), None
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, items: list[int]) -> list:
+        rows = self.rows[np.asarray(items, dtype=np.int64)]
+        block = self.prefix[rows] if isinstance(self.prefix, np.ndarray) else self.prefix.take(rows)
+        block = torch.from_numpy(np.asarray(block, dtype=np.float32))
+        return [(i, x, None) for i, x in zip(items, block)]
 
 
 def collate_usable(batch):
@@ -69,43 +78,55 @@ def collate_usable(batch):
     return torch.tensor(rows), torch.stack(xs), bad
 
 
-@dataclass
 class StepInputs:
-    """The extracted rows of one split and a dataset aligned with them."""
+    """The extracted rows of one split and a dataset aligned with them. Columns are read from the
+    store when first used, so a training step over a million images holds its ids (an Arrow
+    array) and streams the rest: ``zero_shot`` is the one (N, D) array, read only when asked."""
 
-    image_ids: list[str]
-    domains: np.ndarray
-    labels: np.ndarray  # None entries for the unlabeled split
-    uris: list[str]
-    zero_shot: np.ndarray  # (N, D) L2-normalised backbone features
-    dataset: Dataset
+    def __init__(self, out: Layout, rows: np.ndarray, dataset: Dataset, budget_mb: int):
+        self.out, self.rows, self.dataset, self.budget_mb = out, rows, dataset, budget_mb
 
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def column(self, name: str) -> pa.Array:
+        return read_columns(self.out, [name], self.rows).column(name).combine_chunks()
+
+    @cached_property
+    def ids(self) -> pa.Array:
+        return self.column("image_id")
+
+    @cached_property
+    def image_ids(self) -> list[str]:
+        return self.ids.to_pylist()
+
+    @cached_property
+    def domains(self) -> np.ndarray:
+        return np.array(self.column("domain").to_pylist())
+
+    @cached_property
+    def labels(self) -> np.ndarray:  # None entries for the unlabeled split
+        return np.array(self.column("label").to_pylist(), dtype=object)
+
+    @cached_property
+    def uris(self) -> list[str]:
+        return self.column("uri").to_pylist()
+
+    @cached_property
+    def zero_shot(self) -> np.ndarray:  # (N, D) L2-normalised backbone features
+        return take_vectors(self.out, self.rows, self.budget_mb)
 
 
 def load_inputs(out: Layout, split: str, preprocess: Preprocess, train: bool,
-                min_side: int = 1, max_pixels: int = 1 << 40) -> StepInputs:
-    table = read_table(out.features)
-    split_mask = np.array(table.column("split").to_pylist()) == split
-    rows = np.flatnonzero(split_mask)
-    sub = table.take(rows)
-    uris = sub.column("uri").to_pylist()
-    prefix_path = out.prefix
-    if prefix_path.exists():
-        prefix = np.load(prefix_path, mmap_mode="r")
-        if prefix.shape[0] != table.num_rows:  # never train on activations of other images
-            raise ConfigError(f"{prefix_path} has {prefix.shape[0]} rows but features.parquet has "
-                              f"{table.num_rows}; rerun 'grappa extract'")
+                min_side: int = 1, max_pixels: int = 1 << 40, budget_mb: int = 1024) -> StepInputs:
+    rows = split_rows(out, split)
+    prefix = open_prefix(out, expected_rows=read_columns(out, ["split"]).num_rows)
+    if prefix is not None:
         dataset: Dataset = PrefixDataset(prefix, rows)
     else:
+        uris = read_columns(out, ["uri"], rows).column("uri").to_pylist()
         dataset = ImageDataset(uris, image_transform(preprocess, train), min_side, max_pixels)
-    return StepInputs(
-        image_ids=sub.column("image_id").to_pylist(),
-        domains=np.array(sub.column("domain").to_pylist()),
-        labels=np.array(sub.column("label").to_pylist(), dtype=object),
-        uris=uris,
-        zero_shot=arrow_to_vectors(sub.column("vector")),
-        dataset=dataset,
-    )
+    return StepInputs(out, rows, dataset, budget_mb)
 
 
 def loader(dataset: Dataset, batch_size: int, shuffle: bool = False, num_workers: int = 0,
@@ -154,3 +175,19 @@ def encode(model, dataset: Dataset, mode: str, batch_size: int, num_workers: int
     return emb_arr, (np.stack(alphas) if alphas[0] is not None else None)
 
 
+
+
+@torch.inference_mode()
+def mean_attention(model, dataset: Dataset, batch_size: int) -> np.ndarray:
+    """(L, M) mean fusion attention over ``dataset``, summed batch by batch (nothing per image kept)."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = None, 0
+    for _, x, _ in tqdm(loader(dataset, batch_size), desc="attention", unit="batch", leave=False):
+        if x is None:
+            continue
+        x = x.to(device)
+        _, alpha = model.forward_suffix(model.forward_prefix(x) if getattr(dataset, "is_images", False) else x, FUSION)
+        total = alpha.sum(0).cpu() if total is None else total + alpha.sum(0).cpu()
+        count += len(x)
+    return (total / max(count, 1)).double().numpy()

@@ -1,21 +1,27 @@
-"""Step 2 — ``grappa extract``: frozen-backbone features of every image in the snapshot, cached by content hash.
+"""Step 2 — ``grappa extract --shard I/N``: frozen-backbone features of one part of the snapshot.
 
-Writes ``<out>/extract/``:
+Shard I of N (``extract.shards``) is a contiguous slice of the snapshot's rows, so the parts joined
+in order by ``merge-features`` are the snapshot's order whatever N is. Writes
+``<out>/extract/parts/<I>-of-<N>/``:
 - ``features.parquet``: image_id, uri, domain, split, label (None for unlabeled), content_hash, vector
 - ``prefix.npy``: float16 activations at ``adapt_from_block`` (only when > 0), row-aligned
 - ``report.json``: counts, new vs cached, undecodable images with reasons (records the snapshot could not
   use are listed in its own report), timings
 
 The cache (``extract.cache_dir/<fingerprint>/``) is keyed by the sha256 of each file's bytes and by
-the backbone fingerprint, so a rerun after new images arrive computes only the new ones.
+the backbone fingerprint, so a rerun after new images arrive computes only the new ones; shards of
+one run share it. Both the part and the computation stream in chunks sized by ``memory_budget_mb``.
 """
 from __future__ import annotations
 
+import shutil
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
@@ -24,84 +30,95 @@ from grappa.config import ConfigError, Params
 from grappa.core.augment import image_transform
 from grappa.core.backbones import create_backbone
 from grappa.core.model import GrappaModel, pick_device
-from grappa.io.artifacts import atomic_paths, read_table, vectors_to_arrow, write_json, write_table
+from grappa.io.artifacts import read_table, vectors_to_arrow, write_json
 from grappa.io.assemble import build_model
 from grappa.io.datasets import ImageDataset, loader
-from grappa.io.features import FeatureCache
-from grappa.io.layout import EXTRACT_REPORT, Layout, layout
-from grappa.io.sources import ImageRecord, Skipped, counts
+from grappa.io.features import FeatureCache, RowFileWriter, chunk_rows
+from grappa.io.layout import PART_FEATURES, PART_PREFIX, PART_REPORT, Shard, layout
+from grappa.io.sources import counts
+
+FLUSH_EVERY = 1024  # images: a killed extraction keeps all but the last few hundred computed features
+COLUMNS = ["image_id", "uri", "domain", "split", "label", "content_hash"]
 
 
-
-def snapshot_records(params: Params) -> list[tuple[ImageRecord, str]]:
-    """(record, content hash) of every image in the data snapshot."""
+def shard_rows(params: Params, shard: Shard) -> pa.Table:
+    """The snapshot rows of ``shard`` (metadata columns only)."""
+    if shard.count != params.extract.shards:
+        raise ConfigError(f"--shard {shard}: extract.shards is {params.extract.shards}; "
+                          f"use --shard I/{params.extract.shards}")
     path = layout(params).manifest
     if not path.is_file():
         raise ConfigError(f"data snapshot not found at {path}; run 'grappa snapshot' first")
-    return [(ImageRecord(r["image_id"], r["uri"], r["domain"], r["split"], r["label"]), r["content_hash"])
-            for r in read_table(path).to_pylist()]
+    table = read_table(path).select(COLUMNS)
+    rows = shard.rows(table.num_rows)
+    return table.slice(rows.start, len(rows))
 
 
-def run(params: Params) -> dict:
+def run(params: Params, shard: Shard) -> dict:
     t0 = time.perf_counter()
-    out = layout(params)
-    hashed, skipped = snapshot_records(params), []
+    rows = shard_rows(params, shard)
     backbone, preprocess, fingerprint = create_backbone(params.backbone)
     start = params.backbone.adapt_from_block
+    prefix_shape = tuple(backbone.block_shapes[start - 1]) if start > 0 else None
     model = build_model(params, backbone, ks=[])  # the frozen backbone alone: prefix and zero-shot features
-    cache = FeatureCache(Path(params.extract.cache_dir) / f"{fingerprint}-b{start}")
-
-    cached = cache.load()
-    todo = sorted({h: rec.uri for rec, h in hashed if h not in cached}.items())
-    t_load = time.perf_counter()
-
-    new_hashes, new_vectors, new_prefixes, broken = _compute(model, todo, params, preprocess, start, cache)
-    for h, v, p in zip(new_hashes, new_vectors, new_prefixes):
-        cached[h] = (v, p)
-
-    rows = []
-    for rec, h in hashed:
-        if h in broken:
-            skipped.append(Skipped(rec.image_id, broken[h]))
-        else:
-            rows.append((rec, h))
-    if not rows:
-        raise ConfigError("data.sources: none of the images could be decoded (see the skipped list)")
-    _write_outputs(out, rows, cached, backbone.block_shapes[start - 1] if start > 0 else None)
+    cache = FeatureCache(Path(params.extract.cache_dir) / f"{fingerprint}-b{start}", prefix_shape)
+    hashes = rows.column("content_hash").to_pylist()
+    with cache.shared():
+        cache.index()
+        missing = ~cache.contains(hashes)
+        uris = rows.column("uri").to_pylist()
+        todo = sorted({hashes[i]: uris[i] for i in np.flatnonzero(missing)}.items())
+        t_load = time.perf_counter()
+        computed, broken = _compute(model, todo, params, preprocess, start, cache)
+        t_forward = time.perf_counter()
+        usable = np.array([h not in broken for h in hashes], dtype=bool)
+        if not usable.any():
+            raise ConfigError(f"data.sources: none of the images could be decoded (shard {shard}; see the skipped list)")
+        row_bytes = 4 * backbone.embed_dim + (2 * int(np.prod(prefix_shape)) if prefix_shape else 0)
+        _write_part(layout(params).part(shard), rows.filter(pa.array(usable)), cache, prefix_shape,
+                    chunk_rows(row_bytes, params.memory_budget_mb))
+    compaction = None
+    rows_per_shard = chunk_rows(row_bytes, params.memory_budget_mb)
+    if cache.needs_compaction(rows_per_shard):
+        compaction = cache.compact(rows_per_shard)
     t_end = time.perf_counter()
-
+    image_ids = rows.column("image_id").to_pylist()
+    kept = rows.filter(pa.array(usable))
     report = {
+        "shard": str(shard),
         "backbone_fingerprint": fingerprint,
-        "images": len(rows),
-        "by_split": counts(rec.split for rec, _ in rows),
-        "by_domain": counts(rec.domain for rec, _ in rows),
-        "computed": len(new_hashes),
-        "from_cache": len({h for _, h in rows} - set(new_hashes)),
-        "skipped": [{"image_id": s.image_id, "reason": s.reason} for s in skipped],
-        "timings_s": {"cache_load": t_load - t0, "forward": t_end - t_load, "total": t_end - t0},
-        "images_per_s": len(new_hashes) / max(t_end - t_load, 1e-9),
+        "cache_dir": str(cache.root),
+        "images": kept.num_rows,
+        "by_split": counts(kept.column("split").to_pylist()),
+        "by_domain": counts(kept.column("domain").to_pylist()),
+        "computed": len(computed),
+        "from_cache": pc.count_distinct(kept.column("content_hash")).as_py() - len(computed),
+        "skipped": [{"image_id": image_ids[i], "reason": broken[hashes[i]]} for i in np.flatnonzero(~usable)],
+        "cache_compaction": compaction,
+        "timings_s": {"cache_index": t_load - t0, "forward": t_forward - t_load, "write": t_end - t_forward,
+                      "total": t_end - t0},
+        "images_per_s": len(computed) / max(t_forward - t_load, 1e-9),
     }
-    write_json(out.path(EXTRACT_REPORT), report)
+    write_json(layout(params).path(PART_REPORT, shard=shard), report)
     return report
 
 
-FLUSH_EVERY = 1024  # images: a killed extraction keeps all but the last few hundred computed features
-
-
 def _compute(model: GrappaModel, todo: list[tuple[str, str]], params: Params, preprocess, start: int,
-             cache: FeatureCache):
-    """Features (and prefix activations) of every image in ``todo``, appended to ``cache`` as they come."""
-    hashes, vectors, prefixes, broken = [], [], [], {}
-    flushed = 0
+             cache: FeatureCache) -> tuple[list[str], dict[str, str]]:
+    """Features (and prefix activations) of every image in ``todo``, appended to ``cache`` every
+    FLUSH_EVERY images; returns the hashes computed and {hash: reason} of undecodable images."""
+    computed, broken = [], {}
+    pending: tuple[list, list, list] = ([], [], [])
 
     def flush() -> None:
-        nonlocal flushed
-        if len(hashes) > flushed:
-            cache.append(hashes[flushed:], np.stack(vectors[flushed:]), prefixes[flushed:])
-            flushed = len(hashes)
+        if pending[0]:
+            cache.append(pending[0], np.concatenate(pending[1]), np.concatenate(pending[2]) if start > 0 else None)
+            computed.extend(pending[0])
+            for buffer in pending:
+                buffer.clear()
 
     if not todo:
-        return hashes, np.zeros((0, 1), np.float32), prefixes, broken
+        return computed, broken
     dataset = ImageDataset([uri for _, uri in todo], image_transform(preprocess, train=False),
                            params.data.min_side, params.data.max_pixels)
     batches = loader(dataset, params.extract.batch_size, num_workers=params.extract.num_workers)
@@ -114,38 +131,43 @@ def _compute(model: GrappaModel, todo: list[tuple[str, str]], params: Params, pr
             if x is None:
                 continue
             acts = model.forward_prefix(x.to(device))
-            emb = model.forward_suffix(acts, "zero_shot")[0].cpu()
-            acts = acts.to("cpu", torch.float16).contiguous()  # the cache holds NCHW bytes
-            for j, i in enumerate(rows.tolist()):
-                hashes.append(todo[i][0])
-                vectors.append(emb[j].numpy())
-                prefixes.append(acts[j].numpy().tobytes() if start > 0 else None)
-            if len(hashes) - flushed >= FLUSH_EVERY:
+            emb = model.forward_suffix(acts, "zero_shot")[0].cpu().numpy()
+            pending[0].extend(todo[i][0] for i in rows.tolist())
+            pending[1].append(emb)
+            if start > 0:
+                pending[2].append(acts.to("cpu", torch.float16).contiguous().numpy())  # the cache holds NCHW
+            if len(pending[0]) >= FLUSH_EVERY:
                 flush()
     flush()
-    return hashes, np.stack(vectors) if vectors else np.zeros((0, 1), np.float32), prefixes, broken
+    return computed, broken
 
 
-def _write_outputs(out: Layout, rows, cached, prefix_shape) -> None:
-    recs = [r for r, _ in rows]
-    hashes = [h for _, h in rows]
-    table = pa.table({
-        "image_id": [r.image_id for r in recs],
-        "uri": [r.uri for r in recs],
-        "domain": [r.domain for r in recs],
-        "split": [r.split for r in recs],
-        "label": pa.array([r.label for r in recs], type=pa.string()),
-        "content_hash": hashes,
-        "vector": vectors_to_arrow(np.stack([cached[h][0] for h in hashes])),
-    })
-    if prefix_shape is not None:
-        prefix = np.stack([np.frombuffer(cached[h][1], dtype=np.float16).reshape(prefix_shape) for h in hashes])
-        # Row-aligned pair: both renames happen only once both files are complete, so a kill never
-        # leaves a new prefix.npy next to an old features.parquet (or the reverse).
-        with atomic_paths(out.prefix, out.features) as (tmp_prefix, tmp_features):
-            with open(tmp_prefix, "wb") as fh:
-                np.save(fh, prefix)
-            pq.write_table(table, tmp_features)
-    else:
-        out.prefix.unlink(missing_ok=True)  # a stale cache from another setup must not be trusted
-        write_table(out.features, table)
+def _write_part(folder: Path, rows: pa.Table, cache: FeatureCache, prefix_shape, step: int) -> None:
+    """The part's features.parquet and prefix.npy, chunk by chunk from the cache; the folder is
+    replaced in one rename, so a kill leaves the previous part (or none), never half of one."""
+    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir(parents=True)
+    try:
+        writer = None
+        prefix = RowFileWriter(tmp / Path(PART_PREFIX).name, rows.num_rows, prefix_shape, np.float16) \
+            if prefix_shape else None
+        for begin in range(0, rows.num_rows, step):
+            chunk = rows.slice(begin, step)
+            vectors, prefixes = cache.gather(chunk.column("content_hash").to_pylist())
+            table = pa.table({**{c: chunk.column(c) for c in COLUMNS[:4]},
+                              "label": chunk.column("label").cast(pa.string()),
+                              "content_hash": chunk.column("content_hash"), "vector": vectors_to_arrow(vectors)})
+            if writer is None:
+                writer = pq.ParquetWriter(tmp / Path(PART_FEATURES).name, table.schema)
+            writer.write_table(table)
+            if prefix is not None:
+                prefix.write(prefixes)
+        writer.close()
+        if prefix is not None:
+            prefix.close()
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

@@ -25,6 +25,7 @@ from grappa.core.model import FUSION
 from grappa.io import catalogue, manifests, servable
 from grappa.io.artifacts import read_table
 from grappa.io.datasets import ImageDataset, PrefixDataset, encode
+from grappa.io.features import open_prefix
 from grappa.io.layout import layout
 from grappa.io.sources import resolve_sources
 
@@ -44,7 +45,8 @@ def embed_rows(model: servable.Servable, rows: list[dict], params: Params) -> tu
     unreadable: list[tuple[int, str]] = []
     out = layout(params)
     cached: dict[int, int] = {}
-    if model.same_prefix_as(params) and out.prefix.is_file():
+    prefix = open_prefix(out) if model.same_prefix_as(params) and out.features.is_file() else None
+    if prefix is not None:
         table = read_table(out.features).select(["image_id", "content_hash"])
         where = {(i, h): n for n, (i, h) in enumerate(zip(table.column("image_id").to_pylist(),
                                                           table.column("content_hash").to_pylist()))}
@@ -52,7 +54,6 @@ def embed_rows(model: servable.Servable, rows: list[dict], params: Params) -> tu
                   if (row["image_id"], row["content_hash"]) in where}
     batch = params.index.batch_size
     if cached:
-        prefix = np.load(out.prefix, mmap_mode="r")
         mine = sorted(cached)
         vectors[mine], _ = encode(model.model, PrefixDataset(prefix, np.array([cached[r] for r in mine])), FUSION,
                                   batch, desc="index (cached prefix)")

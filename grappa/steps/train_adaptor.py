@@ -13,6 +13,8 @@ from dataclasses import asdict
 from functools import partial
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -30,13 +32,14 @@ from grappa.io.datasets import collate_usable, load_inputs, loader
 from grappa.io.layout import ADAPTOR_REPORT, layout
 
 
-def pseudo_labels_for(params: Params, k: int, image_ids: list[str]) -> np.ndarray:
+def pseudo_labels_for(params: Params, k: int, image_ids: pa.Array) -> np.ndarray:
+    """The k-level pseudo-label of each image id (an Arrow join: no Python object per image)."""
     table = read_table(layout(params).pseudo_labels(k))
-    lookup = dict(zip(table.column("image_id").to_pylist(), table.column("pseudo_label").to_pylist()))
-    missing = [i for i in image_ids if i not in lookup]
-    if missing:
-        raise ConfigError(f"cluster output for k={k} is stale ({len(missing)} images unassigned); rerun 'grappa cluster'")
-    return np.array([lookup[i] for i in image_ids], dtype=np.int64)
+    where = pc.index_in(pa.array(image_ids) if isinstance(image_ids, list) else image_ids,
+                        value_set=table.column("image_id").combine_chunks())
+    if where.null_count:
+        raise ConfigError(f"cluster output for k={k} is stale ({where.null_count} images unassigned); rerun 'grappa cluster'")
+    return table.column("pseudo_label").to_numpy()[where.to_numpy()].astype(np.int64)
 
 
 def epoch_batches(dataset, targets: np.ndarray, batch_size: int, hp: AdaptorParams, clustered: bool,
@@ -57,8 +60,9 @@ def run(params: Params, k: int) -> dict:
     hp = params.adaptor
     backbone, preprocess, _ = create_backbone(params.backbone)
     inputs = load_inputs(layout(params), "unlabeled", preprocess, train=True,
-                         min_side=params.data.min_side, max_pixels=params.data.max_pixels)
-    pseudo = pseudo_labels_for(params, k, inputs.image_ids)
+                         min_side=params.data.min_side, max_pixels=params.data.max_pixels,
+                         budget_mb=params.memory_budget_mb)
+    pseudo = pseudo_labels_for(params, k, inputs.ids)
     centroids = torch.from_numpy(np.load(layout(params).centroids(k)))
 
     model = build_model(params, backbone, [k])
@@ -99,7 +103,7 @@ def run(params: Params, k: int) -> dict:
     save_torch(layout(params).adaptor(k), {"state_dict": model.adaptor_set(k).state_dict(), "meta": meta})
     # Kept beside the adaptors for the fusion step's pseudo-label objective; not part of the model.
     save_torch(layout(params).classifier(k), {"weight": classifier.weight.detach().cpu(), "temperature": hp.temperature})
-    report = {"k": k, "images": len(inputs.image_ids), "history": history, "final": history[-1]}
+    report = {"k": k, "images": len(inputs), "history": history, "final": history[-1]}
     write_json(layout(params).path(ADAPTOR_REPORT, k), report)
     checkpoint.unlink(missing_ok=True)  # the published adaptor supersedes it
     return report

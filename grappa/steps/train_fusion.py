@@ -31,22 +31,64 @@ from functools import partial
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from grappa.config import Params
 from grappa.core.backbones import create_backbone
 from grappa.core.losses import CosineClassifier
-from grappa.core.metrics import knn_graph, knn_recall
-from grappa.core.model import FUSION, pick_device
+from grappa.core.metrics import ivf_knn_graph, knn_graph, knn_recall
+from grappa.core.model import pick_device
 from grappa.core.objectives import fusion_objective, fusion_terms
 from grappa.core.samplers import NeighbourPairs
 from grappa.core.training import data_fingerprint, fit, fusion_step, run_key
 from grappa.io import servable
-from grappa.io.artifacts import load_torch, save_torch, write_json, write_table
+from grappa.io.artifacts import atomic_path, load_torch, save_torch, write_json
 from grappa.io.assemble import assemble
-from grappa.io.datasets import encode, load_inputs, loader
+from grappa.io.datasets import load_inputs, loader, mean_attention
+from grappa.io.features import iter_vectors, take_vectors, vector_dim
 from grappa.io.layout import FUSION_REPORT, layout
 from grappa.steps.train_adaptor import pseudo_labels_for
+
+
+def neighbour_graph(params: Params, inputs) -> tuple[np.ndarray, dict]:
+    """The kNN graph of the unlabeled pool's zero-shot vectors and how it was found: exact in memory
+    below ``fusion.knn_exact_below`` images, else an IVF index fed chunk by chunk from the store, its
+    code size set by ``memory_budget_mb`` (an eighth of it for the index); then its recall against
+    exact on 1,000 images is measured and reported."""
+    hp, n, t0 = params.fusion, len(inputs), time.perf_counter()
+    if n < hp.knn_exact_below:
+        neighbours, method = knn_graph(inputs.zero_shot, hp.knn, hp.knn_exact_below, hp.knn_nprobe, params.seed)
+        return neighbours, {"method": method, "seconds": time.perf_counter() - t0}
+    out, budget = layout(params), params.memory_budget_mb
+
+    def chunks():
+        return iter_vectors(out, inputs.rows, budget)
+
+    def take(positions):
+        return take_vectors(out, inputs.rows[positions], budget)
+
+    nlist = int(min(4 * np.sqrt(n), n / 39))
+    fits = budget * (1 << 20) // 4 // (4 * vector_dim(out))
+    picked = np.sort(np.random.default_rng(params.seed).choice(n, min(n, max(39 * nlist, 65536), fits), replace=False))
+    neighbours, method = ivf_knn_graph(chunks, take(picked), n, hp.knn, hp.knn_nprobe, params.seed,
+                                       code_bytes=budget * (1 << 20) // 8 // n)
+    seconds = time.perf_counter() - t0
+    recall = knn_recall(None, neighbours, sample=1000, seed=params.seed, chunks=chunks, take=take)
+    print(f"kNN graph: {method}, recall {recall:.3f} against exact on 1000 images")
+    return neighbours, {"method": method, "seconds": seconds, "recall_vs_exact": recall}
+
+
+def write_neighbours(path, ids: pa.Array, neighbours: np.ndarray, chunk: int = 65536) -> None:
+    """knn.parquet (image_id, the ids of its neighbours), a chunk of rows at a time, in Arrow."""
+    with atomic_path(path) as tmp:
+        with pq.ParquetWriter(tmp, pa.schema([("image_id", pa.string()), ("neighbours", pa.list_(pa.string()))])) as writer:
+            for start in range(0, len(ids), chunk):
+                block = neighbours[start:start + chunk]
+                flat = ids.take(pa.array(block.reshape(-1)))
+                writer.write_table(pa.table({
+                    "image_id": ids.slice(start, len(block)),
+                    "neighbours": pa.FixedSizeListArray.from_arrays(flat, block.shape[1]).cast(pa.list_(pa.string()))}))
 
 
 def run(params: Params) -> dict:
@@ -57,15 +99,10 @@ def run(params: Params) -> dict:
     model = assemble(params, backbone, with_fusion=True, load_fusion=False)
     model.fusion.requires_grad_(True)
     inputs = load_inputs(layout(params), "unlabeled", preprocess, train=True,
-                         min_side=params.data.min_side, max_pixels=params.data.max_pixels)
-    neighbours, knn_method = knn_graph(inputs.zero_shot, hp.knn, hp.knn_exact_below, hp.knn_nprobe, params.seed)
-    knn = {"method": knn_method}
-    if knn_method != "exact":  # what the approximation costs, measured on this pool
-        knn["recall_vs_exact"] = knn_recall(inputs.zero_shot, neighbours, sample=1000, seed=params.seed)
-        print(f"kNN graph: {knn_method}, recall {knn['recall_vs_exact']:.3f} against exact on 1000 images")
-    write_table(layout(params).knn,
-                pa.table({"image_id": inputs.image_ids,
-                          "neighbours": [[inputs.image_ids[j] for j in row] for row in neighbours]}))
+                         min_side=params.data.min_side, max_pixels=params.data.max_pixels,
+                         budget_mb=params.memory_budget_mb)
+    neighbours, knn = neighbour_graph(params, inputs)
+    write_neighbours(layout(params).knn, inputs.ids, neighbours)
     pairs = NeighbourPairs(inputs.dataset, neighbours)
     batch_size = min(hp.batch_size, len(pairs))
     optimizer = torch.optim.AdamW(model.fusion.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
@@ -83,26 +120,27 @@ def run(params: Params) -> dict:
         for k in params.cluster.ks:
             state = load_torch(layout(params).classifier(k))
             head = CosineClassifier(state["weight"], state["temperature"]).requires_grad_(False).to(device)
-            heads.append((head, torch.from_numpy(pseudo_labels_for(params, k, inputs.image_ids)).to(device)))
+            heads.append((head, torch.from_numpy(pseudo_labels_for(params, k, inputs.ids)).to(device)))
     step = partial(fusion_step, model, fusion_objective(hp, model.fusion, heads), device, images=pairs.is_images)
 
     # the images, their neighbour graph and the adaptor sets' weights: other data, another checkpoint
-    data = data_fingerprint(np.array(inputs.image_ids), neighbours, modules=model.adaptors.values())
+    ids = np.concatenate([np.frombuffer(b, np.uint8) for b in inputs.ids.buffers() if b is not None])
+    data = data_fingerprint(ids, neighbours, modules=model.adaptors.values())
     key = run_key(params, hp.model_dump(), params.adaptor.model_dump(), params.cluster.ks, data)
     checkpoint = layout(params).checkpoint(f"fusion-{key}")
     history = fit(model.fusion, optimizer, hp.epochs, len(pairs) // batch_size, 0.0, batches, step,
                   checkpoint, params.seed, desc="fusion")
-    _, alphas = encode(model, inputs.dataset, FUSION, params.evaluate.batch_size, desc="attention")
+    attention = mean_attention(model, inputs.dataset, params.evaluate.batch_size)
     model.cpu()
     meta = {"ks": params.cluster.ks, "attn_dim": hp.attn_dim, "preprocess": asdict(preprocess)}
     save_torch(layout(params).fusion, {"state_dict": model.fusion.state_dict(), "meta": meta})
     exported = servable.export(model, params, preprocess, layout(params).model)
     report = {
-        "images": len(inputs.image_ids),
+        "images": len(inputs),
         "history": history,
         "final": history[-1],
         # mean attention over granularities on the unlabeled pool, per adapted block
-        "mean_attention_per_block": alphas.mean(axis=0).tolist(),
+        "mean_attention_per_block": attention.tolist(),
         "ks": params.cluster.ks,
         "knn_graph": knn,
         "model_sha256": exported["weights_sha256"],

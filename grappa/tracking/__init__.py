@@ -24,10 +24,11 @@ ENV_SWITCH = "GRAPPA_TRACKING"
 class Tracker(RunTree):
     """One process's view of the tracking server for one params file: the run tree and its step runs."""
 
-    def log_step(self, step: str, params: Params, k: int | None, start_s: float,
+    def log_step(self, step: str, params: Params, item, start_s: float,
                  error: BaseException | None = None) -> str:
-        """Record one finished (or failed) step as a child run; returns the run id."""
-        return step_logger.log_step(self, step, params, k, start_s, error)
+        """Record one finished (or failed) step as a child run (``item``: its k or shard, if mapped);
+        returns the run id."""
+        return step_logger.log_step(self, step, params, item, start_s, error)
 
 
 def enabled(params: Params) -> bool:

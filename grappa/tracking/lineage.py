@@ -92,14 +92,14 @@ def project_root() -> Path:
 # --------------------------------------------------------------------------- DVC
 
 
-def dvc_stage_name(step: str, k: int | None = None) -> str:
+def dvc_stage_name(step: str, item=None) -> str:
     """The DVC stage this step runs as: ``DVC_STAGE`` (set by dvc repro), else the registry's
-    stage name (``extract``, ``train_adaptor@<k>``, ...)."""
+    stage name of the item of a mapped step (``cluster``, ``extract@0-of-2``, ``train_adaptor@<k>``)."""
     from grappa import registry
 
     if os.environ.get("DVC_STAGE"):
         return os.environ["DVC_STAGE"].rpartition(":")[2]  # "dvc.yaml:stage" -> "stage"
-    return registry.step(step).stage_name(k)
+    return registry.step(step).stage_name(item)
 
 
 def dvc_lock_path() -> Path:

@@ -26,36 +26,40 @@ def numeric_metrics(report: dict, skip: tuple[str, ...] = ("history",)) -> dict[
     return out
 
 
-def log_step(tree: RunTree, step: str, params: Params, k: int | None, start_s: float,
+def log_step(tree: RunTree, step: str, params: Params, item, start_s: float,
              error: BaseException | None = None) -> str:
-    """Record one finished (or failed) step as a child run; returns the run id."""
+    """Record one finished (or failed) step as a child run; returns the run id. ``item``: the k or
+    :class:`~grappa.io.layout.Shard` of a mapped step (None otherwise)."""
     import mlflow
 
-    stage = lineage.dvc_stage_name(step, k)
+    declared = registry.step(step)
+    stage = lineage.dvc_stage_name(step, item)
     with tree._guard(f"log step '{stage}'"):
         tags = {**lineage.dvc_lock_tags(stage), "dvc.stage": stage, "grappa.step": step,
                 "grappa.kind": "step", "mlflow.source.name": f"grappa {step}"}
-        if k is not None:
-            tags["grappa.k"] = str(k)
-        run_id = tree.open_child(f"{step} k={k}" if k is not None else step, start_s, tags)
-        step_p = step_params(params, registry.step(step).params)
-        if k is not None:
-            step_p["k"] = str(k)
+        mapped = declared.mapped if item is not None else None
+        if mapped:  # grappa.k = "64", grappa.shard = "0/2"
+            tags[f"grappa.{mapped}"] = declared.axis.arg(item)
+        # a mapped step's child run is named by its stage (extract@0-of-2, train_adaptor@64)
+        run_id = tree.open_child(declared.stage_name(item) if mapped else step, start_s, tags)
+        step_p = step_params(params, declared.params)
+        if mapped:
+            step_p[mapped] = declared.axis.arg(item)
         tree._log_batch(run_id, params=step_p)
         if error is not None:
             tree.client.set_tag(run_id, "grappa.error", lineage.redact_uri(_one_line(error)))
             tree.client.set_terminated(run_id, status="FAILED")
             return run_id
         with mlflow.start_run(run_id=run_id):  # the active run is where log_artifact/log_input/log_model go
-            _log_outputs(tree, run_id, step, params, k)
+            _log_outputs(tree, run_id, step, params, item)
     return run_id
 
 
-def _log_outputs(tree: RunTree, run_id: str, step: str, params: Params, k: int | None) -> None:
+def _log_outputs(tree: RunTree, run_id: str, step: str, params: Params, item) -> None:
     import mlflow
 
     declared, out = registry.step(step), layout(params)
-    report_file = out.path(declared.report, k)
+    report_file = out.path(declared.report, **declared.path_args(item))
     report = json.loads(report_file.read_text()) if report_file.is_file() else {}
     metrics = numeric_metrics(report)
     if isinstance(report.get("skipped"), list):
@@ -68,7 +72,7 @@ def _log_outputs(tree: RunTree, run_id: str, step: str, params: Params, k: int |
         tree._log_batch(run_id, metrics=values, step=epoch)
     if report_file.is_file():
         mlflow.log_artifact(str(report_file))
-    # the snapshot step logs its manifest; later steps the extracted features (decodable images only)
+    # the snapshot step logs its manifest; later steps the merged features (decodable images only)
     data = out.manifest if step == "snapshot" else out.features
     if data.is_file():
         for split, context in declared.datasets:
