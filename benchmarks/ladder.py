@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from grappa.cli import run_step
+from grappa.cli import run_all, run_step
 from grappa.config import load_params
 from grappa.core.backbones import create_backbone
 from grappa.core.evaluation import markdown_table, per_domain_metrics
@@ -57,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                                          "out_dir": f"outputs/bench/ladder/seed{args.seed}"})
 
     params = params_for(args.ks)
-    run_step("snapshot", params)
-    run_step("extract", params)
+    run_all(params, until="merge-features")  # snapshot, every extract shard, merge-features
     pool = run_step("cluster", params)["per_k"]
     for k in args.ks:  # sets trained by an earlier call on the same clusters are reused
         if not layout(params).adaptor(k).exists():
