@@ -146,3 +146,33 @@ def test_ladder_refuses_bad_uniform_subsets(uniform, capsys):
         ladder.main(["--ks", "2", "4", "--uniform", uniform])
     assert exit_.value.code == 2
     assert "--uniform" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(300)  # ~60 s on an idle 2-core machine: a dozen `python -m grappa` child processes
+def test_scale_quick_writes_rows_for_every_step_and_size(tmp_path):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "scale.py"), "--quick", "--out", str(tmp_path / "out"),
+           "--work-dir", str(tmp_path / "work"), "--device-name", "test-device", "--images", str(tmp_path / "none")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=290, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "scale_test-device.json").read_text())
+    assert res["schema_version"] == 1 and res["device"] == "test-device" and res["preset"] == "quick"
+    sizes, ks = res["settings"]["sizes"], res["settings"]["ks"]
+    steps = ["merge-features", "cluster", *[f"train-adaptor@{k}" for k in ks], "train-fusion"]
+    measured = {(r["step"], r["n"]): r for r in res["rows"] if r["store"] == "synthetic" and r["step"] != "knn"}
+    assert set(measured) == {(step, n) for step in steps for n in sizes}
+    for row in [*measured.values(), *(r for r in res["rows"] if r["store"] == "images")]:
+        assert row["rc"] == 0 and row["seconds"] > 0 and row["peak_rss_mb"] > 0, row
+    assert {r["step"] for r in res["rows"] if r["store"] == "images"} == {"snapshot", "extract"}
+    for step in steps:  # one slope per pair of consecutive sizes, and the fit over all of them
+        for key in ("seconds", "peak_rss_mb"):
+            assert isinstance(res["exponents"][step][key]["overall"], float), (step, key)
+        assert isinstance(res["exponents"][step]["flat_memory"], bool)
+    fusion = next(r for r in res["rows"] if r["step"] == "train-fusion")
+    assert fusion["report"]["knn_graph"]["method"] == "exact"  # the quick stores are below knn_exact_below
+    ex = res["extraction"]
+    assert ex["runs"][0]["part_report"]["computed"] == ex["n"]  # every synthetic image was its own file
+    for key in ("images_per_s", "ratio_vs_plain_timm_loop", "gflops_per_image", "flop_bound_images_per_s",
+                "fraction_of_flop_bound"):
+        assert ex[key] > 0, key
+    assert ex["plain_timm_loop"]["images_per_s"] > 0 and ex["matmul"]["gflops"] > 0
+    assert "growth exponents" in proc.stdout and "FLOP bound" in proc.stdout

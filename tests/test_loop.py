@@ -73,8 +73,10 @@ class Loop:
         found = self.call("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
         return {(t["task_id"], t["map_index"]): t["state"] for t in found}
 
-    def log(self, dag_id: str, run_id: str, task_id: str) -> str:
-        content = self.call("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/1")
+    def log(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> str:
+        """The first try's log of a task (of one instance of a mapped task: ``map_index`` >= 0)."""
+        query = f"?map_index={map_index}" if map_index >= 0 else ""
+        content = self.call("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/1{query}")
         return "\n".join(str(line.get("event", "")) for line in content["content"])
 
     def wait(self, dag_id: str, run_id: str, timeout: float = 900) -> str:
@@ -295,7 +297,7 @@ def test_the_docker_runner_runs_each_step_in_its_container_with_the_local_runner
     assert {task for task, _ in tasks} == STEP_TASKS | GLUE_TASKS
     assert set(tasks.values()) == {"success"}, tasks
     # each step ran in a container of the image, as the image's user, and wrote to the workspace
-    extract_log = docker_stack.log(PIPELINE, run_id, "extract")
+    extract_log = docker_stack.log(PIPELINE, run_id, "extract", map_index=0)  # mapped over the shards
     assert f"Starting docker container from image {docker_stack.settings.env['GRAPPA_IMAGE']}" in extract_log
     outputs = docker_stack.repo / "outputs"
     assert {p.stat().st_uid for p in outputs.rglob("*")} == {1000}

@@ -89,20 +89,26 @@ def drop_self(idx: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
     return picked
 
 
-def exact_neighbours(queries: np.ndarray, query_rows: np.ndarray, chunks: Chunks, k: int) -> np.ndarray:
+def exact_neighbours(queries: np.ndarray, query_rows: np.ndarray, chunks: Chunks, k: int,
+                     block_floats: int = 1 << 23) -> np.ndarray:
     """(Q, k) exact leave-one-out neighbours of ``queries`` (rows ``query_rows``) among every
-    streamed vector: a running top-k, one chunk at a time."""
+    streamed vector: a running top-k over blocks of at most ``block_floats`` similarities (32 MB),
+    so its memory does not follow the chunk size."""
     q = np.ascontiguousarray(queries, dtype=np.float32)
     best_sim = np.full((len(q), k + 1), -np.inf, np.float32)
     best_idx = np.full((len(q), k + 1), -1, np.int64)
+    step = max(1, block_floats // max(len(q), 1))
     for rows, x in chunks():
-        sims = q @ np.ascontiguousarray(x, dtype=np.float32).T
-        sims[query_rows[:, None] == rows[None, :]] = -np.inf  # never itself
-        sim = np.concatenate([best_sim, sims], axis=1)
-        idx = np.concatenate([best_idx, np.broadcast_to(rows, sims.shape)], axis=1)
-        top = np.argsort(-sim, axis=1, kind="stable")[:, : k + 1]
-        best_sim, best_idx = np.take_along_axis(sim, top, axis=1), np.take_along_axis(idx, top, axis=1)
-    return best_idx[:, :k]
+        for start in range(0, len(rows), step):
+            block_rows = rows[start:start + step]
+            sims = q @ np.ascontiguousarray(x[start:start + step], dtype=np.float32).T
+            sims[query_rows[:, None] == block_rows[None, :]] = -np.inf  # never itself
+            sim = np.concatenate([best_sim, sims], axis=1)
+            idx = np.concatenate([best_idx, np.broadcast_to(block_rows, sims.shape)], axis=1)
+            top = np.argpartition(-sim, min(k, sim.shape[1] - 1), axis=1)[:, : k + 1]
+            best_sim, best_idx = np.take_along_axis(sim, top, axis=1), np.take_along_axis(idx, top, axis=1)
+    order = np.argsort(-best_sim, axis=1, kind="stable")
+    return np.take_along_axis(best_idx, order, axis=1)[:, :k]
 
 
 def knn_recall(vectors: np.ndarray | None, graph: np.ndarray, sample: int, seed: int = 0,

@@ -219,7 +219,8 @@ def iter_vectors(out: Layout, rows: np.ndarray | None, budget_mb: int) -> Iterat
         wanted[rows] = True
         position = np.cumsum(wanted) - 1
     start = 0
-    for batch in parquet.iter_batches(batch_size=chunk_rows(4 * dim, budget_mb), columns=["vector"]):
+    # a sixteenth of the budget a chunk: Arrow's buffers and the float copies callers make come on top
+    for batch in parquet.iter_batches(batch_size=chunk_rows(4 * dim, budget_mb, share=1 / 16), columns=["vector"]):
         stop = start + batch.num_rows
         vectors = arrow_to_vectors(batch.column(0))
         if wanted is None:

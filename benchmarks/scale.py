@@ -1,0 +1,662 @@
+"""Scale benchmark: wall time and peak memory of the steps at 10k, 100k and 1M images, and how they grow.
+
+    python benchmarks/scale.py                         # 10k, 100k, 1M + extraction of 2000 / 10000 images
+    python benchmarks/scale.py --sizes 10000 100000    # a shorter run
+    python benchmarks/scale.py --quick --out DIR       # seconds: tiny sizes and model (the tests)
+
+Each step runs as the pipeline runs it, ``python -m grappa <verb> --params FILE``, in a child process,
+on a synthetic feature store of N unlabeled images (clustered unit vectors and random float16 prefix
+activations, written as ``extract --shard 0/1`` writes its part): ``merge-features``, ``cluster``,
+``train-adaptor --k K`` for every K of ``cluster.ks`` (fusion reads them all) and ``train-fusion``.
+For each: wall seconds and the child's peak RSS (``os.wait4``'s ``ru_maxrss``: the largest resident
+set of the process or any descendant it waited for), then the growth exponents (log-log slopes
+against N). Extraction runs on real images (the multidomain images, repeated, each copy re-encoded
+with one pixel changed so every file has its own content hash) with the real backbone, and is
+compared, in the same run, with the plain per-image timm loop of speed.py and with the FLOP-bound
+rate (GFLOPs per image against a matmul rate measured here). Results:
+``benchmarks/results/scale_<device>.json``; benchmarks/README.md explains every number.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+for path in (REPO, REPO / "benchmarks"):  # run as a plain script from anywhere
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import yaml  # noqa: E402
+
+import speed  # noqa: E402  (device_info, growth_exponent, print_table, list_images, bench_extraction)
+from grappa.config import BackboneParams, Params, load_params  # noqa: E402
+from grappa.io.artifacts import vectors_to_arrow, write_json  # noqa: E402
+from grappa.io.features import RowFileWriter, chunk_rows  # noqa: E402
+
+SCHEMA_VERSION = 1
+MB = 1 << 20
+TINY = {"name": "test_efficientnet", "weights": "none", "image_size": 48, "adapt_from_block": 3}
+DEFAULT_IMAGES = speed.DEFAULT_IMAGES
+# "flat": peak RSS grows by less than N^0.1 from 100k to 1M (10x the images, < 26% more memory)
+FLAT_EXPONENT = 0.1
+PRESETS = {
+    "default": dict(sizes=[10_000, 100_000, 1_000_000], ks=[64, 256, 1024], clusters=2000, query_db=400,
+                    extract_images=[2000, 10_000], plain_images=256, matmul_n=2048),
+    "quick": dict(sizes=[400, 800], ks=[4, 8], clusters=20, query_db=40, extract_images=[32],
+                  plain_images=4, matmul_n=512),
+}
+
+
+# --------------------------------------------------------------------------- measuring a child process
+
+
+def _children_of() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def _tree_memory_mb(pid: int) -> tuple[float, float]:
+    """(PSS, anonymous PSS) of ``pid`` and its descendants, MB: proportional set sizes, so pages shared
+    between them (forked DataLoader workers) or with other processes count once; the anonymous part
+    is the data the processes hold, without the mapped library code."""
+    tree, todo, pss, anon = _children_of(), [pid], 0, 0
+    while todo:
+        p = todo.pop()
+        todo += tree.get(p, [])
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as fh:
+                for line in fh:
+                    if line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+                    elif line.startswith("Pss_Anon:"):
+                        anon += int(line.split()[1])
+        except OSError:
+            pass
+    return pss / 1024, anon / 1024
+
+
+# Runs the step and reports its rusage. A process's ru_maxrss starts from the memory of the process it
+# was forked from (Linux keeps the pre-exec high-water mark), so the step is forked from this small
+# launcher, not from the benchmark (~1 GB with torch loaded).
+LAUNCHER = """
+import json, os, sys
+out, cmd = sys.argv[1], sys.argv[2:]
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(cmd[0], cmd)
+    finally:
+        os._exit(127)
+_, status, ru = os.wait4(pid, 0)
+with open(out, "w") as fh:
+    json.dump({"maxrss_kb": ru.ru_maxrss, "cpu_s": ru.ru_utime + ru.ru_stime,
+               "rc": os.waitstatus_to_exitcode(status)}, fh)
+sys.exit(min(max(os.waitstatus_to_exitcode(status), 0), 255))
+"""
+
+
+def measure(cmd: list[str], cwd: Path, log: Path, timeout_s: float, env: dict | None = None) -> dict:
+    """Wall seconds, CPU seconds, peak RSS (wait4's ru_maxrss) and the peak PSS and anonymous PSS of the
+    process tree of ``cmd`` (sampled every 0.1 s for 5 s, then every 0.5 s)."""
+    env = {**os.environ, "GRAPPA_TRACKING": "0", "TQDM_MININTERVAL": "30", "PYTHONUNBUFFERED": "1", **(env or {})}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    usage_file = log.with_suffix(".rusage.json")
+    usage_file.unlink(missing_ok=True)
+    peak, killed = [0.0, 0.0], [False]
+    with open(log, "w") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, str(usage_file), *cmd], cwd=cwd,
+                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.1 if time.perf_counter() - t0 < 5 else 0.5):  # short steps: finer
+                peak[:] = map(max, peak, _tree_memory_mb(proc.pid))
+                if time.perf_counter() - t0 > timeout_s:
+                    killed[0] = True
+                    os.killpg(proc.pid, signal.SIGKILL)  # the launcher's process group (start_new_session)
+                    return
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        rc = proc.wait()
+        seconds = time.perf_counter() - t0
+        done.set()
+        sampler.join()
+    try:
+        usage = json.loads(usage_file.read_text())
+    except (OSError, ValueError):  # the launcher was killed
+        usage = {"maxrss_kb": 0, "cpu_s": None, "rc": rc}
+    return {"seconds": seconds, "loadavg_1m": round(os.getloadavg()[0], 2),
+            "peak_rss_mb": usage["maxrss_kb"] / 1024 or None,
+            "tree_peak_pss_mb": peak[0] or None, "tree_peak_anon_mb": peak[1] or None, "cpu_s": usage["cpu_s"],
+            "rc": usage["rc"], "timed_out": killed[0]}
+
+
+def run_verb(verb: str, params_file: Path, ws: Path, timeout_s: float, *extra: str) -> dict:
+    name = verb + ("@" + extra[-1].replace("/", "-of-") if extra else "")
+    log = ws / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    result = measure([sys.executable, "-m", "grappa", verb, *extra, "--params", str(params_file)], ws, log, timeout_s)
+    if result["rc"] != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-15:]
+        result["error"] = "\n".join(tail)
+        print(f"   !! {name} exited {result['rc']}{' (timed out)' if result['timed_out'] else ''}; log {log}:\n      "
+              + "\n      ".join(tail), flush=True)
+    return result
+
+
+def baseline_rss(work: Path) -> dict:
+    """A child that only imports the training steps and builds the tiny backbone: the memory floor."""
+    code = ("import grappa.steps.train_fusion, grappa.steps.cluster; from grappa.config import BackboneParams; "
+            "from grappa.core.backbones import create_backbone; "
+            f"create_backbone(BackboneParams(**{TINY!r}))")
+    work.mkdir(parents=True, exist_ok=True)
+    return measure([sys.executable, "-c", code], work, work / "baseline.log", 600)
+
+
+# --------------------------------------------------------------------------- the synthetic store
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def write_synthetic_part(out_dir: Path, n_unlabeled: int, n_query: int, clusters: int, seed: int = 0) -> dict:
+    """``extract/parts/0-of-1/`` as ``extract --shard 0/1`` writes it, chunk by chunk: N unlabeled rows
+    then ``n_query`` labelled query_db rows; vectors around ``clusters`` random directions, random prefix."""
+    from grappa.core.backbones import create_backbone
+
+    backbone, _, fingerprint = create_backbone(BackboneParams(**TINY))
+    dim, row_shape = backbone.embed_dim, tuple(backbone.block_shapes[TINY["adapt_from_block"] - 1])
+    # the rows per Parquet write (row group) extract uses at the default memory_budget_mb
+    chunk = chunk_rows(4 * dim + 2 * int(np.prod(row_shape)), Params.model_fields["memory_budget_mb"].default)
+    part = out_dir / "extract" / "parts" / "0-of-1"
+    part.mkdir(parents=True, exist_ok=True)
+    total = n_unlabeled + n_query
+    rng = np.random.default_rng(seed)
+    centres = _unit(rng.standard_normal((clusters, dim), dtype=np.float32))
+    noise = np.float32(0.7 / np.sqrt(dim))
+    t0 = time.perf_counter()
+    prefix = RowFileWriter(part / "prefix.npy", total, row_shape, np.float16)
+    writer = None
+    by_domain: dict[str, int] = {}
+    for start in range(0, total, chunk):
+        rows = np.arange(start, min(total, start + chunk))
+        centre = rng.integers(0, clusters, len(rows))
+        vectors = _unit(centres[centre] + noise * rng.standard_normal((len(rows), dim), dtype=np.float32))
+        query = rows >= n_unlabeled
+        domains = [f"d{c % 4}" for c in centre]
+        for d in domains:
+            by_domain[d] = by_domain.get(d, 0) + 1
+        table = pa.table({
+            "image_id": [f"{d}/{'q' if q else 'u'}{r:08d}.jpg" for d, q, r in zip(domains, query, rows)],
+            "uri": [f"/synthetic/{r:08d}.jpg" for r in rows],
+            "domain": domains,
+            "split": ["query_db" if q else "unlabeled" for q in query],
+            "label": pa.array([str(c) if q else None for c, q in zip(centre, query)], pa.string()),
+            "content_hash": _hashes(rng, len(rows)),
+            "vector": vectors_to_arrow(vectors),
+        })
+        if writer is None:
+            writer = pq.ParquetWriter(part / "features.parquet", table.schema)
+        writer.write_table(table)
+        prefix.write(rng.standard_normal((len(rows), *row_shape), dtype=np.float32).astype(np.float16))
+    writer.close()
+    prefix.close()
+    seconds = time.perf_counter() - t0
+    report = {"shard": "0/1", "backbone_fingerprint": fingerprint, "cache_dir": None, "images": total,
+              "by_split": {"query_db": n_query, "unlabeled": n_unlabeled} if n_query else {"unlabeled": n_unlabeled},
+              "by_domain": dict(sorted(by_domain.items())), "computed": total, "from_cache": 0, "skipped": [],
+              "cache_compaction": None, "synthetic": True,
+              "timings_s": {"cache_index": 0.0, "forward": seconds, "write": 0.0, "total": seconds},
+              "images_per_s": total / max(seconds, 1e-9)}
+    write_json(part / "report.json", report)
+    return {"seconds": seconds, "rows": total, "dim": dim, "prefix_row_shape": list(row_shape),
+            "prefix_gb": total * int(np.prod(row_shape)) * 2 / 1e9}
+
+
+def _hashes(rng: np.random.Generator, n: int) -> list[str]:
+    raw = rng.bytes(32 * n)
+    return [raw[i:i + 32].hex() for i in range(0, 32 * n, 32)]
+
+
+def step_params(ws: Path, ks: list[int]) -> dict:
+    return {
+        "seed": 0, "out_dir": str(ws / "outputs"),
+        "data": {"sources": [str(ws / "no-images")]},  # never read: the store is written directly
+        "backbone": dict(TINY),
+        "extract": {"batch_size": 64, "num_workers": 0, "cache_dir": str(ws / "cache"), "shards": 1},
+        "cluster": {"ks": list(ks), "niter": 25, "nredo": 1},
+        "adaptor": {"epochs": 1}, "fusion": {"epochs": 1},
+        "tracking": {"enabled": False},
+    }  # memory_budget_mb: the default
+
+
+def _progress(r: dict) -> str:
+    return (f"{r['seconds']:8.1f} s (cpu {r['cpu_s'] or 0:.0f} s)  peak RSS {r['peak_rss_mb'] or 0:6.0f} MB  "
+            f"anon {r['tree_peak_anon_mb'] or 0:6.0f} MB")
+
+
+def _step_report(verb: str, out: Path, k: int | None = None) -> dict:
+    try:
+        if verb == "merge-features":
+            r = json.loads((out / "extract" / "report.json").read_text())
+            return {"images": r["images"]}
+        if verb == "cluster":
+            r = json.loads((out / "cluster" / "report.json").read_text())
+            return {"sample": r.get("sample"), "timings_s": r.get("timings_s")}
+        if verb == "train-adaptor":
+            r = json.loads((out / "adaptors" / f"k{k}" / "metrics.json").read_text())
+            return {"images": r["images"], "final": r.get("final")}
+        if verb == "train-fusion":
+            r = json.loads((out / "fusion" / "report.json").read_text())
+            return {"images": r["images"], "knn_graph": r.get("knn_graph"), "seconds": r.get("seconds"),
+                    "final": r.get("final")}
+    except (OSError, KeyError, ValueError) as err:
+        return {"unreadable": str(err)}
+    return {}
+
+
+def bench_steps(args, n: int, rows: list[dict], save) -> None:
+    ws = Path(args.work_dir) / f"steps-{n}"
+    if ws.exists():
+        shutil.rmtree(ws)
+    ws.mkdir(parents=True)
+    params_file = ws / "params.yaml"
+    params_file.write_text(yaml.safe_dump(step_params(ws, args.ks), sort_keys=False))
+    print(f"\n-- N = {n:,}: writing the synthetic store ({n:,} unlabeled + {args.query_db} query_db rows)", flush=True)
+    store = write_synthetic_part(ws / "outputs", n, args.query_db, args.clusters, seed=n)
+    print(f"   {store['rows']:,} rows, vectors {store['dim']}-d, prefix {store['prefix_row_shape']} "
+          f"({store['prefix_gb']:.2f} GB) in {store['seconds']:.0f} s", flush=True)
+    plan = [("merge-features", None), ("cluster", None), *[("train-adaptor", k) for k in args.ks],
+            ("train-fusion", None)]
+    for verb, k in plan:
+        extra = ("--k", str(k)) if k is not None else ()
+        result = run_verb(verb, params_file, ws, args.step_timeout, *extra)
+        row = {"step": verb if k is None else f"{verb}@{k}", "n": n, **result, "store": "synthetic",
+               "report": _step_report(verb, ws / "outputs", k) if result["rc"] == 0 else {}}
+        rows.append(row)
+        print(f"   {row['step']:<20} {_progress(row)}", flush=True)
+        if verb == "train-fusion" and result["rc"] == 0:
+            knn = row["report"].get("knn_graph") or {}
+            if knn.get("seconds") is not None:
+                rows.append({"step": "knn", "n": n, "seconds": float(knn["seconds"]), "peak_rss_mb": None,
+                             "part_of": "train-fusion", "store": "synthetic", "report": knn})
+        save()
+        if result["rc"] != 0:
+            print(f"   the later steps of N = {n:,} need this one: skipped", flush=True)
+            break
+    if not args.keep:
+        shutil.rmtree(ws, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- extraction on real images
+
+
+def _reencode(job: tuple[str, str, int]) -> None:
+    from PIL import Image
+
+    src, dst, i = job
+    img = Image.open(src).convert("RGB")
+    img.putpixel((0, 0), (i % 251, (i // 251) % 251, (i // 63001) % 251))  # a distinct file per copy
+    img.save(dst, "JPEG", quality=90)
+
+
+def _synthetic_image(job: tuple[str, str, int]) -> None:
+    from PIL import Image
+
+    _, dst, i = job
+    rng = np.random.default_rng(i)
+    small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(small).resize((96, 96), Image.BILINEAR).save(dst, "JPEG", quality=90)
+
+
+def make_images(args, count: int) -> tuple[Path, list[tuple[str, str]], str]:
+    """``count`` distinct image files under work_dir/images/<domain>/ (real images repeated, each copy
+    with one pixel changed and re-encoded; synthetic ones when there are no real images)."""
+    root = Path(args.work_dir) / "images"
+    files = speed.list_images(args.images) if args.images else []
+    kind = f"real ({len(files)} distinct images of {args.images}, repeated, 1 pixel changed per copy)" if files \
+        else "synthetic (random 96x96 JPEGs)"
+    jobs, listed = [], []
+    for i in range(count):
+        if files:
+            src = files[i % len(files)]
+            parts = Path(src).parts
+            domain = parts[parts.index("images") - 1] if "images" in parts[:-1] else "default"
+        else:
+            src, domain = "", f"d{i % 4}"
+        rel = f"{domain}/{i:07d}.jpg"
+        listed.append((rel, domain))
+        if not (root / rel).is_file():
+            (root / domain).mkdir(parents=True, exist_ok=True)
+            jobs.append((src, str(root / rel), i))
+    if jobs:
+        t0 = time.perf_counter()
+        # fork before any torch work: the workers only run PIL
+        with multiprocessing.get_context("fork").Pool(max(1, len(os.sched_getaffinity(0)))) as pool:
+            pool.map(_reencode if files else _synthetic_image, jobs, chunksize=64)
+        print(f"   wrote {len(jobs):,} images under {root} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return root, listed, kind
+
+
+def matmul_gflops(n: int, repeats: int = 5) -> float:
+    """Best fp32 matmul rate of torch on this machine (n x n by n x n), GFLOP/s."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(3):
+            a @ b
+        best = min(best, (time.perf_counter() - t0) / 3)
+    return 2 * n ** 3 / best / 1e9
+
+
+def backbone_gflops(bp: BackboneParams) -> float:
+    """FLOPs (multiply and add counted separately) of one image through the backbone, GFLOP."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from grappa.core.backbones import create_backbone
+
+    backbone, _, _ = create_backbone(bp)
+    model = backbone.model.eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.zeros(1, 3, bp.image_size, bp.image_size))
+    return counter.get_total_flops() / 1e9
+
+
+def extract_params(args, ws: Path, manifest: Path) -> dict:
+    shipped = load_params(args.params)
+    backbone = dict(TINY) if args.quick else shipped.backbone.model_dump()
+    extract = {"batch_size": shipped.extract.batch_size, "num_workers": shipped.extract.num_workers,
+               "cache_dir": str(ws / "cache"), "shards": 1}  # a fresh cache: every image is computed
+    if args.quick:
+        extract.update(batch_size=16, num_workers=0)
+    return {"seed": 0, "out_dir": str(ws / "outputs"), "data": {"sources": [str(manifest)]},
+            "backbone": backbone, "extract": extract, "cluster": {"ks": args.ks}, "tracking": {"enabled": False}}
+
+
+def bench_extraction(args, rows: list[dict], save) -> dict:
+    sizes = sorted(args.extract_images)
+    print(f"\n-- extraction: {', '.join(f'{s:,}' for s in sizes)} images", flush=True)
+    root, listed, kind = make_images(args, max(sizes))
+    probe = extract_params(args, Path(args.work_dir), root / "manifest.csv")
+    bp = BackboneParams(**probe["backbone"])
+    plain_n = min(args.plain_images, max(sizes))
+
+    matmul_before = matmul_gflops(args.matmul_n)
+    gflops = backbone_gflops(bp)
+    # speed.py's plain per-image timm loop (and its in-process batched path) on a subset of these images
+    subset = Path(args.work_dir) / "plain-subset"
+    shutil.rmtree(subset, ignore_errors=True)
+    subset.mkdir(parents=True)
+    for rel, _ in listed[:plain_n]:
+        (subset / rel.replace("/", "_")).symlink_to(root / rel)
+    plain = speed.bench_extraction(SimpleNamespace(
+        images=str(subset), extract_sizes=[plain_n], backbone=bp.name, weights=bp.weights, image_size=bp.image_size,
+        adapt_from_block=bp.adapt_from_block, extract_batch=probe["extract"]["batch_size"],
+        num_workers=probe["extract"]["num_workers"], repeats=1), "cpu")["rows"][0]
+
+    runs = []
+    for n in sizes:
+        ws = Path(args.work_dir) / f"extract-{n}"
+        shutil.rmtree(ws, ignore_errors=True)
+        ws.mkdir(parents=True)
+        manifest = root / f"manifest_{n}.csv"
+        with open(manifest, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["path", "domain", "split"])
+            writer.writerows([rel, domain, "unlabeled"] for rel, domain in listed[:n])
+        params_file = ws / "params.yaml"
+        params_file.write_text(yaml.safe_dump(extract_params(args, ws, manifest), sort_keys=False))
+        run = {"n": n}
+        for verb, extra in (("snapshot", ()), ("extract", ("--shard", "0/1")), ("merge-features", ())):
+            result = run_verb(verb, params_file, ws, args.step_timeout, *extra)
+            run[verb] = result
+            print(f"   {verb:<20} n={n:<8,} {_progress(result)}", flush=True)
+            if result["rc"] != 0:
+                break
+            if verb in ("snapshot", "extract"):
+                rows.append({"step": verb, "n": n, **result, "store": "images"})
+        part = ws / "outputs" / "extract" / "parts" / "0-of-1" / "report.json"
+        if part.is_file():
+            report = json.loads(part.read_text())
+            run["part_report"] = {k: report.get(k) for k in ("images", "computed", "from_cache", "timings_s",
+                                                            "images_per_s", "skipped")}
+            run["images_per_s"] = report["images_per_s"]
+            run["images_per_s_wall"] = report["computed"] / run["extract"]["seconds"]
+        runs.append(run)
+        save()
+        if not args.keep:
+            shutil.rmtree(ws, ignore_errors=True)
+    matmul_after = matmul_gflops(args.matmul_n)
+    matmul = max(matmul_before, matmul_after)
+    bound = matmul / gflops
+    main = next((r for r in reversed(runs) if "images_per_s" in r), None)
+    rate = main["images_per_s"] if main else None
+    result = {
+        "images": kind, "backbone": bp.model_dump(),
+        "extract_settings": {k: probe["extract"][k] for k in ("batch_size", "num_workers")},
+        "runs": runs,
+        "n": main["n"] if main else None,
+        "images_per_s": rate,
+        "plain_timm_loop": {"n": plain_n, "images_per_s": plain["plain_img_per_s"], "seconds": plain["plain_s"],
+                            "in_process_batched_images_per_s": plain["ours_img_per_s"],
+                            "min_cosine_vs_batched": plain["min_cosine_ours_vs_plain"]},
+        "ratio_vs_plain_timm_loop": rate / plain["plain_img_per_s"] if rate else None,
+        "gflops_per_image": gflops,
+        "matmul": {"n": args.matmul_n, "dtype": "float32", "gflops": matmul, "gflops_before": matmul_before,
+                   "gflops_after": matmul_after},
+        "flop_bound_images_per_s": bound,
+        "fraction_of_flop_bound": rate / bound if rate else None,
+    }
+    if len([r for r in runs if "extract" in r]) >= 2:
+        ok = [r for r in runs if r.get("extract", {}).get("rc") == 0]
+        result["exponents"] = {key: speed.growth_exponent([r["n"] for r in ok], [r["extract"][key] for r in ok])
+                               for key in METRICS}
+    return result
+
+
+# --------------------------------------------------------------------------- growth exponents and report
+
+
+METRICS = {"seconds": "time", "cpu_s": "cpu", "peak_rss_mb": "RSS", "tree_peak_anon_mb": "anon"}
+
+
+def exponents(rows: list[dict]) -> dict:
+    """Per step: log-log slopes of seconds, peak RSS and anonymous memory against N, between consecutive
+    sizes and over all sizes, and whether peak RSS stays flat over the last pair (100k -> 1M)."""
+    out = {}
+    for step in dict.fromkeys(r["step"] for r in rows):
+        mine = sorted((r for r in rows if r["step"] == step and r.get("rc", 0) == 0), key=lambda r: r["n"])
+        ns = [r["n"] for r in mine]
+        entry = {}
+        for key in METRICS:
+            values = [r.get(key) for r in mine]
+            slopes = {f"{a}-{b}": speed.growth_exponent([a, b], [va, vb])
+                      for (a, va), (b, vb) in zip(zip(ns, values), zip(ns[1:], values[1:]))}
+            entry[key] = {**slopes, "overall": speed.growth_exponent(ns, values)}
+        last = [v for k, v in entry["peak_rss_mb"].items() if k != "overall"]
+        entry["flat_memory"] = None if not last or last[-1] is None else bool(last[-1] < FLAT_EXPONENT)
+        if len(ns) >= 2:
+            entry["flat_memory_between"] = [ns[-2], ns[-1]]
+        out[step] = entry
+    return out
+
+
+def print_report(result: dict) -> None:
+    rows = result["rows"]
+    base = result["baseline"]
+    speed.print_table("wall time and peak memory per step (each step a `python -m grappa` child process)",
+                      ["step", "n", "seconds", "cpu s", "peak RSS MB", "anon MB", "store", "notes"],
+                      [[r["step"], r["n"], r["seconds"], r.get("cpu_s"), r.get("peak_rss_mb"),
+                        r.get("tree_peak_anon_mb"), r["store"], _note(r)] for r in rows],
+                      [f"baseline (a child that imports the steps and builds the tiny backbone, no data): "
+                       f"{base['seconds']:.1f} s, peak RSS {base['peak_rss_mb']:.0f} MB, anon {base['tree_peak_anon_mb'] or 0:.0f} MB",
+                       "peak RSS = ru_maxrss of the step's process (largest of it and its descendants; mapped library "
+                       "code included); anon = peak anonymous PSS of its process tree, sampled every 0.1-0.5 s"])
+    exps = result["exponents"]
+    pairs = sorted({k for e in exps.values() for k in e["seconds"] if k != "overall"},
+                   key=lambda k: int(k.split("-")[0]))
+    for title, keys in (("time", ("seconds", "cpu_s")), ("memory", ("peak_rss_mb", "tree_peak_anon_mb"))):
+        headers, cols = ["step"], []
+        for key in keys:
+            for p in [*pairs, "overall"]:
+                headers.append(f"{METRICS[key]} {p if p != 'overall' else 'all'}")
+                cols.append((key, p))
+        flat = title == "memory"
+        speed.print_table(f"growth exponents of {title} (value ~ N^e: log-log slope between two sizes; all = "
+                          "least-squares fit over every size)", [*headers, *(["flat RSS"] if flat else [])],
+                          [[step, *[e[k].get(p) for k, p in cols],
+                            *(["-" if e["flat_memory"] is None else ("yes" if e["flat_memory"] else "NO")] if flat else [])]
+                           for step, e in exps.items()],
+                          [f"flat RSS: peak RSS exponent over the last pair of sizes below {FLAT_EXPONENT} "
+                           "(10x the images, < 26% more memory)"] if flat else
+                          ["time = wall seconds, cpu = CPU seconds of the step's processes (less sensitive to other "
+                           "jobs on the machine; loadavg_1m in the JSON rows)"])
+    ex = result.get("extraction")
+    if ex and ex.get("images_per_s"):
+        print(f"\n== extraction ({ex['backbone']['name']}, {ex['backbone']['image_size']} px, "
+              f"batch {ex['extract_settings']['batch_size']}, {ex['extract_settings']['num_workers']} workers), "
+              f"{ex['n']:,} images: {ex['images']}")
+        plain = ex["plain_timm_loop"]
+        print(f"   extract (part report images_per_s): {ex['images_per_s']:.1f} img/s")
+        print(f"   plain per-image timm loop ({plain['n']} images): {plain['images_per_s']:.1f} img/s "
+              f"-> ratio {ex['ratio_vs_plain_timm_loop']:.2f}x")
+        print(f"   FLOP bound: {ex['gflops_per_image']:.3f} GFLOP/image at {ex['matmul']['gflops']:.0f} GFLOP/s "
+              f"(fp32 matmul {ex['matmul']['n']}^2, best of before/after) = {ex['flop_bound_images_per_s']:.0f} img/s "
+              f"-> extract reaches {100 * ex['fraction_of_flop_bound']:.1f}% of it")
+        if ex.get("exponents"):
+            print(f"   extract growth exponents over {[r['n'] for r in ex['runs']]}: time {ex['exponents']['seconds']}, "
+                  f"peak RSS {ex['exponents']['peak_rss_mb']}, anon {ex['exponents']['tree_peak_anon_mb']}")
+    sys.stdout.flush()
+
+
+def _note(row: dict) -> str:
+    if row.get("rc", 0) != 0:
+        return f"FAILED rc={row['rc']}" + (" (timeout)" if row.get("timed_out") else "")
+    rep = row.get("report") or {}
+    if row["step"] == "cluster" and rep.get("sample"):
+        return "sample " + "/".join(f"{v:,}" for v in rep["sample"].values())
+    if row["step"] == "train-fusion" and rep.get("knn_graph"):
+        knn = rep["knn_graph"]
+        recall = knn.get("recall_vs_exact", knn.get("recall"))
+        return f"knn {knn.get('method')}" + (f" recall {recall:.3f}" if recall is not None else "")
+    if row["step"] == "knn":
+        return "inside train-fusion"
+    return ""
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes and the tiny model everywhere (seconds; tests)")
+    p.add_argument("--sizes", type=int, nargs="+", help="unlabeled images of the synthetic stores "
+                   "(default 10000 100000 1000000)")
+    p.add_argument("--ks", type=int, nargs="+", help="cluster.ks (default 64 256 1024)")
+    p.add_argument("--clusters", type=int, help="Gaussian-mixture components of the synthetic vectors (2000)")
+    p.add_argument("--query-db", type=int, help="labelled query_db rows added to each store (400)")
+    p.add_argument("--extract-images", type=int, nargs="+", help="images extracted, one run each "
+                   "(default 2000 10000; 0 skips extraction)")
+    p.add_argument("--images", default=DEFAULT_IMAGES, help="real images to repeat for extraction "
+                   "(glob of folders; none found: synthetic images)")
+    p.add_argument("--plain-images", type=int, help="images of the plain timm loop (256)")
+    p.add_argument("--matmul-n", type=int, help="matrix side of the matmul rate (2048)")
+    p.add_argument("--params", default=str(REPO / "params.yaml"), help="extraction settings (backbone, extract)")
+    p.add_argument("--work-dir", default="/tmp/grappa-scale", help="workspaces (each removed after it is measured)")
+    p.add_argument("--keep", action="store_true", help="keep the workspaces")
+    p.add_argument("--step-timeout", type=float, default=7200, help="seconds before a step is killed")
+    p.add_argument("--skip-steps", action="store_true", help="extraction only")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="folder of scale_<device>.json")
+    p.add_argument("--device-name", default=None, help="override the device name (cpu-<N>core / cuda-<GPU>)")
+    p.add_argument("--note", default="", help="free text stored in the JSON")
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    preset = PRESETS["quick" if args.quick else "default"]
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.quick and args.work_dir == "/tmp/grappa-scale":
+        args.work_dir = "/tmp/grappa-scale-quick"
+    args.extract_images = [n for n in args.extract_images if n > 0]
+    info = speed.device_info()
+    name = args.device_name or info["name"]
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) / f"scale_{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    rows: list[dict] = []
+    result = {"schema_version": SCHEMA_VERSION, "device": name, "preset": "quick" if args.quick else "default",
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join([Path(sys.executable).name, *sys.argv]), "host": info, "note": args.note,
+              "settings": {"sizes": args.sizes, "ks": args.ks, "clusters": args.clusters, "query_db": args.query_db,
+                           "steps_backbone": TINY, "step_params": step_params(Path("<ws>"), args.ks),
+                           "extract_images": args.extract_images, "flat_exponent": FLAT_EXPONENT},
+              "rows": rows, "exponents": {}, "extraction": None,
+              "notes": ["rows: one per step and N; seconds = wall time of `python -m grappa <verb>` (process start "
+                        "and imports included, see baseline); peak_rss_mb = os.wait4 ru_maxrss of that process",
+                        "steps run on synthetic stores of N unlabeled rows (+ query_db rows) with the tiny "
+                        "test_efficientnet backbone (256-d vectors, prefix (32, 6, 6) float16); extraction on "
+                        "real images with the shipped backbone"]}
+
+    def save() -> None:
+        result["exponents"] = exponents(rows)
+        result["benchmark_wall_s"] = time.perf_counter() - t_start
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        tmp.replace(out)
+
+    print(f"scale benchmark on {name} ({info['cpu_cores']} cores): steps at N = {args.sizes}, ks {args.ks}; "
+          f"extraction of {args.extract_images} images; work dir {work}", flush=True)
+    result["baseline"] = baseline_rss(work)
+    if args.extract_images:  # first: the images are written before any torch work in this process
+        result["extraction"] = bench_extraction(args, rows, save)
+        save()
+    if not args.skip_steps:
+        for n in args.sizes:
+            bench_steps(args, n, rows, save)
+    save()
+    print_report(result)
+    print(f"\nwrote {out} ({result['benchmark_wall_s']:.0f} s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
