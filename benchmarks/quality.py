@@ -5,8 +5,10 @@
 
 Each seed runs the five steps into ``outputs/bench/<name>/seed<S>`` (extraction is shared through the
 content-hash cache, so only the first run pays for it). The JSON follows the schema of the issue:
-``{"methods": {name: {"per_domain": {domain: {"map_at_r", "recall_at_1"}}, "mean": {...}}}, "timings_s",
-"params"}`` with, in addition, ``std`` (over seeds) beside every mean and the per-seed results.
+``{"protocol": {"select": "val", "report": "test", "val_classes": {...}}, "methods": {name: {"per_domain":
+{domain: {"map_at_r", "recall_at_1"}}, "mean": {...}}}, "validation": {"methods": ...}, "timings_s",
+"params"}``: ``methods`` on the test classes, with ``std`` (over seeds) beside every mean and the
+per-seed results.
 """
 from __future__ import annotations
 
@@ -53,7 +55,8 @@ def markdown(methods: dict, seeds: list[int]) -> str:
         cells.append(f"**{100 * res['mean']['map_at_r']:.1f}** ± {100 * res['std']['map_at_r']:.1f}")
         cells.append(f"{100 * res['mean']['recall_at_1']:.1f} ± {100 * res['std']['recall_at_1']:.1f}")
         rows.append([name, *cells])
-    return markdown_table(f"mAP@R (%) mean ± std over seeds {seeds}; R@1 of the mean in the last column",
+    return markdown_table(f"mAP@R (%) on the test classes, mean ± std over seeds {seeds}; R@1 of the mean in the last "
+                          "column (oracle: the k best on validation; oracle_test: the k best on test)",
                           ["method", *domains, "mean mAP@R", "mean R@1"], rows)
 
 
@@ -75,7 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.add and previous.exists():  # seeds measured by an earlier invocation with the same params
         old = json.loads(previous.read_text())
         for seed in old["seeds"]:
-            per_seed.append({"methods": old["per_seed"][str(seed)], "oracle_choice": old["oracle_choice"][str(seed)]})
+            entry = {"methods": old["per_seed"][str(seed)], "oracle_choice": old["oracle_choice"][str(seed)]}
+            if str(seed) in (old.get("per_seed_validation") or {}):  # measured with the validation split
+                entry.update(validation={"methods": old["per_seed_validation"][str(seed)]}, protocol=old["protocol"],
+                             oracle_test_choice=old["oracle_test_choice"][str(seed)],
+                             precision_path=(old.get("precision_path") or {}).get(str(seed)))
+            per_seed.append(entry)
             timings[f"seed{seed}"] = old["timings_s"][f"seed{seed}"]
             done.append(seed)
     for seed in [s for s in args.seeds if s not in done]:
@@ -87,13 +95,21 @@ def main(argv: list[str] | None = None) -> int:
         done.append(seed)
         # rewritten after every seed: a long benchmark interrupted later keeps what it measured
         methods = aggregate(per_seed)
+        validated = [r for r in per_seed if "validation" in r]  # seeds measured with the validation split
         write_json(RESULTS / f"{args.name}.json", {
-            "methods": methods,
+            # where choices were made and where the figures come from (evaluate's class-disjoint split)
+            "protocol": validated[-1]["protocol"] if len(validated) == len(per_seed) else None,
+            "methods": methods,  # test classes
+            "validation": {"methods": aggregate([r["validation"] for r in validated])} if validated else None,
             "timings_s": timings,
             "params": {**params.model_dump(), "seed": done},
             "seeds": done,
             "per_seed": {str(s): r["methods"] for s, r in zip(done, per_seed)},
+            "per_seed_validation": {str(s): r["validation"]["methods"] for s, r in zip(done, per_seed) if "validation" in r},
             "oracle_choice": {str(s): r["oracle_choice"] for s, r in zip(done, per_seed)},
+            "oracle_test_choice": {str(s): r.get("oracle_test_choice") for s, r in zip(done, per_seed)},
+            # mean mAP@R of the frozen backbone from extract's float32 features and from the float16 prefix
+            "precision_path": {str(s): r.get("precision_path") for s, r in zip(done, per_seed)},
         })
         table = markdown(methods, done)
         write_text(RESULTS / f"{args.name}.md", table)

@@ -57,9 +57,9 @@ DEFAULT_IMAGES = speed.DEFAULT_IMAGES
 FLAT_EXPONENT = 0.1
 PRESETS = {
     "default": dict(sizes=[10_000, 100_000, 1_000_000], ks=[64, 256, 1024], clusters=2000, query_db=400,
-                    extract_images=[2000, 10_000], plain_images=256, matmul_n=2048),
+                    extract_images=[2000, 10_000], plain_images=256, matmul_n=2048, steps_per_epoch=50),
     "quick": dict(sizes=[400, 800], ks=[4, 8], clusters=20, query_db=40, extract_images=[32],
-                  plain_images=4, matmul_n=512),
+                  plain_images=4, matmul_n=512, steps_per_epoch=2),
 }
 
 
@@ -246,14 +246,18 @@ def _hashes(rng: np.random.Generator, n: int) -> list[str]:
     return [raw[i:i + 32].hex() for i in range(0, 32 * n, 32)]
 
 
-def step_params(ws: Path, ks: list[int]) -> dict:
+def step_params(ws: Path, ks: list[int], steps_per_epoch: int | None) -> dict:
+    """The steps' params.yaml. The training steps run one epoch of at most ``steps_per_epoch`` batches
+    at every N (a full epoch at 1M is 7,800 batches, hours on 2 cores): their memory is what grows
+    with N, and their time per batch does not."""
+    train = {"epochs": 1, "steps_per_epoch": steps_per_epoch}
     return {
         "seed": 0, "out_dir": str(ws / "outputs"),
         "data": {"sources": [str(ws / "no-images")]},  # never read: the store is written directly
         "backbone": dict(TINY),
         "extract": {"batch_size": 64, "num_workers": 0, "cache_dir": str(ws / "cache"), "shards": 1},
         "cluster": {"ks": list(ks), "niter": 25, "nredo": 1},
-        "adaptor": {"epochs": 1}, "fusion": {"epochs": 1},
+        "adaptor": dict(train), "fusion": dict(train),
         "tracking": {"enabled": False},
     }  # memory_budget_mb: the default
 
@@ -261,6 +265,11 @@ def step_params(ws: Path, ks: list[int]) -> dict:
 def _progress(r: dict) -> str:
     return (f"{r['seconds']:8.1f} s (cpu {r['cpu_s'] or 0:.0f} s)  peak RSS {r['peak_rss_mb'] or 0:6.0f} MB  "
             f"anon {r['tree_peak_anon_mb'] or 0:6.0f} MB")
+
+
+def _per_batch(epoch: dict) -> float | None:
+    """Seconds per batch of a training step's (last) epoch."""
+    return epoch["seconds"] / epoch["batches"] if epoch.get("batches") else None
 
 
 def _step_report(verb: str, out: Path, k: int | None = None) -> dict:
@@ -273,29 +282,54 @@ def _step_report(verb: str, out: Path, k: int | None = None) -> dict:
             return {"sample": r.get("sample"), "timings_s": r.get("timings_s")}
         if verb == "train-adaptor":
             r = json.loads((out / "adaptors" / f"k{k}" / "metrics.json").read_text())
-            return {"images": r["images"], "final": r.get("final")}
+            return {"images": r["images"], "final": r.get("final"), "s_per_batch": _per_batch(r["final"])}
         if verb == "train-fusion":
             r = json.loads((out / "fusion" / "report.json").read_text())
             return {"images": r["images"], "knn_graph": r.get("knn_graph"), "seconds": r.get("seconds"),
-                    "final": r.get("final")}
+                    "final": r.get("final"), "s_per_batch": _per_batch(r["final"])}
     except (OSError, KeyError, ValueError) as err:
         return {"unreadable": str(err)}
     return {}
 
 
+STEP_OUTPUT = {"merge-features": "extract/features.parquet", "cluster": "cluster/report.json",
+               "train-adaptor": "adaptors/k{k}/metrics.json", "train-fusion": "fusion/report.json"}
+
+
 def bench_steps(args, n: int, rows: list[dict], save) -> None:
     ws = Path(args.work_dir) / f"steps-{n}"
-    if ws.exists():
-        shutil.rmtree(ws)
-    ws.mkdir(parents=True)
-    params_file = ws / "params.yaml"
-    params_file.write_text(yaml.safe_dump(step_params(ws, args.ks), sort_keys=False))
-    print(f"\n-- N = {n:,}: writing the synthetic store ({n:,} unlabeled + {args.query_db} query_db rows)", flush=True)
-    store = write_synthetic_part(ws / "outputs", n, args.query_db, args.clusters, seed=n)
-    print(f"   {store['rows']:,} rows, vectors {store['dim']}-d, prefix {store['prefix_row_shape']} "
-          f"({store['prefix_gb']:.2f} GB) in {store['seconds']:.0f} s", flush=True)
     plan = [("merge-features", None), ("cluster", None), *[("train-adaptor", k) for k in args.ks],
             ("train-fusion", None)]
+    names = [verb if k is None else f"{verb}@{k}" for verb, k in plan]
+    # --resume: the steps of this N measured by the interrupted run whose outputs are still in its
+    # workspace are kept; the run goes on from the first one that is not
+    done = {r["step"] for r in rows if r["n"] == n and r["store"] == "synthetic" and r.get("rc", 0) == 0}
+    part_report = ws / "outputs" / "extract" / "parts" / "0-of-1" / "report.json"
+    keep = 0
+    if args.resume and part_report.is_file() and json.loads(part_report.read_text()).get("images") == n + args.query_db:
+        while keep < len(plan) and names[keep] in done and \
+                (ws / "outputs" / STEP_OUTPUT[plan[keep][0]].format(k=plan[keep][1])).is_file():
+            keep += 1
+    if all(name in done for name in names):
+        print(f"\n-- N = {n:,}: measured by the interrupted run (--resume), kept", flush=True)
+        return
+    rows[:] = [r for r in rows if not (r["n"] == n and r["store"] == "synthetic" and
+                                       (r["step"] == "knn" or r["step"] in names[keep:]))]
+    if keep:
+        print(f"\n-- N = {n:,}: resuming in {ws} after {', '.join(names[:keep])} (--resume)", flush=True)
+        params_file = ws / "params.yaml"
+    else:
+        if ws.exists():
+            shutil.rmtree(ws)
+        ws.mkdir(parents=True)
+        params_file = ws / "params.yaml"
+        params_file.write_text(yaml.safe_dump(step_params(ws, args.ks, args.steps_per_epoch), sort_keys=False))
+        print(f"\n-- N = {n:,}: writing the synthetic store ({n:,} unlabeled + {args.query_db} query_db rows)",
+              flush=True)
+        store = write_synthetic_part(ws / "outputs", n, args.query_db, args.clusters, seed=n)
+        print(f"   {store['rows']:,} rows, vectors {store['dim']}-d, prefix {store['prefix_row_shape']} "
+              f"({store['prefix_gb']:.2f} GB) in {store['seconds']:.0f} s", flush=True)
+    plan = plan[keep:]
     for verb, k in plan:
         extra = ("--k", str(k)) if k is not None else ()
         result = run_verb(verb, params_file, ws, args.step_timeout, *extra)
@@ -569,10 +603,15 @@ def _note(row: dict) -> str:
     rep = row.get("report") or {}
     if row["step"] == "cluster" and rep.get("sample"):
         return "sample " + "/".join(f"{v:,}" for v in rep["sample"].values())
+    notes = []
+    if rep.get("s_per_batch"):
+        notes.append(f"{rep['final']['batches']} batches, {rep['s_per_batch']:.2f} s/batch")
     if row["step"] == "train-fusion" and rep.get("knn_graph"):
         knn = rep["knn_graph"]
         recall = knn.get("recall_vs_exact", knn.get("recall"))
-        return f"knn {knn.get('method')}" + (f" recall {recall:.3f}" if recall is not None else "")
+        notes.append(f"knn {knn.get('method')}" + (f" recall {recall:.3f}" if recall is not None else ""))
+    if notes:
+        return "; ".join(notes)
     if row["step"] == "knn":
         return "inside train-fusion"
     return ""
@@ -594,12 +633,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default=DEFAULT_IMAGES, help="real images to repeat for extraction "
                    "(glob of folders; none found: synthetic images)")
     p.add_argument("--plain-images", type=int, help="images of the plain timm loop (256)")
+    p.add_argument("--steps-per-epoch", type=int, help="batches of the training steps' one epoch at every N "
+                   "(50; 0: a full epoch, N // batch_size)")
     p.add_argument("--matmul-n", type=int, help="matrix side of the matmul rate (2048)")
     p.add_argument("--params", default=str(REPO / "params.yaml"), help="extraction settings (backbone, extract)")
     p.add_argument("--work-dir", default="/tmp/grappa-scale", help="workspaces (each removed after it is measured)")
     p.add_argument("--keep", action="store_true", help="keep the workspaces")
     p.add_argument("--step-timeout", type=float, default=7200, help="seconds before a step is killed")
     p.add_argument("--skip-steps", action="store_true", help="extraction only")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run: keep the rows of the existing "
+                   "JSON (extraction, every N whose steps all finished, and the finished steps of an N whose workspace "
+                   "is still there) and run the rest")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="folder of scale_<device>.json")
     p.add_argument("--device-name", default=None, help="override the device name (cpu-<N>core / cuda-<GPU>)")
     p.add_argument("--note", default="", help="free text stored in the JSON")
@@ -615,6 +659,7 @@ def main(argv=None) -> dict:
     if args.quick and args.work_dir == "/tmp/grappa-scale":
         args.work_dir = "/tmp/grappa-scale-quick"
     args.extract_images = [n for n in args.extract_images if n > 0]
+    args.steps_per_epoch = args.steps_per_epoch or None
     info = speed.device_info()
     name = args.device_name or info["name"]
     work = Path(args.work_dir)
@@ -627,14 +672,16 @@ def main(argv=None) -> dict:
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "host": info, "note": args.note,
               "settings": {"sizes": args.sizes, "ks": args.ks, "clusters": args.clusters, "query_db": args.query_db,
-                           "steps_backbone": TINY, "step_params": step_params(Path("<ws>"), args.ks),
+                           "steps_backbone": TINY, "step_params": step_params(Path("<ws>"), args.ks, args.steps_per_epoch),
                            "extract_images": args.extract_images, "flat_exponent": FLAT_EXPONENT},
               "rows": rows, "exponents": {}, "extraction": None,
               "notes": ["rows: one per step and N; seconds = wall time of `python -m grappa <verb>` (process start "
                         "and imports included, see baseline); peak_rss_mb = os.wait4 ru_maxrss of that process",
                         "steps run on synthetic stores of N unlabeled rows (+ query_db rows) with the tiny "
                         "test_efficientnet backbone (256-d vectors, prefix (32, 6, 6) float16); extraction on "
-                        "real images with the shipped backbone"]}
+                        "real images with the shipped backbone",
+                        "train-adaptor and train-fusion: one epoch of settings.step_params.*.steps_per_epoch batches "
+                        "(null: N // batch_size) at every N; s_per_batch = the epoch's seconds / its batches"]}
 
     def save() -> None:
         result["exponents"] = exponents(rows)
@@ -645,8 +692,24 @@ def main(argv=None) -> dict:
 
     print(f"scale benchmark on {name} ({info['cpu_cores']} cores): steps at N = {args.sizes}, ks {args.ks}; "
           f"extraction of {args.extract_images} images; work dir {work}", flush=True)
-    result["baseline"] = baseline_rss(work)
-    if args.extract_images:  # first: the images are written before any torch work in this process
+    previous = json.loads(out.read_text()) if args.resume and out.is_file() else None
+    if previous and previous.get("settings", {}).get("ks") == args.ks and previous.get("preset") == result["preset"]:
+        rows += previous["rows"]
+        result["resumed"] = [*previous.get("resumed", []), {"created": previous["created"],
+                                                            "command": previous["command"],
+                                                            "benchmark_wall_s": previous.get("benchmark_wall_s")}]
+        result["created"], result["baseline"] = previous["created"], previous["baseline"]
+        result["note"] = " ".join(filter(None, [previous.get("note"), args.note]))
+        ex = previous.get("extraction")
+        if ex and sorted(r["n"] for r in ex["runs"]) == sorted(args.extract_images):
+            result["extraction"] = ex
+        else:
+            rows[:] = [r for r in rows if r["store"] != "images"]
+        print(f"   --resume: {len(rows)} rows of the run of {previous['created']} kept where their outputs still are",
+              flush=True)
+    else:
+        result["baseline"] = baseline_rss(work)
+    if args.extract_images and result["extraction"] is None:  # first: the images are written before any torch work
         result["extraction"] = bench_extraction(args, rows, save)
         save()
     if not args.skip_steps:

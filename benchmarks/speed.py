@@ -481,26 +481,21 @@ def bench_training(args, dev: str) -> dict:
     g = torch.Generator().manual_seed(0)
     ks = args.ks
     k_cls = max(ks)
+    fks = ks[: args.fusion_m] if len(ks) >= args.fusion_m else [2 ** (i + 3) for i in range(args.fusion_m)]
     rows = []
 
     def prefix_array(start: int, n: int) -> np.ndarray:
         shape = backbone.block_shapes[start - 1]
         return np.random.default_rng(0).standard_normal((n, *shape), dtype=np.float32).astype(np.float16)
 
-    def time_steps(step, batches, params, lr: float, weight_decay: float, warmup: int,
-                   timed: int) -> tuple[float, float]:
+    def runner(step, batches, params, lr: float, weight_decay: float, steps: int):
+        """One training step per call on the next batch: AdamW + the warm-up/cosine schedule."""
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        scheduler = warmup_cosine(optimizer, warmup + timed, 1)
+        scheduler = warmup_cosine(optimizer, steps, 1)
         it = iter(batches)
-        clock = Clock(dev)
-        for i in range(warmup + timed):
-            if i == warmup:
-                clock.__enter__()
-            train_on_batch(step, next(it), optimizer, scheduler)
-        clock.__exit__()
-        return clock.wall / timed, clock.cpu / timed
+        return lambda: train_on_batch(step, next(it), optimizer, scheduler)
 
-    def adaptor_step_time(start: int, timed: int, chunk: int | None) -> tuple[float, float, int, int]:
+    def adaptor_runner(start: int, timed: int, chunk: int | None):
         model = GrappaModel(backbone, start, [k_cls], args.reduction).to(dev)
         model.cpu_chunk = chunk
         n = b * (timed + 1)
@@ -522,11 +517,10 @@ def bench_training(args, dev: str) -> dict:
         model.train()
         params = [{"params": model.adaptors.parameters()},
                   {"params": classifier.parameters(), "lr": hp_a.classifier_lr}]
-        timing = time_steps(step, batches, params, hp_a.lr, hp_a.weight_decay, 1, timed)
-        return (*timing, 1, b * (2 if two_views else 1))  # s/step, cpu s/step, adaptor sets, inputs per step
+        run = runner(step, batches, params, hp_a.lr, hp_a.weight_decay, timed + 1)
+        return run, 1, b * (2 if two_views else 1)  # adaptor sets, inputs per step
 
-    def fusion_step_time(start: int, timed: int, chunk: int | None) -> tuple[float, float, int, int]:
-        fks = ks[: args.fusion_m] if len(ks) >= args.fusion_m else [2 ** (i + 3) for i in range(args.fusion_m)]
+    def fusion_runner(start: int, timed: int, chunk: int | None):
         model = GrappaModel(backbone, start, fks, args.reduction, attn_dim=args.attn_dim).to(dev)
         model.cpu_chunk = chunk
         model.requires_grad_(False)
@@ -543,42 +537,77 @@ def bench_training(args, dev: str) -> dict:
             batches = [(torch.arange(b), images, [])] * (timed + 1)
         step = partial(fusion_step, model, fusion_objective(hp_f, model.fusion, heads), dev, images=start == 0)
         model.train()
-        timing = time_steps(step, batches, list(model.fusion.parameters()), hp_f.lr, hp_f.weight_decay, 1, timed)
-        return (*timing, len(fks), 2 * b)
+        run = runner(step, batches, list(model.fusion.parameters()), hp_f.lr, hp_f.weight_decay, timed + 1)
+        return run, len(fks), 2 * b
+
+    def interleaved(entries: list[tuple[str, int, int, int | None]]) -> list[tuple[list, int, int]]:
+        """Per planned step kind: (wall, cpu) seconds of each timed step after one warm-up step, adaptor
+        sets, inputs per step. The kinds take turns, one step each, so a load that comes and goes during
+        the run hits them all alike."""
+        built = [(adaptor_runner if kind == "adaptor" else fusion_runner)(s, timed, chunk)
+                 for kind, s, timed, chunk in entries]
+        for run, _, _ in built:
+            run()
+        times: list[list[tuple[float, float]]] = [[] for _ in entries]
+        for i in range(max(timed for _, _, timed, _ in entries)):
+            for (run, _, _), (_, _, timed, _), out in zip(built, entries, times):
+                if i < timed:
+                    with Clock(dev) as c:
+                        run()
+                    out.append((c.wall, c.cpu))
+        return [(out, sets, inputs) for out, (_, sets, inputs) in zip(times, built)]
 
     start = bp.adapt_from_block
     # The shipped model forwards CPU batches in chunks of CPU_CHUNK images; the whole-batch rows are
-    # the same steps without it, timed in the same run.
-    plan = [("adaptor", start, args.train_steps, CPU_CHUNK), ("adaptor", start, args.train_steps, None),
-            ("adaptor", 0, args.paper_steps, CPU_CHUNK), ("fusion", start, args.train_steps, CPU_CHUNK),
-            ("fusion", start, args.train_steps, None)]
-    if args.fusion_paper:
-        plan.append(("fusion", 0, args.paper_steps, CPU_CHUNK))
-    for kind, s, timed, chunk in plan:
-        sec, cpu, m, inputs = (adaptor_step_time if kind == "adaptor" else fusion_step_time)(s, timed, chunk)
-        recipe = "cpu-recipe (cached prefix)" if s > 0 else "paper (all blocks, image tensors)"
-        rows.append({"name": f"{kind} {recipe}" + ("" if chunk else ", whole batch"), "stage": kind,
-                     "adapt_from_block": s, "adapted_blocks": len(backbone.blocks) - s, "adaptor_sets": m, "batch": b,
+    # the same steps without it. The cached-prefix steps are timed interleaved; the paper ones after.
+    recipe = [("adaptor", start, args.train_steps, CPU_CHUNK), ("adaptor", start, args.train_steps, None),
+              ("fusion", start, args.train_steps, CPU_CHUNK), ("fusion", start, args.train_steps, None)]
+    paper = [("adaptor", 0, args.paper_steps, CPU_CHUNK)] + ([("fusion", 0, args.paper_steps, CPU_CHUNK)]
+                                                            if args.fusion_paper else [])
+    timings = dict(zip(recipe, interleaved(recipe)))
+    for entry in paper:
+        timings[entry] = interleaved([entry])[0]
+    for entry in recipe[:2] + paper[:1] + recipe[2:] + paper[1:]:  # the rows' order
+        (kind, s, timed, chunk), (steps, sets, inputs) = entry, timings[entry]
+        walls, cpus = [w for w, _ in steps], [c for _, c in steps]
+        name = f"{kind} {'cpu-recipe (cached prefix)' if s > 0 else 'paper (all blocks, image tensors)'}"
+        rows.append({"name": name + ("" if chunk else ", whole batch"), "stage": kind, "adapt_from_block": s,
+                     "adapted_blocks": len(backbone.blocks) - s, "adaptor_sets": sets, "batch": b,
                      "inputs_per_step": inputs, "chunk": chunk, "timed_steps": timed,
-                     "objective": (hp_f if kind == "fusion" else hp_a).objective, "s_per_step": sec,
-                     "cpu_s_per_step": cpu})
-    base = {(r["stage"], r["adapt_from_block"] > 0, r["chunk"]): r["s_per_step"] for r in rows}
-    cpu = {(r["stage"], r["adapt_from_block"] > 0, r["chunk"]): r["cpu_s_per_step"] for r in rows}
+                     "objective": (hp_f if kind == "fusion" else hp_a).objective,
+                     "s_per_step": float(np.mean(walls)), "cpu_s_per_step": float(np.mean(cpus)),
+                     "s_per_step_median": float(np.median(walls)), "s_steps": walls})
+
+    def paired(num, den) -> float:
+        """Median over the rounds of num's step time / den's in the same round (interleaved rows)."""
+        return float(np.median([n[0] / d[0] for n, d in zip(timings[num][0], timings[den][0])]))
+
+    def mean_ratio(num, den, key: str = "s_per_step") -> float:
+        by = {(r["stage"], r["adapt_from_block"] > 0, r["chunk"]): r[key] for r in rows}
+        return by[num] / by[den]
+
     shipped = CPU_CHUNK
-    ratios = {"adaptor_paper_vs_cpu_recipe": base[("adaptor", False, shipped)] / base[("adaptor", True, shipped)],
-              "adaptor_paper_vs_cpu_recipe_cpu": cpu[("adaptor", False, shipped)] / cpu[("adaptor", True, shipped)],
-              "fusion_vs_adaptor_batch": base[("fusion", True, shipped)] / base[("adaptor", True, shipped)],
-              "fusion_whole_vs_chunked": base[("fusion", True, None)] / base[("fusion", True, shipped)],
-              "adaptor_whole_vs_chunked": base[("adaptor", True, None)] / base[("adaptor", True, shipped)]}
-    if ("fusion", False, shipped) in base:
-        ratios["fusion_paper_vs_cpu_recipe"] = base[("fusion", False, shipped)] / base[("fusion", True, shipped)]
-        ratios["fusion_paper_vs_cpu_recipe_cpu"] = cpu[("fusion", False, shipped)] / cpu[("fusion", True, shipped)]
+    a_chunk, a_whole, f_chunk, f_whole = recipe
+    ratios = {"adaptor_paper_vs_cpu_recipe": mean_ratio(("adaptor", False, shipped), ("adaptor", True, shipped)),
+              "adaptor_paper_vs_cpu_recipe_cpu": mean_ratio(("adaptor", False, shipped), ("adaptor", True, shipped),
+                                                            "cpu_s_per_step"),
+              "fusion_vs_adaptor_batch": paired(f_chunk, a_chunk),
+              "fusion_whole_vs_chunked": paired(f_whole, f_chunk),
+              "adaptor_whole_vs_chunked": paired(a_whole, a_chunk)}
+    if args.fusion_paper:
+        ratios["fusion_paper_vs_cpu_recipe"] = mean_ratio(("fusion", False, shipped), ("fusion", True, shipped))
+        ratios["fusion_paper_vs_cpu_recipe_cpu"] = mean_ratio(("fusion", False, shipped), ("fusion", True, shipped),
+                                                              "cpu_s_per_step")
     print_table(f"4. training step time, batch {b}, {args.backbone} ({len(backbone.blocks)} blocks), {dev}",
-                ["step", "from block", "sets", "inputs", "s/step", "cpu s/step"],
+                ["step", "from block", "sets", "inputs", "s/step", "median s", "cpu s/step"],
                 [[r["name"], r["adapt_from_block"], r["adaptor_sets"], r["inputs_per_step"], r["s_per_step"],
-                  r["cpu_s_per_step"]] for r in rows],
-                [", ".join(f"{k} = {v:.1f}x" for k, v in ratios.items()),
-                 "fusion: a batch is B anchor/neighbour pairs = 2B inputs through M adaptor sets",
+                  r["s_per_step_median"], r["cpu_s_per_step"]] for r in rows],
+                [", ".join(f"{k} = {v:.2f}x" for k, v in ratios.items()),
+                 f"fusion_vs_adaptor_batch = a fusion batch / an adaptor batch at the same B = {b}, as shipped "
+                 f"(chunks of {shipped}): the median over {args.train_steps} rounds of the two steps timed back to "
+                 "back (the cached-prefix rows take turns, one step each); *_whole_vs_chunked likewise",
+                 f"fusion: a batch is B anchor/neighbour pairs = 2B inputs through M = {len(fks)} adaptor sets "
+                 f"(k = {fks}) and as many frozen classifiers",
                  f"the pipeline's own steps and objectives (from {args.params}): adaptor {hp_a.objective}, "
                  f"fusion {hp_f.objective} + attention propagation and value regulariser"])
     return {"backbone": args.backbone, "blocks": len(backbone.blocks), "batch": b, "rows": rows, "ratios": ratios,
@@ -709,6 +738,23 @@ def resolve_args(argv=None) -> argparse.Namespace:
     return args
 
 
+SECTIONS = {"extract": "extraction", "kmeans": "kmeans", "knn": "knn", "train": "training", "pipeline": "pipeline"}
+
+
+def keep_other_sections(previous: dict, result: dict, only: set[str]) -> dict:
+    """``--only``: the sections just measured replace theirs in the existing JSON; the others, and
+    the run that made each (``runs``), are kept."""
+    runs = previous.get("runs") or {SECTIONS[k]: {key: previous.get(key) for key in ("created_utc", "note", "args")}
+                                    for k in SECTIONS if SECTIONS[k] in previous}
+    merged = {**previous, **result}
+    for key in SECTIONS.values():
+        if key in previous and key not in result:
+            merged[key] = previous[key]
+    merged["runs"] = {**runs, **{SECTIONS[k]: {key: result[key] for key in ("created_utc", "note", "args")}
+                                 for k in only}}
+    return merged
+
+
 def main(argv=None) -> dict:
     args = resolve_args(argv)
     info = device_info()
@@ -736,6 +782,8 @@ def main(argv=None) -> dict:
     result["benchmark_wall_s"] = time.perf_counter() - t_start
     out = Path(args.out_dir) / f"speed_{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.only and out.is_file():
+        result = keep_other_sections(json.loads(out.read_text()), result, only)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
     tmp.replace(out)

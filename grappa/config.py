@@ -75,6 +75,9 @@ class AdaptorParams(_Strict):
     reduction: int = Field(default=8, ge=1)
     epochs: int = Field(default=5, ge=1)
     batch_size: int = Field(default=128, ge=2)
+    # Batches per epoch: N // batch_size when null; a number caps it, for pools where a full pass is
+    # longer than the schedule needs (1M images is 7,800 batches of 128 per epoch).
+    steps_per_epoch: int | None = Field(default=None, ge=1)
     lr: float = Field(default=1e-3, gt=0)
     classifier_lr: float = Field(default=1e-2, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
@@ -99,6 +102,9 @@ class AdaptorParams(_Strict):
 class FusionParams(_Strict):
     epochs: int = Field(default=5, ge=1)
     batch_size: int = Field(default=128, ge=2)
+    # Batches per epoch: N // batch_size when null; a number caps it, for pools where a full pass is
+    # longer than the schedule needs (1M images is 7,800 batches of 128 per epoch).
+    steps_per_epoch: int | None = Field(default=None, ge=1)
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
     knn: int = Field(default=10, ge=1)
@@ -107,6 +113,8 @@ class FusionParams(_Strict):
     knn_nprobe: int = Field(default=16, ge=1)
     temperature: float = Field(default=0.07, gt=0)  # InfoNCE temperature over neighbour pairs
     attn_dim: int = Field(default=64, ge=1)
+    # inverse temperature s of the granularity attention, softmax(s q.k / sqrt(attn_dim))
+    attention_scale: float = Field(default=1.0, gt=0)
     lambda_prop: float = Field(default=1.0, ge=0)  # attention propagation (KL to neighbours)
     lambda_value: float = Field(default=0.01, ge=0)  # keep W_V near identity (AdapterFusion)
     lambda_entropy: float = Field(default=0.0, ge=0)  # bonus on batch-mean attention entropy
@@ -128,6 +136,10 @@ class EvaluateParams(_Strict):
     # Instance-level tasks evaluated beside the class-level query_db domains (none are bundled).
     instance_tasks: list[InstanceTask] = []
     grid_queries: int = Field(default=3, ge=0)  # queries per domain in the top-5 grid plot
+    # Each domain's labelled classes split class-disjointly: val_share of them (seed split_seed) are the
+    # validation set, where anything is chosen (oracle k, champion); the rest are the test set, reported.
+    val_share: float = Field(default=0.3333, gt=0, lt=1)
+    split_seed: int = 0
 
 
 class IndexParams(_Strict):

@@ -160,8 +160,8 @@ STEPS: tuple[Step, ...] = (
                Out(L.MODEL, note="the servable model (weights + architecture + preprocessing)")),
          report=L.FUSION_REPORT),
     Step("evaluate", "step 6: retrieval metrics, table and plots; registers and promotes the model",
-         params=(*BASE, "backbone", "adaptor.reduction", "fusion.attn_dim", "cluster.ks", *IMAGES,
-                 "extract.num_workers", "evaluate", "tracking.registered_model"),
+         params=(*BASE, "backbone", "adaptor.reduction", "fusion.attn_dim", "fusion.attention_scale", "cluster.ks",
+                 *IMAGES, "extract.num_workers", "evaluate", "tracking.registered_model"),
          deps=(L.FEATURES, L.PREFIX_INDEX, L.ADAPTORS, L.FUSION, L.MODEL),
          outs=(Out(L.RESULTS),
                Out(L.CHAMPION, cache=False, note="which model serves: changes only when `champion` moves, "

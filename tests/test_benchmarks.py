@@ -4,7 +4,6 @@ machine and its load). quality.py aggregates seeds; ladder.py scores single-k an
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,6 +96,19 @@ def test_knn_functions_agree_directly():
     assert speed.growth_exponent([10, 100], [1.0, 100.0]) == 2.0
 
 
+def test_speed_only_replaces_its_sections_and_keeps_the_rest():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import speed
+
+    run = {"created_utc": "t0", "note": "first", "args": {}}
+    previous = {**run, "extraction": {"x": 1}, "training": {"old": True}, "pipeline": {"demo": 683.0}}
+    result = {"created_utc": "t1", "note": "train again", "args": {"only": ["train"]}, "training": {"new": True}}
+    merged = speed.keep_other_sections(previous, result, {"train"})
+    assert merged["training"] == {"new": True} and merged["pipeline"] == {"demo": 683.0} and merged["extraction"]
+    assert merged["runs"]["training"]["created_utc"] == "t1" and merged["runs"]["pipeline"]["note"] == "first"
+    assert merged["created_utc"] == "t1"
+
+
 def test_quality_aggregates_seeds_in_table_order():
     from benchmarks.quality import aggregate, method_order
 
@@ -169,6 +181,9 @@ def test_scale_quick_writes_rows_for_every_step_and_size(tmp_path):
         assert isinstance(res["exponents"][step]["flat_memory"], bool)
     fusion = next(r for r in res["rows"] if r["step"] == "train-fusion")
     assert fusion["report"]["knn_graph"]["method"] == "exact"  # the quick stores are below knn_exact_below
+    # the training steps run steps_per_epoch = 2 batches at every N (a full epoch would be 3 and 6)
+    trained = [r for r in res["rows"] if r["step"].startswith("train-")]
+    assert trained and all(r["report"]["final"]["batches"] == 2 and r["report"]["s_per_batch"] > 0 for r in trained)
     ex = res["extraction"]
     assert ex["runs"][0]["part_report"]["computed"] == ex["n"]  # every synthetic image was its own file
     for key in ("images_per_s", "ratio_vs_plain_timm_loop", "gflops_per_image", "flop_bound_images_per_s",

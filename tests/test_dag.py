@@ -8,13 +8,12 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 from unittest import mock
 
 import pytest
 import yaml
 
-from conftest import REPO, make_collection, tiny_params_dict
+from conftest import REPO
 
 DAGS = REPO / "dags"
 # Airflow reads its config when first imported: point it at a throw-away home and our DAG folder.

@@ -6,7 +6,7 @@ import torch
 
 from grappa.config import BackboneParams
 from grappa.core.backbones import create_backbone
-from grappa.core.model import FUSION, UNIFORM, ZERO_SHOT, GrappaModel, adaptor_key, single, single_k
+from grappa.core.model import FUSION, UNIFORM, ZERO_SHOT, GrappaModel, adaptor_key, image_pool, single, single_k
 
 KS = [2, 4, 8]
 
@@ -66,26 +66,77 @@ def test_fusion_attention_shape_and_normalisation(name, size, start):
         assert not torch.allclose(emb, zero, atol=1e-4)
 
 
-def test_granularity_fusion_block_matches_formula():
-    model = build("test_efficientnet", 48, 3)
-    layer = model.fusion[0]
-    torch.nn.init.normal_(layer.query.weight, std=0.3)
-    torch.nn.init.normal_(layer.key.weight, std=0.3)
+def _trained_looking(model: GrappaModel) -> GrappaModel:
+    """Non-zero adaptors (biases too), attention and W_V != I, so every term of the fusion counts."""
+    g = torch.Generator().manual_seed(8)
     with torch.no_grad():
-        layer.value.weight.add_(0.01 * torch.randn_like(layer.value.weight))
-    g = torch.Generator().manual_seed(3)
-    dim = model.backbone.block_dims[3]
-    h = torch.randn(2, dim, 3, 3, generator=g)
-    deltas = [torch.randn(2, dim, 3, 3, generator=g) for _ in KS]
+        for layers in model.adaptors.values():
+            for adaptor in layers:
+                for p in (adaptor.down.bias, adaptor.up.weight, adaptor.up.bias):
+                    p.copy_(0.3 * torch.randn(p.shape, generator=g))
+        for layer in model.fusion:
+            for p in (layer.query.weight, layer.key.weight, layer.value.bias):
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            layer.value.weight.add_(0.05 * torch.randn(layer.value.weight.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("name, size, start", [("test_efficientnet", 48, 3), ("test_vit", 64, 2)])
+def test_granularity_fusion_block_matches_formula(name, size, start):
+    """The grouped computation is the formula on the M full adaptor outputs a_m = A_m(h)."""
+    model = _trained_looking(build(name, size, start))
+    layer, adaptors = model.fusion[0], [model.adaptor_set(k)[0] for k in KS]
+    dim = model.backbone.block_dims[start]
+    shape = (2, dim, 3, 3) if model.backbone.layout == "channels" else (2, 5, dim)  # a map, or 5 tokens
+    h = torch.randn(shape, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        out, alpha = layer(h, deltas)
-        q = layer.query(h.mean(dim=(-2, -1)))
-        keys = torch.stack([layer.key((h + d).mean(dim=(-2, -1))) for d in deltas], dim=1)
+        out, alpha = layer(h, layer.weights(adaptors))
+        pooled, pooled_alpha = layer(h, layer.weights(adaptors, pooled=True), pooled=True)
+        deltas = [adaptor(h) for adaptor in adaptors]
+        pool = (lambda x: x.mean(dim=(-2, -1))) if model.backbone.layout == "channels" else (lambda x: x[:, 0])
+        q = layer.query(pool(h))
+        keys = torch.stack([layer.key(pool(h + d)) for d in deltas], dim=1)
         expected_alpha = torch.softmax((keys @ q[:, :, None]).squeeze(-1) / q.shape[-1] ** 0.5, dim=-1)
-        expected = h + sum(expected_alpha[:, m, None, None, None] * layer.value(deltas[m]) for m in range(len(KS)))
+        shape = (-1,) + (1,) * (h.dim() - 1)
+        expected = h + sum(expected_alpha[:, m].view(shape) * layer.value(deltas[m]) for m in range(len(KS)))
         # value(.) has a bias: sum_m alpha_m (W a_m + b) = W sum_m alpha_m a_m + b because alpha sums to one
-    assert torch.allclose(alpha, expected_alpha, atol=1e-6)
+    assert expected_alpha.std() > 1e-2  # not trivially uniform
+    assert torch.allclose(alpha, expected_alpha, atol=1e-6) and torch.equal(pooled_alpha, alpha)
     assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.allclose(pooled, pool(expected), atol=1e-5)  # the pooled output without the full map
+
+
+def test_mean_embedding_shortcut_changes_neither_outputs_nor_gradients():
+    """An average-pooled CNN's fused last block is pooled from pooled terms: the same as the full map."""
+    model = _trained_looking(build("test_efficientnet", 48, 3))
+    assert model.mean_embed and not build("test_vit", 64, 2).mean_embed
+    model.requires_grad_(False)
+    model.fusion.requires_grad_(True)
+    model.train()
+    x = model.forward_prefix(torch.randn(5, 3, 48, 48, generator=torch.Generator().manual_seed(9)))
+    weights = torch.randn(5, model.backbone.embed_dim, generator=torch.Generator().manual_seed(10))
+    results = []
+    for shortcut in (True, False):
+        model.mean_embed = shortcut
+        model.zero_grad(set_to_none=True)
+        emb, alpha = model.forward_suffix(x, FUSION)
+        ((emb * weights).sum() + alpha.pow(2).sum()).backward()
+        results.append((emb.detach(), alpha.detach(), [p.grad.clone() for p in model.fusion.parameters()]))
+    (emb0, alpha0, grads0), (emb1, alpha1, grads1) = results
+    assert torch.allclose(emb0, emb1, atol=1e-6) and torch.allclose(alpha0, alpha1, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(grads0, grads1))
+
+
+def test_image_pool_sends_back_an_nhwc_gradient():
+    """Mean over an NHWC view: the gradient keeps the map's channels_last layout (speed, not values)."""
+    x = torch.randn(2, 8, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = x * 1.0
+    grads = []
+    y.register_hook(grads.append)
+    pooled = image_pool(y, "channels")
+    assert torch.allclose(pooled, x.mean(dim=(-2, -1)), atol=1e-6)
+    pooled.sum().backward()
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
 
 
 def _grads(module: torch.nn.Module) -> dict[str, bool]:

@@ -13,10 +13,22 @@ def test_all_steps_chain(tiny_params):
     assert set(timings) == {"snapshot", "extract@0-of-1", "merge-features", "cluster", "train-adaptor@2", "train-adaptor@4", "train-fusion",
                             "evaluate", "index"}
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
-    assert set(metrics["methods"]) == {"zero_shot", "single_k_2", "single_k_4", "uniform", "oracle", "grappa"}
-    for res in metrics["methods"].values():
+    modes = {"zero_shot", "single_k_2", "single_k_4", "uniform", "oracle", "grappa"}
+    assert set(metrics["methods"]) == modes | {"oracle_test"} and set(metrics["validation"]["methods"]) == modes
+    for res in [*metrics["methods"].values(), *metrics["validation"]["methods"].values()]:
         assert set(res["per_domain"]) == {"shapes", "stripes"}
         assert 0.0 <= res["mean"]["map_at_r"] <= 1.0
+    # 4 classes x 4 images per domain: one class (a third, rounded) is validation, three are test
+    protocol = metrics["protocol"]
+    assert protocol["select"] == "val" and protocol["report"] == "test"
+    assert {d: len(c) for d, c in protocol["val_classes"].items()} == {"shapes": 1, "stripes": 1}
+    assert protocol["images"] == {"val": 2 * 4, "test": 2 * 12}
+    # zero_shot is scored from the float16 prefix cache like every adapted row; the float32 figure is kept beside it
+    precision = metrics["precision_path"]
+    assert precision["zero_shot_fp16_prefix"]["test"] == metrics["methods"]["zero_shot"]["mean"]["map_at_r"]
+    assert abs(precision["zero_shot_fp32_features"]["test"] - precision["zero_shot_fp16_prefix"]["test"]) < 0.05
+    results = (out / "evaluate" / "results.md").read_text()
+    assert "test classes" in results and "validation classes" in results
     for plot in ("per_domain_map_at_r.png", "attention_by_domain.png", "top5_grappa.png"):
         assert (out / "evaluate" / "plots" / plot).stat().st_size > 1000
     assert not list((out / "checkpoints").glob("*.pt")), "checkpoints must be cleaned after success"

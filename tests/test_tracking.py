@@ -274,7 +274,9 @@ def test_first_version_is_candidate_and_champion(run, runs, client):
     assert str(client.get_model_version_by_alias(MODEL, "candidate").version) == "1"
     assert version.run_id == children["evaluate"].info.run_id
     metrics = json.loads((run.out_dir / "evaluate" / "metrics.json").read_text())
-    assert float(version.tags[publish.SCORE_TAG]) == pytest.approx(metrics["methods"]["grappa"]["mean"]["map_at_r"])
+    # the champion is chosen on the validation classes, never on the test classes it is reported on
+    score = metrics["validation"]["methods"]["grappa"]["mean"]["map_at_r"]
+    assert float(version.tags[publish.SCORE_TAG]) == pytest.approx(score)
     assert "registered grappa-test-fused version 1 as candidate and champion" in run.stdout
 
 
@@ -306,13 +308,14 @@ def test_lineage_from_champion_to_extract_digest(run, client):
 
 
 def _fake_evaluate(delta: float):
-    """evaluate.run stand-in: the real metrics.json with the fused model's mean mAP@R shifted."""
+    """evaluate.run stand-in: the real metrics.json with the fused model's mean mAP@R shifted (both sets)."""
     from grappa.io.artifacts import write_json
 
     def fake(params):
         path = Path(params.out_dir) / "evaluate" / "metrics.json"
         metrics = json.loads(path.read_text())
-        metrics["methods"]["grappa"]["mean"]["map_at_r"] += delta
+        for split in (metrics, metrics["validation"]):
+            split["methods"]["grappa"]["mean"]["map_at_r"] += delta
         write_json(path, metrics)
         return metrics
 
@@ -352,7 +355,7 @@ def test_dag_style_runs_candidate_vs_champion(run, client, tmp_path, monkeypatch
 
         parent = client.get_run(parent_id)
         assert parent.info.status == "FINISHED" and parent.info.run_name == f"dag {delta}"
-        assert parent.data.metrics["methods.grappa.mean.map_at_r"] == pytest.approx(champion_score + delta)
+        assert parent.data.metrics["validation.methods.grappa.mean.map_at_r"] == pytest.approx(champion_score + delta)
         (child,) = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
         assert child.data.tags["dvc.stage"] == "evaluate"
         new_version = child.data.tags["grappa.model_version"]
@@ -389,7 +392,7 @@ def test_champion_is_rescored_when_the_evaluation_set_changed(run, client, tmp_p
     assert rc == 0, stderr
     metrics = json.loads((tmp_path / "outputs" / "evaluate" / "metrics.json").read_text())
     assert set(metrics["methods"]["grappa"]["per_domain"]) == {"shapes"}
-    score = metrics["methods"]["grappa"]["mean"]["map_at_r"]
+    score = metrics["validation"]["methods"]["grappa"]["mean"]["map_at_r"]
     candidate = client.get_model_version(MODEL, client.get_model_version_by_alias(MODEL, "candidate").version)
     assert candidate.tags[publish.EVAL_SET_TAG] != champion.tags[publish.EVAL_SET_TAG]
     assert candidate.tags["grappa.compared_with"] == f"v{champion.version}"

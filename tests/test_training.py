@@ -21,7 +21,7 @@ from grappa.core.losses import CosineClassifier, attention_propagation, batch_at
 from grappa.core.model import GrappaModel, single
 from grappa.core.objectives import (LOSS_TERMS, EmbeddedBatch, adaptor_objective, adaptor_terms, fusion_objective,
                                     fusion_terms, parse_objective)
-from grappa.core.training import adaptor_step, fit, fusion_step, train_on_batch, warmup_cosine
+from grappa.core.training import adaptor_step, epoch_steps, fit, fusion_step, train_on_batch, warmup_cosine
 from grappa.io.artifacts import load_torch
 
 
@@ -63,8 +63,8 @@ class Toy:
         loss = nn.functional.mse_loss(self.model(x), y)
         return {"loss": loss, "half": loss / 2}
 
-    def fit(self):
-        return fit(self.model, self.optimizer, self.epochs, 5, 1.0, self.batches, self.step, self.checkpoint,
+    def fit(self, steps_per_epoch: int = 5):
+        return fit(self.model, self.optimizer, self.epochs, steps_per_epoch, 1.0, self.batches, self.step, self.checkpoint,
                    seed=3, desc="toy")
 
 
@@ -93,6 +93,16 @@ def test_fit_resumes_mid_epoch_to_identical_weights(tmp_path, capsys):
     # the optimizer state was restored too (Adam moments), not only the weights
     for a, b in zip(clean.optimizer.state_dict()["state"].values(), resumed.optimizer.state_dict()["state"].values()):
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+
+
+def test_steps_per_epoch_caps_each_epoch_and_the_schedule(tmp_path):
+    assert epoch_steps(40, 8, None) == 5 and epoch_steps(40, 8, 2) == 2 and epoch_steps(40, 8, 9) == 5
+    capped = Toy(tmp_path / "capped.pt", epochs=3)
+    history = capped.fit(steps_per_epoch=epoch_steps(40, 8, 2))
+    assert capped.calls == 3 * 2, "each epoch stops after steps_per_epoch batches of the 5 the loader has"
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    # the warm-up/cosine schedule spans the capped steps: it has reached its end after the last one
+    assert capped.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_fit_checkpoint_of_a_finished_run_only_returns_history(tmp_path):

@@ -1,10 +1,15 @@
 """Per-domain retrieval quality of the model variants, the oracle reference and the results tables.
 
-A method is a model mode (``zero_shot``, ``single_k_<K>``, ``uniform``, ``grappa``: grappa.core.model)
-or ``oracle``: per domain the best single k, chosen with the test labels, so an upper reference and
-not a model. Pure: vectors and labels in, dicts and markdown out.
+Each domain's labelled classes are split, class-disjoint and seed-fixed, into a validation share (where
+anything is chosen) and the test rest (where figures are reported); retrieval is all-vs-all within
+each set. A method is a model mode (``zero_shot``, ``single_k_<K>``, ``uniform``, ``grappa``:
+grappa.core.model), ``oracle`` (per domain the single k that is best on validation, a fair baseline)
+or ``oracle_test`` (per domain the k best on test itself: it uses the test labels, an upper
+reference and not a model). Pure: vectors and labels in, dicts and markdown out.
 """
 from __future__ import annotations
+
+import zlib
 
 import numpy as np
 
@@ -13,16 +18,37 @@ from grappa.core.model import FUSION, UNIFORM, ZERO_SHOT, single, single_k
 
 METRICS = ("map_at_r", "recall_at_1")
 ORACLE = "oracle"
+ORACLE_TEST = "oracle_test"
+VALIDATION, TEST = "val", "test"
 
 
 def method_order(names) -> list[str]:
     """zero_shot, single_k_<K> by K, uniform, oracle, grappa (the order of the results table)."""
-    rank = {ZERO_SHOT: (0, 0), UNIFORM: (2, 0), ORACLE: (3, 0), FUSION: (4, 0)}
+    rank = {ZERO_SHOT: (0, 0), UNIFORM: (2, 0), ORACLE: (3, 0), ORACLE_TEST: (3, 1), FUSION: (4, 0)}
     return sorted(names, key=lambda n: rank.get(n, (1, single_k(n) or 0)))
 
 
 def _mean(per_domain: dict) -> dict:
     return {m: float(np.mean([d[m] for d in per_domain.values()])) for m in METRICS}
+
+
+def class_split(domains: np.ndarray, labels: np.ndarray, share: float, seed: int) -> dict[str, list[str]]:
+    """Per domain, the validation classes: ``share`` of its classes (rounded, at least one, and at
+    least one left for test), drawn with ``seed`` and the domain's name, so a domain's split does not
+    move when other domains are added. A domain with a single class has no validation classes."""
+    val = {}
+    for domain in sorted(set(domains)):
+        classes = np.unique(labels[domains == domain])
+        n = 0 if len(classes) < 2 else min(max(round(share * len(classes)), 1), len(classes) - 1)
+        rng = np.random.default_rng([seed, zlib.crc32(str(domain).encode())])
+        val[str(domain)] = sorted(str(c) for c in rng.choice(classes, n, replace=False))
+    return val
+
+
+def split_mask(domains: np.ndarray, labels: np.ndarray, val_classes: dict[str, list[str]], split: str) -> np.ndarray:
+    """Rows of ``split`` (``VALIDATION`` or ``TEST``) under ``val_classes``."""
+    in_val = np.array([str(c) in set(val_classes.get(str(d), ())) for d, c in zip(domains, labels)], bool)
+    return in_val if split == VALIDATION else ~in_val
 
 
 def per_domain_metrics(vectors: np.ndarray, domains: np.ndarray, labels: np.ndarray) -> dict:
@@ -34,15 +60,16 @@ def per_domain_metrics(vectors: np.ndarray, domains: np.ndarray, labels: np.ndar
     return {"per_domain": per_domain, "mean": _mean(per_domain)}
 
 
-def oracle(methods: dict, ks: list[int]) -> tuple[dict, dict[str, int]]:
-    """Per domain, the single-k model with the best mAP@R (task-label-aware upper reference)."""
+def best_k(methods: dict, ks: list[int]) -> dict[str, int]:
+    """Per domain, the k whose single-k model has the best mAP@R in ``methods``."""
     domains = methods[single(ks[0])]["per_domain"].keys()
-    per_domain, choice = {}, {}
-    for domain in domains:
-        best = max(ks, key=lambda k: methods[single(k)]["per_domain"][domain]["map_at_r"])
-        per_domain[domain] = methods[single(best)]["per_domain"][domain]
-        choice[domain] = best
-    return {"per_domain": per_domain, "mean": _mean(per_domain)}, choice
+    return {d: max(ks, key=lambda k: methods[single(k)]["per_domain"][d]["map_at_r"]) for d in domains}
+
+
+def oracle(methods: dict, choice: dict[str, int]) -> dict:
+    """The per-domain single-k models of ``choice`` (from best_k), scored by ``methods``."""
+    per_domain = {d: methods[single(k)]["per_domain"][d] for d, k in choice.items()}
+    return {"per_domain": per_domain, "mean": _mean(per_domain)}
 
 
 def markdown_table(title: str, header: list[str], rows: list[list[str]]) -> str:
@@ -52,8 +79,9 @@ def markdown_table(title: str, header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def results_table(methods: dict) -> str:
-    """results.md: mAP@R / R@1 (%) of every method per domain, and the mean in bold."""
+def results_table(methods: dict, title: str = "mAP@R / R@1 (%), all-vs-all leave-one-out on each domain's "
+                                                 "query_db split") -> str:
+    """mAP@R / R@1 (%) of every method per domain, and the mean in bold."""
     domains = list(next(iter(methods.values()))["per_domain"])
 
     def cell(res: dict, bold: bool = False) -> str:
@@ -62,5 +90,4 @@ def results_table(methods: dict) -> str:
 
     rows = [[name, *(cell(res["per_domain"][d]) for d in domains), cell(res["mean"], bold=True)]
             for name, res in methods.items()]
-    return markdown_table("mAP@R / R@1 (%), all-vs-all leave-one-out on each domain's query_db split",
-                          ["method", *domains, "mean"], rows)
+    return markdown_table(title, ["method", *domains, "mean"], rows)

@@ -4,17 +4,22 @@ For each adapted block l with frozen output h_l and adaptor outputs a_l^m = A_l^
 
     single granularity m:  z_l = h_l + a_l^m
     uniform:               z_l = h_l + (1/M) sum_m a_l^m
-    fusion:                alpha_l(x) = softmax_m( <W_Q pool(h_l), W_K pool(h_l + a_l^m)> / sqrt(d) )
+    fusion:                alpha_l(x) = softmax_m( s <W_Q pool(h_l), W_K pool(h_l + a_l^m)> / sqrt(d) )
                            z_l = h_l + W_V sum_m alpha_l^m(x) a_l^m
 
 The attention is image-level (pooled query/keys, shared by all positions of the image), so each image
 has one "granularity attention" per block that stage 2 can propagate to its neighbours. W_V starts at
 the identity and W_Q/W_K near zero, so the fused model starts as the uniform average; every adaptor's
 up-projection starts at zero, so each adaptor set starts exactly at the backbone.
+
+The fusion is computed without materialising the M outputs a_l^m (see GranularityFusion), and the
+last block of an average-pooled CNN only as its mean (the embedding), from pooled terms.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -63,9 +68,36 @@ def _pointwise(in_dim: int, out_dim: int, layout: str) -> nn.Module:
     return nn.Conv2d(in_dim, out_dim, 1) if layout == "channels" else nn.Linear(in_dim, out_dim)
 
 
+def _matrix(layer: nn.Module) -> torch.Tensor:
+    """A pointwise layer's weight as an (out, in) matrix (a 1x1 conv's (out, in, 1, 1), viewed)."""
+    return layer.weight.flatten(1)
+
+
+def _apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: str) -> torch.Tensor:
+    """The pointwise layer of (out, in) matrix ``weight`` on maps or tokens."""
+    return F.conv2d(x, weight[:, :, None, None], bias) if layout == "channels" else F.linear(x, weight, bias)
+
+
+@torch.no_grad()
+def _embeds_mean(backbone: BlockwiseBackbone) -> bool:
+    """Whether ``backbone.embed`` of a last-block map is its spatial mean (probed on a random map)."""
+    device = next(backbone.parameters()).device
+    probe = torch.randn(2, *backbone.block_shapes[-1], generator=torch.Generator().manual_seed(0)).to(device)
+    return torch.allclose(backbone.embed(probe), probe.mean(dim=(-2, -1)), rtol=1e-5, atol=1e-6)
+
+
+def _per_channel(v: torch.Tensor, layout: str) -> torch.Tensor:
+    """(B, C) per-image values, broadcast over the positions of (B, C, H, W) maps or (B, N, C) tokens."""
+    return v[:, :, None, None] if layout == "channels" else v[:, None, :]
+
+
 def image_pool(x: torch.Tensor, layout: str) -> torch.Tensor:
     """Image-level summary of a block output: spatial mean for maps, the CLS token for ViTs."""
-    return x.mean(dim=(-2, -1)) if layout == "channels" else x[:, 0]
+    if layout != "channels":
+        return x[:, 0]
+    # The mean over an NHWC view sends back an NHWC gradient, like the convolutions'. mean(dim=(-2, -1))
+    # sends back an NCHW one; added to them, it made the frozen BN + ReLU6 backward before it ~10x slower.
+    return x.permute(0, 2, 3, 1).mean(dim=(1, 2))
 
 
 class BottleneckAdaptor(nn.Module):
@@ -86,13 +118,39 @@ class BottleneckAdaptor(nn.Module):
         return self.up(self.act(self.down(h)))
 
 
-class GranularityFusion(nn.Module):
-    """AdapterFusion-style attention over the M adaptor outputs of one block, per image."""
+class FusionWeights(NamedTuple):
+    """One block's M adaptors and W_V as grouped weights (see :meth:`GranularityFusion.weights`)."""
 
-    def __init__(self, dim: int, num_sets: int, attn_dim: int, layout: str):
+    down: torch.Tensor  # (M h, C): every set's down-projection D_m, stacked
+    down_bias: torch.Tensor  # (M h,)
+    up: torch.Tensor  # (M, h, C): every set's up-projection U_m, transposed
+    up_bias: torch.Tensor  # (M, 1, C): c_m
+    value_up: torch.Tensor | None  # (C, M h): [W_V U_1 .. W_V U_M]; None where only the pooled output is needed
+    value_bias: torch.Tensor | None  # (M, C): W_V c_m; None likewise
+    act: nn.Module
+
+
+class GranularityFusion(nn.Module):
+    """AdapterFusion-style attention over the M adaptor outputs of one block, per image.
+
+    Computed without the M full-size adaptor outputs a_m = U_m g_m + c_m (g_m = act(D_m h)): the
+    keys read pool(a_m) = U_m pool(g_m) + c_m (pooling is linear), and the output is
+
+        h + W_V sum_m alpha_m a_m + b_V = h + [W_V U_1 .. W_V U_M] [alpha_1 g_1; ..; alpha_M g_M]
+                                            + sum_m alpha_m W_V c_m + b_V,
+
+    two grouped pointwise ops per block (all M down-projections, then one C x M h projection)
+    instead of M bottlenecks and a C x C value projection: the same function for a fraction of the
+    work (the fusion batch went from 2.2 s to ~1 s, see CPU_CHUNK).
+    """
+
+    def __init__(self, dim: int, num_sets: int, attn_dim: int, layout: str, scale: float = 1.0):
         super().__init__()
         self.layout = layout
         self.num_sets = num_sets
+        # s, the attention's inverse temperature: Adam moves W_Q and W_K by about lr a step whatever
+        # the gradient's size, so s (not the loss) sets how fast the logits can leave uniform
+        self.scale = scale / math.sqrt(attn_dim)
         self.query = nn.Linear(dim, attn_dim)
         self.key = nn.Linear(dim, attn_dim)
         self.value = _pointwise(dim, dim, layout)
@@ -103,14 +161,33 @@ class GranularityFusion(nn.Module):
             self.value.weight.copy_(torch.eye(dim).view_as(self.value.weight))
             self.value.bias.zero_()
 
-    def forward(self, h: torch.Tensor, deltas: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        q = self.query(image_pool(h, self.layout))  # (B, A)
-        keys = torch.stack([self.key(image_pool(h + d, self.layout)) for d in deltas], dim=1)  # (B, M, A)
-        alpha = torch.softmax(torch.einsum("ba,bma->bm", q, keys) / math.sqrt(q.shape[-1]), dim=-1)
-        shape = (-1, self.num_sets) + (1,) * (h.dim() - 1)
-        mixed = (alpha.view(shape) * torch.stack(deltas, dim=1)).sum(dim=1)
-        # W_V is linear and alpha sums to one, so W_V(sum a_m alpha_m) == sum alpha_m W_V a_m.
-        return h + self.value(mixed), alpha
+    def weights(self, adaptors: Sequence[BottleneckAdaptor], pooled: bool = False) -> FusionWeights:
+        """This block's adaptors (one per set, in attention order) as grouped weights; W_V U_m costs
+        C x C x M h, so a chunked batch computes them once for all its chunks (and never if ``pooled``)."""
+        up = torch.cat([_matrix(a.up) for a in adaptors], dim=1)  # (C, M h)
+        up_bias = torch.stack([a.up.bias for a in adaptors])  # (M, C)
+        value = _matrix(self.value)
+        return FusionWeights(torch.cat([_matrix(a.down) for a in adaptors]), torch.cat([a.down.bias for a in adaptors]),
+                             up.t().reshape(len(adaptors), -1, up.shape[0]), up_bias[:, None],
+                             None if pooled else value @ up, None if pooled else up_bias @ value.t(), adaptors[0].act)
+
+    def forward(self, h: torch.Tensor, w: FusionWeights, pooled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, (B, M) attention); ``pooled``: the output's image_pool (B, C) only, from pooled terms."""
+        b, (m, hidden, _) = h.shape[0], w.up.shape
+        g = w.act(_apply(h, w.down, w.down_bias, self.layout))  # (B, M h, ...) every set's hidden units
+        pooled_h = image_pool(h, self.layout)  # (B, C)
+        pooled_g = image_pool(g, self.layout).view(b, m, hidden).transpose(0, 1)  # (M, B, h)
+        pooled_a = torch.baddbmm(w.up_bias, pooled_g, w.up).transpose(0, 1)  # (B, M, C): pool(a_m)
+        q = self.query(pooled_h)  # (B, A)
+        keys = self.key(pooled_h[:, None] + pooled_a)  # (B, M, A) = key(pool(h + a_m))
+        alpha = torch.softmax(torch.bmm(keys, q[:, :, None]).squeeze(-1) * self.scale, dim=-1)
+        if pooled:
+            mean_a = torch.bmm(alpha[:, None], pooled_a).squeeze(1)  # sum_m alpha_m pool(a_m)
+            return pooled_h + F.linear(mean_a, _matrix(self.value), self.value.bias), alpha
+        scale = alpha[:, :, None].expand(b, m, hidden).reshape(b, m * hidden)  # alpha_m on set m's hidden units
+        out = h + _apply(g * _per_channel(scale, self.layout), w.value_up, None, self.layout)
+        out += _per_channel(torch.addmm(self.value.bias, alpha, w.value_bias), self.layout)  # in place: one full map
+        return out, alpha
 
     def value_regulariser(self) -> torch.Tensor:
         w = self.value.weight.view(self.value.weight.shape[0], -1)
@@ -121,7 +198,7 @@ class GrappaModel(nn.Module):
     """Backbone + adaptor sets (one per k) on blocks [start, end) + optional fusion layers."""
 
     def __init__(self, backbone: BlockwiseBackbone, start: int, ks: list[int], reduction: int,
-                 attn_dim: int | None = None):
+                 attn_dim: int | None = None, attention_scale: float = 1.0):
         super().__init__()
         self.backbone = backbone
         self.start = start
@@ -133,8 +210,12 @@ class GrappaModel(nn.Module):
         )
         self.fusion = None
         if attn_dim is not None:
-            self.fusion = nn.ModuleList(GranularityFusion(d, len(ks), attn_dim, layout) for d in dims)
+            self.fusion = nn.ModuleList(GranularityFusion(d, len(ks), attn_dim, layout, attention_scale)
+                                       for d in dims)
         self.cpu_chunk: int | None = CPU_CHUNK  # None: whole batches (the speed benchmark's baseline)
+        # Whether the embedding is the spatial mean of the last map (average-pooled CNNs): then the fused
+        # last block is only ever averaged, and its mean comes from pooled terms without the full map.
+        self.mean_embed = layout == "channels" and _embeds_mean(backbone)
         # CNN maps in NHWC (channels_last): the Lite0 forward at batch 32 ran 2.5x faster on 2 CPU cores
         # than in NCHW, with the same embeddings to 4e-7 (one run); inputs are converted on the way in.
         self.channels_last = layout == "channels"
@@ -156,11 +237,12 @@ class GrappaModel(nn.Module):
 
     def forward_suffix(self, x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Adapted blocks -> L2-normalised embedding, plus (B, L, M) attention in fusion mode."""
+        fused = self._fusion_weights() if mode == FUSION else None  # once for all chunks
         if self.cpu_chunk and x.device.type == "cpu" and x.shape[0] > self.cpu_chunk:
-            parts = [self._suffix(chunk, mode) for chunk in x.split(self.cpu_chunk)]
+            parts = [self._suffix(chunk, mode, fused) for chunk in x.split(self.cpu_chunk)]
             alphas = [alpha for _, alpha in parts]
             return torch.cat([emb for emb, _ in parts]), (None if alphas[0] is None else torch.cat(alphas))
-        return self._suffix(x, mode)
+        return self._suffix(x, mode, fused)
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
@@ -169,7 +251,20 @@ class GrappaModel(nn.Module):
         """Adaptor set k: one adaptor per adapted block."""
         return self.adaptors[adaptor_key(k)]
 
-    def _suffix(self, x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _fusion_weights(self) -> list[FusionWeights]:
+        """Every fusion layer's grouped weights, from its block's adaptor of each set in ``ks`` order."""
+        if self.fusion is None:
+            raise KeyError(f"unknown mode {FUSION!r}; this model's modes are {self.modes()}")
+        sets = [self.adaptor_set(k) for k in self.ks]
+        return [layer.weights([adaptors[i] for adaptors in sets], pooled=self._pooled_out(i))
+                for i, layer in enumerate(self.fusion)]
+
+    def _pooled_out(self, i: int) -> bool:
+        """Whether fusion layer i outputs only its pooled map (the last one, under a mean embedding)."""
+        return self.mean_embed and i == len(self.fusion) - 1
+
+    def _suffix(self, x: torch.Tensor, mode: str,
+                fused: list[FusionWeights] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = self._layout(x)
         sets = [self.adaptor_set(k) for k in self.ks]
         alone = None  # the one adaptor set of a single_k_<K> mode
@@ -177,19 +272,20 @@ class GrappaModel(nn.Module):
             if single_k(mode) not in self.ks:
                 raise KeyError(f"unknown mode {mode!r}; this model's modes are {self.modes()}")
             alone = self.adaptor_set(single_k(mode))
-        alphas = []
+        alphas, pooled = [], False
         for i, block in enumerate(self.backbone.blocks[self.start:]):
             h = block(x)
             if mode == ZERO_SHOT:
                 x = h
             elif mode == FUSION:
-                x, alpha = self.fusion[i](h, [adaptors[i](h) for adaptors in sets])
+                pooled = self._pooled_out(i)  # then x is already the embedding, embed(map) = mean(map)
+                x, alpha = self.fusion[i](h, fused[i], pooled=pooled)
                 alphas.append(alpha)
             elif mode == UNIFORM:
                 x = h + torch.stack([adaptors[i](h) for adaptors in sets]).mean(0)
             else:
                 x = h + alone[i](h)
-        emb = F.normalize(self.backbone.embed(x), dim=-1)
+        emb = F.normalize(x if pooled else self.backbone.embed(x), dim=-1)
         return emb, (torch.stack(alphas, dim=1) if alphas else None)
 
     def forward(self, images: torch.Tensor, mode: str = FUSION) -> torch.Tensor:

@@ -11,6 +11,7 @@ a batch through the model into its :class:`~grappa.core.objectives.Objective`), 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import random
@@ -81,6 +82,12 @@ def train_on_batch(step: Callable[[object], Losses], batch, optimizer: torch.opt
     return losses
 
 
+def epoch_steps(items: int, batch_size: int, cap: int | None) -> int:
+    """Batches per epoch: every full batch of ``items``, at most ``cap`` (``steps_per_epoch``)."""
+    full = items // batch_size
+    return full if cap is None else min(full, cap)
+
+
 def fit(
     trainable: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -112,7 +119,7 @@ def fit(
         sums: dict[str, float] = {}
         count = 0
         t0 = time.perf_counter()
-        bar = tqdm(batches(generator), total=steps_per_epoch, desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="batch")
+        bar = tqdm(itertools.islice(batches(generator), steps_per_epoch), total=steps_per_epoch, desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="batch")
         for batch in bar:
             losses = train_on_batch(step, batch, optimizer, scheduler)
             count += 1
@@ -120,10 +127,10 @@ def fit(
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
             bar.set_postfix(loss=f"{sums['loss'] / count:.4f}", refresh=False)  # shown at the next tick
         summary = {name: total / max(count, 1) for name, total in sums.items()}
-        summary.update(epoch=epoch + 1, seconds=time.perf_counter() - t0)
+        summary.update(epoch=epoch + 1, batches=count, seconds=time.perf_counter() - t0)
         history.append(summary)
         print(f"{desc} epoch {epoch + 1}/{epochs}: " + ", ".join(f"{k}={v:.4f}" for k, v in summary.items()
-                                                               if k not in ("epoch",)))
+                                                               if k not in ("epoch", "batches")))
         save_torch(checkpoint, {"trainable": trainable.state_dict(), "optimizer": optimizer.state_dict(),
                                 "scheduler": scheduler.state_dict(), "history": history, "epoch": epoch})
         if on_epoch_end:

@@ -13,7 +13,8 @@ from grappa.io.layout import layout
 def build_model(params: Params, backbone: BlockwiseBackbone, ks: list[int], with_fusion: bool = False) -> GrappaModel:
     """``backbone`` with fresh adaptor sets for ``ks`` at the params' blocks (and fresh fusion layers)."""
     return GrappaModel(backbone, params.backbone.adapt_from_block, ks, params.adaptor.reduction,
-                       attn_dim=params.fusion.attn_dim if with_fusion else None)
+                       attn_dim=params.fusion.attn_dim if with_fusion else None,
+                       attention_scale=params.fusion.attention_scale)
 
 
 def assemble(params: Params, backbone: BlockwiseBackbone, with_fusion: bool, load_fusion: bool) -> GrappaModel:

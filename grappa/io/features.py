@@ -32,6 +32,13 @@ from grappa.io.layout import Layout
 MB = 1 << 20
 
 
+def stream_parquet(path: str | Path) -> pq.ParquetFile:
+    """A Parquet file to read batch by batch in bounded memory. With pyarrow's default pre-buffering
+    the reader kept every column chunk it had read: merging a 1.1 GB part peaked at 1.3 GB RSS, and
+    at 0.25 GB without it (1M rows, one run)."""
+    return pq.ParquetFile(path, pre_buffer=False, buffer_size=MB)
+
+
 def chunk_rows(row_bytes: int, budget_mb: int, share: float = 0.25) -> int:
     """Rows per streamed chunk: ``share`` of the memory budget, at least 64 rows."""
     return max(64, int(budget_mb * MB * share) // max(row_bytes, 1))
@@ -212,7 +219,7 @@ def vector_dim(out: Layout) -> int:
 
 def iter_vectors(out: Layout, rows: np.ndarray | None, budget_mb: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(positions within ``rows``, vectors) chunks of the zero-shot vectors of ``rows`` (all: None)."""
-    parquet = pq.ParquetFile(out.features)
+    parquet = stream_parquet(out.features)
     dim = vector_dim(out)
     wanted = None if rows is None else np.zeros(parquet.metadata.num_rows, bool)
     if wanted is not None:

@@ -1,9 +1,12 @@
 """Step 6 — ``grappa evaluate``: per-domain retrieval quality of every model variant.
 
-All-vs-all leave-one-out retrieval on each domain's labelled ``query_db`` split (mAP@R, R@1) for:
-``zero_shot`` (frozen backbone), ``single_k_<K>`` (backbone + adaptor set K), ``uniform`` (the mean
-of all adaptor sets), ``oracle`` (per domain the best single k: it uses the test labels to choose,
-so it is an upper reference, not a model) and ``grappa`` (the fused model).
+Each domain's labelled ``query_db`` classes are split class-disjointly (``evaluate.val_share``,
+``evaluate.split_seed``) into a validation and a test set; all-vs-all leave-one-out retrieval within
+each (mAP@R, R@1) for: ``zero_shot`` (frozen backbone, from the float16 prefix cache as the others),
+``single_k_<K>`` (backbone + adaptor set K), ``uniform`` (the mean of all adaptor sets), ``oracle`` (per
+domain the single k best on validation), ``oracle_test`` (test set only: the k best on test itself,
+an upper reference that uses the test labels) and ``grappa`` (the fused model). ``methods`` holds
+the test figures, ``validation`` the validation ones, where the champion is chosen.
 
 Writes ``<out>/evaluate/metrics.json``, ``results.md``, ``plots/*.png`` and ``champion.json`` (the
 model that serves: this run's exported model, or with tracking on whichever version is ``champion``
@@ -16,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from grappa.config import Params
+from grappa.config import ConfigError, Params
 from grappa.core.augment import image_transform
 from grappa.core.backbones import create_backbone
-from grappa.core.evaluation import ORACLE, method_order, oracle, per_domain_metrics, results_table
+from grappa.core.evaluation import (ORACLE, ORACLE_TEST, TEST, VALIDATION, best_k, class_split, method_order, oracle,
+                                    per_domain_metrics, results_table, split_mask)
 from grappa.core.metrics import leave_one_out_neighbours
 from grappa.core.model import FUSION, ZERO_SHOT, pick_device
 from grappa.io import servable
@@ -30,7 +34,7 @@ from grappa.io.layout import layout
 
 
 def score_servable(model: servable.Servable, params: Params) -> float:
-    """Mean mAP@R of a servable model on this run's query_db split (for the equal-terms comparison).
+    """Mean mAP@R of a servable model on this run's validation set (for the equal-terms comparison).
 
     Fed like the candidate was: the cached prefix activations when the model's frozen prefix is the
     one extracted here, else the images through the model's own preprocessing.
@@ -43,7 +47,18 @@ def score_servable(model: servable.Servable, params: Params) -> float:
                                params.data.max_pixels)
     vectors, _ = encode(model.model.to(pick_device()), dataset, FUSION, params.evaluate.batch_size,
                         num_workers=params.extract.num_workers, desc="re-score champion")
-    return per_domain_metrics(vectors, inputs.domains, inputs.labels.astype(str))["mean"]["map_at_r"]
+    labels = inputs.labels.astype(str)
+    val = split_mask(inputs.domains, labels, validation_classes(params, inputs.domains, labels), VALIDATION)
+    return per_domain_metrics(vectors[val], inputs.domains[val], labels[val])["mean"]["map_at_r"]
+
+
+def validation_classes(params: Params, domains: np.ndarray, labels: np.ndarray) -> dict[str, list[str]]:
+    """Per domain, its validation classes (the rest are test)."""
+    single = sorted(d for d in set(domains) if len(set(labels[domains == d])) < 2)
+    if single:
+        raise ConfigError(f"evaluate: domain {single[0]!r} has one labelled class in query_db; the validation/test "
+                          "split needs at least two")
+    return class_split(domains, labels, params.evaluate.val_share, params.evaluate.split_seed)
 
 
 def run(params: Params) -> dict:
@@ -60,29 +75,50 @@ def run(params: Params) -> dict:
     inputs = load_inputs(out, "query_db", preprocess, train=False,
                          min_side=params.data.min_side, max_pixels=params.data.max_pixels)
     labels = inputs.labels.astype(str)
-    methods: dict[str, dict] = {}
+    val_classes = validation_classes(params, inputs.domains, labels)
+    masks = {split: split_mask(inputs.domains, labels, val_classes, split) for split in (VALIDATION, TEST)}
+    scores: dict[str, dict[str, dict]] = {split: {} for split in masks}
     embeddings: dict[str, np.ndarray] = {}
     attention = None
     for mode in model.modes():
-        if mode == ZERO_SHOT:
-            vectors = inputs.zero_shot  # computed by extract with the same frozen backbone
-        else:
-            vectors, alphas = encode(model, inputs.dataset, mode, params.evaluate.batch_size,
-                                     num_workers=params.extract.num_workers, desc=f"evaluate {mode}")
-            if mode == FUSION:
-                attention = alphas
+        # zero_shot too starts from the cached float16 prefix: every row compares on one precision path
+        vectors, alphas = encode(model, inputs.dataset, mode, params.evaluate.batch_size,
+                                 num_workers=params.extract.num_workers, desc=f"evaluate {mode}")
+        if mode == FUSION:
+            attention = alphas
         embeddings[mode] = vectors
-        methods[mode] = per_domain_metrics(vectors, inputs.domains, labels)
-        print(f"{mode}: mean mAP@R {methods[mode]['mean']['map_at_r']:.4f}")
-    methods[ORACLE], oracle_choice = oracle(methods, ks)
-    methods = {name: methods[name] for name in method_order(methods)}
+        for split, rows in masks.items():
+            scores[split][mode] = per_domain_metrics(vectors[rows], inputs.domains[rows], labels[rows])
+        print(f"{mode}: mean mAP@R {scores[VALIDATION][mode]['mean']['map_at_r']:.4f} validation, "
+              f"{scores[TEST][mode]['mean']['map_at_r']:.4f} test")
+    choice, test_choice = best_k(scores[VALIDATION], ks), best_k(scores[TEST], ks)
+    scores[VALIDATION][ORACLE] = oracle(scores[VALIDATION], choice)
+    scores[TEST][ORACLE] = oracle(scores[TEST], choice)
+    scores[TEST][ORACLE_TEST] = oracle(scores[TEST], test_choice)
+    methods, validation = ({name: split[name] for name in method_order(split)}
+                           for split in (scores[TEST], scores[VALIDATION]))
+    fp32 = {split: per_domain_metrics(inputs.zero_shot[rows], inputs.domains[rows], labels[rows])["mean"]["map_at_r"]
+            for split, rows in masks.items()}  # extract's features, computed from the image in float32
+    precision = {  # what the float16 prefix cache costs the frozen backbone, measured on every run
+        "zero_shot_fp32_features": fp32,
+        "zero_shot_fp16_prefix": {split: scores[split][ZERO_SHOT]["mean"]["map_at_r"] for split in masks},
+    }
 
     domains = sorted(set(inputs.domains))
     attention_by_domain = {d: attention[inputs.domains == d].mean(axis=0).tolist() for d in domains}
-    table = results_table(methods)
+    table = (results_table(methods, "mAP@R / R@1 (%) on the test classes of each domain's query_db split, "
+                                    "all-vs-all leave-one-out (oracle: the k best on validation; oracle_test: the "
+                                    "k best on test, uses the test labels)")
+             + "\n" + results_table(validation, "validation classes (where the oracle's k and the champion are chosen)"))
     result = {
-        "methods": methods,
-        "oracle_choice": oracle_choice,
+        "protocol": {"select": VALIDATION, "report": TEST, "val_share": params.evaluate.val_share,
+                     "split_seed": params.evaluate.split_seed, "val_classes": val_classes,
+                     "images": {split: int(rows.sum()) for split, rows in masks.items()}},
+        "methods": methods,  # test
+        "validation": {"methods": validation},
+        "oracle_choice": choice,  # per domain, the k best on validation
+        "oracle_test_choice": test_choice,
+        "precision_path": precision,
         "ks": ks,
         # (blocks, M) mean granularity attention of the fused model on each domain's images
         "attention_by_domain": attention_by_domain,

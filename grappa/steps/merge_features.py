@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from grappa.config import ConfigError, Params
 from grappa.io.artifacts import atomic_path, read_json, write_json
-from grappa.io.features import RowFile, write_prefix_index
+from grappa.io.features import RowFile, stream_parquet, write_prefix_index
 from grappa.io.layout import EXTRACT_REPORT, PART_FEATURES, PART_PREFIX, PART_REPORT, layout, shards
 
 
@@ -33,7 +33,7 @@ def run(params: Params) -> dict:
     with atomic_path(out.features) as tmp:
         writer = None
         for shard in parts:
-            part = pq.ParquetFile(out.path(PART_FEATURES, shard=shard))
+            part = stream_parquet(out.path(PART_FEATURES, shard=shard))
             prefix = out.path(PART_PREFIX, shard=shard)
             if prefix.is_file():
                 if len(RowFile(prefix)) != part.metadata.num_rows:

@@ -25,7 +25,7 @@ from grappa.core.losses import CosineClassifier
 from grappa.core.model import pick_device, single
 from grappa.core.objectives import adaptor_objective
 from grappa.core.samplers import ClusterBatchSampler, NeighbourPairs
-from grappa.core.training import adaptor_step, data_fingerprint, fit, run_key
+from grappa.core.training import adaptor_step, data_fingerprint, epoch_steps, fit, run_key
 from grappa.io.artifacts import read_table, save_torch, write_json
 from grappa.io.assemble import build_model
 from grappa.io.datasets import collate_usable, load_inputs, loader
@@ -94,8 +94,9 @@ def run(params: Params, k: int) -> dict:
                    augment_scale=hp.prefix_augment_scale)
     key = run_key(params, hp.model_dump(), k, data_fingerprint(pseudo))
     checkpoint = layout(params).checkpoint(f"adaptor_k{k}-{key}")
-    history = fit(trainable, optimizer, hp.epochs, len(inputs.dataset) // batch_size, hp.warmup_epochs,
-                  batches, step, checkpoint, params.seed, desc=f"adaptor k={k}")
+    steps = epoch_steps(len(inputs.dataset), batch_size, hp.steps_per_epoch)
+    history = fit(trainable, optimizer, hp.epochs, steps, hp.warmup_epochs, batches, step, checkpoint, params.seed,
+                  desc=f"adaptor k={k}")
     # how to feed images travels with the weights (as timm's pretrained_cfg does)
     meta = {"k": k, "start": model.start, "reduction": hp.reduction, "backbone": params.backbone.model_dump(),
             "block_dims": backbone.block_dims[model.start:], "preprocess": asdict(preprocess)}

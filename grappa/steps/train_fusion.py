@@ -41,7 +41,7 @@ from grappa.core.metrics import ivf_knn_graph, knn_graph, knn_recall
 from grappa.core.model import pick_device
 from grappa.core.objectives import fusion_objective, fusion_terms
 from grappa.core.samplers import NeighbourPairs
-from grappa.core.training import data_fingerprint, fit, fusion_step, run_key
+from grappa.core.training import data_fingerprint, epoch_steps, fit, fusion_step, run_key
 from grappa.io import servable
 from grappa.io.artifacts import atomic_path, load_torch, save_torch, write_json
 from grappa.io.assemble import assemble
@@ -128,11 +128,11 @@ def run(params: Params) -> dict:
     data = data_fingerprint(ids, neighbours, modules=model.adaptors.values())
     key = run_key(params, hp.model_dump(), params.adaptor.model_dump(), params.cluster.ks, data)
     checkpoint = layout(params).checkpoint(f"fusion-{key}")
-    history = fit(model.fusion, optimizer, hp.epochs, len(pairs) // batch_size, 0.0, batches, step,
-                  checkpoint, params.seed, desc="fusion")
+    steps = epoch_steps(len(pairs), batch_size, hp.steps_per_epoch)
+    history = fit(model.fusion, optimizer, hp.epochs, steps, 0.0, batches, step, checkpoint, params.seed, desc="fusion")
     attention = mean_attention(model, inputs.dataset, params.evaluate.batch_size)
     model.cpu()
-    meta = {"ks": params.cluster.ks, "attn_dim": hp.attn_dim, "preprocess": asdict(preprocess)}
+    meta = {"ks": params.cluster.ks, "attn_dim": hp.attn_dim, "attention_scale": hp.attention_scale, "preprocess": asdict(preprocess)}
     save_torch(layout(params).fusion, {"state_dict": model.fusion.state_dict(), "meta": meta})
     exported = servable.export(model, params, preprocess, layout(params).model)
     report = {

@@ -29,7 +29,7 @@ from grappa.tracking import lineage
 from grappa.tracking.runs import RunTree, _params_yaml
 
 CHAMPION, CANDIDATE = "champion", "candidate"
-SCORE_TAG = "grappa.mean_map_at_r"  # the version's mean mAP@R on EVAL_SET_TAG
+SCORE_TAG = "grappa.mean_map_at_r"  # the version's mean mAP@R on the validation classes of EVAL_SET_TAG
 EVAL_SET_TAG = "grappa.eval_set"
 MODEL_SHA_TAG = "grappa.model_sha256"
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
@@ -42,11 +42,13 @@ RUNTIME_PACKAGES = ("torch", "timm", "mlflow", "numpy", "pandas", "pillow", "pya
 
 
 def eval_set_id(params: Params) -> str:
-    """Identity of what ``evaluate`` scored: the query_db images (ids and content hashes) and the tasks."""
+    """Identity of what a score is measured on: the query_db images (ids and content hashes), how
+    their classes split into validation and test, and the tasks."""
     features = layout(params).features
     digest, _ = lineage.split_digest(features, "query_db")
     tasks = sorted(t.name for t in params.evaluate.instance_tasks)
-    return hashlib.sha256(json.dumps([digest, tasks]).encode()).hexdigest()
+    split = ["validation", params.evaluate.val_share, params.evaluate.split_seed]
+    return hashlib.sha256(json.dumps([digest, tasks, split]).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -211,7 +213,8 @@ def publish_model(tree: RunTree, run_id: str, params: Params, metrics: dict) -> 
 
 
 def _score(metrics: dict) -> float | None:
+    """The candidate's mean mAP@R on the validation classes: the champion is a choice, made on validation."""
     try:
-        return float(metrics["methods"]["grappa"]["mean"]["map_at_r"])
+        return float(metrics["validation"]["methods"]["grappa"]["mean"]["map_at_r"])
     except (KeyError, TypeError, ValueError):
         return None
