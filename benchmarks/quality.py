@@ -56,7 +56,7 @@ def markdown(methods: dict, seeds: list[int]) -> str:
         cells.append(f"{100 * res['mean']['recall_at_1']:.1f} ± {100 * res['std']['recall_at_1']:.1f}")
         rows.append([name, *cells])
     return markdown_table(f"mAP@R (%) on the test classes, mean ± std over seeds {seeds}; R@1 of the mean in the last "
-                          "column (oracle: the k best on validation; oracle_test: the k best on test)",
+                          "column (oracle_val: the k best on validation; oracle_test: the k best on test, uses the test labels)",
                           ["method", *domains, "mean mAP@R", "mean R@1"], rows)
 
 
@@ -77,12 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     previous = RESULTS / f"{args.name}.json"
     if args.add and previous.exists():  # seeds measured by an earlier invocation with the same params
         old = json.loads(previous.read_text())
+        now = load_params(args.params, overrides).model_dump(mode="json")
+        if any(old["params"].get(k) != v for k, v in now.items() if k not in ("seed", "out_dir")):
+            parser.error(f"--add: {previous} was measured with other params; run without --add to start over")
         for seed in old["seeds"]:
             entry = {"methods": old["per_seed"][str(seed)], "oracle_choice": old["oracle_choice"][str(seed)]}
             if str(seed) in (old.get("per_seed_validation") or {}):  # measured with the validation split
                 entry.update(validation={"methods": old["per_seed_validation"][str(seed)]}, protocol=old["protocol"],
-                             oracle_test_choice=old["oracle_test_choice"][str(seed)],
-                             precision_path=(old.get("precision_path") or {}).get(str(seed)))
+                             **{key: (old.get(key) or {}).get(str(seed)) for key in
+                                ("oracle_test_choice", "precision_path", "routing", "attention_by_domain")})
             per_seed.append(entry)
             timings[f"seed{seed}"] = old["timings_s"][f"seed{seed}"]
             done.append(seed)
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             "methods": methods,  # test classes
             "validation": {"methods": aggregate([r["validation"] for r in validated])} if validated else None,
             "timings_s": timings,
-            "params": {**params.model_dump(), "seed": done},
+            "params": {**params.model_dump(mode="json"), "seed": done},
             "seeds": done,
             "per_seed": {str(s): r["methods"] for s, r in zip(done, per_seed)},
             "per_seed_validation": {str(s): r["validation"]["methods"] for s, r in zip(done, per_seed) if "validation" in r},
@@ -110,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             "oracle_test_choice": {str(s): r.get("oracle_test_choice") for s, r in zip(done, per_seed)},
             # mean mAP@R of the frozen backbone from extract's float32 features and from the float16 prefix
             "precision_path": {str(s): r.get("precision_path") for s, r in zip(done, per_seed)},
+            # how the fused model routes (per adapted block) and its mean attention per domain, each seed
+            "routing": {str(s): r.get("routing") for s, r in zip(done, per_seed)},
+            "attention_by_domain": {str(s): r.get("attention_by_domain") for s, r in zip(done, per_seed)},
         })
         table = markdown(methods, done)
         write_text(RESULTS / f"{args.name}.md", table)

@@ -115,10 +115,10 @@ def test_quality_aggregates_seeds_in_table_order():
     def run(value):
         cell = {"map_at_r": value, "recall_at_1": 2 * value}
         return {"methods": {name: {"per_domain": {"birds": cell, "cars": cell}, "mean": cell}
-                            for name in ("grappa", "single_k_128", "zero_shot", "single_k_8", "oracle", "uniform")}}
+                            for name in ("grappa", "single_k_128", "zero_shot", "single_k_8", "oracle_val", "uniform")}}
 
     methods = aggregate([run(0.2), run(0.4)])
-    assert list(methods) == ["zero_shot", "single_k_8", "single_k_128", "uniform", "oracle", "grappa"]
+    assert list(methods) == ["zero_shot", "single_k_8", "single_k_128", "uniform", "oracle_val", "grappa"]
     assert methods["grappa"]["mean"]["map_at_r"] == pytest.approx(0.3)
     assert methods["grappa"]["std"]["map_at_r"] == pytest.approx(0.1)
     assert methods["grappa"]["per_domain"]["cars"]["std"]["recall_at_1"] == pytest.approx(0.2)
@@ -136,7 +136,11 @@ def test_ladder_scores_singles_and_uniform_subsets_and_reuses_trained_sets(tmp_p
     argv = ["--params", str(params), "--ks", "2", "3", "4", "--uniform", "2,4", "--results-dir", str(tmp_path / "res")]
     assert ladder.main(argv) == 0
     first = json.loads((tmp_path / "res" / "ladder_seed0.json").read_text())
-    assert set(first["rows"]) == {"zero_shot", "single_k_2", "single_k_3", "single_k_4", "uniform_2-4"}
+    assert set(first["rows"]) == {"zero_shot", "single_k_2", "single_k_3", "single_k_4", "uniform_2-4", "oracle_val"}
+    # a choice: scored on the validation classes only (half of each domain's 4 classes)
+    assert first["protocol"]["select"] == "val" and first["protocol"]["images"]["val"] == 2 * 8
+    assert first["rows"]["oracle_val"]["mean"]["map_at_r"] >= max(first["rows"][f"single_k_{k}"]["mean"]["map_at_r"]
+                                                                  for k in (2, 3, 4)) - 1e-9
     for row in first["rows"].values():
         assert set(row["per_domain"]) == {"shapes", "stripes"}
         assert all(0.0 <= cell["map_at_r"] <= 1.0 for cell in row["per_domain"].values())

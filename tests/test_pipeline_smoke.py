@@ -13,16 +13,26 @@ def test_all_steps_chain(tiny_params):
     assert set(timings) == {"snapshot", "extract@0-of-1", "merge-features", "cluster", "train-adaptor@2", "train-adaptor@4", "train-fusion",
                             "evaluate", "index"}
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
-    modes = {"zero_shot", "single_k_2", "single_k_4", "uniform", "oracle", "grappa"}
+    modes = {"zero_shot", "single_k_2", "single_k_4", "uniform", "oracle_val", "grappa"}
     assert set(metrics["methods"]) == modes | {"oracle_test"} and set(metrics["validation"]["methods"]) == modes
     for res in [*metrics["methods"].values(), *metrics["validation"]["methods"].values()]:
         assert set(res["per_domain"]) == {"shapes", "stripes"}
         assert 0.0 <= res["mean"]["map_at_r"] <= 1.0
-    # 4 classes x 4 images per domain: one class (a third, rounded) is validation, three are test
+    # 4 classes x 4 images per domain: two classes (half) are validation, two are test
     protocol = metrics["protocol"]
-    assert protocol["select"] == "val" and protocol["report"] == "test"
-    assert {d: len(c) for d, c in protocol["val_classes"].items()} == {"shapes": 1, "stripes": 1}
-    assert protocol["images"] == {"val": 2 * 4, "test": 2 * 12}
+    assert protocol["select"] == "val" and protocol["report"] == "test" and protocol["split_seed"] == 0
+    assert {d: len(c) for d, c in protocol["val_classes"].items()} == {"shapes": 2, "stripes": 2}
+    for domain, val in protocol["val_classes"].items():
+        assert not set(val) & set(protocol["test_classes"][domain]) and len(protocol["test_classes"][domain]) == 2
+    assert protocol["images"] == {"val": 2 * 8, "test": 2 * 8}
+    # how the fused model routes, per adapted block (tiny_params adapt from block 3 on)
+    routing = metrics["routing"]
+    blocks = [key for key in routing if key.startswith("block")]
+    assert blocks[0] == "block3" and len(blocks) == len(metrics["attention_by_domain"]["shapes"])
+    for block in blocks:
+        r = routing[block]
+        assert 0 <= r["per_image_attn_entropy"] <= r["batch_mean_attn_entropy"] <= routing["max_entropy"] + 1e-6
+        assert r["mutual_information"] >= -1e-9 and 0 <= r["domain_js_mean"] <= r["domain_js_max"] <= 0.7
     # zero_shot is scored from the float16 prefix cache like every adapted row; the float32 figure is kept beside it
     precision = metrics["precision_path"]
     assert precision["zero_shot_fp16_prefix"]["test"] == metrics["methods"]["zero_shot"]["mean"]["map_at_r"]

@@ -307,15 +307,16 @@ def test_lineage_from_champion_to_extract_digest(run, client):
     assert model.metadata.metadata["preprocess"] == served  # how to feed it, in the registry too
 
 
-def _fake_evaluate(delta: float):
-    """evaluate.run stand-in: the real metrics.json with the fused model's mean mAP@R shifted (both sets)."""
+def _fake_evaluate(delta: float, test_delta: float = 0.0):
+    """evaluate.run stand-in: the real metrics.json with the fused model's mean mAP@R shifted by
+    ``delta`` on the validation classes and by ``test_delta`` on the test classes."""
     from grappa.io.artifacts import write_json
 
     def fake(params):
         path = Path(params.out_dir) / "evaluate" / "metrics.json"
         metrics = json.loads(path.read_text())
-        for split in (metrics, metrics["validation"]):
-            split["methods"]["grappa"]["mean"]["map_at_r"] += delta
+        metrics["validation"]["methods"]["grappa"]["mean"]["map_at_r"] += delta
+        metrics["methods"]["grappa"]["mean"]["map_at_r"] += test_delta
         write_json(path, metrics)
         return metrics
 
@@ -334,19 +335,20 @@ def copy_of_run(run, tmp_path: Path, monkeypatch) -> Path:
 
 
 def test_dag_style_runs_candidate_vs_champion(run, client, tmp_path, monkeypatch):
-    """open-run / step with GRAPPA_MLFLOW_PARENT_RUN_ID / close-run; a worse model stays candidate only."""
+    """open-run / step with GRAPPA_MLFLOW_PARENT_RUN_ID / close-run; a model worse on the validation
+    classes stays candidate only, however much better it is on the test classes (and the reverse)."""
     import grappa.steps.evaluate as evaluate
 
     params_path = copy_of_run(run, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     champion_score = float(client.get_model_version_by_alias(MODEL, "champion").tags[publish.SCORE_TAG])
 
-    for delta, expect_champion in ((-0.05, "1"), (+0.05, None)):
+    for delta, test_delta, expect_champion in ((-0.05, +0.5, "1"), (+0.05, -0.5, None)):
         rc, stdout, stderr = run_cli(["--params", str(params_path), "open-run", "--name", f"dag {delta}"])
         assert rc == 0, stderr
         parent_id = stdout.strip().splitlines()[-1]
         monkeypatch.setenv(tracking.ENV_PARENT, parent_id)
-        monkeypatch.setattr(evaluate, "run", _fake_evaluate(delta))
+        monkeypatch.setattr(evaluate, "run", _fake_evaluate(delta, test_delta))
         rc, stdout, stderr = run_cli(["--params", str(params_path), "evaluate"])
         assert rc == 0, stderr
         rc, stdout, stderr = run_cli(["--params", str(params_path), "close-run"])

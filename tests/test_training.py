@@ -130,14 +130,14 @@ def test_shipped_objectives_are_the_named_terms_with_their_weights():
     assert adaptor_terms(AdaptorParams(ap_weight=0.3)) == [("cosine_softmax", 1.0), ("histogram_ap", 0.3)]
     assert adaptor_terms(AdaptorParams(objective="smooth_ap", ap_weight=0.3)) == [("smooth_ap", 1.0)]  # alone: 1
     assert adaptor_terms(AdaptorParams(objective="cosine_softmax")) == [("cosine_softmax", 1.0)]
-    assert fusion_terms(FusionParams()) == [("prop", 1.0), ("value", 0.01), ("attn_entropy", 0.0),
+    assert fusion_terms(FusionParams()) == [("prop", 1.0), ("value", 0.01), ("batch_mean_attn_entropy", 0.0),
                                             ("pseudo_labels", 1.0)]
     hp = FusionParams(objective="pseudo_labels+neighbour_pairs", lambda_prop=0.5, lambda_entropy=0.2)
-    assert fusion_terms(hp) == [("prop", 0.5), ("value", 0.01), ("attn_entropy", -0.2), ("neighbour_pairs", 1.0),
+    assert fusion_terms(hp) == [("prop", 0.5), ("value", 0.01), ("batch_mean_attn_entropy", -0.2), ("neighbour_pairs", 1.0),
                                 ("pseudo_labels", 1.0)]  # registry order, whatever order the params name
     metrics = {name: LOSS_TERMS[name].metric for name in LOSS_TERMS}
     assert metrics == {"cosine_softmax": "cross_entropy", "histogram_ap": "ap_loss", "smooth_ap": "ap_loss",
-                       "prop": "prop", "value": "value", "attn_entropy": "attn_entropy",
+                       "prop": "prop", "value": "value", "batch_mean_attn_entropy": "batch_mean_attn_entropy",
                        "neighbour_pairs": "pair", "pseudo_labels": "pseudo_ce"}
 
 
@@ -186,7 +186,7 @@ def test_objectives_evaluate_to_the_named_losses_and_their_weighted_sum():
     heads = [(classifier, targets), (CosineClassifier(torch.randn(4, 16, generator=g), 0.05), targets % 4)]
     hp = FusionParams(objective="pseudo_labels+neighbour_pairs", lambda_entropy=0.1)
     losses = fusion_objective(hp, fusion, heads)(EmbeddedBatch(emb, rows[:4], alpha))
-    assert list(losses) == ["prop", "value", "attn_entropy", "pair", "pseudo_ce", "loss"]
+    assert list(losses) == ["prop", "value", "batch_mean_attn_entropy", "pair", "pseudo_ce", "loss"]
     prop, ent = attention_propagation(alpha[:4], alpha[4:]), batch_attention_entropy(alpha)
     pair = neighbour_pair_infonce(emb[:4], emb[4:], hp.temperature)
     pseudo = sum(F.cross_entropy(head(emb[:4]), labels[rows[:4]]) for head, labels in heads) / 2
@@ -223,6 +223,6 @@ def test_batch_steps_train_the_model_on_the_shipped_objectives():
     step = partial(fusion_step, model, fusion_objective(FusionParams(), model.fusion, heads), "cpu", images=False)
     pairs = torch.stack([x[:4], x[4:]], dim=1)  # 4 anchors, each with one neighbour
     losses = step((torch.arange(4), pairs, []))
-    assert set(losses) == {"prop", "value", "attn_entropy", "pseudo_ce", "loss"}
+    assert set(losses) == {"prop", "value", "batch_mean_attn_entropy", "pseudo_ce", "loss"}
     losses["loss"].backward()
     assert all(p.grad is not None for p in model.fusion.parameters())

@@ -3,7 +3,7 @@
 Each domain's labelled classes are split, class-disjoint and seed-fixed, into a validation share (where
 anything is chosen) and the test rest (where figures are reported); retrieval is all-vs-all within
 each set. A method is a model mode (``zero_shot``, ``single_k_<K>``, ``uniform``, ``grappa``:
-grappa.core.model), ``oracle`` (per domain the single k that is best on validation, a fair baseline)
+grappa.core.model), ``oracle_val`` (per domain the single k that is best on validation, a fair baseline)
 or ``oracle_test`` (per domain the k best on test itself: it uses the test labels, an upper
 reference and not a model). Pure: vectors and labels in, dicts and markdown out.
 """
@@ -17,13 +17,14 @@ from grappa.core.metrics import retrieval_metrics
 from grappa.core.model import FUSION, UNIFORM, ZERO_SHOT, single, single_k
 
 METRICS = ("map_at_r", "recall_at_1")
-ORACLE = "oracle"
+ORACLE = "oracle_val"
 ORACLE_TEST = "oracle_test"
 VALIDATION, TEST = "val", "test"
+SPLITS = (VALIDATION, TEST)
 
 
 def method_order(names) -> list[str]:
-    """zero_shot, single_k_<K> by K, uniform, oracle, grappa (the order of the results table)."""
+    """zero_shot, single_k_<K> by K, uniform, oracle_val, oracle_test, grappa (the order of the results table)."""
     rank = {ZERO_SHOT: (0, 0), UNIFORM: (2, 0), ORACLE: (3, 0), ORACLE_TEST: (3, 1), FUSION: (4, 0)}
     return sorted(names, key=lambda n: rank.get(n, (1, single_k(n) or 0)))
 
@@ -34,21 +35,75 @@ def _mean(per_domain: dict) -> dict:
 
 def class_split(domains: np.ndarray, labels: np.ndarray, share: float, seed: int) -> dict[str, list[str]]:
     """Per domain, the validation classes: ``share`` of its classes (rounded, at least one, and at
-    least one left for test), drawn with ``seed`` and the domain's name, so a domain's split does not
-    move when other domains are added. A domain with a single class has no validation classes."""
+    least one left for test), stratified by class size: the classes in order of image count are cut
+    into that many consecutive strata and one class is drawn from each, so both sets span small and
+    large classes. Drawn with ``seed`` and the domain's name, so a domain's split does not move when
+    other domains are added. A domain with a single class has no validation classes."""
     val = {}
-    for domain in sorted(set(domains)):
-        classes = np.unique(labels[domains == domain])
+    for domain in sorted(set(map(str, domains))):
+        classes, counts = np.unique(labels[domains == domain], return_counts=True)
         n = 0 if len(classes) < 2 else min(max(round(share * len(classes)), 1), len(classes) - 1)
-        rng = np.random.default_rng([seed, zlib.crc32(str(domain).encode())])
-        val[str(domain)] = sorted(str(c) for c in rng.choice(classes, n, replace=False))
+        rng = np.random.default_rng([seed, zlib.crc32(domain.encode())])
+        by_size = np.lexsort((rng.random(len(classes)), counts))  # equal sizes in a seeded order
+        val[domain] = sorted(str(classes[rng.choice(stratum)]) for stratum in np.array_split(by_size, n)) if n else []
     return val
 
 
 def split_mask(domains: np.ndarray, labels: np.ndarray, val_classes: dict[str, list[str]], split: str) -> np.ndarray:
     """Rows of ``split`` (``VALIDATION`` or ``TEST``) under ``val_classes``."""
-    in_val = np.array([str(c) in set(val_classes.get(str(d), ())) for d, c in zip(domains, labels)], bool)
+    val = {(d, c) for d, classes in val_classes.items() for c in classes}
+    in_val = np.array([(str(d), str(c)) in val for d, c in zip(domains, labels)], bool)
     return in_val if split == VALIDATION else ~in_val
+
+
+def score_splits(embeddings: dict[str, np.ndarray], domains: np.ndarray, labels: np.ndarray,
+                 val_classes: dict[str, list[str]], ks: list[int]) -> dict:
+    """Every mode's per-domain metrics on the validation and on the test classes, all-vs-all within
+    each, and the oracles: ``oracle_val`` takes per domain the k best on validation (only validation
+    labels choose it), ``oracle_test`` the k best on test (an upper reference). Returns
+    {VALIDATION: {method: ...}, TEST: {method: ...}, "oracle_choice": {domain: k}, "oracle_test_choice": ...}."""
+    scores = {}
+    for split in SPLITS:
+        rows = split_mask(domains, labels, val_classes, split)
+        scores[split] = {mode: per_domain_metrics(vectors[rows], domains[rows], labels[rows])
+                         for mode, vectors in embeddings.items()}
+    choice = test_choice = None
+    if ks:  # without single-k models (the frozen backbone alone) there is no oracle
+        choice, test_choice = best_k(scores[VALIDATION], ks), best_k(scores[TEST], ks)
+        scores[VALIDATION][ORACLE] = oracle(scores[VALIDATION], choice)
+        scores[TEST][ORACLE] = oracle(scores[TEST], choice)
+        scores[TEST][ORACLE_TEST] = oracle(scores[TEST], test_choice)
+    return {**{split: {name: res[name] for name in method_order(res)} for split, res in scores.items()},
+            "oracle_choice": choice, "oracle_test_choice": test_choice}
+
+
+def _entropy(p: np.ndarray) -> np.ndarray:
+    return -(p * np.log(np.clip(p, 1e-12, None))).sum(-1)
+
+
+def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
+    """Jensen-Shannon divergence (nats, at most log 2) between two distributions."""
+    return float(_entropy((p + q) / 2) - (_entropy(p) + _entropy(q)) / 2)
+
+
+def routing_metrics(alpha: np.ndarray, domains: np.ndarray, blocks: list[int]) -> dict:
+    """How the fused model routes, per adapted block, from each image's (M,) granularity attention
+    ``alpha`` (N, L, M). The entropy of the batch-mean attention is about log M both when every image
+    mixes the sets evenly and when each image picks one set and the batch uses all of them, so it
+    cannot show routing; the mean per-image entropy and their difference, the mutual information
+    between image and set, can. Between domains: the Jensen-Shannon divergence of their mean
+    attention (mean and largest over pairs; 0 when every domain gets the same mixture)."""
+    names = sorted(set(map(str, domains)))
+    out: dict = {"max_entropy": float(np.log(alpha.shape[-1]))}
+    for i, block in enumerate(blocks):
+        a = alpha[:, i].astype(np.float64)
+        batch_mean, per_image = float(_entropy(a.mean(0))), float(_entropy(a).mean())
+        by_domain = [a[domains == d].mean(0) for d in names]
+        pairs = [js_divergence(p, q) for j, p in enumerate(by_domain) for q in by_domain[j + 1:]] or [0.0]
+        out[f"block{block}"] = {"batch_mean_attn_entropy": batch_mean, "per_image_attn_entropy": per_image,
+                                "mutual_information": batch_mean - per_image,
+                                "domain_js_mean": float(np.mean(pairs)), "domain_js_max": float(np.max(pairs))}
+    return out
 
 
 def per_domain_metrics(vectors: np.ndarray, domains: np.ndarray, labels: np.ndarray) -> dict:
@@ -91,3 +146,12 @@ def results_table(methods: dict, title: str = "mAP@R / R@1 (%), all-vs-all leave
     rows = [[name, *(cell(res["per_domain"][d]) for d in domains), cell(res["mean"], bold=True)]
             for name, res in methods.items()]
     return markdown_table(title, ["method", *domains, "mean"], rows)
+
+
+def routing_table(routing: dict) -> str:
+    """routing_metrics as a table, one row per adapted block."""
+    columns = ("batch_mean_attn_entropy", "per_image_attn_entropy", "mutual_information", "domain_js_mean",
+               "domain_js_max")
+    rows = [[block, *(f"{values[c]:.3f}" for c in columns)] for block, values in routing.items() if block != "max_entropy"]
+    return markdown_table(f"Routing of the fused model's granularity attention (nats; log M = {routing['max_entropy']:.3f})",
+                          ["block", *columns], rows)

@@ -9,7 +9,7 @@ logs. Terms are evaluated in registry order, whatever order the params name them
     stage 1 (adaptor.objective):  cosine_softmax -> cross_entropy (+ accuracy)
                                   histogram_ap | smooth_ap -> ap_loss  (1 - AP, weight ap_weight
                                   when summed with cosine_softmax, else 1)
-    stage 2 (always):             prop (lambda_prop), value (lambda_value), attn_entropy (-lambda_entropy)
+    stage 2 (always):             prop (lambda_prop), value (lambda_value), batch_mean_attn_entropy (-lambda_entropy)
             (fusion.objective):   neighbour_pairs -> pair, pseudo_labels -> pseudo_ce  (weight 1)
 """
 from __future__ import annotations
@@ -91,7 +91,7 @@ def _value_regulariser(hp: FusionParams, *, fusion: nn.ModuleList, **_):
 
 
 def _attention_entropy(hp: FusionParams, **_):
-    return lambda batch: {"attn_entropy": batch_attention_entropy(batch.alpha)}
+    return lambda batch: {"batch_mean_attn_entropy": batch_attention_entropy(batch.alpha)}
 
 
 def _neighbour_pairs(hp: FusionParams, **_):
@@ -117,13 +117,13 @@ LOSS_TERMS: dict[str, LossTerm] = {
     "smooth_ap": LossTerm("ap_loss", _listwise_ap("smooth_ap"), ranks_batch=True),
     "prop": LossTerm("prop", _attention_propagation),
     "value": LossTerm("value", _value_regulariser),
-    "attn_entropy": LossTerm("attn_entropy", _attention_entropy),
+    "batch_mean_attn_entropy": LossTerm("batch_mean_attn_entropy", _attention_entropy),
     "neighbour_pairs": LossTerm("pair", _neighbour_pairs),
     "pseudo_labels": LossTerm("pseudo_ce", _pseudo_labels),
 }
 ADAPTOR_TERMS = ("cosine_softmax", "histogram_ap", "smooth_ap")  # what adaptor.objective may name
 FUSION_TERMS = ("neighbour_pairs", "pseudo_labels")  # what fusion.objective may name
-FUSION_REGULARISERS = ("prop", "value", "attn_entropy")  # in every fusion objective
+FUSION_REGULARISERS = ("prop", "value", "batch_mean_attn_entropy")  # in every fusion objective
 
 
 def parse_objective(text: str, key: str, allowed: Sequence[str]) -> tuple[str, ...]:
@@ -149,7 +149,7 @@ def adaptor_terms(hp: AdaptorParams) -> list[tuple[str, float]]:
 
 def fusion_terms(hp: FusionParams) -> list[tuple[str, float]]:
     """The (registry name, weight) pairs of the fusion objective: the regularisers, then ``fusion.objective``."""
-    weights = {"prop": hp.lambda_prop, "value": hp.lambda_value, "attn_entropy": -hp.lambda_entropy}
+    weights = {"prop": hp.lambda_prop, "value": hp.lambda_value, "batch_mean_attn_entropy": -hp.lambda_entropy}
     names = parse_objective(hp.objective, "fusion.objective", FUSION_TERMS)
     return [(name, weights[name]) for name in FUSION_REGULARISERS] + [(name, 1.0) for name in names]
 

@@ -3,7 +3,7 @@
 Each domain's labelled ``query_db`` classes are split class-disjointly (``evaluate.val_share``,
 ``evaluate.split_seed``) into a validation and a test set; all-vs-all leave-one-out retrieval within
 each (mAP@R, R@1) for: ``zero_shot`` (frozen backbone, from the float16 prefix cache as the others),
-``single_k_<K>`` (backbone + adaptor set K), ``uniform`` (the mean of all adaptor sets), ``oracle`` (per
+``single_k_<K>`` (backbone + adaptor set K), ``uniform`` (the mean of all adaptor sets), ``oracle_val`` (per
 domain the single k best on validation), ``oracle_test`` (test set only: the k best on test itself,
 an upper reference that uses the test labels) and ``grappa`` (the fused model). ``methods`` holds
 the test figures, ``validation`` the validation ones, where the champion is chosen.
@@ -22,8 +22,8 @@ import numpy as np
 from grappa.config import ConfigError, Params
 from grappa.core.augment import image_transform
 from grappa.core.backbones import create_backbone
-from grappa.core.evaluation import (ORACLE, ORACLE_TEST, TEST, VALIDATION, best_k, class_split, method_order, oracle,
-                                    per_domain_metrics, results_table, split_mask)
+from grappa.core.evaluation import (SPLITS, TEST, VALIDATION, class_split, per_domain_metrics, results_table,
+                                    routing_metrics, routing_table, score_splits, split_mask)
 from grappa.core.metrics import leave_one_out_neighbours
 from grappa.core.model import FUSION, ZERO_SHOT, pick_device
 from grappa.io import servable
@@ -61,6 +61,15 @@ def validation_classes(params: Params, domains: np.ndarray, labels: np.ndarray) 
     return class_split(domains, labels, params.evaluate.val_share, params.evaluate.split_seed)
 
 
+def protocol(params: Params, domains: np.ndarray, labels: np.ndarray, val_classes: dict[str, list[str]]) -> dict:
+    """Where choices are made and where figures come from: the split's seed and classes per set."""
+    test_classes = {d: sorted(set(labels[domains == d]) - set(val_classes[d])) for d in val_classes}
+    images = {split: int(split_mask(domains, labels, val_classes, split).sum()) for split in SPLITS}
+    return {"select": VALIDATION, "report": TEST, "val_share": params.evaluate.val_share,
+            "split_seed": params.evaluate.split_seed, "val_classes": val_classes, "test_classes": test_classes,
+            "images": images}
+
+
 def run(params: Params) -> dict:
     t0 = time.perf_counter()
     out = layout(params)
@@ -76,52 +85,44 @@ def run(params: Params) -> dict:
                          min_side=params.data.min_side, max_pixels=params.data.max_pixels)
     labels = inputs.labels.astype(str)
     val_classes = validation_classes(params, inputs.domains, labels)
-    masks = {split: split_mask(inputs.domains, labels, val_classes, split) for split in (VALIDATION, TEST)}
-    scores: dict[str, dict[str, dict]] = {split: {} for split in masks}
     embeddings: dict[str, np.ndarray] = {}
     attention = None
     for mode in model.modes():
         # zero_shot too starts from the cached float16 prefix: every row compares on one precision path
-        vectors, alphas = encode(model, inputs.dataset, mode, params.evaluate.batch_size,
-                                 num_workers=params.extract.num_workers, desc=f"evaluate {mode}")
+        embeddings[mode], alphas = encode(model, inputs.dataset, mode, params.evaluate.batch_size,
+                                          num_workers=params.extract.num_workers, desc=f"evaluate {mode}")
         if mode == FUSION:
             attention = alphas
-        embeddings[mode] = vectors
-        for split, rows in masks.items():
-            scores[split][mode] = per_domain_metrics(vectors[rows], inputs.domains[rows], labels[rows])
-        print(f"{mode}: mean mAP@R {scores[VALIDATION][mode]['mean']['map_at_r']:.4f} validation, "
-              f"{scores[TEST][mode]['mean']['map_at_r']:.4f} test")
-    choice, test_choice = best_k(scores[VALIDATION], ks), best_k(scores[TEST], ks)
-    scores[VALIDATION][ORACLE] = oracle(scores[VALIDATION], choice)
-    scores[TEST][ORACLE] = oracle(scores[TEST], choice)
-    scores[TEST][ORACLE_TEST] = oracle(scores[TEST], test_choice)
-    methods, validation = ({name: split[name] for name in method_order(split)}
-                           for split in (scores[TEST], scores[VALIDATION]))
-    fp32 = {split: per_domain_metrics(inputs.zero_shot[rows], inputs.domains[rows], labels[rows])["mean"]["map_at_r"]
-            for split, rows in masks.items()}  # extract's features, computed from the image in float32
-    precision = {  # what the float16 prefix cache costs the frozen backbone, measured on every run
-        "zero_shot_fp32_features": fp32,
-        "zero_shot_fp16_prefix": {split: scores[split][ZERO_SHOT]["mean"]["map_at_r"] for split in masks},
-    }
+    scores = score_splits(embeddings, inputs.domains, labels, val_classes, ks)
+    methods, validation = scores[TEST], scores[VALIDATION]
+    for mode in validation:
+        print(f"{mode}: mean mAP@R {validation[mode]['mean']['map_at_r']:.4f} validation, "
+              f"{methods[mode]['mean']['map_at_r']:.4f} test")
+    # what the float16 prefix cache costs the frozen backbone, measured on every run: extract's
+    # features, computed from the image in float32, against zero_shot above
+    fp32 = score_splits({ZERO_SHOT: inputs.zero_shot}, inputs.domains, labels, val_classes, [])
+    precision = {"zero_shot_fp32_features": {split: fp32[split][ZERO_SHOT]["mean"]["map_at_r"] for split in SPLITS},
+                 "zero_shot_fp16_prefix": {split: scores[split][ZERO_SHOT]["mean"]["map_at_r"] for split in SPLITS}}
 
     domains = sorted(set(inputs.domains))
     attention_by_domain = {d: attention[inputs.domains == d].mean(axis=0).tolist() for d in domains}
     table = (results_table(methods, "mAP@R / R@1 (%) on the test classes of each domain's query_db split, "
-                                    "all-vs-all leave-one-out (oracle: the k best on validation; oracle_test: the "
+                                    "all-vs-all leave-one-out (oracle_val: the k best on validation; oracle_test: the "
                                     "k best on test, uses the test labels)")
              + "\n" + results_table(validation, "validation classes (where the oracle's k and the champion are chosen)"))
+    routing = routing_metrics(attention, inputs.domains, list(range(model.start, model.start + attention.shape[1])))
+    table += "\n" + routing_table(routing)
     result = {
-        "protocol": {"select": VALIDATION, "report": TEST, "val_share": params.evaluate.val_share,
-                     "split_seed": params.evaluate.split_seed, "val_classes": val_classes,
-                     "images": {split: int(rows.sum()) for split, rows in masks.items()}},
+        "protocol": protocol(params, inputs.domains, labels, val_classes),
         "methods": methods,  # test
         "validation": {"methods": validation},
-        "oracle_choice": choice,  # per domain, the k best on validation
-        "oracle_test_choice": test_choice,
+        "oracle_choice": scores["oracle_choice"],  # per domain, the k best on validation
+        "oracle_test_choice": scores["oracle_test_choice"],
         "precision_path": precision,
         "ks": ks,
         # (blocks, M) mean granularity attention of the fused model on each domain's images
         "attention_by_domain": attention_by_domain,
+        "routing": routing,  # per adapted block: entropies, image-set mutual information, domains' JS divergence
         "timings_s": {"evaluate": time.perf_counter() - t0},
     }
     if params.evaluate.instance_tasks:

@@ -47,7 +47,7 @@ def eval_set_id(params: Params) -> str:
     features = layout(params).features
     digest, _ = lineage.split_digest(features, "query_db")
     tasks = sorted(t.name for t in params.evaluate.instance_tasks)
-    split = ["validation", params.evaluate.val_share, params.evaluate.split_seed]
+    split = ["validation, stratified by class size", params.evaluate.val_share, params.evaluate.split_seed]
     return hashlib.sha256(json.dumps([digest, tasks, split]).encode()).hexdigest()
 
 
