@@ -19,8 +19,27 @@ import watchers
 
 
 def _params_file(conf: dict) -> str | None:
-    """The run's params file: the conf's ``params_file``, else env GRAPPA_PARAMS, else none."""
-    return conf.get("params_file") or os.environ.get("GRAPPA_PARAMS") or None
+    """The run's params file: the conf's ``params_file`` (a file inside the workspace: whoever
+    triggers a run names it), else env GRAPPA_PARAMS (the deployment's), else none."""
+    name = conf.get("params_file")
+    if name:
+        if not isinstance(name, str) or "\x00" in name:
+            raise ValueError(f"run conf params_file must be a path inside the workspace, got {name!r}")
+        inside = runners.REPO.resolve()
+        if not (inside / name).resolve().is_relative_to(inside):
+            raise ValueError(f"run conf params_file {name!r} is outside the workspace {inside}")
+        return name
+    return os.environ.get("GRAPPA_PARAMS") or None
+
+
+def _sources(conf: dict) -> list[str]:
+    """The run conf's ``sources``, each checked as params.yaml checks them (one line, paths or s3://)."""
+    from grappa.config import check_source  # at task time, on a worker holding the workspace
+
+    sources = conf["sources"]
+    if isinstance(sources, str) or not isinstance(sources, list):
+        raise ValueError(f"run conf sources must be a list of paths or s3:// URIs, got {sources!r}")
+    return [check_source(source) for source in sources]
 
 
 def override_args(conf: dict) -> list[str]:
@@ -30,7 +49,7 @@ def override_args(conf: dict) -> list[str]:
     if params_file:
         argv += ["--params", str(params_file)]
     if conf.get("sources"):
-        argv += ["--set", "data.sources=" + json.dumps([str(s) for s in conf["sources"]])]
+        argv += ["--set", "data.sources=" + json.dumps(_sources(conf))]
     if conf.get("ks"):
         argv += ["--set", "cluster.ks=" + json.dumps([int(k) for k in conf["ks"]])]
     if conf.get("shards") is not None:
@@ -77,6 +96,7 @@ def plan(conf: dict, runner: str) -> dict:
     Containers run the step CLI with the conf as ``--set`` options (``extract --shard 0/2``; the
     image has no DVC workspace yet; see containers/README.md).
     """
+    overrides = override_args(conf)  # first: refuses a conf that could inject or escape before reading any file
     ks, shards = planned_ks(conf), planned_shards(conf)
     values = {"cluster.ks": ks, "extract.shards": shards}  # the params the axes' items come from
     mapped = [runners.registry.step(task_id) for task_id in runners.MAPPED]
@@ -85,9 +105,9 @@ def plan(conf: dict, runner: str) -> dict:
         for step in mapped:
             commands[step.stage] = [render(runner, ["repro", step.stage_name(item)])
                                     for item in step.axis.items_of(values[step.axis.key])]
-        return {"ks": ks, "shards": shards, "prepare": render(runner, [*override_args(conf), "prepare"]),
+        return {"ks": ks, "shards": shards, "prepare": render(runner, [*overrides, "prepare"]),
                 "close_run": render(runner, ["close-run"]), **commands}
-    argv = override_args(conf)
+    argv = overrides
     if "--params" not in argv:
         argv = ["--params", "params.yaml", *argv]
     commands = {task_id: render(runner, [*argv, verb]) for task_id, verb in runners.STEPS.items()}

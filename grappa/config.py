@@ -5,6 +5,8 @@ with a one-line message naming the key *before* any work starts.
 """
 from __future__ import annotations
 
+import re
+import unicodedata
 from pathlib import Path
 from typing import Literal
 
@@ -20,9 +22,38 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# what YAML and a shell read as the end of a line or a command: every C0/C1 control character
+# (newline, NUL, escape, NEL...) and the Unicode line and paragraph separators
+_LINE_BREAKING = ("Cc", "Zl", "Zp")
+
+
+def check_source(source: object) -> str:
+    """An image source as it may enter params.yaml, dvc.yaml and a command line: a local path or an
+    ``s3://bucket/prefix`` on one line. Raises ValueError with a one-line reason otherwise."""
+    if not isinstance(source, str) or not source.strip():
+        raise ValueError(f"a source is a non-empty path or s3:// URI, got {source!r}")
+    bad = next((c for c in source if unicodedata.category(c) in _LINE_BREAKING), None)
+    if bad is not None:
+        raise ValueError(f"source {source!r} holds the control character {bad!r}")
+    if "${" in source:  # DVC would interpolate it in dvc.yaml
+        raise ValueError(f"source {source!r}: '${{' is not allowed in a path")
+    scheme = _SCHEME.match(source)
+    if scheme and scheme.group(0) != "s3://":
+        raise ValueError(f"source {source!r}: only local paths and s3:// URIs are sources")
+    if scheme and not source[len("s3://"):].split("/")[0]:
+        raise ValueError(f"source {source!r} names no bucket")
+    return source
+
+
+def _check_sources(sources: list[str]) -> list[str]:
+    return [check_source(s) for s in sources]
+
+
 class DataParams(_Strict):
     # Each source is a manifest (.csv/.parquet), a folder of images, or an s3:// prefix/manifest.
     sources: list[str] = Field(min_length=1)
+    _sources_valid = field_validator("sources")(_check_sources)
     # Cap per (domain, split) of each source so the CPU demo fits its budget; None keeps everything.
     # query_db is capped by whole classes (first classes in sorted order) so mAP@R stays meaningful.
     max_unlabeled_per_domain: int | None = Field(default=None, ge=1)
@@ -146,6 +177,7 @@ class EvaluateParams(_Strict):
 class IndexParams(_Strict):
     # The searchable catalogue, given like data.sources; empty: every image of the data snapshot.
     sources: list[str] = []
+    _sources_valid = field_validator("sources")(_check_sources)
     # faiss index_factory string over L2-normalised embeddings, inner-product metric: "Flat" is exact
     # (small catalogues); "IVF4096,Flat" or "HNSW32" for large ones.
     factory: str = Field(default="Flat", min_length=1)

@@ -15,6 +15,7 @@ over shards (the merge) is one dep per part.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 from grappa.io.layout import shards as shards_of
@@ -54,8 +55,13 @@ def _module_file(dotted: str) -> Path | None:
     return None
 
 
-def _imports(path: Path) -> set[str]:
+def _imports(path: Path) -> frozenset[str]:
     """Every ``grappa.*`` module ``path`` imports, at module level or inside functions."""
+    return _imports_of(path, path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _imports_of(path: Path, mtime_ns: int) -> frozenset[str]:  # parsed once per version of the file
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -64,7 +70,7 @@ def _imports(path: Path) -> set[str]:
             # `from grappa.io import servable` names a module; `from grappa.io.layout import Layout` a symbol
             found.update(f"{node.module}.{a.name}" if _module_file(f"{node.module}.{a.name}") else node.module
                          for a in node.names)
-    return found
+    return frozenset(found)
 
 
 def code_deps(module: str) -> list[str]:
@@ -95,45 +101,67 @@ def _paths(template: str, step: Step, shards: int) -> list[str]:
     return [path]
 
 
-def _out_lines(out: Out, step: Step, shards: int, pad: str) -> list[str]:
-    lines = [f"{pad}# {out.note}"] if out.note else []
-    flags = ([f"{pad}    persist: true"] if out.persist else []) + ([f"{pad}    cache: false"] if not out.cache else [])
-    for path in _paths(out.path, step, shards):
-        lines += [f"{pad}- {path}:", *flags] if flags else [f"{pad}- {path}"]
-    return lines
+def _flow(items: list[str]):
+    from ruamel.yaml.comments import CommentedSeq
+
+    seq = CommentedSeq(items)
+    seq.fa.set_flow_style()
+    return seq
 
 
-def _foreach(step: Step, shards: int) -> str:
+def _foreach(step: Step, shards: int):
     if step.mapped == "shard":  # a count: the labels of its parts, written out
-        return "[" + ", ".join(shard.label for shard in shards_of(shards)) + "]"
+        return _flow([shard.label for shard in shards_of(shards)])
     return FOREACH[step.mapped]
 
 
-def stage_lines(step: Step, data_roots: list[str], shards: int) -> list[str]:
-    pad = "      " if step.mapped else "    "
-    cmd = f"python -m grappa {step.verb}" + (f" --{step.mapped} ${{item}}" if step.mapped else "")
-    body = [f"{pad}cmd: {cmd}", f"{pad}deps:"]
-    body += [f"{pad}  - {path}" for path in code_deps(step.module)]
-    body += [f"{pad}  - {path}" for template in step.deps for path in _paths(template, step, shards)]
-    body += [f"{pad}  - {root}" for root in data_roots]
-    body += [f"{pad}params:", *[f"{pad}  - {key}" for key in step.params]]
+def _outs(outs: list[Out], step: Step, shards: int, indent: int):
+    """A stage's outs/metrics/plots list: a path, or {path: flags}, under the out's note."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    seq = CommentedSeq()
+    for out in outs:
+        flags = {**({"persist": True} if out.persist else {}), **({"cache": False} if not out.cache else {})}
+        if out.note:
+            seq.yaml_set_comment_before_after_key(len(seq), before=out.note, indent=indent)
+        seq += [CommentedMap({path: CommentedMap(flags)}) if flags else path for path in _paths(out.path, step, shards)]
+    return seq
+
+
+def stage(step: Step, data_roots: list[str], shards: int):
+    """One stage as YAML nodes (a ``foreach``/``do`` stage when the step is mapped)."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    indent = 6 if step.mapped else 4  # the column of the stage's keys, for the outs' notes
+    body = CommentedMap(cmd=f"python -m grappa {step.verb}" + (f" --{step.mapped} ${{item}}" if step.mapped else ""))
+    body["deps"] = CommentedSeq([*code_deps(step.module),
+                                 *(path for template in step.deps for path in _paths(template, step, shards)),
+                                 *data_roots])
+    body["params"] = CommentedSeq(step.params)
     for kind in ("outs", "metrics", "plots"):
         outs = [out for out in step.outs if out.kind == kind]
         if outs:
-            body.append(f"{pad}{kind}:")
-            for out in outs:
-                body += _out_lines(out, step, shards, pad + "  ")
-    head = [f"  # {step.summary}", f"  {step.stage}:"]
-    if step.mapped:
-        head += [f"    foreach: {_foreach(step, shards)}", "    do:"]
-    return head + body
+            body[kind] = _outs(outs, step, shards, indent + 2)
+    return CommentedMap(foreach=_foreach(step, shards), do=body) if step.mapped else body
 
 
 def render(data_roots: dict[str, list[str]], shards: int) -> str:
     """The whole dvc.yaml; ``data_roots`` maps a stage to the data folders it watches, ``shards`` is
-    ``extract.shards``."""
-    lines = [HEADER.rstrip("\n"), "", "stages:"]
-    for step in STEPS:
-        lines += stage_lines(step, data_roots.get(step.stage, []), shards)
-        lines.append("")
-    return "\n".join(lines).rstrip("\n") + "\n"
+    ``extract.shards``. Emitted by the YAML serializer (ruamel), never pasted together: a path that
+    holds ``#``, quotes, a colon or non-ASCII is quoted as YAML needs and cannot start a new stage."""
+    import io
+
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedMap
+
+    stages = CommentedMap()
+    for i, step in enumerate(STEPS):
+        stages[step.stage] = stage(step, data_roots.get(step.stage, []), shards)
+        stages.yaml_set_comment_before_after_key(step.stage, before=("\n" if i else "") + step.summary, indent=2)
+    document = CommentedMap(stages=stages)
+    yaml = YAML()
+    yaml.width = 4096
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    buffer = io.StringIO()
+    yaml.dump(document, buffer)
+    return HEADER + "\n" + buffer.getvalue()  # the header is a constant comment

@@ -164,7 +164,8 @@ def test_map_index_names_the_item_as_the_cli_spells_it(runner, command, shown):
     assert jinja2.Template(template).render(task=SimpleNamespace(**command)) == shown
 
 
-def test_plan_turns_run_conf_into_cli_overrides(tmp_path):
+def test_plan_turns_run_conf_into_cli_overrides(tmp_path, monkeypatch):
+    monkeypatch.setattr(runners, "REPO", tmp_path)  # the workspace the conf's params_file must be in
     params = tmp_path / "p.yaml"
     params.write_text(yaml.safe_dump({"cluster": {"ks": [8, 4]}}))
     plan = planning.plan({"params_file": str(params)}, "docker")
@@ -189,8 +190,25 @@ def test_plan_turns_run_conf_into_cli_overrides(tmp_path):
         planning.plan({"params_file": "missing.yaml", "ks": [2, 4]}, "k8s")
 
 
-def test_plan_maps_extract_over_the_shards_of_the_run_conf(tmp_path):
+def test_plan_refuses_a_conf_that_could_inject_or_escape(tmp_path, monkeypatch):
+    """A run conf is untrusted: its sources enter params.yaml, dvc.yaml and a command line, its
+    params_file is read by the worker."""
+    monkeypatch.setattr(runners, "REPO", tmp_path)
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"cluster": {"ks": [2, 4]}}))
+    for bad, match in ((["data/x\n  evil:\n    cmd: touch /tmp/pwned"], "control character"),
+                       (["http://host/images"], "only local paths and s3://"), ("data/x", "must be a list"),
+                       (["${HOME}"], "not allowed")):
+        with pytest.raises(ValueError, match=match):
+            planning.plan({"ks": [2, 4], "sources": bad}, "local")
+    for escape in ("../outside.yaml", "/etc/passwd", "sub/../../outside.yaml"):
+        with pytest.raises(ValueError, match="outside the workspace"):
+            planning.plan({"params_file": escape, "ks": [2, 4]}, "local")
+    assert planning.plan({"params_file": "p.yaml"}, "local")["ks"] == [2, 4]
+
+
+def test_plan_maps_extract_over_the_shards_of_the_run_conf(tmp_path, monkeypatch):
     """conf {"shards": 3}: three extract commands for every runner, the conf written as extract.shards."""
+    monkeypatch.setattr(runners, "REPO", tmp_path)
     params = tmp_path / "p.yaml"
     params.write_text(yaml.safe_dump({"cluster": {"ks": [2, 4]}, "extract": {"shards": 2}}))
     conf = {"params_file": str(params), "shards": 3}
