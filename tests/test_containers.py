@@ -82,6 +82,16 @@ def test_compose_stack_has_no_literal_credentials():
     assert ".env" in (CONTAINERS / ".gitignore").read_text().split()
 
 
+def test_compose_publishes_every_port_on_loopback_only():
+    """Closed by default: a published port reachable from other machines is opened on purpose
+    (containers/compose.yaml's header says how, and which auth to turn on first)."""
+    compose = yaml.safe_load((CONTAINERS / "compose.yaml").read_text())
+    published = [(name, str(port)) for name, service in compose["services"].items() for port in service.get("ports") or []]
+    assert {name for name, _ in published} == {"minio", "mlflow", "airflow"}
+    for name, port in published:
+        assert port.startswith("127.0.0.1:") and port.count(":") == 2, f"{name} publishes {port} beyond loopback"
+
+
 def test_compose_file_parses(docker_engine):
     """With the compose this machine has: Debian's docker-compose 1.29 (no `docker compose` v2 here)."""
     compose = shutil.which("docker-compose")

@@ -101,6 +101,23 @@ def test_search_cli_prints_ranked_ids_paths_and_scores(work, tmp_path):
     assert rc == 2 and "absent.png" in err and "Traceback" not in err
 
 
+def test_a_mixed_or_foreign_index_set_is_refused_then_rebuilt(work, tmp_path):
+    """A catalogue.faiss that is not the one index.json was published with (a writer stopped between
+    renames, a file copied in) is never parsed by faiss: search refuses it in one line, index rebuilds."""
+    params, raw = work
+    folder = layout(params).index
+    (tmp_path / "params.yaml").write_text(json.dumps(raw))
+    query = raw["data"]["sources"][0].replace("manifest.csv", "images/q_1_0.png")
+    for damage in (lambda f: f.write_bytes(b"\x00" * 64), lambda f: f.write_bytes(f.read_bytes()[:-8])):
+        damage(folder / catalogue.INDEX_FILE)
+        rc, _, err = run_cli(["search", query, "--params", str(tmp_path / "params.yaml")])
+        assert rc == 2 and "is not one set: catalogue.faiss does not match index.json" in err, err
+        assert "Traceback" not in err
+        meta = index.run(params)
+        assert meta["action"].startswith("rebuilt") and meta["count"] == 64
+        assert catalogue.read(folder)[0].ntotal == 64
+
+
 def test_index_factories(work):
     params, raw = work
     hnsw = parse_params({**raw, "index": {"factory": "HNSW16", "search_params": "efSearch=32"}})

@@ -151,3 +151,25 @@ def test_crop_query():
     assert crop_query(image, [15, 6, 25, 14]).size == (5, 4)
     with pytest.raises(ValueError):
         crop_query(image, [5, 5, 5, 9])
+
+
+class _RunsCode:
+    """A pickle that calls a function when loaded, as a hostile ground-truth file would."""
+
+    def __reduce__(self):
+        return (print, ('pwned',))
+
+
+def test_ground_truth_with_numpy_arrays_loads_and_one_that_runs_code_is_refused(tmp_path, capsys):
+    gnd = _toy_gnd()
+    for q in gnd['gnd']:  # the official files hold numpy arrays
+        q.update(easy=np.asarray(q['easy'], dtype=np.int64), bbx=np.asarray(q['bbx'], dtype=np.float64))
+    path = tmp_path / 'gnd_np.pkl'
+    for protocol in (2, 4, 5):
+        path.write_bytes(pickle.dumps(gnd, protocol=protocol))
+        assert evaluate_revisited(_toy_similarity(), load_ground_truth(path))['hard']['map'] == 1.0
+    hostile = tmp_path / 'gnd_hostile.pkl'
+    hostile.write_bytes(pickle.dumps({**_toy_gnd(), 'imlist': _RunsCode()}))
+    with pytest.raises(ValueError, match='it names builtins.print'):
+        load_ground_truth(hostile)
+    assert 'pwned' not in capsys.readouterr().out

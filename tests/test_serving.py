@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import REPO
@@ -61,7 +62,8 @@ def _env(run) -> dict:
 def test_registered_model_embeds_images_without_the_repository(run, tmp_path):
     images = _images(run)
     code = LOAD_WITHOUT_REPO.format(repo=str(REPO), name=MODEL, images=images)
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(run), capture_output=True, text=True,
+    env = {**_env(run), "GRAPPA_SERVE_PATH_ROOTS": str(run.root / "data")}  # paths are read only below it
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -113,11 +115,38 @@ def test_mlflow_models_serve_answers_an_http_request_with_an_image(run, tmp_path
         served = np.array(body["predictions"], dtype=np.float32)
         assert served.shape == (2, 256)
         assert np.allclose(served, servable.load(run.out_dir / "model").embed(images), atol=1e-5)
+        # by default the server reads no file a client names
         status, body = _post(port, {"dataframe_records": [{"path": images[0]}]})
-        assert status == 200 and np.allclose(body["predictions"][0], served[0], atol=1e-5)
+        assert status >= 400 and "this server reads no paths" in json.dumps(body)
         status, body = _post(port, {"dataframe_records": [{"path": ""}]})
         assert status >= 400 and "give the image" in json.dumps(body)
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
+
+
+def test_paths_are_read_only_inside_the_configured_roots_and_under_the_cap(tmp_path):
+    from grappa.tracking.pyfunc_model import images_of
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (root / "sub" / "a.png").write_bytes(b"A" * 10)
+    (outside / "secret").write_bytes(b"S" * 10)
+    (root / "escape").symlink_to(outside / "secret")
+    (root / "big").write_bytes(b"B" * 101)
+    env = {"GRAPPA_SERVE_PATH_ROOTS": f"{root},s3://bucket/images/", "GRAPPA_SERVE_MAX_BYTES": "100"}
+    assert images_of(pd.DataFrame({"path": [str(root / "sub" / "a.png")]}), env) == [b"A" * 10]
+    assert images_of([b"raw"], env) == [b"raw"]
+    refused = {
+        str(outside / "secret"): "outside the folders", str(root / "sub" / ".." / ".." / "outside" / "secret"): "outside",
+        str(root / "escape"): "outside", str(root) + "-sibling/x": "outside", "s3://bucket/other/x.png": "outside",
+        "s3://bucket/images/../other/x": "outside", str(root / "big"): "above the server's cap of 100",
+        str(root / "missing.png"): "cannot read",
+    }
+    for path, reason in refused.items():
+        with pytest.raises(ValueError, match=reason):
+            images_of(pd.DataFrame({"path": [path]}), env)
+    with pytest.raises(ValueError, match="row 0: this server reads no paths"):
+        images_of(pd.DataFrame({"path": [str(root / "sub" / "a.png")]}), {})

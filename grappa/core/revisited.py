@@ -87,11 +87,31 @@ def load_ground_truth(path: Union[str, Path]) -> Dict[str, Any]:
     """
     path = Path(path)
     with path.open('rb') as f:
-        # pickle can execute code: this only ever loads the ground-truth file from the local
-        # dataset path the user supplied (downloaded by them), never from an untrusted source.
-        cfg = pickle.load(f)
+        try:
+            cfg = _GroundTruthUnpickler(f).load()
+        except pickle.UnpicklingError as err:
+            raise ValueError(f'{path}: {err}') from None
     _validate_ground_truth(cfg, str(path))
     return cfg
+
+
+class _GroundTruthUnpickler(pickle.Unpickler):
+    """Unpickles plain containers, numbers, strings and numpy arrays, nothing else: a plain
+    ``pickle.load`` runs whatever callable a file names, and the file is one the user placed."""
+
+    ALLOWED = {
+        ('numpy', 'ndarray'), ('numpy', 'dtype'),
+        ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+        ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
+        ('numpy.core.numeric', '_frombuffer'), ('numpy._core.numeric', '_frombuffer'),  # protocol 5 arrays
+        ('_codecs', 'encode'),  # how protocol 2 (Python 2 compatible) spells an array's bytes
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f'a ground-truth file may hold lists, dicts, numbers, strings and numpy '
+                                     f'arrays; it names {module}.{name}')
 
 
 def crop_query(image: Image.Image, bbx: Sequence[float]) -> Image.Image:

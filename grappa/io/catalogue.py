@@ -2,7 +2,9 @@
 
 ``<out>/index/`` holds ``catalogue.faiss`` (inner product over L2-normalised embeddings),
 ``catalogue.parquet`` (manifest rows: faiss id i is row i) and ``index.json`` (the model it was
-built with, factory, size); the three are renamed into place together.
+built with, factory, size, and the sha256 of the other two); the three are renamed into place
+together, and a reader refuses a set whose files do not match ``index.json`` (a writer interrupted
+between renames, a file copied in from elsewhere).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from grappa.config import ConfigError
-from grappa.io.artifacts import atomic_paths, read_json, read_table, write_table
+from grappa.io.artifacts import atomic_paths, file_sha256, read_json, read_table, write_table
 from grappa.io.manifests import SCHEMA
 
 INDEX_FILE, CATALOGUE_FILE, META_FILE = "catalogue.faiss", "catalogue.parquet", "index.json"
@@ -35,10 +37,16 @@ def build(factory: str, vectors: np.ndarray):
 
 
 def read(folder: Path):
+    """(faiss index, catalogue rows, meta) of a set ``write`` published; ConfigError for any other."""
     import faiss
 
-    return faiss.read_index(str(folder / INDEX_FILE)), read_table(folder / CATALOGUE_FILE).to_pylist(), \
-        read_json(folder / META_FILE)
+    meta = read_json(folder / META_FILE)
+    files = meta.get("files") or {}
+    for name in (INDEX_FILE, CATALOGUE_FILE):  # before faiss parses a byte of it
+        if files.get(name) != file_sha256(folder / name):
+            raise ConfigError(f"the index at {folder} is not one set: {name} does not match {META_FILE}; "
+                              "rebuild it with 'grappa index'")
+    return faiss.read_index(str(folder / INDEX_FILE)), read_table(folder / CATALOGUE_FILE).to_pylist(), meta
 
 
 def write(folder: Path, index, rows: list[dict], meta: dict) -> None:
@@ -47,7 +55,8 @@ def write(folder: Path, index, rows: list[dict], meta: dict) -> None:
     with atomic_paths(folder / INDEX_FILE, folder / CATALOGUE_FILE, folder / META_FILE) as (tmp_index, tmp_rows, tmp_meta):
         faiss.write_index(index, str(tmp_index))
         write_table(tmp_rows, pa.Table.from_pylist(rows, schema=SCHEMA))
-        tmp_meta.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        files = {INDEX_FILE: file_sha256(tmp_index), CATALOGUE_FILE: file_sha256(tmp_rows)}
+        tmp_meta.write_text(json.dumps({**meta, "files": files}, indent=2, sort_keys=True) + "\n")
 
 
 def search(index, queries: np.ndarray, top_k: int, search_params: str = "") -> tuple[np.ndarray, np.ndarray]:

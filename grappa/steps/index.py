@@ -109,7 +109,10 @@ def run(params: Params) -> dict:
     model, identity = servable.load_model(None, params)
     previous_meta = previous_rows = None
     if all((folder / name).is_file() for name in (catalogue.INDEX_FILE, catalogue.CATALOGUE_FILE, catalogue.META_FILE)):
-        previous_index, previous_rows, previous_meta = catalogue.read(folder)
+        try:
+            previous_index, previous_rows, previous_meta = catalogue.read(folder)
+        except ConfigError as err:  # not a set this step published: start over rather than add to it
+            print(f"index: {err}; rebuilding")
     rows, skipped = catalogue_rows(params, previous_rows or [])
     to_add, reason = _plan(previous_meta, previous_rows or [], rows, model.digest, params.index.factory)
     todo = rows if to_add is None else to_add

@@ -1,12 +1,18 @@
 """The registered MLflow model (models-from-code: MLflow runs this file, nothing is pickled).
 
-Input: a table with one image per row, as bytes in column ``image`` (base64 in JSON requests) or
-as a local path / ``s3://`` URI in column ``path``. Output: the fused model's L2-normalised
-embeddings, one row per image. Weights, architecture and preprocessing come from the ``model``
-artifact (see grappa/io/servable.py); the code travels in the model's ``code/`` folder, so loading needs no
-checkout of this repository.
+Input: a table with one image per row, as bytes in column ``image`` (base64 in JSON requests).
+Output: the fused model's L2-normalised embeddings, one row per image. Weights, architecture and
+preprocessing come from the ``model`` artifact (see grappa/io/servable.py); the code travels in the
+model's ``code/`` folder, so loading needs no checkout of this repository.
+
+A client may name a file instead (column ``path``) only where the server allows it: the server's
+environment lists the allowed roots in ``GRAPPA_SERVE_PATH_ROOTS`` (comma-separated local folders
+and ``s3://bucket/prefix/``); a path that resolves outside them (symlinks and ``..`` followed) or a
+file above ``GRAPPA_SERVE_MAX_BYTES`` (default 32 MB) is refused. Unset, the server reads no path.
 """
 from __future__ import annotations
+
+import os
 
 import mlflow
 import numpy as np
@@ -14,19 +20,58 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 IMAGE, PATH = "image", "path"
+ROOTS_ENV, MAX_BYTES_ENV = "GRAPPA_SERVE_PATH_ROOTS", "GRAPPA_SERVE_MAX_BYTES"
+DEFAULT_MAX_BYTES = 32 << 20
 
 
-def images_of(model_input) -> list:
-    """One bytes-or-URI item per row of a DataFrame (or a plain list of them)."""
-    if not isinstance(model_input, pd.DataFrame):
-        return list(model_input)
+def path_policy(environ=os.environ) -> tuple[list[str], int]:
+    """(allowed roots, byte cap) from the server's environment."""
+    roots = [r.strip() for r in environ.get(ROOTS_ENV, "").split(",") if r.strip()]
+    return roots, int(environ.get(MAX_BYTES_ENV) or DEFAULT_MAX_BYTES)
+
+
+def _inside(path: str, roots: list[str]) -> bool:
+    if path.startswith("s3://"):
+        return ".." not in path.split("/") and any(
+            r.startswith("s3://") and path.startswith(r.rstrip("/") + "/") for r in roots)
+    real = os.path.realpath(path)
+    return any(real == base or real.startswith(base.rstrip(os.sep) + os.sep)
+               for base in (os.path.realpath(r) for r in roots if not r.startswith("s3://")))
+
+
+def read_allowed(path: str, roots: list[str], max_bytes: int) -> bytes:
+    """The bytes of a client-named file inside ``roots``, at most ``max_bytes``; ValueError otherwise."""
+    from grappa.io.storage import StorageError, read_bytes, stat_many
+
+    if not roots:
+        raise ValueError(f"this server reads no paths: send the image bytes in '{IMAGE}' "
+                         f"(or set {ROOTS_ENV} on the server)")
+    if not _inside(path, roots):
+        raise ValueError(f"{path!r} is outside the folders this server may read ({ROOTS_ENV})")
+    try:
+        size = stat_many([path])[path].size if path.startswith("s3://") else os.stat(os.path.realpath(path)).st_size
+        if size > max_bytes:
+            raise ValueError(f"{path!r} is {size} bytes, above the server's cap of {max_bytes} ({MAX_BYTES_ENV})")
+        return read_bytes(path if path.startswith("s3://") else os.path.realpath(path))
+    except (OSError, KeyError, StorageError) as err:
+        raise ValueError(f"cannot read {path!r}: {getattr(err, 'strerror', None) or err}") from None
+
+
+def images_of(model_input, environ=os.environ) -> list[bytes]:
+    """The image bytes of each row of a DataFrame (or a plain list of bytes)."""
+    roots, max_bytes = path_policy(environ)
+    rows = (model_input.to_dict("records") if isinstance(model_input, pd.DataFrame)
+            else [{IMAGE: item} if isinstance(item, (bytes, bytearray)) else {PATH: item} for item in model_input])
     items = []
-    for i, row in enumerate(model_input.to_dict("records")):
+    for i, row in enumerate(rows):
         image, path = row.get(IMAGE), row.get(PATH)
         if isinstance(image, (bytes, bytearray)):
             items.append(bytes(image))
         elif isinstance(path, str) and path:
-            items.append(path)
+            try:
+                items.append(read_allowed(path, roots, max_bytes))
+            except ValueError as err:
+                raise ValueError(f"row {i}: {err}") from None
         else:
             raise ValueError(f"row {i}: give the image as bytes in '{IMAGE}' or as a path/URI in '{PATH}'")
     return items
