@@ -47,6 +47,23 @@ def _parse_set(items: list[str]) -> dict:
     return overrides
 
 
+MAX_TOP_K = 10_000  # a search result is printed; more rows than this is a typo, not a query
+
+
+def _bounded_int(low: int, high: int):
+    """An argparse type: an integer in [low, high], else argparse's one-line usage error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {high}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
 def _execute(verb: str, params: Params, item=None) -> dict:
     step = registry.step(verb)
     # Imported on use: `grappa --help` and param validation must not pay for torch/faiss.
@@ -212,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--model", default=None, help="model folder or models:/name@alias (default: the champion)")
     search = verb("search", help="nearest catalogue images of query images")
     search.add_argument("images", nargs="+", help="query image paths or s3:// URIs")
-    search.add_argument("--top-k", type=int, default=5)
+    search.add_argument("--top-k", type=_bounded_int(1, MAX_TOP_K), default=5,
+                        help=f"neighbours per query, 1 to {MAX_TOP_K} (default 5)")
     search.add_argument("--index", default=None, help="index folder (default: <out_dir>/index)")
     search.add_argument("--model", default=None, help="model to embed the queries with (default: the index's own)")
     verb("check", help="validate params.yaml, and that dvc.yaml is the generated one watching the folders its sources name")

@@ -227,3 +227,11 @@ def test_params_and_set_work_after_the_verb_too(tmp_path, capsys):
     rc, _, err = _cli(capsys, "--params", str(path), "check", "--set", "seed=zero")
     assert rc == 2
     _assert_one_line(err, "seed")
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "10001"])
+def test_cli_search_top_k_out_of_range_is_a_usage_error_before_any_work(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_:  # argparse's usage error, before the params are read
+        main(["--params", str(tmp_path / "absent.yaml"), "search", "q.png", "--top-k", value])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--top-k: expected an integer from 1 to 10000" in err and "Traceback" not in err

@@ -327,3 +327,16 @@ def test_cap_per_domain_natural_class_order_and_oversized_first_class():
     assert [r.label for r in kept] == ["2"] * 3 + ["9"] * 3  # 2 < 9 < 10 numerically
     big = [ImageRecord(f"d/0/{i}", "u", "d", "query_db", "0") for i in range(5)]
     assert len(cap_per_domain(big + records, None, max_query_db=4, seed=0)) == 5  # a whole class, never a part
+
+
+def test_manifest_fields_are_read_as_written_and_one_file_is_one_image(tmp_path):
+    """A domain '001' stays '001' (not the number 1); 'a//x.png', './a/x.png' and 'a/x.png' are one image."""
+    (tmp_path / "a").mkdir()
+    rgb_image(20).save(tmp_path / "a" / "x.png")
+    rgb_image(20).save(tmp_path / "0007", format="PNG")
+    (tmp_path / "m.csv").write_text("path,domain,split,label\na//x.png,001,query_db,007\n./a/x.png,001,query_db,007\n"
+                                    "a/x.png,001,query_db,007\n0007,001,unlabeled,\n")
+    records, skipped = resolve_sources([str(tmp_path / "m.csv")])
+    assert [(r.image_id, r.domain, r.label) for r in records] == [("001/a/x.png", "001", "007"),
+                                                                ("001/0007", "001", None)]
+    assert [s.reason for s in skipped] == ["listed twice", "listed twice"]

@@ -27,6 +27,7 @@ from grappa.io.storage import StorageError, is_s3, list_s3, read_bytes
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MANIFEST_EXTENSIONS = {".csv", ".parquet"}
 SPLITS = {"unlabeled", "query_db"}
+MANIFEST_COLUMNS = ("path", "domain", "split", "label", "class_id")  # what a manifest may hold
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is broken, not "mostly fine"
 
@@ -122,11 +123,10 @@ def _read_manifest(source: str) -> tuple[list[ImageRecord], list[Skipped]]:
         if source.lower().endswith(".parquet"):
             table = pq.read_table(io.BytesIO(raw))
         else:
+            # every field as written: a domain "001" or a path "0001" must not become the number 1
             table = pacsv.read_csv(
-                io.BytesIO(raw), convert_options=pacsv.ConvertOptions(strings_can_be_null=True,
-                                                                       column_types={"class_id": pa.string(),
-                                                                                     "label": pa.string()})
-            )
+                io.BytesIO(raw), convert_options=pacsv.ConvertOptions(
+                    strings_can_be_null=True, column_types={name: pa.string() for name in MANIFEST_COLUMNS}))
     except (pa.ArrowInvalid, OSError) as err:
         raise SourceError(f"cannot parse manifest {source}: {str(err).splitlines()[0]}") from None
     if "path" not in table.column_names:
@@ -140,10 +140,11 @@ def _read_manifest(source: str) -> tuple[list[ImageRecord], list[Skipped]]:
         rel = row.get("path")
         domain = str(row.get("domain") or default_domain)
         split = str(row.get("split") or "unlabeled")
-        image_id = f"{domain}/{rel}"
         if not rel:
-            skipped.append(Skipped(image_id, "empty path in manifest"))
+            skipped.append(Skipped(f"{domain}/{rel}", "empty path in manifest"))
             continue
+        rel = PurePosixPath(str(rel)).as_posix()  # "a//b.jpg" and "a/./b.jpg" are the file "a/b.jpg"
+        image_id = f"{domain}/{rel}"
         if split not in SPLITS:
             skipped.append(Skipped(image_id, f"unknown split '{split}' (expected one of {sorted(SPLITS)})"))
             continue
