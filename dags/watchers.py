@@ -38,13 +38,22 @@ def folder_fingerprint(folder: str | Path) -> str:
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"watched folder {root} does not exist")
-    digest = hashlib.sha256()
+    digest, unreadable = hashlib.sha256(), 0
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):
             path = Path(dirpath, name)
-            st = path.stat()
-            digest.update(f"{path.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            try:
+                st = path.stat()
+            except OSError:  # a dangling symlink, a file removed since the walk listed it
+                unreadable += 1
+                st = None
+            # bytes of the name as on disk: a name that is not UTF-8 must not stop the watcher
+            digest.update(os.fsencode(path.relative_to(root)) + b"\0" +
+                          (f"{st.st_size}\0{st.st_mtime_ns}" if st else "unreadable").encode() + b"\n")
+    if unreadable:
+        print(f"watcher: {root}: {unreadable} entries could not be read (dangling symlinks or files removed "
+              "while listing); the snapshot lists them as skipped")
     return digest.hexdigest()
 
 

@@ -8,6 +8,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -350,6 +351,26 @@ def test_folder_watcher_emits_until_a_pipeline_run_starts_on_the_change(dagbag, 
     assert (poll(), len(events())) == ("skipped", 2)  # unchanged since a run started: no event
     (folder / "b.png").write_bytes(b"yy")
     assert (poll(), len(events())) == ("success", 3)
+
+
+def test_fingerprint_survives_odd_names_dangling_links_and_vanishing_files(tmp_path, capsys, monkeypatch):
+    """Other people write the watched folder: nothing in it may stop every later poll."""
+    (tmp_path / "a.png").write_bytes(b"1")
+    (tmp_path / os.fsdecode(b"caf\xe9.png")).write_bytes(b"2")  # Latin-1 name: not UTF-8
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    first = watchers.folder_fingerprint(tmp_path)
+    assert "1 entries could not be read" in capsys.readouterr().out
+    (tmp_path / "nowhere.png").write_bytes(b"3")  # the link now resolves: a change
+    assert watchers.folder_fingerprint(tmp_path) != first
+    real_stat = Path.stat
+
+    def vanishing(self, *args, **kwargs):  # a file removed between the walk and its stat
+        if self.name == "a.png":
+            raise FileNotFoundError(2, "No such file or directory", str(self))  # ENOENT, as the OS says it
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", vanishing)
+    assert isinstance(watchers.folder_fingerprint(tmp_path), str)
 
 
 def test_fingerprints(tmp_path):

@@ -340,3 +340,25 @@ def test_manifest_fields_are_read_as_written_and_one_file_is_one_image(tmp_path)
     assert [(r.image_id, r.domain, r.label) for r in records] == [("001/a/x.png", "001", "007"),
                                                                 ("001/0007", "001", None)]
     assert [s.reason for s in skipped] == ["listed twice", "listed twice"]
+
+
+def test_folder_listing_skips_odd_names_dangling_links_and_vanishing_files(tmp_path, monkeypatch):
+    root = tmp_path / "pool"
+    (root / "d").mkdir(parents=True)
+    rgb_image(20).save(root / "d" / "ok.png")
+    rgb_image(20).save(root / "d" / os.fsdecode(b"caf\xe9.png"), format="PNG")
+    (root / "d" / "link.png").symlink_to(root / "d" / "missing.png")
+    rgb_image(20).save(root / "d" / "soon_gone.png")
+    real_stat = Path.stat
+
+    def vanishing(self, *args, **kwargs):
+        if self.name == "soon_gone.png":
+            raise FileNotFoundError(2, "No such file or directory", str(self))  # ENOENT, as the OS says it
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", vanishing)
+    records, skipped = resolve_sources([str(root)])
+    assert [r.image_id for r in records] == ["d/d/ok.png"]
+    assert sorted((s.image_id, s.reason) for s in skipped) == [
+        ("d/caf\\xe9.png", "file name is not valid UTF-8"), ("d/link.png", "dangling symlink"),
+        ("d/soon_gone.png", "removed while the folder was listed")]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import stat
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -78,6 +80,30 @@ def resolve_sources(sources: list[str], select: Callable[[list[ImageRecord]], li
     return unique, skipped
 
 
+def _folder_files(root: Path) -> tuple[list[Path], list[Skipped]]:
+    """The files under ``root`` in sorted order, and what cannot be an image of the snapshot: a
+    name that is not UTF-8 (no manifest, table or JSON can hold it), a dangling symlink, an entry
+    that vanished while the folder was listed. Skipped with the reason, never an error: the folder
+    is written by others while we read it."""
+    files, skipped = [], []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        try:
+            str(rel).encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(rel).decode("utf-8", "backslashreplace")
+            skipped.append(Skipped(shown, "file name is not valid UTF-8"))
+            continue
+        try:
+            if stat.S_ISREG(path.stat().st_mode):  # follows a symlink
+                files.append(path)
+        except FileNotFoundError:
+            dangling = path.is_symlink()
+            skipped.append(Skipped(str(PurePosixPath(rel)),
+                                   "dangling symlink" if dangling else "removed while the folder was listed"))
+    return files, skipped
+
+
 def _list_folder(source: str) -> tuple[list[ImageRecord], list[Skipped]]:
     """Every image under a folder or s3 prefix is unlabeled; its domain is the first sub-folder.
 
@@ -94,13 +120,13 @@ def _list_folder(source: str) -> tuple[list[ImageRecord], list[Skipped]]:
         if not root.is_dir():
             raise SourceError(f"source not found (expected a manifest, folder or s3:// prefix): {source}")
         real_root = root.resolve()
-        paths = [p for p in sorted(root.rglob("*")) if p.is_file()]
+        paths, unlisted = _folder_files(root)
         uris = [str(p) for p in paths]
         rel_paths = [str(PurePosixPath(p.relative_to(root))) for p in paths]
         inside = [p.resolve().is_relative_to(real_root) for p in paths]
         prefix = str(root.resolve())
     fallback_domain = PurePosixPath(prefix.rstrip("/")).name or "default"
-    records, skipped = [], []
+    records, skipped = [], [] if is_s3(source) else unlisted
     for uri, rel, ok in zip(uris, rel_paths, inside):
         parts = PurePosixPath(rel).parts
         if PurePosixPath(rel).suffix.lower() not in IMAGE_EXTENSIONS or any(p.startswith(".") for p in parts):
