@@ -102,8 +102,10 @@ def build_pipeline(runner: str):
             return runners.step_operator(name, planned[name], runner, trigger_rule="none_failed")
 
         steps = [step(name) for name in runners.STEPS]  # in the registry's (pipeline) order
-        # Closes the MLflow parent run (if a step opened one) whatever happened before.
-        close = runners.step_operator("close_run", planned["close_run"], runner, trigger_rule="all_done")
+        # Closes the MLflow parent run (if a step opened one) whatever happened before. No Airflow
+        # retries: close-run retries the tracking server itself, and when plan refused the conf there
+        # is no command to run, so retrying would only hold the run (and the watchers) for minutes.
+        close = runners.step_operator("close_run", planned["close_run"], runner, trigger_rule="all_done", retries=0)
         chain(planned, *steps, close)
 
     return grappa_pipeline()
@@ -139,6 +141,9 @@ def grappa_watch_folder():
     start_date=START,
     catchup=False,
     max_active_runs=1,
+    # Without a bucket configured (GRAPPA_WATCH_BUCKET) every poll would fail on a bucket that is not
+    # there: the watcher starts paused, to be switched on in the UI once S3 is set up.
+    is_paused_upon_creation="GRAPPA_WATCH_BUCKET" not in os.environ,
     params={
         "bucket": Param(os.environ.get("GRAPPA_WATCH_BUCKET", "grappa-data"), type="string"),
         "prefix": Param(os.environ.get("GRAPPA_WATCH_PREFIX", "unlabeled/"), type="string"),

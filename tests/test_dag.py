@@ -122,6 +122,8 @@ def test_pipeline_structure(pipeline, dagbag):
     for dag_id, task_id in (("grappa_watch_folder", "detect_folder_change"), ("grappa_watch_s3", "detect_s3_change")):
         assert [a.name for a in dagbag.dags[dag_id].get_task(task_id).outlets] == ["grappa_unlabeled"]
     assert dagbag.dags["grappa_watch_s3"].get_task("wait_for_objects").deferrable
+    # no bucket configured here: the S3 watcher starts paused instead of failing every poll
+    assert "GRAPPA_WATCH_BUCKET" not in os.environ and dagbag.dags["grappa_watch_s3"].is_paused_upon_creation
 
 
 def test_adaptors_and_shards_in_parallel_fit_the_local_worker(monkeypatch):
@@ -319,6 +321,20 @@ def test_k8s_runner_renders_pod_spec(container_env):
     assert pod.spec.volumes[0].persistent_volume_claim.claim_name == "grappa-workspace"
     assert pod.spec.security_context.run_as_non_root
     assert op.retries >= 1
+
+
+def test_a_refused_conf_ends_the_run_at_once(pipeline, airflow_db):
+    """plan refuses {"ks": [8]}: the run fails now, close_run has no retries to hold it (and the
+    watchers, which wait for it) for minutes."""
+    import time
+
+    assert pipeline.get_task("close_run").retries == 0
+    started = time.monotonic()
+    run = pipeline.test(run_conf={"ks": [8]})
+    assert time.monotonic() - started < 120
+    assert run.state == "failed"
+    assert run.get_task_instance("plan").state == "failed"
+    assert run.get_task_instance("close_run").state in ("failed", "upstream_failed", "skipped")
 
 
 def test_folder_watcher_emits_until_a_pipeline_run_starts_on_the_change(dagbag, airflow_db, tmp_path):
