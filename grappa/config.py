@@ -60,6 +60,8 @@ class DataParams(_Strict):
     max_query_db_per_domain: int | None = Field(default=None, ge=2)
     min_side: int = Field(default=16, ge=1)  # smaller images are skipped as unusable
     max_pixels: int = Field(default=64_000_000, ge=1)  # larger ones are refused (decompression bombs)
+    # Files larger than this are skipped by their size, never read (a stray video or disk image)
+    max_file_bytes: int = Field(default=100_000_000, ge=1)
 
 
 class BackboneParams(_Strict):

@@ -120,7 +120,8 @@ BOTH_SPLITS = (("unlabeled", "training"), ("query_db", "evaluation"))
 # cluster, the new train_adaptor@K and fusion/evaluate, while unchanged k keep their adaptors.
 STEPS: tuple[Step, ...] = (
     Step("snapshot", "step 1: the images of data.sources as a versioned manifest (hashes only new files)",
-         params=(*BASE, "data.sources", "data.max_unlabeled_per_domain", "data.max_query_db_per_domain"),
+         params=(*BASE, "data.sources", "data.max_unlabeled_per_domain", "data.max_query_db_per_domain",
+                 "data.max_file_bytes"),
          deps=(), outs=(Out(L.SNAPSHOT, persist=True,
                             note="persistent: the previous manifest is the hash cache (unchanged files are not re-read)"),),
          report=L.SNAPSHOT_REPORT, reads_sources="data.sources", datasets=BOTH_SPLITS),

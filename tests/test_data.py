@@ -362,3 +362,32 @@ def test_folder_listing_skips_odd_names_dangling_links_and_vanishing_files(tmp_p
     assert sorted((s.image_id, s.reason) for s in skipped) == [
         ("d/caf\\xe9.png", "file name is not valid UTF-8"), ("d/link.png", "dangling symlink"),
         ("d/soon_gone.png", "removed while the folder was listed")]
+
+
+@pytest.mark.parametrize("data, name", [
+    (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\n" + b"0 0 moveto\n" * 20, "PostScript/EPS"),
+    (b"%PDF-1.7\n" + b"x" * 200, "PDF"),
+    (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00" + b"x" * 200, "HEIC"),
+    (b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00" + b"x" * 200, "AVIF"),
+])
+def test_formats_outside_the_allow_list_are_skipped_by_name_never_decoded(data, name, monkeypatch):
+    """EPS is decoded by running Ghostscript on the file: PIL must never be asked to open one."""
+    def no_plugin(*_args, **_kwargs):
+        raise AssertionError("PIL was asked to open a format outside the allow-list")
+
+    monkeypatch.setattr(Image, "open", no_plugin)
+    with pytest.raises(ImageDecodeError, match=f"unsupported format \\({name}\\)"):
+        decode_image(data, min_side=16, max_pixels=64_000_000)
+
+
+def test_exif_orientation_is_applied():
+    wide = Image.new("RGB", (40, 20), (200, 0, 0))
+    wide.paste((0, 0, 200), (0, 0, 20, 20))  # left half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    buffer = io.BytesIO()
+    wide.save(buffer, "JPEG", quality=95, exif=exif.tobytes())
+    shown = decode_image(buffer.getvalue(), min_side=16, max_pixels=64_000_000)
+    assert shown.size == (20, 40)  # upright, as a viewer shows it
+    top = np.asarray(shown)[:10].mean(axis=(0, 1))
+    assert top[2] > 150 and top[0] < 60, "the blue left half is on top after a 90 degree clockwise turn"

@@ -19,8 +19,9 @@ from grappa.steps import snapshot
 def reads(monkeypatch) -> list[str]:
     """Every file the snapshot step reads (to hash it)."""
     seen: list[str] = []
-    real = manifests.read_bytes
-    monkeypatch.setattr(manifests, "read_bytes", lambda uri: seen.append(uri) or real(uri))
+    for name in ("read_bytes", "file_sha256"):  # s3 objects are read whole, local files streamed
+        real = getattr(manifests, name)
+        monkeypatch.setattr(manifests, name, lambda uri, real=real: seen.append(uri) or real(uri))
     return seen
 
 
@@ -105,3 +106,14 @@ def test_capped_sample_changes_by_at_most_as_many_images_as_arrive():
     kept_after = {r.image_id for r in cap_per_domain(grown, 50, None, seed=0)}
     assert len(kept_after) == 50
     assert len(kept - kept_after) == len(kept_after - kept) <= 10  # a random re-sample would replace ~37
+
+
+def test_a_file_above_the_byte_cap_is_skipped_by_its_size_never_read(tmp_path, reads):
+    folder = _folder(tmp_path / "pool", 3)
+    (folder / "dom" / "huge.png").write_bytes(b"\x89PNG" + b"\x00" * 5000)
+    params = parse_params({**tiny_params_dict(tmp_path, [folder]),
+                           "data": {"sources": [str(folder)], "max_file_bytes": 4096}})
+    report = snapshot.run(params)
+    assert report["images"] == 3 and str(folder / "dom" / "huge.png") not in reads
+    [(image_id, reason)] = [(s["image_id"], s["reason"]) for s in report["skipped"]]
+    assert image_id == "dom/dom/huge.png" and reason == "5004 bytes, above data.max_file_bytes (4096)"

@@ -13,9 +13,9 @@ from pathlib import Path
 import pyarrow as pa
 from tqdm import tqdm
 
-from grappa.io.artifacts import read_table
+from grappa.io.artifacts import file_sha256, read_table
 from grappa.io.sources import ImageRecord, Skipped, content_hash
-from grappa.io.storage import ObjectStat, StorageError, read_bytes, stat_many
+from grappa.io.storage import ObjectStat, StorageError, is_s3, read_bytes, stat_many
 
 
 SCHEMA = pa.schema([
@@ -46,12 +46,14 @@ def previous_rows(path: Path) -> list[dict]:
 
 
 def hash_files(uris: list[str], workers: int = 8) -> tuple[dict[str, str], dict[str, str]]:
-    """sha256 of each file's bytes; returns (hashes, unreadable uri -> reason)."""
+    """sha256 of each file's bytes (a local file streamed in chunks); returns (hashes, unreadable uri -> reason)."""
     def one(uri: str):
         try:
-            return uri, content_hash(read_bytes(uri)), None
+            return uri, content_hash(read_bytes(uri)) if is_s3(uri) else file_sha256(uri), None
         except StorageError as err:
             return uri, None, str(err)
+        except OSError as err:  # removed or unreadable since it was listed
+            return uri, None, f"cannot read {uri}: {err.strerror}"
 
     hashes, failed = {}, {}
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -63,11 +65,16 @@ def hash_files(uris: list[str], workers: int = 8) -> tuple[dict[str, str], dict[
     return hashes, failed
 
 
-def take_snapshot(records: list[ImageRecord], known: dict[tuple, str]) -> tuple[list[dict], list[Skipped], int]:
-    """Manifest rows of ``records`` (sorted by image_id), what could not be read, and how many files were read."""
+def take_snapshot(records: list[ImageRecord], known: dict[tuple, str],
+                  max_file_bytes: int | None = None) -> tuple[list[dict], list[Skipped], int]:
+    """Manifest rows of ``records`` (sorted by image_id), what could not be read, and how many files
+    were read. A file above ``max_file_bytes`` is skipped by its size, never read."""
     stats = stat_many([r.uri for r in records])
     skipped = [Skipped(r.image_id, f"missing file: {r.uri}") for r in records if r.uri not in stats]
-    present = [r for r in records if r.uri in stats]
+    too_big = {r.uri for r in records if r.uri in stats and max_file_bytes and stats[r.uri].size > max_file_bytes}
+    skipped += [Skipped(r.image_id, f"{stats[r.uri].size} bytes, above data.max_file_bytes ({max_file_bytes})")
+                for r in records if r.uri in too_big]
+    present = [r for r in records if r.uri in stats and r.uri not in too_big]
     todo = sorted({r.uri for r in present if _version_key(r.uri, stats[r.uri]) not in known})
     fresh, unreadable = hash_files(todo)
     rows = []

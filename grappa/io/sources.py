@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from grappa.io.storage import StorageError, is_s3, list_s3, read_bytes
 
@@ -254,15 +254,39 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# The decoders PIL may use: the formats of IMAGE_EXTENSIONS. Never PostScript/EPS (it runs Ghostscript
+# on the file), PDF or any other plugin PIL would otherwise try on unknown bytes.
+DECODERS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")  # JPEG includes its MPO variant
+# Formats we do not decode, told by their first bytes, so the skip reason names them.
+_UNSUPPORTED = ((b"%!PS", "PostScript/EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"%PDF", "PDF"),
+                (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"\xff\x0a", "JPEG XL"), (b"8BPS", "Photoshop"))
+_UNSUPPORTED_FTYP = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF",
+                     b"avis": "AVIF", b"jxl ": "JPEG XL"}
+
+
+def unsupported_format(data: bytes) -> str | None:
+    """The name of a known image format we do not decode, from the file's first bytes."""
+    for magic, name in _UNSUPPORTED:
+        if data.startswith(magic):
+            return name
+    if data[4:8] == b"ftyp":  # ISO base media (HEIF family)
+        return _UNSUPPORTED_FTYP.get(data[8:12], None)
+    return None
+
+
 def decode_image(data: bytes, min_side: int, max_pixels: int) -> Image.Image:
-    """Bytes -> RGB PIL image, or ImageDecodeError with a short reason."""
+    """Bytes -> RGB PIL image (EXIF orientation applied), or ImageDecodeError with a short reason."""
     if not data:
         raise ImageDecodeError("empty file")
+    other = unsupported_format(data)
+    if other:
+        raise ImageDecodeError(f"unsupported format ({other}); supported: {', '.join(DECODERS)}")
     try:
         with warnings.catch_warnings():
             # ``max_pixels`` is the limit; PIL's own DecompressionBombError (2x its default) still applies.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            Image.init()  # registers every plugin, so each of DECODERS is known (a no-op after the first call)
+            image = Image.open(io.BytesIO(data), formats=DECODERS)
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageDecodeError(f"too large ({width}x{height} > {max_pixels} pixels)")
@@ -271,7 +295,8 @@ def decode_image(data: bytes, min_side: int, max_pixels: int) -> Image.Image:
             if image.format == "JPEG":
                 image.draft("RGB", (width, height))  # no-op at full size; keeps decoding in RGB
             image.load()
-            return to_rgb(image)
+            # a phone photo stored sideways with an EXIF rotation is seen the way its viewer shows it
+            return to_rgb(ImageOps.exif_transpose(image))
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as err:

@@ -39,7 +39,8 @@ def run(params: Params) -> dict:
     if not records:
         raise ConfigError("data.sources: no images found in " + ", ".join(params.data.sources))
     previous = manifests.previous_rows(path)
-    rows, unreadable, hashed = manifests.take_snapshot(records, manifests.hash_cache(previous))
+    rows, unreadable, hashed = manifests.take_snapshot(records, manifests.hash_cache(previous),
+                                                       params.data.max_file_bytes)
     skipped += unreadable
     if not rows:
         raise ConfigError("data.sources: none of the listed images could be read (see the skipped list)")
