@@ -171,6 +171,27 @@ def test_extract_cache_computes_only_new_images(tmp_path):
     assert _tmp_files(tmp_path) == []
 
 
+def test_a_file_rewritten_after_the_snapshot_never_puts_its_features_under_the_old_hash(tmp_path):
+    folder = tmp_path / "data" / "dom"
+    folder.mkdir(parents=True)
+    for i in range(4):
+        _valid(i).save(folder / f"a{i}.png")
+    params = _params(tmp_path, [folder.parent])
+    snapshot.run(params)
+    _valid(9).save(folder / "a1.png")  # replaced between snapshot and extract (same name, other image)
+    report = extract.run(params, Shard(0, 1))
+    assert [(s["image_id"], s["reason"]) for s in report["skipped"]] == [
+        ("dom/dom/a1.png", "changed since the snapshot (its bytes no longer have the snapshot's hash)")]
+    # the next snapshot sees the new bytes: extracted under their own hash, equal to a clean run's
+    second = snapshot_and_extract(params)
+    assert second["skipped"] == [] and second["images"] == 4
+    fresh = _params(tmp_path / "clean", [folder.parent])
+    snapshot_and_extract(fresh)
+    ours, clean = (read_table(Path(p.out_dir) / "extract" / "features.parquet") for p in (params, fresh))
+    assert ours.column("content_hash").to_pylist() == clean.column("content_hash").to_pylist()
+    assert np.allclose(arrow_to_vectors(ours.column("vector")), arrow_to_vectors(clean.column("vector")), atol=1e-6)
+
+
 def test_extract_crash_while_writing_keeps_previous_artifacts(tmp_path, monkeypatch):
     folder = tmp_path / "data" / "dom"
     folder.mkdir(parents=True)

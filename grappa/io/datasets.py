@@ -20,18 +20,20 @@ from grappa.core.backbones import Preprocess
 from grappa.core.model import FUSION
 from grappa.io.features import open_prefix, read_columns, split_rows, take_vectors
 from grappa.io.layout import Layout
-from grappa.io.sources import ImageDecodeError, SourceError, decode_image
+from grappa.io.sources import ImageDecodeError, SourceError, content_hash, decode_image
 from grappa.io.storage import StorageError, read_bytes
 
 
 
 class ImageDataset(Dataset):
-    """Items are (row, tensor) or (row, None, reason) for an image that cannot be used."""
+    """Items are (row, tensor) or (row, None, reason) for an image that cannot be used. With
+    ``hashes`` (the snapshot's content hash of each uri), the bytes read must hash to it: a file
+    rewritten since the snapshot is unusable here, so its features never land under another hash."""
 
     is_images = True
 
-    def __init__(self, uris: list[str], transform, min_side: int, max_pixels: int):
-        self.uris, self.transform = uris, transform
+    def __init__(self, uris: list[str], transform, min_side: int, max_pixels: int, hashes: list[str] | None = None):
+        self.uris, self.transform, self.hashes = uris, transform, hashes
         self.min_side, self.max_pixels = min_side, max_pixels
 
     def __len__(self) -> int:
@@ -39,7 +41,10 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            image = decode_image(read_bytes(self.uris[i]), self.min_side, self.max_pixels)
+            data = read_bytes(self.uris[i])
+            if self.hashes is not None and content_hash(data) != self.hashes[i]:
+                return i, None, "changed since the snapshot (its bytes no longer have the snapshot's hash)"
+            image = decode_image(data, self.min_side, self.max_pixels)
         except (ImageDecodeError, StorageError) as err:
             return i, None, str(err)
         return i, self.transform(image), None
