@@ -17,6 +17,7 @@ from grappa.io import artifacts
 from grappa.io.artifacts import arrow_to_vectors, atomic_path, read_table, write_json
 from grappa.io.features import FeatureCache, RowFile, RowFileWriter, open_prefix
 from grappa.io.layout import Layout, Shard
+from grappa.io.layout import layout as layout_of
 from grappa.steps import extract, merge_features, snapshot
 from test_data import encode, png_header_only
 
@@ -375,6 +376,19 @@ def test_shard_arguments_are_checked_against_the_params(tmp_path, messy):
     extract.run(params, Shard(1, 2))
     with pytest.raises(ConfigError, match=r"extract parts missing: run 'grappa extract --shard 0/2'"):
         merge_features.run(params)
+    # a new snapshot (an image arrived) after part 1 was cut: part 1's rows are other images now
+    extract.run(params, Shard(0, 2))
+    merge_features.run(params)
+    _valid(77).save(folder / "late.png")
+    snapshot.run(params)
+    extract.run(params, Shard(0, 2))
+    with pytest.raises(ConfigError, match=r"extract part 1/2 was made from another data snapshot; "
+                                          r"run 'grappa extract --shard 1/2'"):
+        merge_features.run(params)
+    extract.run(params, Shard(1, 2))
+    merge_features.run(params)
+    ids = read_table(layout_of(params).features).column("image_id").to_pylist()
+    assert any(i.endswith("/late.png") for i in ids) and len(ids) == len(set(ids))
     with pytest.raises(ValueError):
         Shard.parse("2/2")
 

@@ -30,7 +30,7 @@ from grappa.config import ConfigError, Params
 from grappa.core.augment import image_transform
 from grappa.core.backbones import create_backbone
 from grappa.core.model import GrappaModel, pick_device
-from grappa.io.artifacts import read_table, vectors_to_arrow, write_json
+from grappa.io.artifacts import file_sha256, read_table, vectors_to_arrow, write_json
 from grappa.io.assemble import build_model
 from grappa.io.datasets import ImageDataset, loader
 from grappa.io.features import FeatureCache, RowFileWriter, chunk_rows
@@ -86,6 +86,8 @@ def run(params: Params, shard: Shard) -> dict:
     kept = rows.filter(pa.array(usable))
     report = {
         "shard": str(shard),
+        # which snapshot this part was cut from: merge-features joins only parts of the current one
+        "snapshot_sha256": file_sha256(layout(params).manifest),
         "backbone_fingerprint": fingerprint,
         "cache_dir": str(cache.root),
         "images": kept.num_rows,

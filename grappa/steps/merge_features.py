@@ -12,7 +12,7 @@ import shutil
 import pyarrow.parquet as pq
 
 from grappa.config import ConfigError, Params
-from grappa.io.artifacts import atomic_path, read_json, write_json
+from grappa.io.artifacts import atomic_path, file_sha256, read_json, write_json
 from grappa.io.features import RowFile, stream_parquet, write_prefix_index
 from grappa.io.layout import EXTRACT_REPORT, PART_FEATURES, PART_PREFIX, PART_REPORT, layout, shards
 
@@ -25,6 +25,11 @@ def run(params: Params) -> dict:
         raise ConfigError(f"extract parts missing: run 'grappa extract --shard {missing[0]}'"
                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     reports = [read_json(out.path(PART_REPORT, shard=s)) for s in parts]
+    snapshot = file_sha256(out.manifest)
+    stale = [str(s) for s, r in zip(parts, reports) if r.get("snapshot_sha256") != snapshot]
+    if stale:  # a part cut from an earlier snapshot holds other images at its rows
+        raise ConfigError(f"extract part {stale[0]} was made from another data snapshot; run 'grappa extract "
+                          f"--shard {stale[0]}'" + (f" (and {len(stale) - 1} more)" if len(stale) > 1 else ""))
     fingerprints = {r["backbone_fingerprint"] for r in reports}
     if len(fingerprints) > 1:
         raise ConfigError(f"the extract parts come from {len(fingerprints)} backbone setups; rerun 'grappa extract'")
