@@ -437,3 +437,36 @@ def test_cache_compaction_merges_small_shards_and_reads_the_previous_format(tmp_
 
     with cache.shared():  # an extraction holds the cache: compaction waits for another run
         assert "skipped" in FeatureCache(tmp_path / "cache").compact(rows_per_shard=4)
+
+
+@pytest.mark.parametrize("damage", ["zero-byte table", "truncated table", "missing array", "short array"])
+def test_a_damaged_cache_shard_is_quarantined_and_recomputed_never_read(tmp_path, damage):
+    folder = tmp_path / "data" / "dom"
+    folder.mkdir(parents=True)
+    for i in range(6):
+        _valid(i).save(folder / f"a{i}.png")
+    params = _params(tmp_path, [folder.parent])
+    clean = snapshot_and_extract(params)
+    before = read_table(Path(params.out_dir) / "extract" / "features.parquet")
+    (shard,) = Path(params.extract.cache_dir).glob("*/shard-*.parquet")
+    npy = shard.with_suffix(".npy")
+    if damage == "zero-byte table":
+        shard.write_bytes(b"")
+    elif damage == "truncated table":
+        shard.write_bytes(shard.read_bytes()[:-100])
+    elif damage == "missing array":
+        npy.unlink()
+    else:  # a compaction or an append killed while writing the array
+        npy.write_bytes(npy.read_bytes()[:-64])
+    for part in (Path(params.out_dir) / "extract" / "parts").iterdir():  # make extract read the cache again
+        for file in part.iterdir():
+            file.unlink()
+        part.rmdir()
+    with pytest.warns(UserWarning, match="feature cache: shard-.* is damaged"):
+        again = snapshot_and_extract(params)
+    assert (again["computed"], again["from_cache"]) == (clean["computed"], 0)  # recomputed, none read
+    assert (shard.parent / "quarantine" / shard.name).exists()
+    after = read_table(Path(params.out_dir) / "extract" / "features.parquet")
+    assert after.column("content_hash").equals(before.column("content_hash"))
+    assert np.allclose(arrow_to_vectors(after.column("vector")), arrow_to_vectors(before.column("vector")), atol=1e-6)
+    assert np.isfinite(_prefix(params)).all()

@@ -32,9 +32,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp_path
-        _fsync(tmp_path)
+        fsync(tmp_path)
         os.replace(tmp_path, path)
-        _fsync(path.parent)
+        fsync(path.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -46,7 +46,8 @@ def atomic_paths(*paths: str | Path) -> Iterator[list[Path]]:
         yield [stack.enter_context(atomic_path(p)) for p in paths]
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk, where the filesystem allows it."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

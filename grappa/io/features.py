@@ -16,6 +16,7 @@ import fcntl
 import os
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from grappa.config import ConfigError
-from grappa.io.artifacts import arrow_to_vectors, read_json, vectors_to_arrow, write_json
+from grappa.io.artifacts import arrow_to_vectors, fsync, read_json, vectors_to_arrow, write_json
 from grappa.io.layout import Layout
 
 MB = 1 << 20
@@ -284,12 +285,49 @@ class FeatureCache:
     def shard_files(self) -> list[Path]:
         return sorted(self.root.glob("shard-*.parquet"))
 
+    def _check_shard(self, path: Path) -> list[str] | None:
+        """The content hashes of a sound shard; None for a damaged one (zero-byte or truncated
+        Parquet, a vector column that is not the shard's rows, a missing or short ``.npy``)."""
+        try:
+            parquet = pq.ParquetFile(path)
+            table = parquet.read(columns=["content_hash"])
+            if parquet.metadata.num_rows != table.num_rows or "vector" not in parquet.schema_arrow.names:
+                return None
+            legacy = "prefix" in parquet.schema_arrow.names
+            npy = path.with_suffix(".npy")
+            if self.row_shape is not None and not legacy:
+                rows = RowFile(npy)
+                expected = os.path.getsize(npy) - rows.offset
+                if len(rows) != table.num_rows or rows.row_shape != tuple(self.row_shape) or \
+                        expected != len(rows) * rows.row_bytes:
+                    return None
+            return table.column("content_hash").to_pylist()
+        except (OSError, ValueError, pa.ArrowException):
+            return None
+
+    def _quarantine(self, path: Path) -> None:
+        """Move a damaged shard (table and array) aside, so its images are computed again."""
+        folder = self.root / "quarantine"
+        folder.mkdir(exist_ok=True)
+        for file in (path, path.with_suffix(".npy")):
+            if file.exists():
+                os.replace(file, folder / file.name)
+        warnings.warn(f"feature cache: {path.name} is damaged (empty, truncated or without its activations); "
+                      f"moved to {folder} and its images will be computed again", stacklevel=3)
+
     def index(self) -> int:
-        """Reads the content hashes of every shard (not the vectors); returns the entries held."""
+        """Reads the content hashes of every shard (not the vectors); returns the entries held. A
+        damaged shard is quarantined, never read."""
         keys, shard, row = [], [], []
-        self._shards = self.shard_files()
-        for s, path in enumerate(self._shards):
-            hashes = pq.read_table(path, columns=["content_hash"]).column("content_hash").to_pylist()
+        sound = []
+        for path in self.shard_files():
+            hashes = self._check_shard(path)
+            if hashes is None:
+                self._quarantine(path)
+            else:
+                sound.append((path, hashes))
+        self._shards = [path for path, _ in sound]
+        for s, (path, hashes) in enumerate(sound):
             keys.append(_digests(hashes))
             shard.append(np.full(len(hashes), s, np.int32))
             row.append(np.arange(len(hashes), dtype=np.int32))
@@ -362,6 +400,7 @@ class FeatureCache:
         table = pa.table({"content_hash": list(hashes), "vector": vectors_to_arrow(vectors)})
         tmp = stem.with_name(f".{stem.name}.tmp")
         pq.write_table(table, tmp)
+        fsync(tmp)  # on disk before the rename makes it the shard's marker (a crash leaves no empty shard)
         os.replace(tmp, stem.with_suffix(".parquet"))
         if reindex:
             self._keys = None  # re-index on the next lookup
@@ -392,9 +431,9 @@ class FeatureCache:
                     chunk = hashes[start:start + rows_per_shard]
                     vectors, prefixes = self.gather(chunk)
                     self.append(chunk, vectors, prefixes, reindex=False)  # the old shards' index stays valid
-                for path in before:
-                    path.with_suffix(".npy").unlink(missing_ok=True)
+                for path in before:  # the table (the shard's marker) first: never a table without its array
                     path.unlink()
+                    path.with_suffix(".npy").unlink(missing_ok=True)
                 self._keys = None
                 return {"shards_before": len(before), "shards_after": len(self.shard_files()), "images": entries}
             finally:
