@@ -73,6 +73,7 @@ def build_pipeline(runner: str):
             commands = planning.plan(dict(params or {}), runner)
             if commands["prepare"]:
                 print(planning.prepare_workspace(commands["prepare"]) or "params.yaml and dvc.yaml: unchanged")
+                commands = planning.pin_params(commands)  # every step runs on the params written now
             planning.record_started(events)  # the watchers compare against what a run has started on
             stale = planning.stale_stages(runner)
             if stale == []:

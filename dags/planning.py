@@ -133,6 +133,22 @@ def prepare_workspace(command: str) -> str:
     return done.stdout
 
 
+def pin_params(commands: dict) -> dict:
+    """The local runner's ``repro`` commands, each pinned to the sha256 of params.yaml as ``prepare``
+    left it: a task refuses params another run or an edit wrote in between (``--params-sha256``)."""
+    import hashlib
+
+    digest = hashlib.sha256((runners.REPO / "params.yaml").read_bytes()).hexdigest()
+
+    def pin(command):
+        if isinstance(command, list):
+            return [pin(c) for c in command]
+        argv = shlex.split(command)
+        return shlex.join([*argv, "--params-sha256", digest]) if "repro" in argv else command
+
+    return {name: pin(command) if name in runners.STEPS else command for name, command in commands.items()}
+
+
 def stale_stages(runner: str) -> list[str] | None:
     """The stages `dvc status` finds out of date in the workspace (local runner), None where DVC does
     not run the steps. An empty list: this run has nothing to do."""

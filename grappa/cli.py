@@ -153,6 +153,13 @@ def _run_pipeline(params: Params) -> int:
 
     started = time.perf_counter()
     root = _workspace()
+    with workspace.exclusive(root, "a 'grappa run'"):
+        return _run_pipeline_held(root, params, started)
+
+
+def _run_pipeline_held(root: Path, params: Params, started: float) -> int:
+    from grappa import workspace
+
     prepare_workspace(root, params)
     tracker = tracking.from_params(params)
     env = {}
@@ -177,11 +184,13 @@ def _run_pipeline(params: Params) -> int:
     return 0
 
 
-def _repro_stage(params: Params, stage: str) -> int:
-    """`grappa repro STAGE`: one stage through DVC; exit 99 when DVC found it up to date."""
+def _repro_stage(params: Params, stage: str, pinned: str | None = None) -> int:
+    """`grappa repro STAGE`: one stage through DVC; exit 99 when DVC found it up to date. With
+    ``pinned`` (the sha256 of params.yaml its Airflow run planned with), other params are refused."""
     from grappa import workspace
 
     root = _workspace()
+    workspace.check_pinned(root, pinned)
     # the stages dvc.yaml spells out from params.yaml: the data roots they watch, the shards they run
     if stage in workspace.watched_roots(params) or stage.partition("@")[0] in workspace.SHARD_DEPENDENT:
         problem = workspace.drift(root, params)
@@ -221,8 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
             parser_of_step.add_argument(f"--{step.mapped}", dest="item", default=None, metavar=step.axis.metavar,
                                         help=step.axis.help)
     verb("run", help="the whole pipeline through `dvc repro` (reruns only what changed)")
-    verb("repro", help="one DVC stage (what an Airflow task runs); exit 99 if up to date").add_argument(
-        "stage", help="a dvc.yaml stage, e.g. cluster, extract@0-of-2 or train_adaptor@64")
+    repro = verb("repro", help="one DVC stage (what an Airflow task runs); exit 99 if up to date")
+    repro.add_argument("stage", help="a dvc.yaml stage, e.g. cluster, extract@0-of-2 or train_adaptor@64")
+    repro.add_argument("--params-sha256", default=None, metavar="SHA256",
+                       help="refuse to run unless params.yaml has this sha256 (the one its Airflow run pinned)")
     embed = verb("embed", help="embeddings of images (folders, manifests, s3:// prefixes) as Parquet")
     embed.add_argument("sources", nargs="+", help="image sources, like data.sources")
     embed.add_argument("--out", required=True, help="Parquet file to write")
@@ -284,10 +295,13 @@ def _dispatch(args, params: Params) -> int:
     if args.step == "run":
         return _run_pipeline(params)
     if args.step == "prepare":
-        prepare_workspace(_workspace(), params)
+        from grappa import workspace
+
+        with workspace.exclusive(_workspace(), "a 'grappa prepare'"):
+            prepare_workspace(_workspace(), params)
         return 0
     if args.step == "repro":
-        return _repro_stage(params, args.stage)
+        return _repro_stage(params, args.stage, args.params_sha256)
     if args.step in ("embed", "search"):
         from grappa import use
 

@@ -17,6 +17,7 @@ outputs are what ``dvc.yaml`` computes from ``params.yaml``. So
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -230,6 +231,53 @@ def drift(workspace: Path, params: Params) -> str | None:
     if (workspace / "dvc.yaml").read_text() != generated(params):
         return "dvc.yaml is not what grappa/registry.py and the code's imports generate; run 'grappa prepare'"
     return None
+
+
+# --------------------------------------------------------------------------- one run at a time
+
+LOCK_FILE = ".grappa-run.lock"  # beside dvc.yaml (not in .dvc/: a workspace may not be initialised yet)
+
+
+@contextlib.contextmanager
+def exclusive(workspace: Path, what: str):
+    """Hold the workspace for ``what`` (a pipeline run, a params rewrite): a second one gets a
+    one-line ConfigError naming the holder, never an interleaved params.yaml or dvc.lock."""
+    import fcntl
+
+    path = workspace / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise ConfigError(f"the workspace {workspace} is busy: {holder}; wait for it to finish "
+                              "(two runs in one workspace would interleave params.yaml and dvc.lock)") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{what} (pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def params_sha256(workspace: Path) -> str:
+    """What an Airflow run pins after writing its conf: the sha256 of the workspace's params.yaml."""
+    import hashlib
+
+    return hashlib.sha256((workspace / "params.yaml").read_bytes()).hexdigest()
+
+
+def check_pinned(workspace: Path, pinned: str | None) -> None:
+    """A task of a run refuses params.yaml other than the one its run started with."""
+    if pinned and params_sha256(workspace) != pinned:
+        raise ConfigError("params.yaml changed since this run started (another run or an edit wrote it); "
+                          "this task does not run on params its run did not plan; trigger a new run")
 
 
 # --------------------------------------------------------------------------- dvc repro

@@ -209,6 +209,18 @@ def test_plan_refuses_a_conf_that_could_inject_or_escape(tmp_path, monkeypatch):
     assert planning.plan({"params_file": "p.yaml"}, "local")["ks"] == [2, 4]
 
 
+def test_local_steps_are_pinned_to_the_params_their_run_wrote(tmp_path, monkeypatch):
+    import hashlib
+
+    monkeypatch.setattr(runners, "REPO", tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"cluster": {"ks": [2, 4]}}))
+    digest = hashlib.sha256((tmp_path / "params.yaml").read_bytes()).hexdigest()
+    pinned = planning.pin_params(planning.plan({}, "local"))
+    assert pinned["cluster"].endswith(f"repro cluster --params-sha256 {digest}")
+    assert all(c.endswith(f"--params-sha256 {digest}") for c in pinned["train_adaptor"])
+    assert "--params-sha256" not in pinned["prepare"] + pinned["close_run"]
+
+
 def test_plan_maps_extract_over_the_shards_of_the_run_conf(tmp_path, monkeypatch):
     """conf {"shards": 3}: three extract commands for every runner, the conf written as extract.shards."""
     monkeypatch.setattr(runners, "REPO", tmp_path)

@@ -97,3 +97,27 @@ def test_a_changed_shard_count_is_a_drift_that_sync_rewrites(tmp_path):
         f"${{out_dir}}/extract/parts/{i}-of-3" for i in range(3)]
     # the other stages do not depend on the count
     assert workspace.generated(one).split("# step 3:")[1] == workspace.generated(three).split("# step 3:")[1]
+
+
+def test_one_pipeline_run_holds_the_workspace_and_tasks_keep_their_runs_params(tmp_path, monkeypatch, capsys):
+    from grappa.cli import main
+
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(tmp_path, ["x"])))
+    (tmp_path / "x").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with workspace.exclusive(tmp_path, "a 'grappa run'"):
+        with pytest.raises(ConfigError, match=r"is busy: a 'grappa run' \(pid \d+, since"):
+            with workspace.exclusive(tmp_path, "a 'grappa prepare'"):
+                pass
+        assert main(["prepare"]) == 2  # what the Airflow plan task runs: refused, params.yaml untouched
+        assert "is busy: a 'grappa run'" in capsys.readouterr().err
+    with workspace.exclusive(tmp_path, "again"):  # released
+        pass
+    pinned = workspace.params_sha256(tmp_path)
+    workspace.check_pinned(tmp_path, pinned)
+    (tmp_path / "params.yaml").write_text((tmp_path / "params.yaml").read_text() + "# edited\n")
+    with pytest.raises(ConfigError, match="params.yaml changed since this run started"):
+        workspace.check_pinned(tmp_path, pinned)
+    assert main(["repro", "snapshot", "--params-sha256", pinned]) == 2
+    assert "params.yaml changed since this run started" in capsys.readouterr().err
