@@ -21,8 +21,8 @@ import numpy as np
 
 from grappa.cli import _parse_set, run_all
 from grappa.config import load_params
-from grappa.core.evaluation import METRICS, markdown_table, method_order
-from grappa.io.artifacts import write_json, write_text
+from grappa.core.evaluation import METRICS, markdown_table, method_order, routing_table
+from grappa.io.artifacts import read_json, write_json, write_text
 from grappa.io.layout import layout
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -60,6 +60,17 @@ def markdown(methods: dict, seeds: list[int]) -> str:
                           ["method", *domains, "mean mAP@R", "mean R@1"], rows)
 
 
+def render(results: dict) -> str:
+    """``results/<name>.md`` from ``results/<name>.json``: the test-class table over the seeds, then
+    how the first seed's fused model routes (the README's results table is this text, tested)."""
+    text = markdown(results["methods"], results["seeds"])
+    first = str(results["seeds"][0])
+    routing = (results.get("routing") or {}).get(first)
+    if routing:
+        text += "\n" + routing_table(routing).replace("Routing of", f"Seed {first}: routing of", 1)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
@@ -69,7 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-caps", action="store_true", help="keep params.yaml's per-domain caps (default: all images)")
     parser.add_argument("--add", action="store_true",
                         help="add these seeds to the seeds already in results/<name>.json instead of starting over")
+    parser.add_argument("--render", action="store_true",
+                        help="only rewrite results/<name>.md from results/<name>.json (no compute)")
     args = parser.parse_args(argv)
+    if args.render:
+        text = render(json.loads((RESULTS / f"{args.name}.json").read_text()))
+        write_text(RESULTS / f"{args.name}.md", text)
+        print(text)
+        return 0
 
     overrides = {} if args.keep_caps else dict(FULL_DATA)
     overrides.update(_parse_set(args.set))
@@ -117,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             "routing": {str(s): r.get("routing") for s, r in zip(done, per_seed)},
             "attention_by_domain": {str(s): r.get("attention_by_domain") for s, r in zip(done, per_seed)},
         })
-        table = markdown(methods, done)
+        table = render(read_json(RESULTS / f"{args.name}.json"))
         write_text(RESULTS / f"{args.name}.md", table)
     print(table)
     return 0

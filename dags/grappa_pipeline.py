@@ -72,8 +72,10 @@ def build_pipeline(runner: str):
                 print("no asset event: manual run")
             commands = planning.plan(dict(params or {}), runner)
             if commands["prepare"]:
-                print(planning.prepare_workspace(commands["prepare"]) or "params.yaml and dvc.yaml: unchanged")
-                commands = planning.pin_params(commands)  # every step runs on the params written now
+                prepared = planning.prepare_workspace(commands["prepare"])
+                print(prepared)
+                # every step runs on the params this prepare wrote, or refuses to
+                commands = planning.pin_params(commands, planning.pinned_digest(prepared))
             planning.record_started(events)  # the watchers compare against what a run has started on
             stale = planning.stale_stages(runner)
             if stale == []:

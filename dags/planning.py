@@ -133,18 +133,29 @@ def prepare_workspace(command: str) -> str:
     return done.stdout
 
 
-def pin_params(commands: dict) -> dict:
-    """The local runner's ``repro`` commands, each pinned to the sha256 of params.yaml as ``prepare``
-    left it: a task refuses params another run or an edit wrote in between (``--params-sha256``)."""
-    import hashlib
+PINNED_PREFIX = "params.yaml sha256: "  # grappa.workspace.PINNED_PREFIX: the line `grappa prepare` ends with
 
-    digest = hashlib.sha256((runners.REPO / "params.yaml").read_bytes()).hexdigest()
 
+def pinned_digest(prepare_output: str) -> str:
+    """The sha256 of params.yaml that ``grappa prepare`` read while it still held the workspace."""
+    lines = [line for line in prepare_output.splitlines() if line.startswith(PINNED_PREFIX)]
+    if not lines:
+        raise RuntimeError("grappa prepare did not report the sha256 of the params.yaml it wrote")
+    return lines[-1][len(PINNED_PREFIX):].strip()
+
+
+def pin_params(commands: dict, digest: str) -> dict:
+    """The local runner's ``repro`` commands, each pinned to ``digest`` (the sha256 of params.yaml
+    as its run's ``prepare`` wrote it): a task refuses params another run or an edit wrote since.
+    The option goes before the stage, which stays the last word (the mapped tasks' label)."""
     def pin(command):
         if isinstance(command, list):
             return [pin(c) for c in command]
         argv = shlex.split(command)
-        return shlex.join([*argv, "--params-sha256", digest]) if "repro" in argv else command
+        if "repro" not in argv:
+            return command
+        at = argv.index("repro") + 1
+        return shlex.join([*argv[:at], "--params-sha256", digest, *argv[at:]])
 
     return {name: pin(command) if name in runners.STEPS else command for name, command in commands.items()}
 

@@ -299,6 +299,8 @@ def _dispatch(args, params: Params) -> int:
 
         with workspace.exclusive(_workspace(), "a 'grappa prepare'"):
             prepare_workspace(_workspace(), params)
+            # read while the workspace is still held: what an Airflow run pins its tasks to
+            print(f"{workspace.PINNED_PREFIX}{workspace.params_sha256(_workspace())}")
         return 0
     if args.step == "repro":
         return _repro_stage(params, args.stage, args.params_sha256)

@@ -170,7 +170,7 @@ STEPS: tuple[Step, ...] = (
                Out(L.METRICS, cache=False, kind="metrics"), Out(L.PLOTS, kind="plots")),
          report=L.METRICS, datasets=(("query_db", "evaluation"),)),
     Step("index", "step 7: faiss index of the catalogue with the champion model",
-         params=(*BASE, "backbone", "index", *IMAGES, "extract.num_workers"),
+         params=(*BASE, "backbone", "index", *IMAGES, "data.max_file_bytes", "extract.num_workers"),
          # the manifest is the catalogue when index.sources is empty; images extract holds are fed
          # from its prefix activations
          deps=(L.MANIFEST, L.FEATURES, L.PREFIX_INDEX, L.CHAMPION),

@@ -266,6 +266,9 @@ def exclusive(workspace: Path, what: str):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+PINNED_PREFIX = "params.yaml sha256: "  # the line `grappa prepare` ends with
+
+
 def params_sha256(workspace: Path) -> str:
     """What an Airflow run pins after writing its conf: the sha256 of the workspace's params.yaml."""
     import hashlib

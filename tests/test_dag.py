@@ -215,10 +215,19 @@ def test_local_steps_are_pinned_to_the_params_their_run_wrote(tmp_path, monkeypa
     monkeypatch.setattr(runners, "REPO", tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"cluster": {"ks": [2, 4]}}))
     digest = hashlib.sha256((tmp_path / "params.yaml").read_bytes()).hexdigest()
-    pinned = planning.pin_params(planning.plan({}, "local"))
-    assert pinned["cluster"].endswith(f"repro cluster --params-sha256 {digest}")
-    assert all(c.endswith(f"--params-sha256 {digest}") for c in pinned["train_adaptor"])
+    output = f"params.yaml: cluster.ks: [2, 4] -> [2, 8]\nparams.yaml sha256: {digest}\n"  # what prepare prints
+    pinned = planning.pin_params(planning.plan({}, "local"), planning.pinned_digest(output))
+    assert pinned["cluster"].endswith(f"repro --params-sha256 {digest} cluster")
+    assert [c.split()[-1] for c in pinned["train_adaptor"]] == ["train_adaptor@2", "train_adaptor@4"]
+    # the mapped tasks' labels (the command's last word) still name the item, not the digest
+    from types import SimpleNamespace
+
+    labels = [eval(runners.MAP_INDEX_ITEM["local"], {}, {"task": SimpleNamespace(bash_command=c)})
+              for c in pinned["train_adaptor"] + pinned["extract"]]
+    assert labels == ["2", "4", "0/1"]
     assert "--params-sha256" not in pinned["prepare"] + pinned["close_run"]
+    with pytest.raises(RuntimeError, match="did not report"):
+        planning.pinned_digest("params.yaml: unchanged\n")
 
 
 def test_plan_maps_extract_over_the_shards_of_the_run_conf(tmp_path, monkeypatch):

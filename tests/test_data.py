@@ -391,3 +391,14 @@ def test_exif_orientation_is_applied():
     assert shown.size == (20, 40)  # upright, as a viewer shows it
     top = np.asarray(shown)[:10].mean(axis=(0, 1))
     assert top[2] > 150 and top[0] < 60, "the blue left half is on top after a 90 degree clockwise turn"
+
+
+def test_folder_listing_skips_a_symlink_loop_and_an_unreadable_entry(tmp_path):
+    root = tmp_path / "pool"
+    (root / "d").mkdir(parents=True)
+    rgb_image(20).save(root / "d" / "ok.png")
+    (root / "d" / "loop.png").symlink_to(root / "d" / "loop.png")  # points at itself
+    records, skipped = resolve_sources([str(root)])
+    assert [r.image_id for r in records] == ["d/d/ok.png"]
+    [(image_id, reason)] = [(s.image_id, s.reason) for s in skipped]
+    assert image_id == "d/loop.png" and reason.startswith("cannot be read (Too many levels of symbolic links")

@@ -6,6 +6,7 @@ the Airflow DAG's per-stage commands and a plain `dvc repro` share one dvc.lock.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -196,7 +197,10 @@ def test_dag_commands_agree_with_grappa_run(dvc_repo, reproduced, monkeypatch):
     plan = planning.plan({}, "local")
     assert plan["ks"] == [2, 4] and plan["train_adaptor"][1].endswith("repro train_adaptor@4")
     assert plan["shards"] == 1 and [c.split()[-1] for c in plan["extract"]] == ["extract@0-of-1"]
-    assert planning.prepare_workspace(plan["prepare"]) == ""  # params.yaml and dvc.yaml already say this run
+    prepared = planning.prepare_workspace(plan["prepare"])
+    digest = hashlib.sha256((dvc_repo / "params.yaml").read_bytes()).hexdigest()
+    assert prepared.splitlines() == [f"params.yaml sha256: {digest}"]  # params.yaml and dvc.yaml already say this run
+    plan = planning.pin_params(plan, planning.pinned_digest(prepared))  # as the plan task does
     env = {**os.environ, "GRAPPA_TRACKING": "0", "DVC_NO_ANALYTICS": "1"}
     for command, stage in ((plan["extract"][0], "extract@0-of-1"), (plan["merge_features"], "merge_features")):
         done = subprocess.run(["bash", "-c", command], cwd=dvc_repo, env=env, capture_output=True, text=True,

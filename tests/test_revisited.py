@@ -165,7 +165,8 @@ def test_ground_truth_with_numpy_arrays_loads_and_one_that_runs_code_is_refused(
     for q in gnd['gnd']:  # the official files hold numpy arrays
         q.update(easy=np.asarray(q['easy'], dtype=np.int64), bbx=np.asarray(q['bbx'], dtype=np.float64))
     path = tmp_path / 'gnd_np.pkl'
-    for protocol in (2, 4, 5):
+    gnd['gnd'][1]['junk'] = np.zeros(0, dtype=np.int64)  # an empty array: pickled through bytes()
+    for protocol in (0, 2, 4, 5):
         path.write_bytes(pickle.dumps(gnd, protocol=protocol))
         assert evaluate_revisited(_toy_similarity(), load_ground_truth(path))['hard']['map'] == 1.0
     hostile = tmp_path / 'gnd_hostile.pkl'

@@ -143,10 +143,13 @@ def test_paths_are_read_only_inside_the_configured_roots_and_under_the_cap(tmp_p
         str(outside / "secret"): "outside the folders", str(root / "sub" / ".." / ".." / "outside" / "secret"): "outside",
         str(root / "escape"): "outside", str(root) + "-sibling/x": "outside", "s3://bucket/other/x.png": "outside",
         "s3://bucket/images/../other/x": "outside", str(root / "big"): "above the server's cap of 100",
-        str(root / "missing.png"): "cannot read",
+        str(root / "missing.png"): "cannot read", str(root / "fifo"): "not a regular file",
     }
+    os.mkfifo(root / "fifo")  # would block a reader forever
     for path, reason in refused.items():
         with pytest.raises(ValueError, match=reason):
             images_of(pd.DataFrame({"path": [path]}), env)
+    with pytest.raises(ValueError, match="names no bucket"):
+        images_of(pd.DataFrame({"path": ["s3://b/x.png"]}), {"GRAPPA_SERVE_PATH_ROOTS": "s3://"})
     with pytest.raises(ValueError, match="row 0: this server reads no paths"):
         images_of(pd.DataFrame({"path": [str(root / "sub" / "a.png")]}), {})

@@ -42,10 +42,14 @@ def class_split(domains: np.ndarray, labels: np.ndarray, share: float, seed: int
     val = {}
     for domain in sorted(set(map(str, domains))):
         classes, counts = np.unique(labels[domains == domain], return_counts=True)
-        n = 0 if len(classes) < 2 else min(max(round(share * len(classes)), 1), len(classes) - 1)
+        n = 0 if len(classes) < 2 else min(max(int(np.floor(share * len(classes) + 0.5)), 1), len(classes) - 1)
         rng = np.random.default_rng([seed, zlib.crc32(domain.encode())])
         by_size = np.lexsort((rng.random(len(classes)), counts))  # equal sizes in a seeded order
-        val[domain] = sorted(str(classes[rng.choice(stratum)]) for stratum in np.array_split(by_size, n)) if n else []
+        # one class per stratum for the smaller set, the rest to the other: every stratum has two or
+        # more classes, so no class lands in one set for every seed
+        smaller = min(n, len(classes) - n)
+        drawn = {str(classes[rng.choice(stratum)]) for stratum in np.array_split(by_size, smaller)} if smaller else set()
+        val[domain] = sorted(drawn if n <= len(classes) - n else set(map(str, classes)) - drawn)
     return val
 
 

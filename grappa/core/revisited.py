@@ -105,6 +105,9 @@ class _GroundTruthUnpickler(pickle.Unpickler):
         ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
         ('numpy.core.numeric', '_frombuffer'), ('numpy._core.numeric', '_frombuffer'),  # protocol 5 arrays
         ('_codecs', 'encode'),  # how protocol 2 (Python 2 compatible) spells an array's bytes
+        # plain values that protocols 0-2 spell as calls: empty bytes (an empty array), sets
+        ('builtins', 'bytes'), ('builtins', 'set'), ('builtins', 'frozenset'),
+        ('__builtin__', 'bytes'), ('__builtin__', 'set'), ('__builtin__', 'frozenset'),
     }
 
     def find_class(self, module: str, name: str):

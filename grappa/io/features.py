@@ -310,8 +310,10 @@ class FeatureCache:
         folder = self.root / "quarantine"
         folder.mkdir(exist_ok=True)
         for file in (path, path.with_suffix(".npy")):
-            if file.exists():
+            try:
                 os.replace(file, folder / file.name)
+            except FileNotFoundError:  # absent, or another extraction moved it first
+                pass
         warnings.warn(f"feature cache: {path.name} is damaged (empty, truncated or without its activations); "
                       f"moved to {folder} and its images will be computed again", stacklevel=3)
 
@@ -432,7 +434,7 @@ class FeatureCache:
                     vectors, prefixes = self.gather(chunk)
                     self.append(chunk, vectors, prefixes, reindex=False)  # the old shards' index stays valid
                 for path in before:  # the table (the shard's marker) first: never a table without its array
-                    path.unlink()
+                    path.unlink(missing_ok=True)  # a damaged one was quarantined by index()
                     path.with_suffix(".npy").unlink(missing_ok=True)
                 self._keys = None
                 return {"shards_before": len(before), "shards_after": len(self.shard_files()), "images": entries}

@@ -82,26 +82,35 @@ def resolve_sources(sources: list[str], select: Callable[[list[ImageRecord]], li
 
 def _folder_files(root: Path) -> tuple[list[Path], list[Skipped]]:
     """The files under ``root`` in sorted order, and what cannot be an image of the snapshot: a
-    name that is not UTF-8 (no manifest, table or JSON can hold it), a dangling symlink, an entry
-    that vanished while the folder was listed. Skipped with the reason, never an error: the folder
-    is written by others while we read it."""
+    name that is not UTF-8 (no manifest, table or JSON can hold it), a dangling symlink or a symlink
+    loop, an entry that vanished or cannot be read while the folder was listed. Skipped with the
+    reason, never an error: the folder is written by others while we read it."""
     files, skipped = [], []
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root)
-        try:
-            str(rel).encode("utf-8")
-        except UnicodeEncodeError:
-            shown = os.fsencode(rel).decode("utf-8", "backslashreplace")
-            skipped.append(Skipped(shown, "file name is not valid UTF-8"))
-            continue
-        try:
-            if stat.S_ISREG(path.stat().st_mode):  # follows a symlink
-                files.append(path)
-        except FileNotFoundError:
-            dangling = path.is_symlink()
-            skipped.append(Skipped(str(PurePosixPath(rel)),
-                                   "dangling symlink" if dangling else "removed while the folder was listed"))
-    return files, skipped
+
+    def shown(path: Path) -> str:
+        return os.fsencode(path.relative_to(root)).decode("utf-8", "backslashreplace")
+
+    def unreadable_folder(err: OSError) -> None:  # a sub-folder removed or closed to us mid-walk
+        skipped.append(Skipped(shown(Path(err.filename)), f"folder not listed ({err.strerror})"))
+
+    for folder, dirnames, filenames in os.walk(root, onerror=unreadable_folder):  # symlinked folders not followed
+        dirnames.sort()
+        for name in filenames:
+            path = Path(folder, name)
+            try:
+                str(path.relative_to(root)).encode("utf-8")
+            except UnicodeEncodeError:
+                skipped.append(Skipped(shown(path), "file name is not valid UTF-8"))
+                continue
+            try:
+                if stat.S_ISREG(path.stat().st_mode):  # follows a symlink
+                    files.append(path)
+            except FileNotFoundError:
+                skipped.append(Skipped(shown(path), "dangling symlink" if path.is_symlink()
+                                       else "removed while the folder was listed"))
+            except OSError as err:  # a symlink loop, no permission
+                skipped.append(Skipped(shown(path), f"cannot be read ({err.strerror})"))
+    return sorted(files), skipped
 
 
 def _list_folder(source: str) -> tuple[list[ImageRecord], list[Skipped]]:

@@ -56,7 +56,8 @@ def shard_rows(params: Params, shard: Shard) -> pa.Table:
 
 def run(params: Params, shard: Shard) -> dict:
     t0 = time.perf_counter()
-    rows = shard_rows(params, shard)
+    snapshot = file_sha256(layout(params).manifest) if layout(params).manifest.is_file() else None
+    rows = shard_rows(params, shard)  # (a snapshot landing from here on is told apart by merge-features)
     backbone, preprocess, fingerprint = create_backbone(params.backbone)
     start = params.backbone.adapt_from_block
     prefix_shape = tuple(backbone.block_shapes[start - 1]) if start > 0 else None
@@ -87,7 +88,7 @@ def run(params: Params, shard: Shard) -> dict:
     report = {
         "shard": str(shard),
         # which snapshot this part was cut from: merge-features joins only parts of the current one
-        "snapshot_sha256": file_sha256(layout(params).manifest),
+        "snapshot_sha256": snapshot,
         "backbone_fingerprint": fingerprint,
         "cache_dir": str(cache.root),
         "images": kept.num_rows,

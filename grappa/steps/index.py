@@ -83,7 +83,7 @@ def catalogue_rows(params: Params, previous: list[dict]) -> tuple[list[dict], li
             raise ConfigError(f"data snapshot not found at {path}; run 'grappa snapshot' first")
         return read_table(path).to_pylist(), []
     records, skipped = resolve_sources(params.index.sources)
-    rows, unreadable, _ = manifests.take_snapshot(records, manifests.hash_cache(previous))
+    rows, unreadable, _ = manifests.take_snapshot(records, manifests.hash_cache(previous), params.data.max_file_bytes)
     return rows, [{"image_id": s.image_id, "reason": s.reason} for s in skipped + unreadable]
 
 

@@ -13,6 +13,7 @@ file above ``GRAPPA_SERVE_MAX_BYTES`` (default 32 MB) is refused. Unset, the ser
 from __future__ import annotations
 
 import os
+import stat
 
 import mlflow
 import numpy as np
@@ -25,8 +26,11 @@ DEFAULT_MAX_BYTES = 32 << 20
 
 
 def path_policy(environ=os.environ) -> tuple[list[str], int]:
-    """(allowed roots, byte cap) from the server's environment."""
+    """(allowed roots, byte cap) from the server's environment; an s3:// root must name its bucket."""
     roots = [r.strip() for r in environ.get(ROOTS_ENV, "").split(",") if r.strip()]
+    for root in roots:
+        if root.startswith("s3://") and not root[len("s3://"):].split("/")[0]:
+            raise ValueError(f"{ROOTS_ENV}: {root!r} names no bucket")
     return roots, int(environ.get(MAX_BYTES_ENV) or DEFAULT_MAX_BYTES)
 
 
@@ -40,7 +44,9 @@ def _inside(path: str, roots: list[str]) -> bool:
 
 
 def read_allowed(path: str, roots: list[str], max_bytes: int) -> bytes:
-    """The bytes of a client-named file inside ``roots``, at most ``max_bytes``; ValueError otherwise."""
+    """The bytes of a client-named file inside ``roots``, at most ``max_bytes``; ValueError otherwise.
+    A local file is resolved once, opened once and must be a regular file (not a FIFO or a device),
+    and no more than ``max_bytes`` + 1 bytes are ever read from it."""
     from grappa.io.storage import StorageError, read_bytes, stat_many
 
     if not roots:
@@ -48,11 +54,23 @@ def read_allowed(path: str, roots: list[str], max_bytes: int) -> bytes:
                          f"(or set {ROOTS_ENV} on the server)")
     if not _inside(path, roots):
         raise ValueError(f"{path!r} is outside the folders this server may read ({ROOTS_ENV})")
+    too_big = f"{path!r} is above the server's cap of {max_bytes} bytes ({MAX_BYTES_ENV})"
     try:
-        size = stat_many([path])[path].size if path.startswith("s3://") else os.stat(os.path.realpath(path)).st_size
-        if size > max_bytes:
-            raise ValueError(f"{path!r} is {size} bytes, above the server's cap of {max_bytes} ({MAX_BYTES_ENV})")
-        return read_bytes(path if path.startswith("s3://") else os.path.realpath(path))
+        if path.startswith("s3://"):
+            if stat_many([path])[path].size > max_bytes:
+                raise ValueError(too_big)
+            return read_bytes(path)
+        fd = os.open(os.path.realpath(path), os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError(f"{path!r} is not a regular file")
+            with os.fdopen(fd, "rb", closefd=False) as fh:
+                data = fh.read(max_bytes + 1)
+        finally:
+            os.close(fd)
+        if len(data) > max_bytes:
+            raise ValueError(too_big)
+        return data
     except (OSError, KeyError, StorageError) as err:
         raise ValueError(f"cannot read {path!r}: {getattr(err, 'strerror', None) or err}") from None
 
