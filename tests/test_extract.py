@@ -74,6 +74,15 @@ def build_messy_source(root: Path) -> tuple[Path, Path, set[str], set[str]]:
     return root / "pool", man / "manifest.csv", good, bad
 
 
+def _pool(tmp_path: Path, n: int) -> Path:
+    """A folder source of ``n`` valid images ``a<i>.png`` in the domain folder ``dom``; returns that folder."""
+    folder = tmp_path / "data" / "dom"
+    folder.mkdir(parents=True)
+    for i in range(n):
+        _valid(i).save(folder / f"a{i}.png")
+    return folder
+
+
 def _params(tmp_path: Path, sources, **sections):
     return parse_params(tiny_params_dict(tmp_path, sources, **sections))
 
@@ -142,10 +151,7 @@ def test_extract_skips_bad_files_with_reasons_and_keeps_the_rest(tmp_path, messy
 
 
 def test_extract_cache_computes_only_new_images(tmp_path):
-    folder = tmp_path / "data" / "dom"
-    folder.mkdir(parents=True)
-    for i in range(5):
-        _valid(i).save(folder / f"a{i}.png")
+    folder = _pool(tmp_path, 5)
     params = _params(tmp_path, [folder.parent])
     first = snapshot_and_extract(params)
     assert (first["computed"], first["from_cache"]) == (5, 0)
@@ -173,10 +179,7 @@ def test_extract_cache_computes_only_new_images(tmp_path):
 
 
 def test_a_file_rewritten_after_the_snapshot_never_puts_its_features_under_the_old_hash(tmp_path):
-    folder = tmp_path / "data" / "dom"
-    folder.mkdir(parents=True)
-    for i in range(4):
-        _valid(i).save(folder / f"a{i}.png")
+    folder = _pool(tmp_path, 4)
     params = _params(tmp_path, [folder.parent])
     snapshot.run(params)
     _valid(9).save(folder / "a1.png")  # replaced between snapshot and extract (same name, other image)
@@ -194,10 +197,7 @@ def test_a_file_rewritten_after_the_snapshot_never_puts_its_features_under_the_o
 
 
 def test_extract_crash_while_writing_keeps_previous_artifacts(tmp_path, monkeypatch):
-    folder = tmp_path / "data" / "dom"
-    folder.mkdir(parents=True)
-    for i in range(4):
-        _valid(i).save(folder / f"a{i}.png")
+    folder = _pool(tmp_path, 4)
     params = _params(tmp_path, [folder.parent])
     snapshot_and_extract(params)
     out = Path(params.out_dir) / "extract"
@@ -290,10 +290,7 @@ def test_vectors_arrow_roundtrip():
 
 def test_killed_extraction_keeps_the_features_it_flushed(tmp_path, monkeypatch):
     """Features reach the cache every FLUSH_EVERY images, so a rerun after a crash starts where it stopped."""
-    folder = tmp_path / "data" / "dom"
-    folder.mkdir(parents=True)
-    for i in range(6):
-        _valid(i).save(folder / f"a{i}.png")
+    folder = _pool(tmp_path, 6)
     params = _params(tmp_path, [folder.parent])
     monkeypatch.setattr(extract, "FLUSH_EVERY", 2)
     appended = []
@@ -441,10 +438,7 @@ def test_cache_compaction_merges_small_shards_and_reads_the_previous_format(tmp_
 
 @pytest.mark.parametrize("damage", ["zero-byte table", "truncated table", "missing array", "short array"])
 def test_a_damaged_cache_shard_is_quarantined_and_recomputed_never_read(tmp_path, damage):
-    folder = tmp_path / "data" / "dom"
-    folder.mkdir(parents=True)
-    for i in range(6):
-        _valid(i).save(folder / f"a{i}.png")
+    folder = _pool(tmp_path, 6)
     params = _params(tmp_path, [folder.parent])
     clean = snapshot_and_extract(params)
     before = read_table(Path(params.out_dir) / "extract" / "features.parquet")
