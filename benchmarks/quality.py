@@ -49,7 +49,8 @@ def aggregate(per_seed: list[dict]) -> dict:
 def markdown(methods: dict, seeds: list[int]) -> str:
     domains = list(next(iter(methods.values()))["per_domain"])
     rows = []
-    for name, res in methods.items():
+    for name in method_order(methods):  # the JSON keeps its keys sorted
+        res = methods[name]
         cells = [f"{100 * res['per_domain'][d]['map_at_r']:.1f} ± {100 * res['per_domain'][d]['std']['map_at_r']:.1f}"
                  for d in domains]
         cells.append(f"**{100 * res['mean']['map_at_r']:.1f}** ± {100 * res['std']['map_at_r']:.1f}")
