@@ -46,7 +46,7 @@ import yaml  # noqa: E402
 
 import speed  # noqa: E402  (device_info, growth_exponent, print_table, list_images, bench_extraction)
 from grappa.config import BackboneParams, Params, load_params  # noqa: E402
-from grappa.io.artifacts import vectors_to_arrow, write_json  # noqa: E402
+from grappa.io.artifacts import file_sha256, vectors_to_arrow, write_json  # noqa: E402
 from grappa.io.features import RowFileWriter, chunk_rows  # noqa: E402
 
 SCHEMA_VERSION = 1
@@ -230,7 +230,13 @@ def write_synthetic_part(out_dir: Path, n_unlabeled: int, n_query: int, clusters
     writer.close()
     prefix.close()
     seconds = time.perf_counter() - t0
+    # no snapshot precedes a synthetic store: a stand-in manifest, whose sha256 the part records
+    # (merge-features joins only parts of the current snapshot)
+    manifest = Path(out_dir) / "snapshot" / "manifest.parquet"
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"synthetic_images": [total]}), manifest)
     report = {"shard": "0/1", "backbone_fingerprint": fingerprint, "cache_dir": None, "images": total,
+              "snapshot_sha256": file_sha256(manifest),
               "by_split": {"query_db": n_query, "unlabeled": n_unlabeled} if n_query else {"unlabeled": n_unlabeled},
               "by_domain": dict(sorted(by_domain.items())), "computed": total, "from_cache": 0, "skipped": [],
               "cache_compaction": None, "synthetic": True,

@@ -53,6 +53,7 @@ class RowFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._fd: int | None = None  # set first: close() runs even when the header below is unreadable
         with open(self.path, "rb") as fh:
             version = np.lib.format.read_magic(fh)
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
@@ -63,7 +64,6 @@ class RowFile:
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
         self.row_shape = self.shape[1:]
         self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
-        self._fd: int | None = None
 
     def __len__(self) -> int:
         return self.shape[0]
