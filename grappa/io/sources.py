@@ -283,6 +283,11 @@ def unsupported_format(data: bytes) -> str | None:
     return None
 
 
+# The version of what decode_image returns for the same bytes; part of the feature cache's key, so a
+# change (2: EXIF orientation applied) recomputes cached features instead of serving the old ones.
+DECODE_VERSION = 2
+
+
 def decode_image(data: bytes, min_side: int, max_pixels: int) -> Image.Image:
     """Bytes -> RGB PIL image (EXIF orientation applied), or ImageDecodeError with a short reason."""
     if not data:

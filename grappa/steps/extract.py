@@ -35,7 +35,7 @@ from grappa.io.assemble import build_model
 from grappa.io.datasets import ImageDataset, loader
 from grappa.io.features import FeatureCache, RowFileWriter, chunk_rows
 from grappa.io.layout import PART_FEATURES, PART_PREFIX, PART_REPORT, Shard, layout
-from grappa.io.sources import counts
+from grappa.io.sources import DECODE_VERSION, counts
 
 FLUSH_EVERY = 1024  # images: a killed extraction keeps all but the last few hundred computed features
 COLUMNS = ["image_id", "uri", "domain", "split", "label", "content_hash"]
@@ -62,7 +62,7 @@ def run(params: Params, shard: Shard) -> dict:
     start = params.backbone.adapt_from_block
     prefix_shape = tuple(backbone.block_shapes[start - 1]) if start > 0 else None
     model = build_model(params, backbone, ks=[])  # the frozen backbone alone: prefix and zero-shot features
-    cache = FeatureCache(Path(params.extract.cache_dir) / f"{fingerprint}-b{start}", prefix_shape)
+    cache = FeatureCache(Path(params.extract.cache_dir) / f"{fingerprint}-b{start}-d{DECODE_VERSION}", prefix_shape)
     hashes = rows.column("content_hash").to_pylist()
     with cache.shared():
         cache.index()
