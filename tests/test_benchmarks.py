@@ -195,3 +195,18 @@ def test_scale_quick_writes_rows_for_every_step_and_size(tmp_path):
         assert ex[key] > 0, key
     assert ex["plain_timm_loop"]["images_per_s"] > 0 and ex["matmul"]["gflops"] > 0
     assert "growth exponents" in proc.stdout and "FLOP bound" in proc.stdout
+
+
+def test_readme_results_are_the_committed_benchmark():
+    """The README's results block is results/multidomain.md, which is rendered from the committed
+    JSON: a figure in the README cannot drift from what the benchmark measured."""
+    from benchmarks.quality import RESULTS, render
+
+    results = json.loads((RESULTS / "multidomain.json").read_text())
+    assert results["protocol"]["select"] == "val" and results["protocol"]["report"] == "test"
+    assert results["seeds"] == [0, 1, 2]
+    rendered = render(results)
+    assert (RESULTS / "multidomain.md").read_text() == rendered
+    readme = (RESULTS.parents[1] / "README.md").read_text()
+    start, end = "<!-- benchmarks/results/multidomain.md -->\n", "<!-- end of benchmarks/results/multidomain.md -->"
+    assert readme[readme.index(start) + len(start):readme.index(end)] == rendered
