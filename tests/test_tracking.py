@@ -236,6 +236,12 @@ def test_params_metrics_and_artifacts(run, runs, client):
     assert evaluate.data.params["fusion.attn_dim"] and "fusion.knn" not in evaluate.data.params
     assert 0.0 <= evaluate.data.metrics["methods.grappa.mean.map_at_r"] <= 1.0
     assert "methods.zero_shot.per_domain.shapes.recall_at_1" in evaluate.data.metrics
+    # both sets of classes, and how the fused model routes, per adapted block
+    assert 0.0 <= evaluate.data.metrics["validation.methods.oracle_val.mean.map_at_r"] <= 1.0
+    assert "methods.oracle_test.mean.map_at_r" in evaluate.data.metrics
+    for name in ("mutual_information", "per_image_attn_entropy", "batch_mean_attn_entropy", "domain_js_mean"):
+        assert f"routing.block3.{name}" in evaluate.data.metrics
+    assert "train.batch_mean_attn_entropy" in children["train_fusion"].data.metrics
     top = {a.path for a in client.list_artifacts(evaluate.info.run_id)}
     assert {"metrics.json", "results.md", "plots", "bundle"} <= top
     plots = {a.path for a in client.list_artifacts(evaluate.info.run_id, "plots")}
