@@ -133,11 +133,10 @@ def prepare_workspace(command: str) -> str:
     return done.stdout
 
 
-PINNED_PREFIX = "params.yaml sha256: "  # grappa.workspace.PINNED_PREFIX: the line `grappa prepare` ends with
-
-
 def pinned_digest(prepare_output: str) -> str:
     """The sha256 of params.yaml that ``grappa prepare`` read while it still held the workspace."""
+    from grappa.workspace import PINNED_PREFIX  # at task time, on a worker holding the workspace
+
     lines = [line for line in prepare_output.splitlines() if line.startswith(PINNED_PREFIX)]
     if not lines:
         raise RuntimeError("grappa prepare did not report the sha256 of the params.yaml it wrote")

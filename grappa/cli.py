@@ -297,10 +297,11 @@ def _dispatch(args, params: Params) -> int:
     if args.step == "prepare":
         from grappa import workspace
 
-        with workspace.exclusive(_workspace(), "a 'grappa prepare'"):
-            prepare_workspace(_workspace(), params)
+        root = _workspace()
+        with workspace.exclusive(root, "a 'grappa prepare'"):
+            prepare_workspace(root, params)
             # read while the workspace is still held: what an Airflow run pins its tasks to
-            print(f"{workspace.PINNED_PREFIX}{workspace.params_sha256(_workspace())}")
+            print(f"{workspace.PINNED_PREFIX}{workspace.params_sha256(root)}")
         return 0
     if args.step == "repro":
         return _repro_stage(params, args.stage, args.params_sha256)

@@ -124,6 +124,7 @@ def _list_folder(source: str) -> tuple[list[ImageRecord], list[Skipped]]:
         uris = list(list_s3(prefix))
         rel_paths = [u[len(prefix):] for u in uris]
         inside = [True] * len(uris)
+        unlisted: list[Skipped] = []
     else:
         root = Path(source)
         if not root.is_dir():
@@ -135,7 +136,7 @@ def _list_folder(source: str) -> tuple[list[ImageRecord], list[Skipped]]:
         inside = [p.resolve().is_relative_to(real_root) for p in paths]
         prefix = str(root.resolve())
     fallback_domain = PurePosixPath(prefix.rstrip("/")).name or "default"
-    records, skipped = [], [] if is_s3(source) else unlisted
+    records, skipped = [], unlisted
     for uri, rel, ok in zip(uris, rel_paths, inside):
         parts = PurePosixPath(rel).parts
         if PurePosixPath(rel).suffix.lower() not in IMAGE_EXTENSIONS or any(p.startswith(".") for p in parts):
