@@ -210,3 +210,26 @@ def test_readme_results_are_the_committed_benchmark():
     readme = (RESULTS.parents[1] / "README.md").read_text()
     start, end = "<!-- benchmarks/results/multidomain.md -->\n", "<!-- end of benchmarks/results/multidomain.md -->"
     assert readme[readme.index(start) + len(start):readme.index(end)] == rendered
+
+
+def test_paired_interval_is_zero_for_equal_rows_and_brackets_a_shift():
+    from benchmarks.adaptation import paired_interval
+
+    rng = np.random.default_rng(0)
+    domains = np.repeat(["a", "b"], 60)
+    labels = np.tile(np.repeat(np.arange(12), 5), 2).astype(str)
+    ap = rng.uniform(size=120)
+    assert paired_interval(ap, ap, domains, labels) == (0.0, 0.0, 0.0)
+    better = np.clip(ap + rng.normal(0.05, 0.02, size=120), 0, None)
+    point, lo, hi = paired_interval(better, ap, domains, labels)
+    assert lo < point < hi and 0.03 < point < 0.07 and lo > 0
+    ap[3] = np.nan  # a query without a relevant image counts in neither row
+    assert np.isfinite(paired_interval(better, ap, domains, labels)).all()
+
+
+def test_simplex_grid_has_the_corners_midpoints_and_centre():
+    from benchmarks.adaptation import simplex_grid
+
+    grid = simplex_grid(3)
+    assert len(grid) == 7 and all(abs(sum(w) - 1) < 1e-9 for w in grid.values())
+    assert grid["e1"] == [0.0, 1.0, 0.0] and grid["e0+e2"] == [0.5, 0.0, 0.5]

@@ -124,7 +124,9 @@ def knn_recall(vectors: np.ndarray | None, graph: np.ndarray, sample: int, seed:
     return float(np.sum(found) / (len(rows) * k))
 
 
-def retrieval_metrics(vectors: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def per_query_retrieval(vectors: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per query, all-vs-all leave-one-out: AP@R, whether its first neighbour is relevant, and whether
+    it has any relevant image at all (R > 0; the others count in neither metric)."""
     labels = np.asarray(labels)
     _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
     relevant_counts = counts[inverse] - 1  # R per query
@@ -140,8 +142,13 @@ def retrieval_metrics(vectors: np.ndarray, labels: np.ndarray) -> dict[str, floa
         h = hits[i, :r]
         precision = np.cumsum(h) / np.arange(1, r + 1)
         ap_at_r[i] = (precision * h).sum() / r
+    return ap_at_r, hits[:, 0], valid
+
+
+def retrieval_metrics(vectors: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    ap_at_r, first_hit, valid = per_query_retrieval(vectors, labels)
     return {
         "map_at_r": float(ap_at_r[valid].mean()),
-        "recall_at_1": float(hits[valid, 0].mean()),
+        "recall_at_1": float(first_hit[valid].mean()),
         "num_queries": int(valid.sum()),
     }

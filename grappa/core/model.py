@@ -171,6 +171,12 @@ class GranularityFusion(nn.Module):
                              up.t().reshape(len(adaptors), -1, up.shape[0]), up_bias[:, None],
                              None if pooled else value @ up, None if pooled else up_bias @ value.t(), adaptors[0].act)
 
+    def logits(self, pooled_h: torch.Tensor, pooled_a: torch.Tensor) -> torch.Tensor:
+        """(B, M) attention logits from the pooled block output (B, C) and adaptor outputs (B, M, C)."""
+        q = self.query(pooled_h)  # (B, A)
+        keys = self.key(pooled_h[:, None] + pooled_a)  # (B, M, A) = key(pool(h + a_m))
+        return torch.bmm(keys, q[:, :, None]).squeeze(-1) * self.scale
+
     def forward(self, h: torch.Tensor, w: FusionWeights, pooled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(output, (B, M) attention); ``pooled``: the output's image_pool (B, C) only, from pooled terms."""
         b, (m, hidden, _) = h.shape[0], w.up.shape
@@ -178,9 +184,7 @@ class GranularityFusion(nn.Module):
         pooled_h = image_pool(h, self.layout)  # (B, C)
         pooled_g = image_pool(g, self.layout).view(b, m, hidden).transpose(0, 1)  # (M, B, h)
         pooled_a = torch.baddbmm(w.up_bias, pooled_g, w.up).transpose(0, 1)  # (B, M, C): pool(a_m)
-        q = self.query(pooled_h)  # (B, A)
-        keys = self.key(pooled_h[:, None] + pooled_a)  # (B, M, A) = key(pool(h + a_m))
-        alpha = torch.softmax(torch.bmm(keys, q[:, :, None]).squeeze(-1) * self.scale, dim=-1)
+        alpha = torch.softmax(self.logits(pooled_h, pooled_a), dim=-1)
         if pooled:
             mean_a = torch.bmm(alpha[:, None], pooled_a).squeeze(1)  # sum_m alpha_m pool(a_m)
             return pooled_h + F.linear(mean_a, _matrix(self.value), self.value.bias), alpha
