@@ -53,11 +53,17 @@ RECIPES: dict[str, dict] = {
     "e20": {"adaptor.epochs": 20},
 }
 # fusion variants: params overrides on top of a recipe
+ROUTE = {"fusion.attention": "cosine", "fusion.value": "identity", "fusion.qk_lr": 0.01}  # attention that can route
 VARIANTS: dict[str, dict] = {
     "baseline": {},
     "scale4": {"fusion.attention_scale": 4.0},
-    "entropy_bonus": {"fusion.lambda_entropy": 0.1},
-    "no_prop": {"fusion.lambda_prop": 0.0},
+    "cosine": {"fusion.attention": "cosine"},
+    "identity": {"fusion.value": "identity"},
+    "route": ROUTE,
+    "route_aug": {**ROUTE, "fusion.augment_scale": 0.5},  # a per-image signal: pseudo-labels not read off the features
+    "route_aug_norm": {**ROUTE, "fusion.augment_scale": 0.5, "fusion.level_norm": True},
+    "route_aug_mi": {**ROUTE, "fusion.augment_scale": 0.5, "fusion.lambda_mi": 0.1},
+    "route_all": {**ROUTE, "fusion.augment_scale": 0.5, "fusion.level_norm": True, "fusion.lambda_mi": 0.1},
 }
 
 

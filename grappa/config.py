@@ -148,6 +148,20 @@ class FusionParams(_Strict):
     attn_dim: int = Field(default=64, ge=1)
     # inverse temperature s of the granularity attention, softmax(s q.k / sqrt(attn_dim))
     attention_scale: float = Field(default=1.0, gt=0)
+    # bilinear: s <W_Q pool h, W_K pool(h + a_m)> / sqrt(attn_dim); cosine: g cos(W_Q pool h, W_K pool a_m)
+    # with g learnt per block from attention_scale (bounded logits whose scale is a parameter)
+    attention: Literal["bilinear", "cosine"] = "bilinear"
+    # linear: W_V trained from the identity (AdapterFusion); identity: W_V = I without bias, so the
+    # attention is the only thing the fusion can change
+    value: Literal["linear", "identity"] = "linear"
+    qk_lr: float | None = Field(default=None, gt=0)  # lr of the attention (W_Q, W_K, g); null: lr
+    # random resized crop + flip of the cached maps as in stage 1 (adaptor.prefix_augment_scale); 1: off
+    augment_scale: float = Field(default=1.0, gt=0, le=1)
+    # weight of the image-set mutual information H(mean alpha) - mean H(alpha) per block, maximised:
+    # each image's attention confident while every set stays in use
+    lambda_mi: float = Field(default=0.0, ge=0)
+    # pseudo_labels: each level's CE divided by log k (else the finest level, the largest CE, steers all)
+    level_norm: bool = False
     lambda_prop: float = Field(default=1.0, ge=0)  # attention propagation (KL to neighbours)
     lambda_value: float = Field(default=0.01, ge=0)  # keep W_V near identity (AdapterFusion)
     lambda_entropy: float = Field(default=0.0, ge=0)  # bonus on batch-mean attention entropy

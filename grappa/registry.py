@@ -161,7 +161,7 @@ STEPS: tuple[Step, ...] = (
                Out(L.MODEL, note="the servable model (weights + architecture + preprocessing)")),
          report=L.FUSION_REPORT),
     Step("evaluate", "step 6: retrieval metrics, table and plots; registers and promotes the model",
-         params=(*BASE, "backbone", "adaptor.reduction", "fusion.attn_dim", "fusion.attention_scale", "cluster.ks",
+         params=(*BASE, "backbone", "adaptor.reduction", "fusion.attn_dim", "fusion.attention_scale", "fusion.attention", "fusion.value", "cluster.ks",
                  *IMAGES, "extract.num_workers", "evaluate", "tracking.registered_model"),
          deps=(L.FEATURES, L.PREFIX_INDEX, L.ADAPTORS, L.FUSION, L.MODEL),
          outs=(Out(L.RESULTS),

@@ -11,10 +11,10 @@ from grappa.core.model import FUSION, UNIFORM, ZERO_SHOT, GrappaModel, adaptor_k
 KS = [2, 4, 8]
 
 
-def build(name: str, size: int, start: int, attn_dim: int | None = 8) -> GrappaModel:
+def build(name: str, size: int, start: int, attn_dim: int | None = 8, **fusion) -> GrappaModel:
     torch.manual_seed(0)
     backbone, _, _ = create_backbone(BackboneParams(name=name, weights="none", image_size=size, adapt_from_block=start))
-    return GrappaModel(backbone, start, KS, reduction=4, attn_dim=attn_dim)
+    return GrappaModel(backbone, start, KS, reduction=4, attn_dim=attn_dim, **fusion)
 
 
 CASES = [("test_efficientnet", 48, 3), ("test_efficientnet", 48, 0), ("test_vit", 64, 2)]
@@ -75,9 +75,11 @@ def _trained_looking(model: GrappaModel) -> GrappaModel:
                 for p in (adaptor.down.bias, adaptor.up.weight, adaptor.up.bias):
                     p.copy_(0.3 * torch.randn(p.shape, generator=g))
         for layer in model.fusion:
-            for p in (layer.query.weight, layer.key.weight, layer.value.bias):
+            for p in (layer.query.weight, layer.key.weight):
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
-            layer.value.weight.add_(0.05 * torch.randn(layer.value.weight.shape, generator=g))
+            if layer.value is not None:
+                layer.value.bias.copy_(0.3 * torch.randn(layer.value.bias.shape, generator=g))
+                layer.value.weight.add_(0.05 * torch.randn(layer.value.weight.shape, generator=g))
     return model
 
 
@@ -106,9 +108,36 @@ def test_granularity_fusion_block_matches_formula(name, size, start):
     assert torch.allclose(pooled, pool(expected), atol=1e-5)  # the pooled output without the full map
 
 
-def test_mean_embedding_shortcut_changes_neither_outputs_nor_gradients():
+@pytest.mark.parametrize("name, size, start", [("test_efficientnet", 48, 3), ("test_vit", 64, 2)])
+def test_cosine_attention_with_identity_value_matches_formula(name, size, start):
+    """attention "cosine", value "identity": alpha = softmax(g cos(W_Q pool h, W_K pool a_m)), out = h + sum alpha_m a_m."""
+    model = _trained_looking(build(name, size, start, attention="cosine", value="identity", attention_scale=3.0))
+    layer, adaptors = model.fusion[0], [model.adaptor_set(k)[0] for k in KS]
+    assert layer.value is None and layer.log_scale.exp().item() == pytest.approx(3.0)
+    assert {id(p) for p in layer.attention_parameters()} == {id(p) for p in layer.parameters()}
+    dim = model.backbone.block_dims[start]
+    shape = (2, dim, 3, 3) if model.backbone.layout == "channels" else (2, 5, dim)
+    h = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out, alpha = layer(h, layer.weights(adaptors))
+        pooled, _ = layer(h, layer.weights(adaptors, pooled=True), pooled=True)
+        deltas = [adaptor(h) for adaptor in adaptors]
+        pool = (lambda x: x.mean(dim=(-2, -1))) if model.backbone.layout == "channels" else (lambda x: x[:, 0])
+        q = torch.nn.functional.normalize(layer.query(pool(h)), dim=-1)
+        keys = torch.stack([torch.nn.functional.normalize(layer.key(pool(d)), dim=-1) for d in deltas], dim=1)
+        expected_alpha = torch.softmax(3.0 * (keys @ q[:, :, None]).squeeze(-1), dim=-1)
+        shape = (-1,) + (1,) * (h.dim() - 1)
+        expected = h + sum(expected_alpha[:, m].view(shape) * deltas[m] for m in range(len(KS)))
+    assert expected_alpha.std() > 1e-2
+    assert torch.allclose(alpha, expected_alpha, atol=1e-5)
+    assert torch.allclose(out, expected, atol=1e-5) and torch.allclose(pooled, pool(expected), atol=1e-5)
+    assert layer.value_regulariser().item() == 0.0
+
+
+@pytest.mark.parametrize("fusion", [{}, {"attention": "cosine", "value": "identity"}])
+def test_mean_embedding_shortcut_changes_neither_outputs_nor_gradients(fusion):
     """An average-pooled CNN's fused last block is pooled from pooled terms: the same as the full map."""
-    model = _trained_looking(build("test_efficientnet", 48, 3))
+    model = _trained_looking(build("test_efficientnet", 48, 3, **fusion))
     assert model.mean_embed and not build("test_vit", 64, 2).mean_embed
     model.requires_grad_(False)
     model.fusion.requires_grad_(True)
@@ -228,3 +257,25 @@ def test_mode_names_are_the_result_names_and_the_weight_keys_stay():
     assert model.adaptor_set(4) is model.adaptors["k4"]
     with pytest.raises(KeyError, match="single_k_16"):
         model.forward_suffix(model.forward_prefix(torch.zeros(1, 3, 48, 48)), single(16))
+
+
+def test_an_exported_model_keeps_its_attention_and_value_kind(tmp_path):
+    """model.json carries the fusion's kind: a cosine / identity model serves as it was trained."""
+    import yaml
+
+    from conftest import tiny_params_dict
+    from grappa.config import load_params
+    from grappa.io import servable
+
+    raw = tiny_params_dict(tmp_path, [tmp_path], fusion={"attention": "cosine", "value": "identity", "attention_scale": 2.0})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    params = load_params(tmp_path / "params.yaml")
+    backbone, preprocess, _ = create_backbone(params.backbone)
+    model = _trained_looking(GrappaModel(backbone, 3, KS, params.adaptor.reduction, attn_dim=params.fusion.attn_dim,
+                                         attention_scale=2.0, attention="cosine", value="identity")).eval()
+    servable.export(model, params, preprocess, tmp_path / "model")
+    loaded = servable.load(tmp_path / "model", "cpu").model
+    assert loaded.fusion[0].attention == "cosine" and loaded.fusion[0].value is None
+    images = torch.randn(3, 3, 48, 48, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.allclose(loaded(images), model(images), atol=1e-6)

@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from grappa.config import AdaptorParams, BackboneParams, ConfigError, FusionParams
 from grappa.core.ap_loss import HistogramAPLoss
 from grappa.core.backbones import create_backbone
-from grappa.core.losses import CosineClassifier, attention_propagation, batch_attention_entropy, neighbour_pair_infonce
+from grappa.core.losses import (CosineClassifier, attention_propagation, batch_attention_entropy, neighbour_pair_infonce,
+                                routing_information)
 from grappa.core.model import GrappaModel, single
 from grappa.core.objectives import (LOSS_TERMS, EmbeddedBatch, adaptor_objective, adaptor_terms, fusion_objective,
                                     fusion_terms, parse_objective)
@@ -131,14 +132,14 @@ def test_shipped_objectives_are_the_named_terms_with_their_weights():
     assert adaptor_terms(AdaptorParams(objective="smooth_ap", ap_weight=0.3)) == [("smooth_ap", 1.0)]  # alone: 1
     assert adaptor_terms(AdaptorParams(objective="cosine_softmax")) == [("cosine_softmax", 1.0)]
     assert fusion_terms(FusionParams()) == [("prop", 1.0), ("value", 0.01), ("batch_mean_attn_entropy", 0.0),
-                                            ("pseudo_labels", 1.0)]
-    hp = FusionParams(objective="pseudo_labels+neighbour_pairs", lambda_prop=0.5, lambda_entropy=0.2)
-    assert fusion_terms(hp) == [("prop", 0.5), ("value", 0.01), ("batch_mean_attn_entropy", -0.2), ("neighbour_pairs", 1.0),
-                                ("pseudo_labels", 1.0)]  # registry order, whatever order the params name
+                                            ("routing_mi", 0.0), ("pseudo_labels", 1.0)]
+    hp = FusionParams(objective="pseudo_labels+neighbour_pairs", lambda_prop=0.5, lambda_entropy=0.2, lambda_mi=0.3)
+    assert fusion_terms(hp) == [("prop", 0.5), ("value", 0.01), ("batch_mean_attn_entropy", -0.2), ("routing_mi", -0.3),
+                                ("neighbour_pairs", 1.0), ("pseudo_labels", 1.0)]  # registry order, whatever order the params name
     metrics = {name: LOSS_TERMS[name].metric for name in LOSS_TERMS}
     assert metrics == {"cosine_softmax": "cross_entropy", "histogram_ap": "ap_loss", "smooth_ap": "ap_loss",
                        "prop": "prop", "value": "value", "batch_mean_attn_entropy": "batch_mean_attn_entropy",
-                       "neighbour_pairs": "pair", "pseudo_labels": "pseudo_ce"}
+                       "routing_mi": "routing_mi", "neighbour_pairs": "pair", "pseudo_labels": "pseudo_ce"}
 
 
 @pytest.mark.parametrize("field, terms", [("adaptor", adaptor_terms), ("fusion", fusion_terms)])
@@ -184,14 +185,20 @@ def test_objectives_evaluate_to_the_named_losses_and_their_weighted_sum():
     fusion[0].value_regulariser = lambda: torch.tensor(0.5)
     alpha = torch.softmax(torch.randn(8, 2, 3, generator=g), dim=-1)
     heads = [(classifier, targets), (CosineClassifier(torch.randn(4, 16, generator=g), 0.05), targets % 4)]
-    hp = FusionParams(objective="pseudo_labels+neighbour_pairs", lambda_entropy=0.1)
+    hp = FusionParams(objective="pseudo_labels+neighbour_pairs", lambda_entropy=0.1, lambda_mi=0.2)
     losses = fusion_objective(hp, fusion, heads)(EmbeddedBatch(emb, rows[:4], alpha))
-    assert list(losses) == ["prop", "value", "batch_mean_attn_entropy", "pair", "pseudo_ce", "loss"]
+    assert list(losses) == ["prop", "value", "batch_mean_attn_entropy", "routing_mi", "pair", "pseudo_ce", "loss"]
     prop, ent = attention_propagation(alpha[:4], alpha[4:]), batch_attention_entropy(alpha)
+    per_image = -(alpha * alpha.log()).sum(-1).mean()
+    mi = routing_information(alpha)
+    assert torch.allclose(mi, ent - per_image) and 0 < mi < ent
     pair = neighbour_pair_infonce(emb[:4], emb[4:], hp.temperature)
-    pseudo = sum(F.cross_entropy(head(emb[:4]), labels[rows[:4]]) for head, labels in heads) / 2
+    ces = [F.cross_entropy(head(emb[:4]), labels[rows[:4]]) for head, labels in heads]
+    pseudo = sum(ces) / 2
     assert torch.equal(losses["pair"], pair) and torch.equal(losses["pseudo_ce"], pseudo)
-    assert torch.equal(losses["loss"], prop + 0.01 * 0.5 - 0.1 * ent + pair + pseudo)
+    assert torch.equal(losses["loss"], prop + 0.01 * 0.5 - 0.1 * ent - 0.2 * mi + pair + pseudo)
+    normed = fusion_objective(FusionParams(level_norm=True), fusion, heads)(EmbeddedBatch(emb, rows[:4], alpha))
+    assert torch.allclose(normed["pseudo_ce"], (ces[0] / math.log(3) + ces[1] / math.log(4)) / 2)
     with pytest.raises(ConfigError, match="pseudo_labels needs"):
         fusion_objective(FusionParams(), fusion, heads=[])
 
@@ -223,6 +230,9 @@ def test_batch_steps_train_the_model_on_the_shipped_objectives():
     step = partial(fusion_step, model, fusion_objective(FusionParams(), model.fusion, heads), "cpu", images=False)
     pairs = torch.stack([x[:4], x[4:]], dim=1)  # 4 anchors, each with one neighbour
     losses = step((torch.arange(4), pairs, []))
-    assert set(losses) == {"prop", "value", "batch_mean_attn_entropy", "pseudo_ce", "loss"}
+    assert set(losses) == {"prop", "value", "batch_mean_attn_entropy", "routing_mi", "pseudo_ce", "loss"}
     losses["loss"].backward()
     assert all(p.grad is not None for p in model.fusion.parameters())
+    jittered = partial(fusion_step, model, fusion_objective(FusionParams(), model.fusion, heads), "cpu", images=False,
+                       augment_scale=0.5)
+    assert not torch.equal(jittered((torch.arange(4), pairs, []))["pseudo_ce"], losses["pseudo_ce"])

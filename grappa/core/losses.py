@@ -45,7 +45,15 @@ def attention_propagation(alpha_anchor: torch.Tensor, alpha_neighbour: torch.Ten
     return 0.5 * (kl(alpha_neighbour, alpha_anchor) + kl(alpha_anchor, alpha_neighbour))
 
 
-def batch_attention_entropy(alpha: torch.Tensor) -> torch.Tensor:
+def routing_information(alpha: torch.Tensor) -> torch.Tensor:
+    """Mutual information between image and set, H(mean_i alpha_i) - mean_i H(alpha_i), averaged over
+    blocks: high when each image picks a set confidently and the batch uses every set."""
+    per_image = -(alpha * alpha.clamp_min(1e-8).log()).sum(-1).mean(0)  # (L,)
+    return (batch_attention_entropy(alpha, per_block=True) - per_image).mean()
+
+
+def batch_attention_entropy(alpha: torch.Tensor, per_block: bool = False) -> torch.Tensor:
     """Entropy of the batch-mean attention per block (high = granularities are all in use)."""
     mean = alpha.mean(dim=0).clamp_min(1e-8)  # (L, M)
-    return -(mean * mean.log()).sum(-1).mean()
+    entropy = -(mean * mean.log()).sum(-1)
+    return entropy if per_block else entropy.mean()

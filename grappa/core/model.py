@@ -4,8 +4,9 @@ For each adapted block l with frozen output h_l and adaptor outputs a_l^m = A_l^
 
     single granularity m:  z_l = h_l + a_l^m
     uniform:               z_l = h_l + (1/M) sum_m a_l^m
-    fusion:                alpha_l(x) = softmax_m( s <W_Q pool(h_l), W_K pool(h_l + a_l^m)> / sqrt(d) )
-                           z_l = h_l + W_V sum_m alpha_l^m(x) a_l^m
+    fusion:                alpha_l(x) = softmax_m( s <W_Q pool(h_l), W_K pool(h_l + a_l^m)> / sqrt(d) )   (bilinear)
+                                      or softmax_m( g_l cos(W_Q pool(h_l), W_K pool(a_l^m)) )        (cosine)
+                           z_l = h_l + W_V sum_m alpha_l^m(x) a_l^m + b_V    (value "linear"; "identity": W_V = I, no b_V)
 
 The attention is image-level (pooled query/keys, shared by all positions of the image), so each image
 has one "granularity attention" per block that stage 2 can propagate to its neighbours. W_V starts at
@@ -38,6 +39,8 @@ _SINGLE = "single_k_"  # + K: backbone + adaptor set K alone, see single()
 # and 0.53 s (2 cores, one run; `python -m benchmarks.speed --only train` prints both side by side).
 # No result changes: every image goes through on its own (the backbone's batch norm is frozen).
 CPU_CHUNK = 64
+ATTENTIONS = ("bilinear", "cosine")  # how a fusion layer scores the adaptor sets (GranularityFusion)
+VALUES = ("linear", "identity")  # its output map W_V: trained from the identity, or the identity itself
 
 
 def pick_device() -> torch.device:
@@ -144,36 +147,55 @@ class GranularityFusion(nn.Module):
     work (the fusion batch went from 2.2 s to ~1 s, see CPU_CHUNK).
     """
 
-    def __init__(self, dim: int, num_sets: int, attn_dim: int, layout: str, scale: float = 1.0):
+    def __init__(self, dim: int, num_sets: int, attn_dim: int, layout: str, scale: float = 1.0,
+                 attention: str = "bilinear", value: str = "linear"):
         super().__init__()
+        if attention not in ATTENTIONS or value not in VALUES:
+            raise ValueError(f"attention {attention!r} / value {value!r}: expected one of {ATTENTIONS} / {VALUES}")
         self.layout = layout
         self.num_sets = num_sets
+        self.attention = attention
         # s, the attention's inverse temperature: Adam moves W_Q and W_K by about lr a step whatever
-        # the gradient's size, so s (not the loss) sets how fast the logits can leave uniform
+        # the gradient's size, so s (not the loss) sets how fast the logits can leave uniform. Under
+        # cosine attention the logits are bounded by g_l = exp(log_scale), learnt per block from s.
         self.scale = scale / math.sqrt(attn_dim)
+        if attention == "cosine":
+            self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
         self.query = nn.Linear(dim, attn_dim)
         self.key = nn.Linear(dim, attn_dim)
-        self.value = _pointwise(dim, dim, layout)
+        # "identity": the attention is the only lever (no map that lowers the loss without routing)
+        self.value = _pointwise(dim, dim, layout) if value == "linear" else None
         for lin in (self.query, self.key):
             nn.init.normal_(lin.weight, std=0.02)
             nn.init.zeros_(lin.bias)
-        with torch.no_grad():  # W_V = I: fusion starts as the uniform average of the adaptors
-            self.value.weight.copy_(torch.eye(dim).view_as(self.value.weight))
-            self.value.bias.zero_()
+        if self.value is not None:
+            with torch.no_grad():  # W_V = I: fusion starts as the uniform average of the adaptors
+                self.value.weight.copy_(torch.eye(dim).view_as(self.value.weight))
+                self.value.bias.zero_()
+
+    def attention_parameters(self) -> list[nn.Parameter]:
+        """The parameters that set the attention (W_Q, W_K and the learnt temperature), not the output map."""
+        return [p for name, p in self.named_parameters() if not name.startswith("value.")]
 
     def weights(self, adaptors: Sequence[BottleneckAdaptor], pooled: bool = False) -> FusionWeights:
         """This block's adaptors (one per set, in attention order) as grouped weights; W_V U_m costs
         C x C x M h, so a chunked batch computes them once for all its chunks (and never if ``pooled``)."""
         up = torch.cat([_matrix(a.up) for a in adaptors], dim=1)  # (C, M h)
         up_bias = torch.stack([a.up.bias for a in adaptors])  # (M, C)
-        value = _matrix(self.value)
+        value_up, value_bias = up, up_bias
+        if self.value is not None and not pooled:
+            value = _matrix(self.value)
+            value_up, value_bias = value @ up, up_bias @ value.t()
         return FusionWeights(torch.cat([_matrix(a.down) for a in adaptors]), torch.cat([a.down.bias for a in adaptors]),
                              up.t().reshape(len(adaptors), -1, up.shape[0]), up_bias[:, None],
-                             None if pooled else value @ up, None if pooled else up_bias @ value.t(), adaptors[0].act)
+                             None if pooled else value_up, None if pooled else value_bias, adaptors[0].act)
 
     def logits(self, pooled_h: torch.Tensor, pooled_a: torch.Tensor) -> torch.Tensor:
         """(B, M) attention logits from the pooled block output (B, C) and adaptor outputs (B, M, C)."""
         q = self.query(pooled_h)  # (B, A)
+        if self.attention == "cosine":  # keys of the adaptor outputs alone: h no longer cancels once normalised
+            keys = F.normalize(self.key(pooled_a), dim=-1)
+            return torch.bmm(keys, F.normalize(q, dim=-1)[:, :, None]).squeeze(-1) * self.log_scale.exp()
         keys = self.key(pooled_h[:, None] + pooled_a)  # (B, M, A) = key(pool(h + a_m))
         return torch.bmm(keys, q[:, :, None]).squeeze(-1) * self.scale
 
@@ -187,13 +209,18 @@ class GranularityFusion(nn.Module):
         alpha = torch.softmax(self.logits(pooled_h, pooled_a), dim=-1)
         if pooled:
             mean_a = torch.bmm(alpha[:, None], pooled_a).squeeze(1)  # sum_m alpha_m pool(a_m)
+            if self.value is None:
+                return pooled_h + mean_a, alpha
             return pooled_h + F.linear(mean_a, _matrix(self.value), self.value.bias), alpha
         scale = alpha[:, :, None].expand(b, m, hidden).reshape(b, m * hidden)  # alpha_m on set m's hidden units
         out = h + _apply(g * _per_channel(scale, self.layout), w.value_up, None, self.layout)
-        out += _per_channel(torch.addmm(self.value.bias, alpha, w.value_bias), self.layout)  # in place: one full map
+        bias = alpha @ w.value_bias if self.value is None else torch.addmm(self.value.bias, alpha, w.value_bias)
+        out += _per_channel(bias, self.layout)  # in place: one full map
         return out, alpha
 
     def value_regulariser(self) -> torch.Tensor:
+        if self.value is None:  # W_V is the identity
+            return self.query.weight.new_zeros(())
         w = self.value.weight.view(self.value.weight.shape[0], -1)
         return (w - torch.eye(w.shape[0], device=w.device)).pow(2).sum()
 
@@ -202,7 +229,8 @@ class GrappaModel(nn.Module):
     """Backbone + adaptor sets (one per k) on blocks [start, end) + optional fusion layers."""
 
     def __init__(self, backbone: BlockwiseBackbone, start: int, ks: list[int], reduction: int,
-                 attn_dim: int | None = None, attention_scale: float = 1.0):
+                 attn_dim: int | None = None, attention_scale: float = 1.0, attention: str = "bilinear",
+                 value: str = "linear"):
         super().__init__()
         self.backbone = backbone
         self.start = start
@@ -214,7 +242,7 @@ class GrappaModel(nn.Module):
         )
         self.fusion = None
         if attn_dim is not None:
-            self.fusion = nn.ModuleList(GranularityFusion(d, len(ks), attn_dim, layout, attention_scale)
+            self.fusion = nn.ModuleList(GranularityFusion(d, len(ks), attn_dim, layout, attention_scale, attention, value)
                                        for d in dims)
         self.cpu_chunk: int | None = CPU_CHUNK  # None: whole batches (the speed benchmark's baseline)
         # Whether the embedding is the spatial mean of the last map (average-pooled CNNs): then the fused

@@ -9,11 +9,13 @@ logs. Terms are evaluated in registry order, whatever order the params name them
     stage 1 (adaptor.objective):  cosine_softmax -> cross_entropy (+ accuracy)
                                   histogram_ap | smooth_ap -> ap_loss  (1 - AP, weight ap_weight
                                   when summed with cosine_softmax, else 1)
-    stage 2 (always):             prop (lambda_prop), value (lambda_value), batch_mean_attn_entropy (-lambda_entropy)
+    stage 2 (always):             prop (lambda_prop), value (lambda_value), batch_mean_attn_entropy (-lambda_entropy),
+                                  routing_mi (-lambda_mi)
             (fusion.objective):   neighbour_pairs -> pair, pseudo_labels -> pseudo_ce  (weight 1)
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,7 +25,8 @@ from torch import nn
 
 from grappa.config import AdaptorParams, ConfigError, FusionParams
 from grappa.core.ap_loss import build_ap_loss
-from grappa.core.losses import CosineClassifier, attention_propagation, batch_attention_entropy, neighbour_pair_infonce
+from grappa.core.losses import (CosineClassifier, attention_propagation, batch_attention_entropy, neighbour_pair_infonce,
+                                routing_information)
 
 Metrics = dict[str, torch.Tensor]
 
@@ -94,6 +97,10 @@ def _attention_entropy(hp: FusionParams, **_):
     return lambda batch: {"batch_mean_attn_entropy": batch_attention_entropy(batch.alpha)}
 
 
+def _routing_information(hp: FusionParams, **_):
+    return lambda batch: {"routing_mi": routing_information(batch.alpha)}
+
+
 def _neighbour_pairs(hp: FusionParams, **_):
     return lambda batch: {"pair": neighbour_pair_infonce(*batch.halves(batch.emb), hp.temperature)}
 
@@ -102,10 +109,13 @@ def _pseudo_labels(hp: FusionParams, *, heads: Sequence[tuple[CosineClassifier, 
     if not heads:
         raise ConfigError("fusion.objective: pseudo_labels needs the stage-1 classifiers of every k")
 
+    # level_norm: CE_m / log k_m, each level's loss on the scale of its chance level
+    scales = [1.0 / math.log(max(head.weight.shape[0], 2)) if hp.level_norm else 1.0 for head, _ in heads]
+
     def term(batch: EmbeddedBatch) -> Metrics:  # mean over levels of the frozen stage-1 cosine-softmax losses
         b = len(batch.rows)
-        return {"pseudo_ce": sum(F.cross_entropy(head(batch.emb[:b]), labels[batch.rows]) for head, labels in heads)
-                / len(heads)}
+        return {"pseudo_ce": sum(w * F.cross_entropy(head(batch.emb[:b]), labels[batch.rows])
+                                 for w, (head, labels) in zip(scales, heads)) / len(heads)}
 
     return term
 
@@ -118,12 +128,13 @@ LOSS_TERMS: dict[str, LossTerm] = {
     "prop": LossTerm("prop", _attention_propagation),
     "value": LossTerm("value", _value_regulariser),
     "batch_mean_attn_entropy": LossTerm("batch_mean_attn_entropy", _attention_entropy),
+    "routing_mi": LossTerm("routing_mi", _routing_information),
     "neighbour_pairs": LossTerm("pair", _neighbour_pairs),
     "pseudo_labels": LossTerm("pseudo_ce", _pseudo_labels),
 }
 ADAPTOR_TERMS = ("cosine_softmax", "histogram_ap", "smooth_ap")  # what adaptor.objective may name
 FUSION_TERMS = ("neighbour_pairs", "pseudo_labels")  # what fusion.objective may name
-FUSION_REGULARISERS = ("prop", "value", "batch_mean_attn_entropy")  # in every fusion objective
+FUSION_REGULARISERS = ("prop", "value", "batch_mean_attn_entropy", "routing_mi")  # in every fusion objective
 
 
 def parse_objective(text: str, key: str, allowed: Sequence[str]) -> tuple[str, ...]:
@@ -149,7 +160,8 @@ def adaptor_terms(hp: AdaptorParams) -> list[tuple[str, float]]:
 
 def fusion_terms(hp: FusionParams) -> list[tuple[str, float]]:
     """The (registry name, weight) pairs of the fusion objective: the regularisers, then ``fusion.objective``."""
-    weights = {"prop": hp.lambda_prop, "value": hp.lambda_value, "batch_mean_attn_entropy": -hp.lambda_entropy}
+    weights = {"prop": hp.lambda_prop, "value": hp.lambda_value, "batch_mean_attn_entropy": -hp.lambda_entropy,
+               "routing_mi": -hp.lambda_mi}
     names = parse_objective(hp.objective, "fusion.objective", FUSION_TERMS)
     return [(name, weights[name]) for name in FUSION_REGULARISERS] + [(name, 1.0) for name in names]
 

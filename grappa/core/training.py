@@ -62,12 +62,18 @@ def adaptor_step(model: GrappaModel, objective: Objective, mode: str, device, ba
     return objective(EmbeddedBatch(emb, rows))
 
 
-def fusion_step(model: GrappaModel, objective: Objective, device, batch, *, images: bool) -> Losses:
-    """Stage 2: a batch ``(rows, (B, 2, ...) anchor/neighbour inputs, _)`` through the fusion -> losses."""
+def fusion_step(model: GrappaModel, objective: Objective, device, batch, *, images: bool,
+                augment_scale: float = 1.0) -> Losses:
+    """Stage 2: a batch ``(rows, (B, 2, ...) anchor/neighbour inputs, _)`` through the fusion -> losses
+    (cached maps jittered as in :func:`adaptor_step` when ``augment_scale`` < 1)."""
     rows, pairs, _ = batch
     x = pairs.to(device)
     x = torch.cat([x[:, 0], x[:, 1]])  # the B anchors, then their B neighbours
-    emb, alpha = model.forward_suffix(model.forward_prefix(x) if images else x, FUSION)
+    if images:
+        x = model.forward_prefix(x)
+    elif augment_scale < 1.0 and x.dim() == 4:
+        x = augment_feature_maps(x, augment_scale)
+    emb, alpha = model.forward_suffix(x, FUSION)
     return objective(EmbeddedBatch(emb, rows.to(device), alpha))
 
 

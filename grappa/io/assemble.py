@@ -14,7 +14,8 @@ def build_model(params: Params, backbone: BlockwiseBackbone, ks: list[int], with
     """``backbone`` with fresh adaptor sets for ``ks`` at the params' blocks (and fresh fusion layers)."""
     return GrappaModel(backbone, params.backbone.adapt_from_block, ks, params.adaptor.reduction,
                        attn_dim=params.fusion.attn_dim if with_fusion else None,
-                       attention_scale=params.fusion.attention_scale)
+                       attention_scale=params.fusion.attention_scale, attention=params.fusion.attention,
+                       value=params.fusion.value)
 
 
 def assemble(params: Params, backbone: BlockwiseBackbone, with_fusion: bool, load_fusion: bool) -> GrappaModel:

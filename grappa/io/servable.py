@@ -84,6 +84,8 @@ def export(model: GrappaModel, params: Params, preprocess: Preprocess, folder: s
         "reduction": params.adaptor.reduction,
         "attn_dim": params.fusion.attn_dim,
         "attention_scale": params.fusion.attention_scale,
+        "attention": params.fusion.attention,
+        "value": params.fusion.value,
         "preprocess": asdict(preprocess),
         "embed_dim": model.backbone.embed_dim,
         "max_pixels": params.data.max_pixels,
@@ -115,7 +117,8 @@ def load(folder: str | Path, device: str | torch.device | None = None) -> Servab
     backbone = BlockwiseBackbone(timm_network(config["timm_name"]), config["image_size"], config["pooling"])
     model = GrappaModel(backbone, config["adapt_from_block"], config["ks"], config["reduction"],
                         attn_dim=config["attn_dim"],
-                        attention_scale=config.get("attention_scale", 1.0))  # models exported before it: 1
+                        attention_scale=config.get("attention_scale", 1.0),  # models exported before it: 1
+                        attention=config.get("attention", "bilinear"), value=config.get("value", "linear"))
     model.load_state_dict(load_torch(weights))
     model.requires_grad_(False).eval().to(device or pick_device())
     return Servable(model, Preprocess.from_dict(config["preprocess"]), config)

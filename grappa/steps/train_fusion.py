@@ -105,7 +105,10 @@ def run(params: Params) -> dict:
     write_neighbours(layout(params).knn, inputs.ids, neighbours)
     pairs = NeighbourPairs(inputs.dataset, neighbours)
     batch_size = min(hp.batch_size, len(pairs))
-    optimizer = torch.optim.AdamW(model.fusion.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    attention = [p for layer in model.fusion for p in layer.attention_parameters()]
+    rest = [p for p in model.fusion.parameters() if id(p) not in set(map(id, attention))]  # W_V, when trained
+    groups = [{"params": attention, "lr": hp.qk_lr or hp.lr}] + ([{"params": rest, "lr": hp.lr}] if rest else [])
+    optimizer = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
 
     def batches(generator):
         model.train()
@@ -121,7 +124,8 @@ def run(params: Params) -> dict:
             state = load_torch(layout(params).classifier(k))
             head = CosineClassifier(state["weight"], state["temperature"]).requires_grad_(False).to(device)
             heads.append((head, torch.from_numpy(pseudo_labels_for(params, k, inputs.ids)).to(device)))
-    step = partial(fusion_step, model, fusion_objective(hp, model.fusion, heads), device, images=pairs.is_images)
+    step = partial(fusion_step, model, fusion_objective(hp, model.fusion, heads), device, images=pairs.is_images,
+                   augment_scale=hp.augment_scale)
 
     # the images, their neighbour graph and the adaptor sets' weights: other data, another checkpoint
     ids = np.concatenate([np.frombuffer(b, np.uint8) for b in inputs.ids.buffers() if b is not None])
@@ -132,7 +136,8 @@ def run(params: Params) -> dict:
     history = fit(model.fusion, optimizer, hp.epochs, steps, 0.0, batches, step, checkpoint, params.seed, desc="fusion")
     attention = mean_attention(model, inputs.dataset, params.evaluate.batch_size)
     model.cpu()
-    meta = {"ks": params.cluster.ks, "attn_dim": hp.attn_dim, "attention_scale": hp.attention_scale, "preprocess": asdict(preprocess)}
+    meta = {"ks": params.cluster.ks, "attn_dim": hp.attn_dim, "attention_scale": hp.attention_scale,
+            "attention": hp.attention, "value": hp.value, "preprocess": asdict(preprocess)}
     save_torch(layout(params).fusion, {"state_dict": model.fusion.state_dict(), "meta": meta})
     exported = servable.export(model, params, preprocess, layout(params).model)
     report = {
