@@ -464,3 +464,26 @@ def test_a_damaged_cache_shard_is_quarantined_and_recomputed_never_read(tmp_path
     assert after.column("content_hash").equals(before.column("content_hash"))
     assert np.allclose(arrow_to_vectors(after.column("vector")), arrow_to_vectors(before.column("vector")), atol=1e-6)
     assert np.isfinite(_prefix(params)).all()
+
+
+def test_a_file_grown_past_the_cap_after_the_snapshot_is_skipped_without_reading_it_whole(tmp_path, monkeypatch):
+    folder = _pool(tmp_path, 3)
+    params = _params(tmp_path, [folder.parent], data={"sources": [str(folder.parent)], "max_file_bytes": 50_000})
+    snapshot.run(params)
+    with open(folder / "a1.png", "ab") as f:  # grows past the cap between snapshot and extract
+        f.write(b"\0" * 60_000)
+    reads = []
+    real_open = open
+
+    def counting_open(path, mode="r", *args, **kwargs):
+        handle = real_open(path, mode, *args, **kwargs)
+        if str(path).endswith("a1.png") and "b" in mode:
+            real_read = handle.read
+            handle.read = lambda n=-1: reads.append(n) or real_read(n)
+        return handle
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    report = extract.run(params, Shard(0, 1))
+    assert reads == [50_001]  # at most one byte past the cap is ever read
+    assert [(s["image_id"], s["reason"]) for s in report["skipped"]] == [
+        ("dom/dom/a1.png", f"{folder / 'a1.png'} is larger than 50000 bytes (data.max_file_bytes); skipped")]

@@ -32,16 +32,17 @@ class ImageDataset(Dataset):
 
     is_images = True
 
-    def __init__(self, uris: list[str], transform, min_side: int, max_pixels: int, hashes: list[str] | None = None):
+    def __init__(self, uris: list[str], transform, min_side: int, max_pixels: int, hashes: list[str] | None = None,
+                 max_bytes: int | None = None):
         self.uris, self.transform, self.hashes = uris, transform, hashes
-        self.min_side, self.max_pixels = min_side, max_pixels
+        self.min_side, self.max_pixels, self.max_bytes = min_side, max_pixels, max_bytes
 
     def __len__(self) -> int:
         return len(self.uris)
 
     def __getitem__(self, i: int):
         try:
-            data = read_bytes(self.uris[i])
+            data = read_bytes(self.uris[i], self.max_bytes)
             if self.hashes is not None and content_hash(data) != self.hashes[i]:
                 return i, None, "changed since the snapshot (its bytes no longer have the snapshot's hash)"
             image = decode_image(data, self.min_side, self.max_pixels)

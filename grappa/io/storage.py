@@ -90,20 +90,31 @@ def stat_many(uris: list[str]) -> dict[str, ObjectStat]:
     return found
 
 
-def read_bytes(uri: str | Path) -> bytes:
+def read_bytes(uri: str | Path, max_bytes: int | None = None) -> bytes:
+    """The bytes of a local file or s3 object; past ``max_bytes`` a StorageError after reading at most
+    one byte more (a file that grew since it was listed is never read whole)."""
     uri = str(uri)
+    limit = -1 if max_bytes is None else max_bytes + 1
     if is_s3(uri):
         bucket, key = split_s3(uri)
         try:
-            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+            data = s3_client().get_object(Bucket=bucket, Key=key)["Body"].read(*(() if limit < 0 else (limit,)))
         except Exception as err:
             raise StorageError(f"cannot read {uri}: {_describe(err)}") from None
+        return _capped(uri, data, max_bytes)
     try:
-        return Path(uri).read_bytes()
+        with open(uri, "rb") as f:
+            return _capped(uri, f.read(limit), max_bytes)
     except FileNotFoundError:
         raise StorageError(f"missing file: {uri}") from None
     except OSError as err:
         raise StorageError(f"cannot read {uri}: {err.strerror}") from None
+
+
+def _capped(uri: str, data: bytes, max_bytes: int | None) -> bytes:
+    if max_bytes is not None and len(data) > max_bytes:
+        raise StorageError(f"{uri} is larger than {max_bytes} bytes (data.max_file_bytes); skipped")
+    return data
 
 
 def write_bytes_s3(uri: str, data: bytes) -> None:

@@ -124,7 +124,8 @@ def _compute(model: GrappaModel, todo: list[tuple[str, str]], params: Params, pr
         return computed, broken
     # the features are stored under the hash of the bytes decoded: a file rewritten since the snapshot is skipped
     dataset = ImageDataset([uri for _, uri in todo], image_transform(preprocess, train=False),
-                           params.data.min_side, params.data.max_pixels, hashes=[digest for digest, _ in todo])
+                           params.data.min_side, params.data.max_pixels, hashes=[digest for digest, _ in todo],
+                           max_bytes=params.data.max_file_bytes)
     batches = loader(dataset, params.extract.batch_size, num_workers=params.extract.num_workers)
     device = pick_device()
     model.to(device)

@@ -60,7 +60,7 @@ def embed_rows(model: servable.Servable, rows: list[dict], params: Params) -> tu
     rest = [r for r in range(len(rows)) if r not in cached]
     if rest:
         dataset = ImageDataset([rows[r]["uri"] for r in rest], image_transform(model.preprocess, train=False),
-                               params.data.min_side, params.data.max_pixels)
+                               params.data.min_side, params.data.max_pixels, max_bytes=params.data.max_file_bytes)
         bad: list = []
         vectors[rest], _ = encode(model.model, dataset, FUSION, batch, num_workers=params.extract.num_workers,
                                   desc="index (images)", unreadable=bad)
