@@ -54,6 +54,23 @@ def test_unchanged_files_are_not_read_again_and_give_the_same_manifest(tmp_path,
     assert third["since_previous"]["unchanged"] == 5 and third["digest"] == first["digest"]
 
 
+def test_a_rewrite_that_keeps_size_and_mtime_is_still_read_again(tmp_path, reads):
+    folder = _folder(tmp_path / "pool", 3)
+    params = parse_params(tiny_params_dict(tmp_path, [folder]))
+    first = snapshot.run(params)
+    target = folder / "dom" / "a1.png"
+    before = target.stat()
+    data = bytearray(target.read_bytes())
+    data[-20] ^= 0xFF  # other bytes, same size
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))  # the mtime set back
+    assert (target.stat().st_size, target.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    reads.clear()
+    second = snapshot.run(params)
+    assert reads == [str(target)]
+    assert second["since_previous"]["changed"] == 1 and second["digest"] != first["digest"]
+
+
 def test_new_changed_and_removed_images(tmp_path, reads):
     folder = _folder(tmp_path / "pool", 4)
     params = parse_params(tiny_params_dict(tmp_path, [folder]))

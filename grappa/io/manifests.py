@@ -1,7 +1,8 @@
 """Manifests: the snapshot's rows (one per image, with its content hash) and the hashing behind them.
 
-A file is read to be hashed only when it is new or its size/mtime (ETag on S3) changed: the
-previous manifest is the hash cache. Used by the ``snapshot`` step and by ``index`` for catalogues
+A file is read to be hashed only when it is new or its size, mtime, inode or status-change time (ETag
+on S3) changed: the previous manifest is the hash cache. The ctime catches a rewrite whose mtime was
+set back, which size and mtime alone would take for the old file. Used by the ``snapshot`` step and by ``index`` for catalogues
 of their own.
 """
 from __future__ import annotations
@@ -21,18 +22,18 @@ from grappa.io.storage import ObjectStat, StorageError, is_s3, read_bytes, stat_
 SCHEMA = pa.schema([
     ("image_id", pa.string()), ("uri", pa.string()), ("domain", pa.string()), ("split", pa.string()),
     ("label", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("etag", pa.string()),
-    ("content_hash", pa.string()),
+    ("change_stamp", pa.string()), ("content_hash", pa.string()),
 ])
 
 
 def _version_key(uri: str, st: ObjectStat) -> tuple:
-    return uri, st.size, st.mtime_ns, st.etag
+    return uri, st.size, st.mtime_ns, st.etag, st.change_stamp
 
 
 def hash_cache(rows: list[dict]) -> dict[tuple, str]:
-    """(uri, size, mtime_ns, etag) -> content hash of earlier manifest rows: a file whose key is here
-    need not be read again."""
-    return {(r["uri"], r["size"], r["mtime_ns"], r["etag"]): r["content_hash"] for r in rows}
+    """(uri, size, mtime_ns, etag, change_stamp) -> content hash of earlier manifest rows: a file whose
+    key is here need not be read again (rows of manifests written before change_stamp: read once more)."""
+    return {(r["uri"], r["size"], r["mtime_ns"], r["etag"], r.get("change_stamp")): r["content_hash"] for r in rows}
 
 
 def previous_rows(path: Path) -> list[dict]:
@@ -86,7 +87,7 @@ def take_snapshot(records: list[ImageRecord], known: dict[tuple, str],
             continue
         rows.append({"image_id": rec.image_id, "uri": rec.uri, "domain": rec.domain, "split": rec.split,
                      "label": rec.label, "size": st.size, "mtime_ns": st.mtime_ns, "etag": st.etag,
-                     "content_hash": digest})
+                     "change_stamp": st.change_stamp, "content_hash": digest})
     return rows, skipped, len(todo)
 
 

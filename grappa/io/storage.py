@@ -54,6 +54,9 @@ class ObjectStat:
     size: int
     mtime_ns: int | None = None  # local files
     etag: str | None = None  # s3 objects
+    # local files: "<inode>:<ctime_ns>". mtime can be set back by anyone who rewrites a file (os.utime,
+    # touch -d, tar -x); the status-change time cannot, and a file replaced by a rename has a new inode.
+    change_stamp: str | None = None
 
 
 def list_s3(prefix_uri: str, recursive: bool = True) -> dict[str, ObjectStat]:
@@ -86,7 +89,7 @@ def stat_many(uris: list[str]) -> dict[str, ObjectStat]:
                 st = os.stat(uri)
             except OSError:
                 continue
-            found[uri] = ObjectStat(st.st_size, mtime_ns=st.st_mtime_ns)
+            found[uri] = ObjectStat(st.st_size, mtime_ns=st.st_mtime_ns, change_stamp=f"{st.st_ino}:{st.st_ctime_ns}")
     return found
 
 

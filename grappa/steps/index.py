@@ -6,7 +6,7 @@ that list is empty. The model is the champion (``<out>/evaluate/champion.json``)
 ``<out>/index/``, all three files renamed into place together:
 - ``catalogue.faiss``: ``index.factory`` over the L2-normalised embeddings, inner product; faiss id i
   is row i of
-- ``catalogue.parquet``: image_id, uri, domain, split, label, size, mtime_ns, etag, content_hash
+- ``catalogue.parquet``: image_id, uri, domain, split, label, size, mtime_ns, etag, change_stamp, content_hash
 - ``index.json``: the model it was built with (sha256, URI, version), factory, size, what this run did
 
 The folder persists between runs (a DVC ``persist`` output): with the same model and factory, new

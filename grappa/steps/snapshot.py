@@ -3,12 +3,12 @@
 Resolves ``data.sources`` (manifests, folders, ``s3://`` prefixes), applies the per-domain caps and
 writes ``<out>/snapshot/``:
 - ``manifest.parquet``: image_id, uri, domain, split, label (None for unlabeled), size, mtime_ns
-  (local) or etag (s3), content_hash (sha256 of the bytes), sorted by image_id
+  and change_stamp (local: inode and ctime) or etag (s3), content_hash (sha256 of the bytes), sorted by image_id
 - ``report.json``: counts, what changed since the previous snapshot, skipped records with reasons
 
 ``extract`` depends on the manifest, so new, changed or removed images change exactly what DVC
 reruns, and an unchanged collection gives a byte-identical manifest (nothing downstream reruns).
-A file is read to be hashed only when it is new or its size/mtime (ETag on S3) changed: the
+A file is read to be hashed only when it is new or its size, mtime, inode or ctime (ETag on S3) changed: the
 previous manifest (a DVC ``persist`` output) is the hash cache.
 """
 from __future__ import annotations
