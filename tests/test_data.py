@@ -402,3 +402,18 @@ def test_folder_listing_skips_a_symlink_loop_and_an_unreadable_entry(tmp_path):
     assert [r.image_id for r in records] == ["d/d/ok.png"]
     [(image_id, reason)] = [(s.image_id, s.reason) for s in skipped]
     assert image_id == "d/loop.png" and reason.startswith("cannot be read (Too many levels of symbolic links")
+
+
+def test_decode_16bit_image_converts_in_bounded_memory_with_the_same_pixels():
+    import tracemalloc
+
+    side = 2400  # 5.8M pixels: float64 of the whole image would be 46 MB
+    arr = (np.random.default_rng(0).integers(0, 40_000, size=(side, side))).astype(np.uint16)
+    data = encode(Image.fromarray(arr), "PNG")
+    tracemalloc.start()
+    out = decode_image(data, min_side=16, max_pixels=10**8)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    expected = (np.clip(arr.astype(np.float64), 0, None) / arr.max() * 255.0).astype(np.uint8)  # the rescale, whole
+    assert np.array_equal(np.asarray(out)[..., 0], expected)
+    assert peak < 6 * side * side, f"{peak / side / side:.1f} bytes a pixel"  # whole-image float64: 17

@@ -327,9 +327,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         import numpy as np
 
-        arr = np.clip(np.asarray(image, dtype=np.float64), 0.0, None)
-        hi = arr.max() or 1.0
-        return Image.fromarray((arr / hi * 255.0).astype("uint8"), "L").convert("RGB")
+        arr = np.asarray(image)  # 2 or 4 bytes a pixel, as decoded
+        hi = float(max(arr.max(), 0)) or 1.0
+        out = np.empty(arr.shape, np.uint8)
+        # in blocks of ~256k pixels: float64 of the whole image would be 8 bytes a pixel (512 MB at max_pixels)
+        rows = max(1, (1 << 18) // max(arr.shape[1], 1))
+        for start in range(0, arr.shape[0], rows):
+            block = np.clip(arr[start:start + rows].astype(np.float64), 0.0, None)
+            out[start:start + rows] = (block / hi * 255.0).astype(np.uint8)
+        return Image.fromarray(out, "L").convert("RGB")
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
