@@ -44,7 +44,7 @@ def embed_command(params: Params, sources: list[str], out: str, model_ref: str |
 def search_command(params: Params, images: list[str], top_k: int, folder: str | None, model_ref: str | None) -> None:
     """`grappa search IMAGE... --top-k N`: the nearest catalogue images of each query, with scores."""
     folder = Path(folder) if folder else layout(params).index
-    if not (folder / catalogue.META_FILE).is_file():
+    if not catalogue.exists(folder):
         raise ConfigError(f"no index at {folder}; build one with 'grappa index' (or dvc repro index)")
     index, rows, meta = catalogue.read(folder)
     built_with = {"model_uri": meta["model_uri"], "version": meta["model_version"], "model_sha256": meta["model_sha256"]}

@@ -189,7 +189,8 @@ def test_the_chain_runs_one_container_per_step_and_matches_the_venv(step_image, 
     assert "index: rebuilt (no index yet); 64 images" in logs[-1]
     assert assert_same_outputs(venv, container, str(data.resolve())) >= 25
     # the model and its index are the same bytes: the image holds the venv's lock, not a look-alike
-    for rel in ("outputs/model/model.pt", "outputs/index/catalogue.faiss"):
+    version = json.loads((venv / "outputs" / "index" / "index.json").read_text())["version"]
+    for rel in ("outputs/model/model.pt", f"outputs/index/{version}/catalogue.faiss"):
         assert (venv / rel).read_bytes() == (container / rel).read_bytes()
     # what the containers wrote belongs to the image's non-root user
     assert {p.stat().st_uid for p in (container / "outputs").rglob("*")} == {1000}

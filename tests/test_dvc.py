@@ -175,7 +175,7 @@ def test_grappa_run_goes_through_dvc_then_is_up_to_date(dvc_repo, reproduced):
     out = dvc_repo / "outputs"
     for path in ("snapshot/manifest.parquet", "extract/features.parquet", "cluster/k4.parquet", "adaptors/k2/adaptor.pt",
                  "fusion/fusion.pt", "model/model.pt", "evaluate/metrics.json", "evaluate/champion.json",
-                 "index/catalogue.faiss"):
+                 "index/index.json"):
         assert (out / path).is_file(), path
     assert (dvc_repo / ".cache" / "features").is_dir()  # the feature cache sits outside every out
     lock = yaml.safe_load((dvc_repo / "dvc.lock").read_text())["stages"]

@@ -109,7 +109,8 @@ def test_a_mixed_or_foreign_index_set_is_refused_then_rebuilt(work, tmp_path):
     (tmp_path / "params.yaml").write_text(json.dumps(raw))
     query = raw["data"]["sources"][0].replace("manifest.csv", "images/q_1_0.png")
     for damage in (lambda f: f.write_bytes(b"\x00" * 64), lambda f: f.write_bytes(f.read_bytes()[:-8])):
-        damage(folder / catalogue.INDEX_FILE)
+        damage(catalogue.version_folder(folder, json.loads((folder / catalogue.META_FILE).read_text()))
+               / catalogue.INDEX_FILE)
         rc, _, err = run_cli(["search", query, "--params", str(tmp_path / "params.yaml")])
         assert rc == 2 and "is not one set: catalogue.faiss does not match index.json" in err, err
         assert "Traceback" not in err
@@ -162,3 +163,23 @@ def test_catalogue_given_as_its_own_sources(work, tmp_path):
     draw_image("stripes", 3, seed=803).save(shop / "item3.png")
     meta = index.run(catalogue)
     assert meta["action"].startswith("added 1 images") and meta["count"] == 4
+
+
+def test_the_index_is_switched_in_one_rename_and_a_reader_of_the_previous_set_still_finds_it(work):
+    """Each publish is a new version folder, then index.json replaced: a search that read the old
+    index.json keeps a whole set, and versions older than the previous one are removed."""
+    params, _ = work
+    folder = layout(params).index
+    before = json.loads((folder / catalogue.META_FILE).read_text())
+    searcher, rows, _ = catalogue.read(folder)
+    catalogue.write(folder, searcher, rows[::-1], {**before, "action": "reordered"})  # other rows: another set
+    after = json.loads((folder / catalogue.META_FILE).read_text())
+    assert after["version"] != before["version"]
+    old_base = catalogue.version_folder(folder, before)
+    assert old_base.is_dir() and catalogue.file_sha256(old_base / catalogue.CATALOGUE_FILE) == before["files"][catalogue.CATALOGUE_FILE]
+    assert catalogue.read(folder)[1] == rows[::-1]
+    catalogue.write(folder, searcher, rows, before)  # a third publish: the first set's files again
+    assert sorted(p.name for p in folder.iterdir()) == sorted([catalogue.META_FILE, before["version"], after["version"]])
+    catalogue.write(folder, searcher, rows[1:] + rows[:1], before)
+    assert after["version"] not in {p.name for p in folder.iterdir()}  # two back: removed
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no staging left behind

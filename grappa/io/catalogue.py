@@ -1,21 +1,26 @@
 """The catalogue index on disk and its faiss verbs: build, read, write, search.
 
-``<out>/index/`` holds ``catalogue.faiss`` (inner product over L2-normalised embeddings),
-``catalogue.parquet`` (manifest rows: faiss id i is row i) and ``index.json`` (the model it was
-built with, factory, size, and the sha256 of the other two); the three are renamed into place
-together, and a reader refuses a set whose files do not match ``index.json`` (a writer interrupted
-between renames, a file copied in from elsewhere).
+``<out>/index/`` holds ``index.json`` (the model the index was built with, factory, size, the name of
+its version folder and the sha256 of that folder's files) and version folders ``v-<digest>/`` with
+``catalogue.faiss`` (inner product over L2-normalised embeddings) and ``catalogue.parquet`` (manifest
+rows: faiss id i is row i). A writer fills a new version folder, renames it into place, and then
+switches ``index.json`` in one atomic rename; the version before stays, so a reader that read the
+previous ``index.json`` still finds its files. A reader refuses a set whose files do not match
+``index.json`` (a file copied in, a damaged disk) before faiss parses a byte of it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from grappa.config import ConfigError
-from grappa.io.artifacts import atomic_paths, file_sha256, read_json, read_table, write_table
+from grappa.io.artifacts import file_sha256, fsync, read_json, read_table, write_json, write_table
 from grappa.io.manifests import SCHEMA
 
 INDEX_FILE, CATALOGUE_FILE, META_FILE = "catalogue.faiss", "catalogue.parquet", "index.json"
@@ -36,27 +41,61 @@ def build(factory: str, vectors: np.ndarray):
     return index
 
 
+def exists(folder: Path) -> bool:
+    """Whether ``folder`` has a published index (its ``index.json``)."""
+    return (folder / META_FILE).is_file()
+
+
+def version_folder(folder: Path, meta: dict) -> Path:
+    """The folder of the set ``meta`` (an ``index.json``) names; ConfigError for a name outside ``folder``."""
+    version = str(meta.get("version") or "")
+    if not version.startswith("v-") or not version[2:].isalnum():
+        raise ConfigError(f"the index at {folder} is not one set: {META_FILE} names no version folder; "
+                          "rebuild it with 'grappa index'")
+    return folder / version
+
+
 def read(folder: Path):
     """(faiss index, catalogue rows, meta) of a set ``write`` published; ConfigError for any other."""
     import faiss
 
     meta = read_json(folder / META_FILE)
-    files = meta.get("files") or {}
+    base, files = version_folder(folder, meta), meta.get("files") or {}
     for name in (INDEX_FILE, CATALOGUE_FILE):  # before faiss parses a byte of it
-        if files.get(name) != file_sha256(folder / name):
+        if not (base / name).is_file() or files.get(name) != file_sha256(base / name):
             raise ConfigError(f"the index at {folder} is not one set: {name} does not match {META_FILE}; "
                               "rebuild it with 'grappa index'")
-    return faiss.read_index(str(folder / INDEX_FILE)), read_table(folder / CATALOGUE_FILE).to_pylist(), meta
+    return faiss.read_index(str(base / INDEX_FILE)), read_table(base / CATALOGUE_FILE).to_pylist(), meta
 
 
 def write(folder: Path, index, rows: list[dict], meta: dict) -> None:
+    """Publish a set: a new version folder, then one atomic switch of ``index.json``; versions older
+    than the one it replaces are removed."""
     import faiss
 
-    with atomic_paths(folder / INDEX_FILE, folder / CATALOGUE_FILE, folder / META_FILE) as (tmp_index, tmp_rows, tmp_meta):
-        faiss.write_index(index, str(tmp_index))
-        write_table(tmp_rows, pa.Table.from_pylist(rows, schema=SCHEMA))
-        files = {INDEX_FILE: file_sha256(tmp_index), CATALOGUE_FILE: file_sha256(tmp_rows)}
-        tmp_meta.write_text(json.dumps({**meta, "files": files}, indent=2, sort_keys=True) + "\n")
+    folder.mkdir(parents=True, exist_ok=True)
+    previous = read_json(folder / META_FILE).get("version") if exists(folder) else None
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+    try:
+        faiss.write_index(index, str(staging / INDEX_FILE))
+        write_table(staging / CATALOGUE_FILE, pa.Table.from_pylist(rows, schema=SCHEMA))
+        files = {name: file_sha256(staging / name) for name in (INDEX_FILE, CATALOGUE_FILE)}
+        version = "v-" + hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+        for name in files:
+            fsync(staging / name)
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide the index from the other users of a shared store
+        target = folder / version
+        intact = target.is_dir() and all((target / n).is_file() and file_sha256(target / n) == h for n, h in files.items())
+        if not intact:  # else these very files are published already
+            shutil.rmtree(target, ignore_errors=True)  # a damaged copy of this set
+            staging.rename(target)
+            fsync(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    write_json(folder / META_FILE, {**meta, "version": version, "files": files})  # the switch
+    for old in folder.iterdir():  # older versions, files of the unversioned layout, abandoned staging
+        if old.name not in (META_FILE, version, previous) and not old.name.startswith(f".{META_FILE}."):
+            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
 
 
 def search(index, queries: np.ndarray, top_k: int, search_params: str = "") -> tuple[np.ndarray, np.ndarray]:

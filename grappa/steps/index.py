@@ -3,11 +3,13 @@
 
 The catalogue is ``index.sources`` (like ``data.sources``), or every image of the data snapshot when
 that list is empty. The model is the champion (``<out>/evaluate/champion.json``). Writes
-``<out>/index/``, all three files renamed into place together:
-- ``catalogue.faiss``: ``index.factory`` over the L2-normalised embeddings, inner product; faiss id i
-  is row i of
-- ``catalogue.parquet``: image_id, uri, domain, split, label, size, mtime_ns, etag, change_stamp, content_hash
-- ``index.json``: the model it was built with (sha256, URI, version), factory, size, what this run did
+``<out>/index/``, a new version folder published by one atomic switch of index.json (grappa.io.catalogue):
+- ``v-<digest>/catalogue.faiss``: ``index.factory`` over the L2-normalised embeddings, inner product;
+  faiss id i is row i of
+- ``v-<digest>/catalogue.parquet``: image_id, uri, domain, split, label, size, mtime_ns, etag, change_stamp,
+  content_hash
+- ``index.json``: the model it was built with (sha256, URI, version), factory, size, what this run did,
+  its version folder and the sha256 of that folder's files
 
 The folder persists between runs (a DVC ``persist`` output): with the same model and factory, new
 catalogue images are embedded and added; a changed or removed image, another model or another
@@ -108,7 +110,7 @@ def run(params: Params) -> dict:
     folder = layout(params).index
     model, identity = servable.load_model(None, params)
     previous_meta = previous_rows = None
-    if all((folder / name).is_file() for name in (catalogue.INDEX_FILE, catalogue.CATALOGUE_FILE, catalogue.META_FILE)):
+    if catalogue.exists(folder):
         try:
             previous_index, previous_rows, previous_meta = catalogue.read(folder)
         except ConfigError as err:  # not a set this step published: start over rather than add to it
