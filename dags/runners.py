@@ -145,6 +145,8 @@ def _docker_spec(task_id: str) -> tuple[type, dict]:
         "device_requests": [DeviceRequest(count=-1, capabilities=[["gpu"]])] if _gpu() else None,
         "shm_size": 2 << 30,  # DataLoader workers share batches through /dev/shm
         "auto_remove": "success",
+        # `make down` (stack.local stop) kills the containers in flight of its stack by this label
+        "labels": {"grappa.stack": os.environ.get("GRAPPA_STACK", "")},
         "mount_tmp_dir": False,  # the daemon may be remote
     }
 

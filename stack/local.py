@@ -5,7 +5,7 @@
 
     python -m stack.local start      # make up: UIs at http://127.0.0.1:8080 (Airflow), :5000 (MLflow)
     python -m stack.local status
-    python -m stack.local stop       # make down: every process it started, by PID
+    python -m stack.local stop       # make down: every process it started, tasks in flight included
 
 MLflow keeps the store ``grappa run`` writes without a server (``mlflow.db`` and ``mlruns/`` in the
 workspace), so the demo's runs and registry are there too. State (Airflow home, PIDs, logs) lives
@@ -64,6 +64,8 @@ def environment(settings: Settings) -> dict[str, str]:
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
         "GRAPPA_REPO": str(settings.workspace), "GRAPPA_RUNNER": "local", "GRAPPA_WATCH_SCHEDULE": settings.watch_schedule,
         "MLFLOW_TRACKING_URI": settings.mlflow,
+        # the docker runner labels each step's container with it, so `stop` finds the ones in flight
+        "GRAPPA_STACK": str(settings.home.resolve()),
     })
     env.update(settings.env)
     return env
@@ -154,23 +156,64 @@ def start(settings: Settings, timeout: float = 240) -> dict[str, int]:
     return pids
 
 
-def stop(settings: Settings, grace_s: float = 30) -> list[str]:
-    """Stop the services this stack started (SIGTERM to each one's process group, SIGKILL after ``grace_s``)."""
-    running = status(settings)
-    for pid in running.values():
+def _processes(pids) -> list:
+    """Each process of ``pids`` and every process it started, found before any is signalled."""
+    import psutil
+
+    found = {}
+    for pid in pids:
         try:
-            os.killpg(pid, signal.SIGTERM)
-        except OSError:
+            root = psutil.Process(pid)
+            for proc in (root, *root.children(recursive=True)):
+                found[proc.pid] = proc
+        except psutil.Error:
             pass
-    deadline = time.monotonic() + grace_s
-    while any(_alive(pid) for pid in running.values()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    for pid in running.values():
-        if _alive(pid):
+    return list(found.values())
+
+
+def _signal_groups(procs, sig: int) -> None:
+    """``sig`` to the process group of each of ``procs`` (never to our own) and to each process."""
+    own = os.getpgrp()
+    for proc in procs:
+        for send in (lambda: os.killpg(os.getpgid(proc.pid), sig) if os.getpgid(proc.pid) != own else None,
+                     lambda: os.kill(proc.pid, sig)):
             try:
-                os.killpg(pid, signal.SIGKILL)
+                send()
             except OSError:
                 pass
+
+
+def _stop_containers(settings: Settings, timeout: float) -> None:
+    """Kill the step containers the docker runner started for this stack (label grappa.stack)."""
+    import shutil
+
+    if not shutil.which("docker"):
+        return
+    try:
+        listed = subprocess.run(["docker", "ps", "-q", "--filter", f"label=grappa.stack={settings.home.resolve()}"],
+                                capture_output=True, text=True, timeout=timeout)
+        ids = listed.stdout.split()
+        if ids:
+            subprocess.run(["docker", "kill", *ids], capture_output=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        pass  # no daemon: no container of ours either
+
+
+def stop(settings: Settings, grace_s: float = 30) -> list[str]:
+    """Stop the services this stack started and every process they started, within about ``grace_s``:
+    SIGTERM, then SIGKILL to what is left. A task runs in a session of its own (Airflow's subprocess
+    hook calls setsid), so the services' process groups do not hold it, and once its worker is gone it
+    is re-parented where it cannot be found: the whole tree is listed before anything is signalled."""
+    import psutil
+
+    running = status(settings)
+    procs = _processes(running.values())
+    _signal_groups(procs, signal.SIGTERM)
+    _stop_containers(settings, timeout=grace_s / 2)
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    if alive:
+        _signal_groups(alive, signal.SIGKILL)
+        psutil.wait_procs(alive, timeout=5)
     _pids_file(settings).unlink(missing_ok=True)
     return sorted(running)
 

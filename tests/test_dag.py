@@ -272,6 +272,7 @@ def container_env(monkeypatch):
     monkeypatch.setenv("GRAPPA_DOCKER_MOUNTS", "/srv/images:/data, /srv/more:/more")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-real-secret")
+    monkeypatch.setenv("GRAPPA_STACK", "/srv/grappa/.stack")
     return planning.plan({"ks": [2, 3]}, "docker")
 
 
@@ -296,6 +297,7 @@ def test_docker_runner_renders_container_args(container_env, dagbag):
     assert runners.AIRFLOW_CONTEXT_ENV["AIRFLOW_CTX_DAG_RUN_ID"] == "{{ run_id }}"
     assert op._private_environment == {"AWS_SECRET_ACCESS_KEY": "not-a-real-secret"}
     assert op.retries >= 1 and not op.mount_tmp_dir and op.auto_remove == "success"
+    assert op.labels == {"grappa.stack": "/srv/grappa/.stack"}  # how `make down` finds the containers in flight
     # Whole DAG with this runner: the mapped task expands the docker command over k.
     sys.modules.pop("grappa_pipeline", None)
     import grappa_pipeline
