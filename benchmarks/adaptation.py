@@ -38,8 +38,8 @@ from grappa.io.artifacts import load_torch, read_json, write_json, write_text
 from grappa.io.assemble import assemble
 from grappa.io.datasets import encode, load_inputs, loader
 from grappa.io.layout import FUSION_REPORT, layout
-from grappa.steps.evaluate import validation_classes
-from grappa.steps.train_adaptor import pseudo_labels_for
+from grappa.io.pseudo_labels import pseudo_labels_for
+from grappa.io.scoring import validation_classes
 
 from .quality import FULL_DATA, RESULTS
 

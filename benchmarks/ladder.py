@@ -23,7 +23,8 @@ from grappa.io.artifacts import write_json, write_text
 from grappa.io.assemble import assemble
 from grappa.io.datasets import encode, load_inputs
 from grappa.io.layout import layout
-from grappa.steps.evaluate import protocol, validation_classes
+from grappa.io.scoring import validation_classes
+from grappa.steps.evaluate import protocol
 
 from .quality import FULL_DATA, RESULTS
 

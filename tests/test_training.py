@@ -23,7 +23,7 @@ from grappa.core.model import GrappaModel, single
 from grappa.core.objectives import (LOSS_TERMS, EmbeddedBatch, adaptor_objective, adaptor_terms, fusion_objective,
                                     fusion_terms, parse_objective)
 from grappa.core.training import adaptor_step, epoch_steps, fit, fusion_step, train_on_batch, warmup_cosine
-from grappa.io.artifacts import load_torch
+from grappa.io.artifacts import TorchCheckpoint, load_torch
 
 
 def test_warmup_cosine_factors():
@@ -50,7 +50,7 @@ class Toy:
         self.x = torch.randn(40, 6, generator=g)
         self.y = self.x @ torch.randn(6, 1, generator=g)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.01)
-        self.checkpoint, self.epochs, self.interrupt_at, self.calls = checkpoint, epochs, interrupt_at, 0
+        self.checkpoint, self.epochs, self.interrupt_at, self.calls = TorchCheckpoint(checkpoint), epochs, interrupt_at, 0
 
     def batches(self, generator):
         return DataLoader(TensorDataset(self.x, self.y), batch_size=8, shuffle=True, generator=generator)

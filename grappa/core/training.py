@@ -17,7 +17,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -27,9 +27,16 @@ from tqdm import tqdm
 from grappa.core.augment import augment_feature_maps
 from grappa.core.model import FUSION, GrappaModel
 from grappa.core.objectives import EmbeddedBatch, Objective
-from grappa.io.artifacts import load_torch, save_torch
 
 Losses = dict[str, torch.Tensor]
+
+
+class Checkpoint(Protocol):
+    """Where ``fit`` keeps its state between epochs (the steps hand it a file: grappa.io.artifacts)."""
+
+    def load(self) -> dict | None: ...  # None: nothing saved yet
+
+    def save(self, state: dict) -> None: ...  # atomically: a kill mid-save leaves the previous state
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
@@ -102,7 +109,7 @@ def fit(
     warmup_epochs: float,
     batches: Callable[[torch.Generator], Iterable],
     step: Callable[[object], Losses],
-    checkpoint: Path,
+    checkpoint: Checkpoint,
     seed: int,
     desc: str,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
@@ -111,8 +118,8 @@ def fit(
     scheduler = warmup_cosine(optimizer, epochs * steps_per_epoch, int(warmup_epochs * steps_per_epoch))
     history: list[dict[str, float]] = []
     first_epoch = 0
-    if checkpoint.exists():
-        state = load_torch(checkpoint)
+    state = checkpoint.load()
+    if state is not None:
         trainable.load_state_dict(state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -137,7 +144,7 @@ def fit(
         history.append(summary)
         print(f"{desc} epoch {epoch + 1}/{epochs}: " + ", ".join(f"{k}={v:.4f}" for k, v in summary.items()
                                                                if k not in ("epoch", "batches")))
-        save_torch(checkpoint, {"trainable": trainable.state_dict(), "optimizer": optimizer.state_dict(),
+        checkpoint.save({"trainable": trainable.state_dict(), "optimizer": optimizer.state_dict(),
                                 "scheduler": scheduler.state_dict(), "history": history, "epoch": epoch})
         if on_epoch_end:
             on_epoch_end(epoch, summary)

@@ -105,6 +105,26 @@ def save_torch(path: str | Path, obj: Any) -> None:
         torch.save(obj, tmp)
 
 
+class TorchCheckpoint:
+    """A training checkpoint file for ``grappa.core.training.fit``: saved atomically, loaded weights-only."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def load(self) -> dict | None:
+        return load_torch(self.path) if self.path.exists() else None
+
+    def save(self, state: dict) -> None:
+        save_torch(self.path, state)
+
+    def clear(self) -> None:
+        """Remove it (the published artifact supersedes it)."""
+        self.path.unlink(missing_ok=True)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
 def load_torch(path: str | Path) -> Any:
     import torch
 

@@ -3,9 +3,9 @@
 Independent per k (the Airflow DAG maps it, ``dvc.yaml`` runs it as ``foreach``). The backbone is
 frozen; bottleneck adaptors in blocks [adapt_from_block, end) and a cosine-softmax classifier
 initialised from the k-means centroids are trained with cross-entropy on the pseudo-labels
-(grappa.md section 4). Only the adaptor weights are published (``<out>/adaptors/k<K>/adaptor.pt``);
-the classifier is discarded. A checkpoint after each epoch (``<out>/checkpoints/``, keyed by the
-inputs) lets a killed run resume.
+(grappa.md section 4). The adaptor weights are published (``<out>/adaptors/k<K>/adaptor.pt``), the
+classifier beside them for the fusion's pseudo-label objective (never part of the model). A
+checkpoint after each epoch (``<out>/checkpoints/``, keyed by the inputs) lets a killed run resume.
 """
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ from dataclasses import asdict
 from functools import partial
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -26,20 +24,11 @@ from grappa.core.model import pick_device, single
 from grappa.core.objectives import adaptor_objective
 from grappa.core.samplers import ClusterBatchSampler, NeighbourPairs
 from grappa.core.training import adaptor_step, data_fingerprint, epoch_steps, fit, run_key
-from grappa.io.artifacts import read_table, save_torch, write_json
+from grappa.io.artifacts import TorchCheckpoint, save_torch, write_json
 from grappa.io.assemble import build_model
 from grappa.io.datasets import collate_usable, load_inputs, loader
 from grappa.io.layout import ADAPTOR_REPORT, layout
-
-
-def pseudo_labels_for(params: Params, k: int, image_ids: pa.Array) -> np.ndarray:
-    """The k-level pseudo-label of each image id (an Arrow join: no Python object per image)."""
-    table = read_table(layout(params).pseudo_labels(k))
-    where = pc.index_in(pa.array(image_ids) if isinstance(image_ids, list) else image_ids,
-                        value_set=table.column("image_id").combine_chunks())
-    if where.null_count:
-        raise ConfigError(f"cluster output for k={k} is stale ({where.null_count} images unassigned); rerun 'grappa cluster'")
-    return table.column("pseudo_label").to_numpy()[where.to_numpy()].astype(np.int64)
+from grappa.io.pseudo_labels import pseudo_labels_for
 
 
 def epoch_batches(dataset, targets: np.ndarray, batch_size: int, hp: AdaptorParams, clustered: bool,
@@ -93,7 +82,7 @@ def run(params: Params, k: int) -> dict:
     step = partial(adaptor_step, model, objective, mode, device, images=dataset.is_images, two_views=two_views,
                    augment_scale=hp.prefix_augment_scale)
     key = run_key(params, hp.model_dump(), k, data_fingerprint(pseudo))
-    checkpoint = layout(params).checkpoint(f"adaptor_k{k}-{key}")
+    checkpoint = TorchCheckpoint(layout(params).checkpoint(f"adaptor_k{k}-{key}"))
     steps = epoch_steps(len(inputs.dataset), batch_size, hp.steps_per_epoch)
     history = fit(trainable, optimizer, hp.epochs, steps, hp.warmup_epochs, batches, step, checkpoint, params.seed,
                   desc=f"adaptor k={k}")
@@ -106,5 +95,5 @@ def run(params: Params, k: int) -> dict:
     save_torch(layout(params).classifier(k), {"weight": classifier.weight.detach().cpu(), "temperature": hp.temperature})
     report = {"k": k, "images": len(inputs), "history": history, "final": history[-1]}
     write_json(layout(params).path(ADAPTOR_REPORT, k), report)
-    checkpoint.unlink(missing_ok=True)  # the published adaptor supersedes it
+    checkpoint.clear()  # the published adaptor supersedes it
     return report

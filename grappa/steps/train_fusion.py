@@ -43,12 +43,12 @@ from grappa.core.objectives import fusion_objective, fusion_terms
 from grappa.core.samplers import NeighbourPairs
 from grappa.core.training import data_fingerprint, epoch_steps, fit, fusion_step, run_key
 from grappa.io import servable
-from grappa.io.artifacts import atomic_path, load_torch, save_torch, write_json
+from grappa.io.artifacts import TorchCheckpoint, atomic_path, load_torch, save_torch, write_json
 from grappa.io.assemble import assemble
 from grappa.io.datasets import load_inputs, loader, mean_attention
 from grappa.io.features import iter_vectors, take_vectors, vector_dim
 from grappa.io.layout import FUSION_REPORT, layout
-from grappa.steps.train_adaptor import pseudo_labels_for
+from grappa.io.pseudo_labels import pseudo_labels_for
 
 
 def neighbour_graph(params: Params, inputs) -> tuple[np.ndarray, dict]:
@@ -131,7 +131,7 @@ def run(params: Params) -> dict:
     ids = np.concatenate([np.frombuffer(b, np.uint8) for b in inputs.ids.buffers() if b is not None])
     data = data_fingerprint(ids, neighbours, modules=model.adaptors.values())
     key = run_key(params, hp.model_dump(), params.adaptor.model_dump(), params.cluster.ks, data)
-    checkpoint = layout(params).checkpoint(f"fusion-{key}")
+    checkpoint = TorchCheckpoint(layout(params).checkpoint(f"fusion-{key}"))
     steps = epoch_steps(len(pairs), batch_size, hp.steps_per_epoch)
     history = fit(model.fusion, optimizer, hp.epochs, steps, 0.0, batches, step, checkpoint, params.seed, desc="fusion")
     attention = mean_attention(model, inputs.dataset, params.evaluate.batch_size)
@@ -152,5 +152,5 @@ def run(params: Params) -> dict:
         "seconds": time.perf_counter() - t0,
     }
     write_json(layout(params).path(FUSION_REPORT), report)
-    checkpoint.unlink(missing_ok=True)
+    checkpoint.clear()
     return report

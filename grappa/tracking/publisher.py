@@ -131,7 +131,7 @@ def _standing(version) -> Standing:
 def score_registered(name: str, version: str, params: Params) -> float | None:
     """Mean mAP@R of a registered version on this run's evaluation set (None if it cannot be loaded)."""
     from grappa.io import servable
-    from grappa.steps.evaluate import score_servable
+    from grappa.io.scoring import score_servable
 
     try:
         model = servable.load(servable.download(f"models:/{name}/{version}"))
