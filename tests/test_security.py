@@ -12,6 +12,7 @@ from grappa import tracking
 from grappa.config import parse_params
 from grappa.io.artifacts import load_torch
 from grappa.tracking import lineage
+from grappa.tracking.runs import params_yaml
 from test_tracking import _SCRUB, error_lines, run_cli, tracked_run
 
 
@@ -56,7 +57,7 @@ def test_logged_params_never_hold_uri_credentials(tmp_path):
     flat = tracking.step_params(params)
     assert "very/secret" not in repr(flat) and "AKIAFAKE" not in repr(flat)
     assert "s3://bucket/data/" in flat["data.sources"]
-    assert "very/secret" not in tracking._params_yaml(params)
+    assert "very/secret" not in params_yaml(params)
 
 
 def test_tracking_error_message_redacts_uri(tmp_path, monkeypatch):

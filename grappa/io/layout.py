@@ -14,7 +14,6 @@ from pathlib import Path
 SNAPSHOT = "snapshot"
 MANIFEST = "snapshot/manifest.parquet"
 SNAPSHOT_REPORT = "snapshot/report.json"
-EXTRACT = "extract"
 # `extract --shard i/n` writes one part: its rows of the snapshot, in snapshot order
 EXTRACT_PART = "extract/parts/{shard}"
 PART_FEATURES = "extract/parts/{shard}/features.parquet"

@@ -118,11 +118,3 @@ def _capped(uri: str, data: bytes, max_bytes: int | None) -> bytes:
     if max_bytes is not None and len(data) > max_bytes:
         raise StorageError(f"{uri} is larger than {max_bytes} bytes (data.max_file_bytes); skipped")
     return data
-
-
-def write_bytes_s3(uri: str, data: bytes) -> None:
-    bucket, key = split_s3(uri)
-    try:
-        s3_client().put_object(Bucket=bucket, Key=key, Body=data)
-    except Exception as err:
-        raise StorageError(f"cannot write {uri}: {_describe(err)}") from None

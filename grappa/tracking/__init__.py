@@ -9,13 +9,13 @@ import os
 from grappa.config import Params
 from grappa.tracking import lineage, step_logger
 from grappa.tracking.runs import (ENV_ARTIFACT_LOCATION, ENV_PARENT, ENV_RUN_KEY, RUN_KEY_TAG, RunTree,
-                                  TrackingError, _one_line, _params_yaml, artifact_location, flatten, run_key,
-                                  step_params, tracking_uri)
+                                  TrackingError, artifact_location, flatten, one_line, run_key, step_params,
+                                  tracking_uri)
 from grappa.tracking.step_logger import numeric_metrics
 
-# the surface callers use as tracking.X (cli, tests, dags); _params_yaml for the redaction test
+# the surface callers use as tracking.X (cli, tests, dags)
 __all__ = ["ENV_ARTIFACT_LOCATION", "ENV_PARENT", "ENV_RUN_KEY", "ENV_SWITCH", "RUN_KEY_TAG",
-           "Tracker", "TrackingError", "_params_yaml", "artifact_location", "enabled", "flatten", "from_params",
+           "Tracker", "TrackingError", "artifact_location", "enabled", "flatten", "from_params",
            "numeric_metrics", "run_key", "step_params", "tracking_uri"]
 
 ENV_SWITCH = "GRAPPA_TRACKING"
@@ -44,4 +44,4 @@ def from_params(params: Params) -> Tracker | None:
         return Tracker(params)
     except Exception as err:
         raise TrackingError(f"tracking: cannot set up MLflow at {lineage.redact_uri(tracking_uri())}: "
-                            f"{_one_line(err)}") from None
+                            f"{one_line(err)}") from None

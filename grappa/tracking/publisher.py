@@ -26,7 +26,7 @@ from typing import Callable
 from grappa.config import Params
 from grappa.io.layout import layout
 from grappa.tracking import lineage
-from grappa.tracking.runs import RunTree, _params_yaml
+from grappa.tracking.runs import RunTree, params_yaml
 
 CHAMPION, CANDIDATE = "champion", "candidate"
 SCORE_TAG = "grappa.mean_map_at_r"  # the version's mean mAP@R on the validation classes of EVAL_SET_TAG
@@ -149,7 +149,7 @@ def log_bundle(tree: RunTree, run_id: str, params: Params) -> None:
     for k in params.cluster.ks:
         mlflow.log_artifact(str(outputs.adaptor(k)), artifact_path=f"bundle/adaptors/k{k}")
     mlflow.log_artifact(str(outputs.fusion), artifact_path="bundle/fusion")
-    tree.client.log_text(run_id, _params_yaml(params), "bundle/params.yaml")
+    tree.client.log_text(run_id, params_yaml(params), "bundle/params.yaml")
 
 
 def publish_model(tree: RunTree, run_id: str, params: Params, metrics: dict) -> tuple[str, Decision]:

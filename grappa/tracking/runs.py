@@ -83,13 +83,13 @@ def step_params(params: Params, keys: tuple[str, ...] | None = None) -> dict[str
             for k, v in flat.items()}
 
 
-def _params_yaml(params: Params) -> str:
+def params_yaml(params: Params) -> str:
     import yaml
 
     return yaml.safe_dump(lineage.redact(params.model_dump(mode="json")), sort_keys=False)
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     text = lineage.redact_uri(lines[0] if lines else type(err).__name__)
     if "Max retries exceeded" in text or "NewConnectionError" in text or "ConnectionError" in text:
@@ -125,7 +125,7 @@ class RunTree:
         except TrackingError:
             raise
         except Exception as err:  # MlflowException, requests/urllib3, boto, sqlalchemy...
-            raise TrackingError(f"tracking: cannot {what} at {self.safe_uri}: {_one_line(err)}") from None
+            raise TrackingError(f"tracking: cannot {what} at {self.safe_uri}: {one_line(err)}") from None
 
     def experiment_id(self) -> str:
         if self._experiment_id is None:
@@ -169,7 +169,7 @@ class RunTree:
             run = self.client.create_run(self.experiment_id(), tags=tags, run_name=name)
             run_id = run.info.run_id
             self._log_batch(run_id, params=step_params(self.params))
-            self.client.log_text(run_id, _params_yaml(self.params), "params.yaml")
+            self.client.log_text(run_id, params_yaml(self.params), "params.yaml")
         self.parent_run_id = run_id
         return run_id
 

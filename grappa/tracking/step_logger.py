@@ -15,7 +15,7 @@ from grappa import registry
 from grappa.config import Params
 from grappa.io.layout import layout
 from grappa.tracking import lineage, publisher
-from grappa.tracking.runs import RunTree, _one_line, flatten, step_params
+from grappa.tracking.runs import RunTree, one_line, flatten, step_params
 
 def numeric_metrics(report: dict, skip: tuple[str, ...] = ("history",)) -> dict[str, float]:
     """Every int/float leaf of a report (bools, strings and lists are not metrics)."""
@@ -47,7 +47,7 @@ def log_step(tree: RunTree, step: str, params: Params, item, start_s: float,
             step_p[mapped] = declared.axis.arg(item)
         tree._log_batch(run_id, params=step_p)
         if error is not None:
-            tree.client.set_tag(run_id, "grappa.error", lineage.redact_uri(_one_line(error)))
+            tree.client.set_tag(run_id, "grappa.error", lineage.redact_uri(one_line(error)))
             tree.client.set_terminated(run_id, status="FAILED")
             return run_id
         with mlflow.start_run(run_id=run_id):  # the active run is where log_artifact/log_input/log_model go
