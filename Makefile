@@ -8,7 +8,7 @@ LOCK := requirements/requirements.lock
 WHEELS := .cache/wheelhouse
 PIP := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: setup demo test lock up down serve image wheels
+.PHONY: setup demo test test-fast lock up down serve image wheels
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# the fast lane: everything but whole pipelines, services, DVC and containers (tests/conftest.py INTEGRATION)
+test-fast: setup
+	$(PY) -m pytest -q -m "not integration"
 
 # The loop's services on loopback (README, "The loop"): Airflow http://127.0.0.1:8080 and MLflow :5000.
 # RUNNER=docker: every step in a container of the step image (`make image`; containers/README.md).

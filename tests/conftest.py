@@ -24,6 +24,23 @@ os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
 
 
+# Modules that run whole pipelines, services, DVC, containers or training to convergence: the
+# "integration" lane. `make test-fast` (pytest -m "not integration") runs the rest in a few minutes.
+INTEGRATION = {"test_benchmarks", "test_containers", "test_dvc", "test_index", "test_learning", "test_loop",
+               "test_pipeline_smoke", "test_reliability", "test_serving", "test_sharding", "test_tracking",
+               "test_workspace"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "integration: whole pipelines, services, DVC or containers (the slow lane)")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in INTEGRATION:
+            item.add_marker(pytest.mark.integration)
+
+
 def draw_image(domain: str, cls: int, seed: int, size: int = 48) -> Image.Image:
     """A class-structured synthetic image: 'shapes' vary colour by class, 'stripes' vary frequency."""
     rng = np.random.default_rng(seed)
