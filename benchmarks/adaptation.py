@@ -3,6 +3,7 @@
     python -m benchmarks.adaptation screen --recipe e20 --variants baseline cosine   # train + score, resumable
     python -m benchmarks.adaptation diagnose --recipe e5                             # step 0: no training
     python -m benchmarks.adaptation report                                          # the screening table
+    python -m benchmarks.adaptation final --recipe e20 --variant route --seeds 0 1 2 # the test classes
 
 A *recipe* (``RECIPES``) is a set of stage-1 overrides; its adaptor sets are trained once, into
 ``outputs/bench/adaptation/<recipe>/seed<S>``. A *variant* (``VARIANTS``) is a set of fusion overrides
@@ -12,7 +13,10 @@ reference rows (zero_shot, every single k, uniform, oracle_val) once, then one `
 variant, each with its validation-class metrics per domain, routing metrics and seconds; a row already
 in the file is skipped, so a killed screen resumes where it stopped. The per-query AP@R of every row is
 kept beside it (``ap/<row>.npy``) for ``report``'s paired class-bootstrap intervals. Only the
-validation classes of ``query_db`` are ever scored here: this is where choices are made.
+validation classes of ``query_db`` are ever scored by ``screen``: this is where choices are made.
+``final`` reports the chosen recipe and variant on the test classes over seeds, through the evaluate
+step in each seed's variant folder (stage 1 and the fusion reused where ``screen`` trained them), into
+``results/adaptation_final_<recipe>_<variant>.{json,md}`` and the attention plot of the first seed.
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ from grappa.io.layout import FUSION_REPORT, layout
 from grappa.io.pseudo_labels import pseudo_labels_for
 from grappa.io.scoring import validation_classes
 
-from .quality import FULL_DATA, RESULTS
+from .quality import FULL_DATA, RESULTS, render, summary
 
 SCREEN = RESULTS / "adaptation_screen.jsonl"
 OUTPUTS = Path("outputs/bench/adaptation")
@@ -199,6 +203,35 @@ def screen(args) -> int:
             record(name, vectors, time.perf_counter() - t1, variant=VARIANTS[variant],
                    routing=routing_metrics(alpha[rows], val_domains, blocks), attention_by_domain=by_domain,
                    fusion_final=report["final"])
+    return 0
+
+
+def final(args) -> int:
+    """The chosen recipe and variant on the test classes, seed after seed (a seed whose evaluate
+    already ran in its variant folder is read back, so a killed run resumes)."""
+    import shutil
+
+    name = f"adaptation_final_{args.recipe}_{args.variant}"
+    per_seed, timings = [], {}
+    for seed in args.seeds:
+        params, vparams = recipe_params(args, args.recipe, seed), recipe_params(args, args.recipe, seed, args.variant)
+        link_stage1(Path(params.out_dir), Path(vparams.out_dir))
+        t0 = time.perf_counter()
+        if not layout(vparams).metrics.exists():
+            stage1(params)
+            if not layout(vparams).path(FUSION_REPORT).exists():
+                run_step("train-fusion", vparams)
+            run_step("evaluate", vparams)
+        per_seed.append(read_json(layout(vparams).metrics))
+        timings[f"seed{seed}"] = {"total": time.perf_counter() - t0}
+        results = summary(per_seed, args.seeds[:len(per_seed)], timings, vparams)
+        results["recipe"], results["variant"] = {args.recipe: RECIPES[args.recipe]}, {args.variant: VARIANTS[args.variant]}
+        write_json(args.results.parent / f"{name}.json", results)
+        write_text(args.results.parent / f"{name}.md", render(results))
+        if len(per_seed) == 1:
+            shutil.copyfile(layout(vparams).plots / "attention_by_domain.png",
+                            args.results.parent / f"{name}_attention_seed{seed}.png")
+    print(render(results))
     return 0
 
 
@@ -431,18 +464,19 @@ def report(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["screen", "diagnose", "report"])
+    parser.add_argument("command", choices=["screen", "diagnose", "report", "final"])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="e5")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["baseline"])
-    parser.add_argument("--variant", choices=sorted(VARIANTS), default="baseline", help="diagnose: the fusion read")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="baseline",
+                        help="diagnose: the fusion read; final: the variant reported")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--results", type=Path, default=SCREEN)
     parser.add_argument("--out", type=Path, default=OUTPUTS, help="where recipes and variants are trained")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="more overrides for every recipe (smoke tests on a few images)")
     args = parser.parse_args(argv)
-    return {"screen": screen, "diagnose": diagnose, "report": report}[args.command](args)
+    return {"screen": screen, "diagnose": diagnose, "report": report, "final": final}[args.command](args)
 
 
 if __name__ == "__main__":

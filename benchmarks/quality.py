@@ -61,6 +61,29 @@ def markdown(methods: dict, seeds: list[int]) -> str:
                           ["method", *domains, "mean mAP@R", "mean R@1"], rows)
 
 
+def summary(per_seed: list[dict], seeds: list[int], timings: dict, params) -> dict:
+    """The results JSON of evaluate's ``metrics.json`` of each seed (in ``seeds`` order)."""
+    validated = [r for r in per_seed if "validation" in r]  # seeds measured with the validation split
+    return {
+        # where choices were made and where the figures come from (evaluate's class-disjoint split)
+        "protocol": validated[-1]["protocol"] if len(validated) == len(per_seed) else None,
+        "methods": aggregate(per_seed),  # test classes
+        "validation": {"methods": aggregate([r["validation"] for r in validated])} if validated else None,
+        "timings_s": timings,
+        "params": {**params.model_dump(mode="json"), "seed": seeds},
+        "seeds": seeds,
+        "per_seed": {str(s): r["methods"] for s, r in zip(seeds, per_seed)},
+        "per_seed_validation": {str(s): r["validation"]["methods"] for s, r in zip(seeds, per_seed) if "validation" in r},
+        "oracle_choice": {str(s): r["oracle_choice"] for s, r in zip(seeds, per_seed)},
+        "oracle_test_choice": {str(s): r.get("oracle_test_choice") for s, r in zip(seeds, per_seed)},
+        # mean mAP@R of the frozen backbone from extract's float32 features and from the float16 prefix
+        "precision_path": {str(s): r.get("precision_path") for s, r in zip(seeds, per_seed)},
+        # how the fused model routes (per adapted block) and its mean attention per domain, each seed
+        "routing": {str(s): r.get("routing") for s, r in zip(seeds, per_seed)},
+        "attention_by_domain": {str(s): r.get("attention_by_domain") for s, r in zip(seeds, per_seed)},
+    }
+
+
 def render(results: dict) -> str:
     """``results/<name>.md`` from ``results/<name>.json``: the test-class table over the seeds, then
     how the first seed's fused model routes (the README's results table is this text, tested)."""
@@ -116,26 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         per_seed.append(json.loads(layout(params).metrics.read_text()))
         done.append(seed)
         # rewritten after every seed: a long benchmark interrupted later keeps what it measured
-        methods = aggregate(per_seed)
-        validated = [r for r in per_seed if "validation" in r]  # seeds measured with the validation split
-        write_json(RESULTS / f"{args.name}.json", {
-            # where choices were made and where the figures come from (evaluate's class-disjoint split)
-            "protocol": validated[-1]["protocol"] if len(validated) == len(per_seed) else None,
-            "methods": methods,  # test classes
-            "validation": {"methods": aggregate([r["validation"] for r in validated])} if validated else None,
-            "timings_s": timings,
-            "params": {**params.model_dump(mode="json"), "seed": done},
-            "seeds": done,
-            "per_seed": {str(s): r["methods"] for s, r in zip(done, per_seed)},
-            "per_seed_validation": {str(s): r["validation"]["methods"] for s, r in zip(done, per_seed) if "validation" in r},
-            "oracle_choice": {str(s): r["oracle_choice"] for s, r in zip(done, per_seed)},
-            "oracle_test_choice": {str(s): r.get("oracle_test_choice") for s, r in zip(done, per_seed)},
-            # mean mAP@R of the frozen backbone from extract's float32 features and from the float16 prefix
-            "precision_path": {str(s): r.get("precision_path") for s, r in zip(done, per_seed)},
-            # how the fused model routes (per adapted block) and its mean attention per domain, each seed
-            "routing": {str(s): r.get("routing") for s, r in zip(done, per_seed)},
-            "attention_by_domain": {str(s): r.get("attention_by_domain") for s, r in zip(done, per_seed)},
-        })
+        write_json(RESULTS / f"{args.name}.json", summary(per_seed, done, timings, params))
         table = render(read_json(RESULTS / f"{args.name}.json"))
         write_text(RESULTS / f"{args.name}.md", table)
     print(table)
