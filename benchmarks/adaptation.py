@@ -467,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["screen", "diagnose", "report", "final"])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="e5")
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["baseline"])
+    parser.add_argument("--variants", nargs="*", choices=sorted(VARIANTS), default=["baseline"],
+                        help="screen: the fusion variants (none: stage 1 and the reference rows only)")
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="baseline",
                         help="diagnose: the fusion read; final: the variant reported")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
