@@ -453,12 +453,13 @@ def report(args) -> int:
             routing = r.get("routing")
             last = routing[max((b for b in routing if b.startswith("block")), key=lambda b: int(b[5:]))] if routing else None
             cells += [f"{last['per_image_attn_entropy']:.3f} / {last['mutual_information']:.3f} / {last['domain_js_max']:.3f}"
-                      if last else "", f"{r['seconds']:.0f}"]
+                      if last else "", f"{r['seconds']:.0f}" if "variant" in r else ""]
             table.append(cells)
         text.append(markdown_table(f"Recipe `{recipe}` {json.dumps(RECIPES.get(recipe, {}))}, seed {seed}: mAP@R (%) "
                                    f"on the validation classes (best single k: {best})",
                                    ["row", *domains, "mean", f"Δ vs {best}", f"Δ vs {ORACLE}",
-                                    "last block: per-image H / MI / max domain JS (nats)", "seconds"], table))
+                                    "last block: per-image H / MI / max domain JS (nats)",
+                                    "fusion seconds (train + score)"], table))
     write_text(args.results.with_suffix(".md"), "\n".join(text))
     print("\n".join(text))
     return 0
