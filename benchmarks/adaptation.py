@@ -51,25 +51,30 @@ SCREEN = RESULTS / "adaptation_screen.jsonl"
 OUTPUTS = Path("outputs/bench/adaptation")
 STAGE1_FOLDERS = ("snapshot", "extract", "cluster", "adaptors")
 
-# stage-1 recipes: params overrides on top of params.yaml (all images, every domain)
+# stage-1 recipes: params overrides on top of params.yaml (all images, every domain), spelt out in
+# full so that a row of the results file keeps its meaning when params.yaml moves on
+OLD_LADDER = [64, 256, 1024]
 RECIPES: dict[str, dict] = {
-    "e5": {},  # params.yaml as shipped before this search: 5 adaptor epochs
-    "e20": {"adaptor.epochs": 20},
+    "e5": {"adaptor.epochs": 5, "cluster.ks": OLD_LADDER},  # params.yaml as shipped before this search
+    "e20": {"adaptor.epochs": 20, "cluster.ks": OLD_LADDER},
     # after e20's screen: its k=64 set scored below zero-shot on every domain, k=1024 best on every one
     "e20_fine": {"adaptor.epochs": 20, "cluster.ks": [256, 1024, 2048]},
 }
 # fusion variants: params overrides on top of a recipe
 ROUTE = {"fusion.attention": "cosine", "fusion.value": "identity", "fusion.qk_lr": 0.01}  # attention that can route
+BASELINE = {"fusion.attention": "bilinear", "fusion.value": "linear", "fusion.qk_lr": None, "fusion.augment_scale": 1.0,
+            "fusion.lambda_mi": 0.0, "fusion.level_norm": False}  # the fusion shipped before this search
 VARIANTS: dict[str, dict] = {
-    "baseline": {},
-    "scale4": {"fusion.attention_scale": 4.0},
-    "cosine": {"fusion.attention": "cosine"},
-    "identity": {"fusion.value": "identity"},
-    "route": ROUTE,
-    "route_aug": {**ROUTE, "fusion.augment_scale": 0.5},  # a per-image signal: pseudo-labels not read off the features
-    "route_aug_norm": {**ROUTE, "fusion.augment_scale": 0.5, "fusion.level_norm": True},
-    "route_aug_mi": {**ROUTE, "fusion.augment_scale": 0.5, "fusion.lambda_mi": 0.1},
-    "route_all": {**ROUTE, "fusion.augment_scale": 0.5, "fusion.level_norm": True, "fusion.lambda_mi": 0.1},
+    "baseline": BASELINE,
+    "scale4": {**BASELINE, "fusion.attention_scale": 4.0},
+    "cosine": {**BASELINE, "fusion.attention": "cosine"},
+    "identity": {**BASELINE, "fusion.value": "identity"},
+    "route": {**BASELINE, **ROUTE},
+    # a per-image signal: pseudo-labels not read off the very features they came from
+    "route_aug": {**BASELINE, **ROUTE, "fusion.augment_scale": 0.5},
+    "route_aug_norm": {**BASELINE, **ROUTE, "fusion.augment_scale": 0.5, "fusion.level_norm": True},
+    "route_aug_mi": {**BASELINE, **ROUTE, "fusion.augment_scale": 0.5, "fusion.lambda_mi": 0.1},
+    "route_all": {**BASELINE, **ROUTE, "fusion.augment_scale": 0.5, "fusion.level_norm": True, "fusion.lambda_mi": 0.1},
 }
 
 

@@ -106,7 +106,7 @@ class ClusterParams(_Strict):
 
 class AdaptorParams(_Strict):
     reduction: int = Field(default=8, ge=1)
-    epochs: int = Field(default=5, ge=1)
+    epochs: int = Field(default=20, ge=1)
     batch_size: int = Field(default=128, ge=2)
     # Batches per epoch: N // batch_size when null; a number caps it, for pools where a full pass is
     # longer than the schedule needs (1M images is 7,800 batches of 128 per epoch).
@@ -150,13 +150,13 @@ class FusionParams(_Strict):
     attention_scale: float = Field(default=1.0, gt=0)
     # bilinear: s <W_Q pool h, W_K pool(h + a_m)> / sqrt(attn_dim); cosine: g cos(W_Q pool h, W_K pool a_m)
     # with g learnt per block from attention_scale (bounded logits whose scale is a parameter)
-    attention: Literal["bilinear", "cosine"] = "bilinear"
+    attention: Literal["bilinear", "cosine"] = "cosine"
     # linear: W_V trained from the identity (AdapterFusion); identity: W_V = I without bias, so the
     # attention is the only thing the fusion can change
-    value: Literal["linear", "identity"] = "linear"
-    qk_lr: float | None = Field(default=None, gt=0)  # lr of the attention (W_Q, W_K, g); null: lr
+    value: Literal["linear", "identity"] = "identity"
+    qk_lr: float | None = Field(default=0.01, gt=0)  # lr of the attention (W_Q, W_K, g); null: lr
     # random resized crop + flip of the cached maps as in stage 1 (adaptor.prefix_augment_scale); 1: off
-    augment_scale: float = Field(default=1.0, gt=0, le=1)
+    augment_scale: float = Field(default=0.5, gt=0, le=1)
     # weight of the image-set mutual information H(mean alpha) - mean H(alpha) per block, maximised:
     # each image's attention confident while every set stays in use
     lambda_mi: float = Field(default=0.0, ge=0)
