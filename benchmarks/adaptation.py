@@ -133,7 +133,7 @@ def val_scores(vectors: np.ndarray, domains: np.ndarray, labels: np.ndarray) -> 
 
 
 class QueryDb:
-    """The validation rows of query_db for one params file."""
+    """query_db of one params file, with the rows of its validation and test classes."""
 
     def __init__(self, params: Params, preprocess):
         inputs = load_inputs(layout(params), "query_db", preprocess, train=False,
