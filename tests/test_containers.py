@@ -114,7 +114,15 @@ STEP_ENV = {"GRAPPA_TRACKING": "0", "OMP_NUM_THREADS": "2"}  # the same threads:
 # report keys that differ from run to run, or between the two workspaces: the snapshot's manifest and
 # the catalogue hold each image's absolute uri, so their sha256 (an extract part's snapshot_sha256,
 # the index set's files) are the workspace's
-TIMINGS = {"timings_s", "seconds", "images_per_s", "snapshot_sha256", "files"}
+# besides timings, what names the data root the steps saw: the catalogue's digests and its version
+# folder (named by the digest of its files, whose rows hold the image URIs)
+TIMINGS = {"timings_s", "seconds", "images_per_s", "snapshot_sha256", "files", "version"}
+
+
+def _canonical(rel: Path) -> Path:
+    """``rel`` with the index's version folder ``v-<digest>`` under one name on both sides."""
+    return Path(*("v-<digest>" if i == 2 and rel.parts[1] == "index" and part.startswith("v-") else part
+                  for i, part in enumerate(rel.parts)))
 
 
 def run_in_venv(workspace: Path, argv: list[str]) -> None:
@@ -155,10 +163,14 @@ def assert_same_outputs(venv: Path, container: Path, data_root: str) -> int:
     import pandas as pd
     import torch
 
-    files = sorted(p.relative_to(venv) for p in (venv / "outputs").rglob("*") if p.is_file())
-    assert {p.relative_to(container) for p in (container / "outputs").rglob("*") if p.is_file()} == set(files)
+    def listed(root: Path) -> dict[Path, Path]:
+        return {_canonical(p.relative_to(root)): p for p in (root / "outputs").rglob("*") if p.is_file()}
+
+    ours, theirs = listed(venv), listed(container)
+    assert set(theirs) == set(ours)
+    files = sorted(ours)
     for rel in files:
-        a, b = venv / rel, container / rel
+        a, b = ours[rel], theirs[rel]
         if rel.suffix == ".json":
             assert _without_timings(json.loads(a.read_text())) == _without_timings(json.loads(b.read_text())), rel
         elif rel.suffix == ".parquet":
@@ -189,8 +201,11 @@ def test_the_chain_runs_one_container_per_step_and_matches_the_venv(step_image, 
     assert "index: rebuilt (no index yet); 64 images" in logs[-1]
     assert assert_same_outputs(venv, container, str(data.resolve())) >= 25
     # the model and its index are the same bytes: the image holds the venv's lock, not a look-alike
-    version = json.loads((venv / "outputs" / "index" / "index.json").read_text())["version"]
-    for rel in ("outputs/model/model.pt", f"outputs/index/{version}/catalogue.faiss"):
-        assert (venv / rel).read_bytes() == (container / rel).read_bytes()
+    def faiss_file(root: Path) -> Path:  # in the version folder the root's own index.json names
+        index = root / "outputs" / "index"
+        return index / json.loads((index / "index.json").read_text())["version"] / "catalogue.faiss"
+
+    assert (venv / "outputs/model/model.pt").read_bytes() == (container / "outputs/model/model.pt").read_bytes()
+    assert faiss_file(venv).read_bytes() == faiss_file(container).read_bytes()
     # what the containers wrote belongs to the image's non-root user
     assert {p.stat().st_uid for p in (container / "outputs").rglob("*")} == {1000}

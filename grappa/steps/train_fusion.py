@@ -1,6 +1,7 @@
 """Step 5 — ``grappa train-fusion``: one model for all tasks from the M frozen adaptor sets.
 
-Backbone and adaptors are frozen; only the per-block fusion layers (W_Q, W_K, W_V) train. Writes
+Backbone and adaptors are frozen; only the per-block fusion layers train (W_Q, W_K, and W_V unless
+``fusion.value`` is identity; under cosine attention also its per-block temperature). Writes
 ``<out>/fusion/`` (fusion.pt, knn.parquet, report.json) and ``<out>/model/``, the whole fused model
 as one servable artifact (see grappa/io/servable.py).
 
@@ -17,6 +18,7 @@ alpha_l = the image's attention over the M granularities in block l):
     L_prop  = 1/2 [KL(sg(alpha(x_j)) || alpha(x_i)) + KL(sg(alpha(x_i)) || alpha(x_j))], mean over pairs and blocks
     L_value = sum_l ||W_V^l - I||^2          (AdapterFusion's value regulariser)
     H       = entropy of the batch-mean attention (optional guard against collapse onto one adaptor set)
+    and, weighted -lambda_mi, the image-set mutual information of the attention (routing_mi)
 
 L_prop propagates each image's granularity attention to its neighbours: images that are close in
 feature space (likely the same task) are pushed to pick the same granularities.
@@ -105,8 +107,10 @@ def run(params: Params) -> dict:
     write_neighbours(layout(params).knn, inputs.ids, neighbours)
     pairs = NeighbourPairs(inputs.dataset, neighbours)
     batch_size = min(hp.batch_size, len(pairs))
+    # the attention (W_Q, W_K, the cosine temperature) at fusion.qk_lr; W_V, when it trains, at fusion.lr
     attention = [p for layer in model.fusion for p in layer.attention_parameters()]
-    rest = [p for p in model.fusion.parameters() if id(p) not in set(map(id, attention))]  # W_V, when trained
+    attention_ids = {id(p) for p in attention}
+    rest = [p for p in model.fusion.parameters() if id(p) not in attention_ids]
     groups = [{"params": attention, "lr": hp.qk_lr or hp.lr}] + ([{"params": rest, "lr": hp.lr}] if rest else [])
     optimizer = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
 
