@@ -74,6 +74,9 @@ VARIANTS: dict[str, dict] = {
     "route_aug": {**BASELINE, **ROUTE, "fusion.augment_scale": 0.5},
     "route_aug_norm": {**BASELINE, **ROUTE, "fusion.augment_scale": 0.5, "fusion.level_norm": True},
     "route_aug_mi": {**BASELINE, **ROUTE, "fusion.augment_scale": 0.5, "fusion.lambda_mi": 0.1},
+    "route_aug_bank": {**BASELINE, **ROUTE, "fusion.augment_scale": 0.5, "fusion.propagation": "bank"},
+    "route_aug_bank_mi": {**BASELINE, **ROUTE, "fusion.augment_scale": 0.5, "fusion.propagation": "bank",
+                          "fusion.lambda_mi": 0.1},
     "route_all": {**BASELINE, **ROUTE, "fusion.augment_scale": 0.5, "fusion.level_norm": True, "fusion.lambda_mi": 0.1},
 }
 

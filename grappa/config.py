@@ -163,12 +163,26 @@ class FusionParams(_Strict):
     # pseudo_labels: each level's CE divided by log k (else the finest level, the largest CE, steers all)
     level_norm: bool = False
     lambda_prop: float = Field(default=1.0, ge=0)  # attention propagation (KL to neighbours)
+    # pairs: each batch holds every anchor's sampled neighbour, the two pulled together (symmetric KL);
+    # bank: anchors only, each pulled to the sharpened mean of its neighbours' attentions in a running
+    # memory of the pool (bank_momentum: the share of the old entry kept; bank_sharpen: the temperature)
+    propagation: Literal["pairs", "bank"] = "pairs"
+    bank_momentum: float = Field(default=0.5, ge=0, lt=1)
+    bank_sharpen: float = Field(default=0.5, gt=0, le=1)
     lambda_value: float = Field(default=0.01, ge=0)  # keep W_V near identity (AdapterFusion)
     lambda_entropy: float = Field(default=0.0, ge=0)  # bonus on batch-mean attention entropy
     # What the fused embedding is trained for: InfoNCE on kNN pairs (grappa.md 5.3), the stage-1
     # pseudo-label losses of all M levels through their frozen classifiers (the "alternative
     # reading" of 5.3), or both. Attention propagation between neighbours applies in every case.
     objective: Literal["neighbour_pairs", "pseudo_labels", "pseudo_labels+neighbour_pairs"] = "pseudo_labels"
+
+    @field_validator("objective")
+    @classmethod
+    def _pairs_need_neighbours(cls, objective: str, info) -> str:
+        if "neighbour_pairs" in objective and info.data.get("propagation") == "bank":
+            raise ValueError("neighbour_pairs needs each anchor's neighbour in the batch; "
+                             "use propagation: pairs with it")
+        return objective
 
 
 class InstanceTask(_Strict):

@@ -167,11 +167,12 @@ def test_fusion_checkpoint_from_other_adaptors_is_not_resumed(prepared, tmp_path
     assert _checkpoints(params) == [stale]  # its own checkpoint was removed once published
 
 
-def test_fusion_killed_mid_epoch_resumes_to_the_same_weights(prepared, tmp_path, monkeypatch, capsys):
-    clean, _ = _params_at(prepared, tmp_path, "clean", adaptor={"epochs": 1})
+@pytest.mark.parametrize("propagation", ["pairs", "bank"])  # bank: the attention memory resumes with the weights
+def test_fusion_killed_mid_epoch_resumes_to_the_same_weights(prepared, tmp_path, monkeypatch, capsys, propagation):
+    clean, _ = _params_at(prepared, tmp_path, "clean", adaptor={"epochs": 1}, fusion={"propagation": propagation})
     for k in clean.cluster.ks:
         train_adaptor.run(clean, k)
-    params, _ = _params_at(prepared, tmp_path, "killed", adaptor={"epochs": 1})
+    params, _ = _params_at(prepared, tmp_path, "killed", adaptor={"epochs": 1}, fusion={"propagation": propagation})
     shutil.copytree(Path(clean.out_dir) / "adaptors", Path(params.out_dir) / "adaptors")
 
     train_fusion.run(clean)

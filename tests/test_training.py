@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from grappa.config import AdaptorParams, BackboneParams, ConfigError, FusionParams
 from grappa.core.ap_loss import HistogramAPLoss
 from grappa.core.backbones import create_backbone
-from grappa.core.losses import (CosineClassifier, attention_propagation, batch_attention_entropy, neighbour_pair_infonce,
-                                routing_information)
+from grappa.core.losses import (AttentionBank, CosineClassifier, attention_propagation, batch_attention_entropy,
+                                neighbour_pair_infonce, routing_information)
 from grappa.core.model import GrappaModel, single
 from grappa.core.objectives import (LOSS_TERMS, EmbeddedBatch, adaptor_objective, adaptor_terms, fusion_objective,
                                     fusion_terms, parse_objective)
@@ -136,9 +136,10 @@ def test_shipped_objectives_are_the_named_terms_with_their_weights():
     hp = FusionParams(objective="pseudo_labels+neighbour_pairs", lambda_prop=0.5, lambda_entropy=0.2, lambda_mi=0.3)
     assert fusion_terms(hp) == [("prop", 0.5), ("value", 0.01), ("batch_mean_attn_entropy", -0.2), ("routing_mi", -0.3),
                                 ("neighbour_pairs", 1.0), ("pseudo_labels", 1.0)]  # registry order, whatever order the params name
+    assert fusion_terms(FusionParams(propagation="bank"))[0] == ("bank_prop", 1.0)
     metrics = {name: LOSS_TERMS[name].metric for name in LOSS_TERMS}
     assert metrics == {"cosine_softmax": "cross_entropy", "histogram_ap": "ap_loss", "smooth_ap": "ap_loss",
-                       "prop": "prop", "value": "value", "batch_mean_attn_entropy": "batch_mean_attn_entropy",
+                       "prop": "prop", "bank_prop": "prop", "value": "value", "batch_mean_attn_entropy": "batch_mean_attn_entropy",
                        "routing_mi": "routing_mi", "neighbour_pairs": "pair", "pseudo_labels": "pseudo_ce"}
 
 
@@ -203,6 +204,31 @@ def test_objectives_evaluate_to_the_named_losses_and_their_weighted_sum():
         fusion_objective(FusionParams(), fusion, heads=[])
 
 
+def test_the_attention_bank_amplifies_what_a_neighbourhood_shares():
+    # images 0-2 are each other's neighbours, 3-5 too; one block, two sets
+    neighbours = torch.tensor([[1, 2], [0, 2], [0, 1], [4, 5], [3, 5], [3, 4]])
+    bank = AttentionBank(neighbours, blocks=1, sets=2, momentum=0.5, sharpen=0.5)
+    assert torch.allclose(bank.target(torch.arange(6)), torch.full((6, 1, 2), 0.5))  # no lean: none proposed
+    bank.update(torch.tensor([0, 1, 2]), torch.tensor([[[0.9, 0.1]]] * 3))
+    assert torch.allclose(bank.alpha[0], torch.tensor([[0.7, 0.3]]))  # half kept, half the new attention
+    lean = bank.target(torch.tensor([0]))[0, 0]
+    assert torch.allclose(lean, torch.tensor([0.49, 0.09]) / 0.58)  # (0.7, 0.3) squared and renormalised
+    assert torch.allclose(bank.target(torch.tensor([3])), torch.full((1, 1, 2), 0.5))  # the other group untouched
+    assert "alpha" in bank.state_dict() and "neighbours" not in bank.state_dict()  # the memory resumes, not the graph
+
+    alpha = torch.tensor([[[0.5, 0.5]]], requires_grad=True)
+    head = (CosineClassifier(torch.randn(2, 4), 0.05), torch.zeros(6, dtype=torch.long))
+    objective = fusion_objective(FusionParams(propagation="bank", lambda_prop=1.0), nn.ModuleList(), [head], bank)
+    assert objective.names[0] == "bank_prop"
+    losses = objective(EmbeddedBatch(torch.randn(1, 4), torch.tensor([1]), alpha.softmax(-1)))
+    assert losses["prop"] > 0  # an undecided image next to a leaning neighbourhood is pulled to it
+    assert torch.allclose(bank.alpha[1], torch.tensor([[0.6, 0.4]]))  # and its entry moved towards what it showed
+    with pytest.raises(ConfigError, match="attention bank"):
+        fusion_objective(FusionParams(propagation="bank"), nn.ModuleList(), [head])
+    with pytest.raises(ValueError, match="neighbour_pairs needs"):
+        FusionParams(propagation="bank", objective="neighbour_pairs")
+
+
 # --------------------------------------------------------------------------- the batch steps
 
 
@@ -236,3 +262,12 @@ def test_batch_steps_train_the_model_on_the_shipped_objectives():
     jittered = partial(fusion_step, model, fusion_objective(FusionParams(), model.fusion, heads), "cpu", images=False,
                        augment_scale=0.5)
     assert not torch.equal(jittered((torch.arange(4), pairs, []))["pseudo_ce"], losses["pseudo_ce"])
+
+    bank = AttentionBank(torch.tensor([[1], [0], [3], [2]]), len(model.fusion), 2, momentum=0.5, sharpen=0.5)
+    anchors = partial(fusion_step, model, fusion_objective(FusionParams(propagation="bank"), model.fusion, heads, bank),
+                      "cpu", images=False, pairs=False)
+    model.fusion.zero_grad()
+    losses = anchors((torch.arange(4), x[:4], []))  # anchors alone: the neighbours' side is the bank's
+    losses["loss"].backward()
+    assert all(p.grad is not None for p in model.fusion.parameters())
+    assert not torch.allclose(bank.alpha, torch.full_like(bank.alpha, 0.5))

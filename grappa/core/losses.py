@@ -31,18 +31,52 @@ def neighbour_pair_infonce(anchors: torch.Tensor, neighbours: torch.Tensor, temp
     return F.cross_entropy(sim, target)
 
 
+def _kl(target: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """KL(sg(target) || pred) over the last axis, averaged over everything else."""
+    target = target.detach().clamp_min(1e-8)
+    return (target * (target.log() - pred.clamp_min(1e-8).log())).sum(-1).mean()
+
+
 def attention_propagation(alpha_anchor: torch.Tensor, alpha_neighbour: torch.Tensor) -> torch.Tensor:
     """Symmetric KL(sg(alpha_j) || alpha_i) over (B, L, M) attentions, averaged over images and blocks.
 
     Each image is pulled towards the granularity attention of its neighbour in feature space; the
     target side is detached so the two images do not both collapse onto a compromise.
     """
+    return 0.5 * (_kl(alpha_neighbour, alpha_anchor) + _kl(alpha_anchor, alpha_neighbour))
 
-    def kl(target: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-        target = target.detach().clamp_min(1e-8)
-        return (target * (target.log() - pred.clamp_min(1e-8).log())).sum(-1).mean()
 
-    return 0.5 * (kl(alpha_neighbour, alpha_anchor) + kl(alpha_anchor, alpha_neighbour))
+class AttentionBank(nn.Module):
+    """A running memory of every pool image's attention (N, L, M) and the pool's kNN graph (N, k).
+
+    Image i's target is the mean bank entry of its neighbours, sharpened (raised to 1 / ``sharpen`` and
+    renormalised): a lean its neighbourhood shares is amplified rather than only damped, so the
+    propagation has fixed points other than one constant attention for all, and a batch needs no
+    neighbour forward (half the fusion's work). Buffers, so the bank travels in the checkpoint.
+    """
+
+    def __init__(self, neighbours: torch.Tensor, blocks: int, sets: int, momentum: float, sharpen: float):
+        super().__init__()
+        self.register_buffer("alpha", torch.full((len(neighbours), blocks, sets), 1.0 / sets))
+        self.register_buffer("neighbours", neighbours.long(), persistent=False)  # from the data, not learnt
+        self.momentum, self.sharpen = momentum, sharpen
+
+    def target(self, rows: torch.Tensor) -> torch.Tensor:
+        """(B, L, M): the sharpened neighbourhood attention of images ``rows``."""
+        sharp = self.alpha[self.neighbours[rows]].mean(1).clamp_min(1e-8) ** (1.0 / self.sharpen)
+        return sharp / sharp.sum(-1, keepdim=True)
+
+    @torch.no_grad()
+    def update(self, rows: torch.Tensor, alpha: torch.Tensor) -> None:
+        """Images ``rows`` were just seen with attention ``alpha``: move their entries towards it."""
+        self.alpha[rows] = self.momentum * self.alpha[rows] + (1.0 - self.momentum) * alpha.detach().float()
+
+
+def bank_propagation(alpha: torch.Tensor, bank: AttentionBank, rows: torch.Tensor) -> torch.Tensor:
+    """KL(sharpened neighbourhood || alpha) of the batch's images, then their bank entries updated."""
+    loss = _kl(bank.target(rows), alpha)
+    bank.update(rows, alpha)
+    return loss
 
 
 def routing_information(alpha: torch.Tensor) -> torch.Tensor:

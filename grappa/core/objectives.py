@@ -9,7 +9,7 @@ logs. Terms are evaluated in registry order, whatever order the params name them
     stage 1 (adaptor.objective):  cosine_softmax -> cross_entropy (+ accuracy)
                                   histogram_ap | smooth_ap -> ap_loss  (1 - AP, weight ap_weight
                                   when summed with cosine_softmax, else 1)
-    stage 2 (always):             prop (lambda_prop), value (lambda_value), batch_mean_attn_entropy (-lambda_entropy),
+    stage 2 (always):             prop | bank_prop (lambda_prop, fusion.propagation), value (lambda_value), batch_mean_attn_entropy (-lambda_entropy),
                                   routing_mi (-lambda_mi)
             (fusion.objective):   neighbour_pairs -> pair, pseudo_labels -> pseudo_ce  (weight 1)
 """
@@ -25,8 +25,8 @@ from torch import nn
 
 from grappa.config import AdaptorParams, ConfigError, FusionParams
 from grappa.core.ap_loss import build_ap_loss
-from grappa.core.losses import (CosineClassifier, attention_propagation, batch_attention_entropy, neighbour_pair_infonce,
-                                routing_information)
+from grappa.core.losses import (AttentionBank, CosineClassifier, attention_propagation, bank_propagation,
+                                batch_attention_entropy, neighbour_pair_infonce, routing_information)
 
 Metrics = dict[str, torch.Tensor]
 
@@ -89,6 +89,12 @@ def _attention_propagation(hp: FusionParams, **_):
     return lambda batch: {"prop": attention_propagation(*batch.halves(batch.alpha))}
 
 
+def _bank_propagation(hp: FusionParams, *, bank: AttentionBank | None = None, **_):
+    if bank is None:
+        raise ConfigError("fusion.propagation: bank needs the attention bank of the pool")
+    return lambda batch: {"prop": bank_propagation(batch.alpha, bank, batch.rows)}
+
+
 def _value_regulariser(hp: FusionParams, *, fusion: nn.ModuleList, **_):
     return lambda batch: {"value": sum(layer.value_regulariser() for layer in fusion)}
 
@@ -126,6 +132,7 @@ LOSS_TERMS: dict[str, LossTerm] = {
     "histogram_ap": LossTerm("ap_loss", _listwise_ap("histogram_ap"), ranks_batch=True),
     "smooth_ap": LossTerm("ap_loss", _listwise_ap("smooth_ap"), ranks_batch=True),
     "prop": LossTerm("prop", _attention_propagation),
+    "bank_prop": LossTerm("prop", _bank_propagation),
     "value": LossTerm("value", _value_regulariser),
     "batch_mean_attn_entropy": LossTerm("batch_mean_attn_entropy", _attention_entropy),
     "routing_mi": LossTerm("routing_mi", _routing_information),
@@ -134,7 +141,7 @@ LOSS_TERMS: dict[str, LossTerm] = {
 }
 ADAPTOR_TERMS = ("cosine_softmax", "histogram_ap", "smooth_ap")  # what adaptor.objective may name
 FUSION_TERMS = ("neighbour_pairs", "pseudo_labels")  # what fusion.objective may name
-FUSION_REGULARISERS = ("prop", "value", "batch_mean_attn_entropy", "routing_mi")  # in every fusion objective
+FUSION_REGULARISERS = ("value", "batch_mean_attn_entropy", "routing_mi")  # in every fusion objective, after prop
 
 
 def parse_objective(text: str, key: str, allowed: Sequence[str]) -> tuple[str, ...]:
@@ -160,10 +167,11 @@ def adaptor_terms(hp: AdaptorParams) -> list[tuple[str, float]]:
 
 def fusion_terms(hp: FusionParams) -> list[tuple[str, float]]:
     """The (registry name, weight) pairs of the fusion objective: the regularisers, then ``fusion.objective``."""
-    weights = {"prop": hp.lambda_prop, "value": hp.lambda_value, "batch_mean_attn_entropy": -hp.lambda_entropy,
-               "routing_mi": -hp.lambda_mi}
+    weights = {"value": hp.lambda_value, "batch_mean_attn_entropy": -hp.lambda_entropy, "routing_mi": -hp.lambda_mi}
     names = parse_objective(hp.objective, "fusion.objective", FUSION_TERMS)
-    return [(name, weights[name]) for name in FUSION_REGULARISERS] + [(name, 1.0) for name in names]
+    prop = "bank_prop" if hp.propagation == "bank" else "prop"
+    return ([(prop, hp.lambda_prop)] + [(name, weights[name]) for name in FUSION_REGULARISERS]
+            + [(name, 1.0) for name in names])
 
 
 class Objective:
@@ -200,7 +208,9 @@ def adaptor_objective(hp: AdaptorParams, classifier: CosineClassifier, targets: 
 
 
 def fusion_objective(hp: FusionParams, fusion: nn.ModuleList,
-                     heads: Sequence[tuple[CosineClassifier, torch.Tensor]] = ()) -> Objective:
+                     heads: Sequence[tuple[CosineClassifier, torch.Tensor]] = (),
+                     bank: AttentionBank | None = None) -> Objective:
     """Stage 2: ``fusion`` = the trained fusion layers; ``heads`` = (frozen classifier, pseudo-labels of
-    every row) per k, needed by ``pseudo_labels``."""
-    return Objective(fusion_terms(hp), hp, fusion=fusion, heads=heads)
+    every row) per k, needed by ``pseudo_labels``; ``bank``: the pool's attention memory, needed by
+    ``fusion.propagation: bank``."""
+    return Objective(fusion_terms(hp), hp, fusion=fusion, heads=heads, bank=bank)

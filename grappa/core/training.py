@@ -70,12 +70,14 @@ def adaptor_step(model: GrappaModel, objective: Objective, mode: str, device, ba
 
 
 def fusion_step(model: GrappaModel, objective: Objective, device, batch, *, images: bool,
-                augment_scale: float = 1.0) -> Losses:
-    """Stage 2: a batch ``(rows, (B, 2, ...) anchor/neighbour inputs, _)`` through the fusion -> losses
-    (cached maps jittered as in :func:`adaptor_step` when ``augment_scale`` < 1)."""
-    rows, pairs, _ = batch
-    x = pairs.to(device)
-    x = torch.cat([x[:, 0], x[:, 1]])  # the B anchors, then their B neighbours
+                augment_scale: float = 1.0, pairs: bool = True) -> Losses:
+    """Stage 2: a batch ``(rows, inputs, _)`` through the fusion -> losses (cached maps jittered as in
+    :func:`adaptor_step` when ``augment_scale`` < 1). ``pairs``: the inputs are (B, 2, ...) anchors and
+    their neighbours (propagation over pairs), else (B, ...) anchors alone (the attention bank)."""
+    rows, x, _ = batch
+    x = x.to(device)
+    if pairs:
+        x = torch.cat([x[:, 0], x[:, 1]])  # the B anchors, then their B neighbours
     if images:
         x = model.forward_prefix(x)
     elif augment_scale < 1.0 and x.dim() == 4:

@@ -16,6 +16,8 @@ alpha_l = the image's attention over the M granularities in block l):
                classifiers C_m of all M levels, so the one fused embedding must serve every granularity
                (fusion.objective names "pseudo_labels"; grappa.md 5.3, "alternative reading")
     L_prop  = 1/2 [KL(sg(alpha(x_j)) || alpha(x_i)) + KL(sg(alpha(x_i)) || alpha(x_j))], mean over pairs and blocks
+              (fusion.propagation: pairs), or, with propagation: bank (batches of anchors alone),
+              KL(sharpen(mean_{j in kNN(i)} bank_j) || alpha(x_i)), bank_i <- m bank_i + (1 - m) alpha(x_i)
     L_value = sum_l ||W_V^l - I||^2          (AdapterFusion's value regulariser)
     H       = entropy of the batch-mean attention (optional guard against collapse onto one adaptor set)
     and, weighted -lambda_mi, the image-set mutual information of the attention (routing_mi)
@@ -35,10 +37,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from torch import nn
 
 from grappa.config import Params
 from grappa.core.backbones import create_backbone
-from grappa.core.losses import CosineClassifier
+from grappa.core.losses import AttentionBank, CosineClassifier
 from grappa.core.metrics import ivf_knn_graph, knn_graph, knn_recall
 from grappa.core.model import pick_device
 from grappa.core.objectives import fusion_objective, fusion_terms
@@ -105,8 +108,14 @@ def run(params: Params) -> dict:
                          budget_mb=params.memory_budget_mb)
     neighbours, knn = neighbour_graph(params, inputs)
     write_neighbours(layout(params).knn, inputs.ids, neighbours)
-    pairs = NeighbourPairs(inputs.dataset, neighbours)
-    batch_size = min(hp.batch_size, len(pairs))
+    bank = None
+    if hp.propagation == "bank":  # anchors alone; their neighbours' attentions come from the bank
+        items = inputs.dataset
+        bank = AttentionBank(torch.from_numpy(neighbours), len(model.fusion), len(params.cluster.ks),
+                             hp.bank_momentum, hp.bank_sharpen)
+    else:
+        items = NeighbourPairs(inputs.dataset, neighbours)
+    batch_size = min(hp.batch_size, len(items))
     # the attention (W_Q, W_K, the cosine temperature) at fusion.qk_lr; W_V, when it trains, at fusion.lr
     attention = [p for layer in model.fusion for p in layer.attention_parameters()]
     attention_ids = {id(p) for p in attention}
@@ -116,11 +125,12 @@ def run(params: Params) -> dict:
 
     def batches(generator):
         model.train()
-        return loader(pairs, batch_size, shuffle=True, generator=generator, drop_last=True,
+        return loader(items, batch_size, shuffle=True, generator=generator, drop_last=True,
                       num_workers=params.extract.num_workers)
 
     device = pick_device()
     model.to(device)
+    trainable = model.fusion if bank is None else nn.ModuleList([model.fusion, bank.to(device)])  # the checkpoint
 
     heads = []  # (classifier, pseudo-labels of every unlabeled row) per k, frozen
     if "pseudo_labels" in dict(fusion_terms(hp)):
@@ -128,16 +138,17 @@ def run(params: Params) -> dict:
             state = load_torch(layout(params).classifier(k))
             head = CosineClassifier(state["weight"], state["temperature"]).requires_grad_(False).to(device)
             heads.append((head, torch.from_numpy(pseudo_labels_for(params, k, inputs.ids)).to(device)))
-    step = partial(fusion_step, model, fusion_objective(hp, model.fusion, heads), device, images=pairs.is_images,
-                   augment_scale=hp.augment_scale)
+    step = partial(fusion_step, model, fusion_objective(hp, model.fusion, heads, bank), device,
+                   images=getattr(inputs.dataset, "is_images", False), augment_scale=hp.augment_scale,
+                   pairs=bank is None)
 
     # the images, their neighbour graph and the adaptor sets' weights: other data, another checkpoint
     ids = np.concatenate([np.frombuffer(b, np.uint8) for b in inputs.ids.buffers() if b is not None])
     data = data_fingerprint(ids, neighbours, modules=model.adaptors.values())
     key = run_key(params, hp.model_dump(), params.adaptor.model_dump(), params.cluster.ks, data)
     checkpoint = TorchCheckpoint(layout(params).checkpoint(f"fusion-{key}"))
-    steps = epoch_steps(len(pairs), batch_size, hp.steps_per_epoch)
-    history = fit(model.fusion, optimizer, hp.epochs, steps, 0.0, batches, step, checkpoint, params.seed, desc="fusion")
+    steps = epoch_steps(len(items), batch_size, hp.steps_per_epoch)
+    history = fit(trainable, optimizer, hp.epochs, steps, 0.0, batches, step, checkpoint, params.seed, desc="fusion")
     attention = mean_attention(model, inputs.dataset, params.evaluate.batch_size)
     model.cpu()
     meta = {"ks": params.cluster.ks, "attn_dim": hp.attn_dim, "attention_scale": hp.attention_scale,
