@@ -24,7 +24,7 @@ from grappa.io.assemble import assemble
 from grappa.io.datasets import encode, load_inputs
 from grappa.io.layout import layout
 from grappa.io.scoring import validation_classes
-from grappa.steps.evaluate import protocol
+from pipeline_steps.evaluate import protocol
 
 from .quality import FULL_DATA, RESULTS
 

@@ -173,7 +173,7 @@ def run_verb(verb: str, params_file: Path, ws: Path, timeout_s: float, *extra: s
 
 def baseline_rss(work: Path) -> dict:
     """A child that only imports the training steps and builds the tiny backbone: the memory floor."""
-    code = ("import grappa.steps.train_fusion, grappa.steps.cluster; from grappa.config import BackboneParams; "
+    code = ("import pipeline_steps.train_fusion, pipeline_steps.cluster; from grappa.config import BackboneParams; "
             "from grappa.core.backbones import create_backbone; "
             f"create_backbone(BackboneParams(**{TINY!r}))")
     work.mkdir(parents=True, exist_ok=True)

@@ -470,7 +470,7 @@ def bench_training(args, dev: str) -> dict:
     from grappa.core.samplers import NeighbourPairs
     from grappa.core.training import adaptor_step, fusion_step, train_on_batch, warmup_cosine
     from grappa.io.datasets import PrefixDataset, loader
-    from grappa.steps.train_adaptor import epoch_batches
+    from pipeline_steps.train_adaptor import epoch_batches
 
     hp_a, hp_f = args._params.adaptor, args._params.fusion
     bp = BackboneParams(name=args.backbone, weights=args.weights, image_size=args.image_size,

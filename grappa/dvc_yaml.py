@@ -1,8 +1,8 @@
 """``dvc.yaml`` generated from the step registry and the code's imports, so it cannot drift.
 
 Per stage: the command is the step's CLI verb; the params are the keys the step reads; the deps are
-its layout inputs, the data roots of its image sources, and its code: the import closure of its
-module inside ``grappa/`` (lazy imports included), minus the modules that cannot change what it
+its layout inputs, the data roots of its image sources, and its code: its module in ``pipeline_steps/``
+and that module's import closure inside ``grappa/`` (lazy imports included), minus the modules that cannot change what it
 computes (:data:`NOT_CODE_DEPS`). Editing the CLI, tracking or the registry reruns no stage;
 editing e.g. ``io/plots.py`` reruns only ``evaluate``.
 
@@ -29,7 +29,7 @@ NOT_CODE_DEPS = ("grappa/__init__.py", "grappa/__main__.py", "grappa/cli.py", "g
                  "grappa/tracking/")
 
 HEADER = """\
-# GENERATED from grappa/registry.py (the steps) and the imports of grappa/steps/ (the code deps).
+# GENERATED from grappa/registry.py (the steps) and the imports of pipeline_steps/ (the code deps).
 # Do not edit: change the registry and run `grappa prepare` (`grappa run` and the Airflow DAG do it
 # themselves; tests/test_dvc.py fails when this file is stale). `dvc repro` reruns exactly the stages
 # whose code, data, inputs or params changed; stage names equal the Airflow task ids.
@@ -37,8 +37,8 @@ HEADER = """\
 # - extract@<i>-of-<n>: one stage per part of the snapshot, n = extract.shards (written out here, so
 #   `grappa prepare` regenerates this file when it changes); merge_features joins the parts;
 # - train_adaptor@<k>: one stage per k of cluster.ks;
-# - code deps: the step module's import closure inside grappa/, without the CLI, the registry and
-#   tracking (they dispatch and record; they compute nothing a stage writes);
+# - code deps: the step's module in pipeline_steps/ and its import closure inside grappa/, without
+#   the CLI, the registry and tracking (they dispatch and record; they compute nothing a stage writes);
 # - params: the params.yaml keys the step reads;
 # - the data roots of data.sources / index.sources (a manifest's folder, an image folder, an s3://
 #   prefix) are deps of snapshot / index, so DVC sees images land, change or vanish there;

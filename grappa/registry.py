@@ -94,7 +94,7 @@ class Step:
 
     @property
     def module(self) -> str:
-        return f"grappa.steps.{self.stage}"
+        return f"pipeline_steps.{self.stage}"
 
     @property
     def axis(self) -> Axis | None:

@@ -33,7 +33,7 @@ from grappa.io.sources import MANIFEST_EXTENSIONS
 from grappa.io.storage import is_s3
 from grappa.registry import STEPS
 
-CODE_PREFIX = "grappa/"
+CODE_PREFIXES = ("grappa/", "pipeline_steps/")  # deps that are code, not data roots
 SHARDED = [step.stage for step in STEPS if step.mapped == "shard"]  # extract: one stage per part
 # the stages whose dvc.yaml entry depends on extract.shards: the parts and the merge of the parts
 SHARD_DEPENDENT = SHARDED + [step.stage for step in STEPS if step.mapped != "shard"
@@ -175,7 +175,7 @@ def _declared_roots(dvc_yaml: Path, stages: list[str]) -> dict[str, list[str]]:
     """The data roots ``stages`` of an existing dvc.yaml list (their deps outside code and outputs)."""
     declared = _declared_stages(dvc_yaml)
     return {stage: [d for d in (declared.get(stage) or {}).get("deps") or []
-                    if isinstance(d, str) and not d.startswith(CODE_PREFIX) and "${" not in d]
+                    if isinstance(d, str) and not d.startswith(CODE_PREFIXES) and "${" not in d]
             for stage in stages}
 
 

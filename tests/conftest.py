@@ -116,10 +116,11 @@ def make_workspace(repo: Path, sources: list, link_code: bool = False, **section
     (repo / ".dvc").mkdir(exist_ok=True)
     for name in ("config", ".gitignore"):
         shutil.copy(REPO / ".dvc" / name, repo / ".dvc" / name)
-    if link_code:
-        (repo / "grappa").symlink_to(REPO / "grappa", target_is_directory=True)
-    else:
-        shutil.copytree(REPO / "grappa", repo / "grappa", ignore=shutil.ignore_patterns("__pycache__"))
+    for code in ("grappa", "pipeline_steps"):  # the library and the steps: the stages' code deps
+        if link_code:
+            (repo / code).symlink_to(REPO / code, target_is_directory=True)
+        else:
+            shutil.copytree(REPO / code, repo / code, ignore=shutil.ignore_patterns("__pycache__"))
     # The committed default remote is a fixed path; a per-checkout override goes to config.local.
     (repo / ".dvc" / "config.local").write_text(f"['remote \"local\"']\n    url = {repo.parent / 'dvc-remote'}\n")
     write_workspace_params(repo, sources, **sections)
@@ -155,7 +156,7 @@ def snapshot_and_extract(params) -> dict:
     """Steps 1 and 2 (the data snapshot of the params' sources, then its features: every shard of
     extract.shards, then merge-features); the merged extract report."""
     from grappa.io.layout import shards
-    from grappa.steps import extract, merge_features, snapshot
+    from pipeline_steps import extract, merge_features, snapshot
 
     snapshot.run(params)
     for shard in shards(params.extract.shards):

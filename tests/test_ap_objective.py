@@ -11,8 +11,8 @@ from grappa.core.samplers import ClusterBatchSampler
 from grappa.io.artifacts import load_torch
 from grappa.io.datasets import PrefixDataset
 from grappa.io.layout import layout
-from grappa.steps import cluster
-from grappa.steps import train_adaptor
+from pipeline_steps import cluster
+from pipeline_steps import train_adaptor
 
 
 def test_cluster_batches_always_hold_positives():

@@ -12,7 +12,7 @@ from conftest import make_collection, snapshot_and_extract, tiny_params_dict
 from grappa.config import ConfigError, parse_params
 from grappa.core import kmeans
 from grappa.io.artifacts import read_table, vectors_to_arrow, write_table
-from grappa.steps import cluster
+from pipeline_steps import cluster
 
 
 def blobs(n_per: int = 30, k: int = 4, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

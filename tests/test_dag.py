@@ -34,7 +34,7 @@ STEP_TASKS = {"snapshot", "extract", "merge_features", "cluster", "train_adaptor
 # plan_<task>: hands plan's commands of a mapped task to it (mapping reads only a return value)
 GLUE_TASKS = {"plan", "plan_extract", "plan_train_adaptor", "close_run"}
 # the DAG processor reads the step registry (standard library only), nothing of the steps themselves
-HEAVY = ("torch", "timm", "faiss", "grappa.core", "grappa.steps", "grappa.tracking", "grappa.cli", "mlflow", "dvc",
+HEAVY = ("torch", "timm", "faiss", "grappa.core", "pipeline_steps", "grappa.tracking", "grappa.cli", "mlflow", "dvc",
          "pandas")
 
 

@@ -61,9 +61,9 @@ def test_dvc_yaml_is_what_the_registry_generates():
 
 
 def _runtime_imports(module: str) -> set[str]:
-    """Files of grappa/ that importing ``module`` loads (module-level imports only)."""
+    """Files of grappa/ and pipeline_steps/ that importing ``module`` loads (module-level imports only)."""
     code = (f"import sys, json, {module}; print(json.dumps(sorted(m.__file__ for n, m in sys.modules.items() "
-            "if n.startswith('grappa') and getattr(m, '__file__', None))))")
+            "if n.split('.')[0] in ('grappa', 'pipeline_steps') and getattr(m, '__file__', None))))")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return {str(Path(f).resolve().relative_to(REPO)) for f in json.loads(done.stdout)}
@@ -75,13 +75,13 @@ def test_code_deps_cover_what_each_step_really_imports_and_nothing_that_only_rec
 
     stages = dvc_yaml()
     for step in registry.STEPS:
-        declared = {d for d in stage_body(stages[step.stage])["deps"] if d.startswith("grappa/")}
+        declared = {d for d in stage_body(stages[step.stage])["deps"] if d.startswith(("grappa/", "pipeline_steps/"))}
         loaded = {f for f in _runtime_imports(step.module)
                   if not any(f == x or (x.endswith("/") and f.startswith(x)) for x in NOT_CODE_DEPS)}
-        # empty package markers (__init__.py of core/, io/, steps/) hold no code
+        # empty package markers (__init__.py of core/, io/, pipeline_steps/) hold no code
         loaded = {f for f in loaded if (REPO / f).read_text().strip()}
         assert loaded <= declared, f"{step.stage}: imports {sorted(loaded - declared)} without depending on them"
-        assert f"grappa/steps/{step.stage}.py" in declared
+        assert f"pipeline_steps/{step.stage}.py" in declared
         # editing the CLI, the registry or tracking reruns nothing
         assert not declared & {"grappa/cli.py", "grappa/registry.py", "grappa/__main__.py"}, step.stage
         assert not any(d.startswith("grappa/tracking/") for d in declared), step.stage

@@ -18,7 +18,7 @@ from grappa.io.artifacts import arrow_to_vectors, atomic_path, read_table, write
 from grappa.io.features import FeatureCache, RowFile, RowFileWriter, open_prefix
 from grappa.io.layout import Layout, Shard
 from grappa.io.layout import layout as layout_of
-from grappa.steps import extract, merge_features, snapshot
+from pipeline_steps import extract, merge_features, snapshot
 from test_data import encode, png_header_only
 
 

@@ -14,7 +14,7 @@ from grappa.cli import run_all
 from grappa.config import ConfigError, parse_params
 from grappa.io import catalogue, servable
 from grappa.io.layout import layout
-from grappa.steps import index
+from pipeline_steps import index
 from test_tracking import run_cli
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from grappa.cli import run_all
 from grappa.config import ConfigError, parse_params
-from grappa.steps import evaluate
+from pipeline_steps import evaluate
 from tests.conftest import draw_image, tiny_params_dict
 
 

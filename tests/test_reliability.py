@@ -21,9 +21,9 @@ from grappa.cli import run_all
 from grappa.config import parse_params
 from grappa.io.artifacts import load_torch, save_torch
 from grappa.io.layout import layout
-from grappa.steps import cluster
-from grappa.steps import train_adaptor
-from grappa.steps import train_fusion
+from pipeline_steps import cluster
+from pipeline_steps import train_adaptor
+from pipeline_steps import train_fusion
 
 # 2 domains x 12 unlabeled images = 24; batch 8 -> 3 batches per epoch
 ADAPTOR = {"epochs": 3, "batch_size": 8, "warmup_epochs": 1}

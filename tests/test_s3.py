@@ -149,7 +149,7 @@ def test_snapshot_reads_only_new_or_changed_objects(s3_env, uploaded, tmp_path, 
     """ETags from one listing tell unchanged objects apart: a rerun downloads only what changed."""
     import boto3
 
-    from grappa.steps import snapshot
+    from pipeline_steps import snapshot
     from grappa.io import storage
 
     client = boto3.client("s3")

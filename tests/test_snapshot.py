@@ -12,7 +12,7 @@ from grappa.io import manifests
 from grappa.io.artifacts import read_table
 from grappa.io.layout import layout
 from grappa.io.sources import ImageRecord, cap_per_domain
-from grappa.steps import snapshot
+from pipeline_steps import snapshot
 
 
 @pytest.fixture

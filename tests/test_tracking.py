@@ -343,7 +343,7 @@ def copy_of_run(run, tmp_path: Path, monkeypatch) -> Path:
 def test_dag_style_runs_candidate_vs_champion(run, client, tmp_path, monkeypatch):
     """open-run / step with GRAPPA_MLFLOW_PARENT_RUN_ID / close-run; a model worse on the validation
     classes stays candidate only, however much better it is on the test classes (and the reverse)."""
-    import grappa.steps.evaluate as evaluate
+    import pipeline_steps.evaluate as evaluate
 
     params_path = copy_of_run(run, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)

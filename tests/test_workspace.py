@@ -59,8 +59,8 @@ def test_sync_data_deps_replaces_only_the_data_roots(tmp_path):
     after = (tmp_path / "dvc.yaml").read_text()
     deps = yaml.safe_load(after)["stages"]["snapshot"]["deps"]
     assert deps[-3:] == ["data/shapes", "data/stripes", "drop"]
-    assert [d for d in deps if d.startswith("grappa/")] == \
-        [d for d in yaml.safe_load(before)["stages"]["snapshot"]["deps"] if d.startswith("grappa/")]
+    assert [d for d in deps if d.startswith(workspace.CODE_PREFIXES)] == \
+        [d for d in yaml.safe_load(before)["stages"]["snapshot"]["deps"] if d.startswith(workspace.CODE_PREFIXES)]
     # comments and every other stage are untouched
     assert [line for line in before.splitlines() if "multidomain" not in line and "incoming" not in line] == \
         [line for line in after.splitlines() if "data/s" not in line and "- drop" not in line]
@@ -93,7 +93,7 @@ def test_a_changed_shard_count_is_a_drift_that_sync_rewrites(tmp_path):
     assert workspace.drift(tmp_path, three) is None and workspace.sync_data_deps(tmp_path, three) == []
     stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
     assert stages["extract"]["foreach"] == ["0-of-3", "1-of-3", "2-of-3"]
-    assert [d for d in stages["merge_features"]["deps"] if not d.startswith("grappa/")] == [
+    assert [d for d in stages["merge_features"]["deps"] if not d.startswith(workspace.CODE_PREFIXES)] == [
         f"${{out_dir}}/extract/parts/{i}-of-3" for i in range(3)]
     # the other stages do not depend on the count
     assert workspace.generated(one).split("# step 3:")[1] == workspace.generated(three).split("# step 3:")[1]
