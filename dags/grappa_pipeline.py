@@ -85,7 +85,7 @@ def build_pipeline(runner: str):
                 print(f"out of date (dvc status): {', '.join(stale)}; the stages after them rerun where their inputs change")
             print(f"{commands['shards']} extract shard(s), k in {commands['ks']}")
             ti.xcom_push(key="trigger", value=json.dumps(events))
-            for name in (*runners.STEPS, "close_run"):
+            for name in (*runners.VERBS, "close_run"):
                 ti.xcom_push(key=name, value=commands[name])
             return True
 
@@ -104,7 +104,7 @@ def build_pipeline(runner: str):
                 return runners.step_operator(name, commands, runner, mapped=True, trigger_rule="none_failed")
             return runners.step_operator(name, planned[name], runner, trigger_rule="none_failed")
 
-        steps = [step(name) for name in runners.STEPS]  # in the registry's (pipeline) order
+        steps = [step(name) for name in runners.VERBS]  # in the registry's (pipeline) order
         # Closes the MLflow parent run (if a step opened one) whatever happened before. No Airflow
         # retries: close-run retries the tracking server itself, and when plan refused the conf there
         # is no command to run, so retrying would only hold the run (and the watchers) for minutes.

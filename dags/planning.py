@@ -101,7 +101,7 @@ def plan(conf: dict, runner: str) -> dict:
     values = {"cluster.ks": ks, "extract.shards": shards}  # the params the axes' items come from
     mapped = [runners.registry.step(task_id) for task_id in runners.MAPPED]
     if runner == "local":
-        commands = {task_id: render(runner, ["repro", task_id]) for task_id in runners.STEPS}
+        commands = {task_id: render(runner, ["repro", task_id]) for task_id in runners.VERBS}
         for step in mapped:
             commands[step.stage] = [render(runner, ["repro", step.stage_name(item)])
                                     for item in step.axis.items_of(values[step.axis.key])]
@@ -110,7 +110,7 @@ def plan(conf: dict, runner: str) -> dict:
     argv = overrides
     if "--params" not in argv:
         argv = ["--params", "params.yaml", *argv]
-    commands = {task_id: render(runner, [*argv, verb]) for task_id, verb in runners.STEPS.items()}
+    commands = {task_id: render(runner, [*argv, verb]) for task_id, verb in runners.VERBS.items()}
     for step in mapped:
         commands[step.stage] = [render(runner, [*argv, step.verb, f"--{step.mapped}", step.axis.arg(item)])
                                 for item in step.axis.items_of(values[step.axis.key])]
@@ -156,7 +156,7 @@ def pin_params(commands: dict, digest: str) -> dict:
         at = argv.index("repro") + 1
         return shlex.join([*argv[:at], "--params-sha256", digest, *argv[at:]])
 
-    return {name: pin(command) if name in runners.STEPS else command for name, command in commands.items()}
+    return {name: pin(command) if name in runners.VERBS else command for name, command in commands.items()}
 
 
 def stale_stages(runner: str) -> list[str] | None:

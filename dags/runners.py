@@ -19,7 +19,7 @@ if str(REPO) not in sys.path:  # the step registry lives in the repository's gra
 from grappa import registry  # noqa: E402  (standard library only, like this module)
 
 RUNNERS = ("local", "docker", "k8s")
-STEPS = {step.stage: step.verb for step in registry.STEPS}  # task id (= dvc stage name) -> CLI verb
+VERBS = {step.stage: step.verb for step in registry.STEPS}  # task id (= dvc stage name) -> CLI verb
 # mapped task id -> its one axis: extract one instance per shard, train_adaptor one per k
 MAPPED = {step.stage: step.mapped for step in registry.STEPS if step.mapped}
 PIPELINE_DAG = "grappa_pipeline"

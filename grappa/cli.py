@@ -31,7 +31,7 @@ from grappa.io.sources import SourceError
 from grappa.io.storage import StorageError
 
 # CLI verb of every step, in pipeline order (grappa/registry.py declares them)
-STEPS = tuple(step.verb for step in registry.STEPS)
+VERBS = tuple(step.verb for step in registry.STEPS)  # the step verbs, in pipeline order
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -91,11 +91,11 @@ def _run_name(step: registry.Step, item) -> str:
     return step.verb if item is None else f"{step.verb}@{step.axis.label(item)}"
 
 
-def run_all(params: Params, tracker=None, until: str = STEPS[-1]) -> dict[str, float]:
+def run_all(params: Params, tracker=None, until: str = VERBS[-1]) -> dict[str, float]:
     """The steps in order in this process, without DVC (benchmarks and tests), every item of a mapped
     step in turn; returns each run's seconds (``extract@0-of-2``, ``train-adaptor@64``, ``cluster``)."""
     timings: dict[str, float] = {}
-    for step in registry.STEPS[: STEPS.index(until) + 1]:
+    for step in registry.STEPS[: VERBS.index(until) + 1]:
         for item in step.items(params):
             name = _run_name(step, item)
             print(f"==> {name}", flush=True)
@@ -276,7 +276,7 @@ def _close_run(tracker, args) -> int:
     if tracker is None:
         return 0
     run_id = args.run_id or os.environ.get(tracking.ENV_PARENT)
-    key = args.run_key or tracking.run_key()
+    key = args.run_key or tracking.pipeline_run_key()
     if not run_id and key:
         run_id = tracker.find_parent(key)
         if run_id is None:

@@ -82,7 +82,11 @@ class Step:
     mapped: str | None = None  # an axis of AXES: one independent run per item (`--k K`, foreach, mapped task)
     reads_sources: str | None = None  # params key of the image sources whose data roots it watches
     # (split, MLflow context) of the datasets the step learns from or is scored on, logged as run inputs
+    # from the table ``datasets_from`` (a layout template)
     datasets: tuple[tuple[str, str], ...] = (("unlabeled", "training"),)
+    datasets_from: str = L.FEATURES
+    artifacts: tuple[str, ...] = ()  # layout templates tracking logs beside the report (files or folders)
+    publishes: bool = False  # tracking logs the run's bundle and registers (and may promote) its model
 
     def __post_init__(self):
         if self.mapped is not None and self.mapped not in AXES:
@@ -124,7 +128,7 @@ STEPS: tuple[Step, ...] = (
                  "data.max_file_bytes"),
          deps=(), outs=(Out(L.SNAPSHOT, persist=True,
                             note="persistent: the previous manifest is the hash cache (unchanged files are not re-read)"),),
-         report=L.SNAPSHOT_REPORT, reads_sources="data.sources", datasets=BOTH_SPLITS),
+         report=L.SNAPSHOT_REPORT, reads_sources="data.sources", datasets=BOTH_SPLITS, datasets_from=L.MANIFEST),
     # one run per part of the snapshot (extract.shards of them, in the "extract" section it reads)
     Step("extract", "step 2: frozen backbone features of one part of the snapshot (cached by content hash)",
          params=(*BASE, "backbone", "extract", *IMAGES),
@@ -168,7 +172,7 @@ STEPS: tuple[Step, ...] = (
                Out(L.CHAMPION, cache=False, note="which model serves: changes only when `champion` moves, "
                                                  "so `index` reruns exactly then"),
                Out(L.METRICS, cache=False, kind="metrics"), Out(L.PLOTS, kind="plots")),
-         report=L.METRICS, datasets=(("query_db", "evaluation"),)),
+         report=L.METRICS, datasets=(("query_db", "evaluation"),), artifacts=(L.RESULTS, L.PLOTS), publishes=True),
     Step("index", "step 7: faiss index of the catalogue with the champion model",
          params=(*BASE, "backbone", "index", *IMAGES, "data.max_file_bytes", "extract.num_workers"),
          # the manifest is the catalogue when index.sources is empty; images extract holds are fed

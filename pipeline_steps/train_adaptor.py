@@ -23,7 +23,7 @@ from grappa.core.losses import CosineClassifier
 from grappa.core.model import pick_device, single
 from grappa.core.objectives import adaptor_objective
 from grappa.core.samplers import ClusterBatchSampler, NeighbourPairs
-from grappa.core.training import adaptor_step, data_fingerprint, epoch_steps, fit, run_key
+from grappa.core.training import adaptor_step, data_fingerprint, epoch_steps, fit, checkpoint_key
 from grappa.io.artifacts import TorchCheckpoint, save_torch, write_json
 from grappa.io.assemble import build_model
 from grappa.io.datasets import collate_usable, load_inputs, loader
@@ -81,7 +81,7 @@ def run(params: Params, k: int) -> dict:
 
     step = partial(adaptor_step, model, objective, mode, device, images=dataset.is_images, two_views=two_views,
                    augment_scale=hp.prefix_augment_scale)
-    key = run_key(params, hp.model_dump(), k, data_fingerprint(pseudo))
+    key = checkpoint_key(params, hp.model_dump(), k, data_fingerprint(pseudo))
     checkpoint = TorchCheckpoint(layout(params).checkpoint(f"adaptor_k{k}-{key}"))
     steps = epoch_steps(len(inputs.dataset), batch_size, hp.steps_per_epoch)
     history = fit(trainable, optimizer, hp.epochs, steps, hp.warmup_epochs, batches, step, checkpoint, params.seed,

@@ -46,7 +46,7 @@ from grappa.core.metrics import ivf_knn_graph, knn_graph, knn_recall
 from grappa.core.model import pick_device
 from grappa.core.objectives import fusion_objective, fusion_terms
 from grappa.core.samplers import NeighbourPairs
-from grappa.core.training import data_fingerprint, epoch_steps, fit, fusion_step, run_key
+from grappa.core.training import data_fingerprint, epoch_steps, fit, fusion_step, checkpoint_key
 from grappa.io import servable
 from grappa.io.artifacts import TorchCheckpoint, atomic_path, load_torch, save_torch, write_json
 from grappa.io.assemble import assemble
@@ -145,7 +145,7 @@ def run(params: Params) -> dict:
     # the images, their neighbour graph and the adaptor sets' weights: other data, another checkpoint
     ids = np.concatenate([np.frombuffer(b, np.uint8) for b in inputs.ids.buffers() if b is not None])
     data = data_fingerprint(ids, neighbours, modules=model.adaptors.values())
-    key = run_key(params, hp.model_dump(), params.adaptor.model_dump(), params.cluster.ks, data)
+    key = checkpoint_key(params, hp.model_dump(), params.adaptor.model_dump(), params.cluster.ks, data)
     checkpoint = TorchCheckpoint(layout(params).checkpoint(f"fusion-{key}"))
     steps = epoch_steps(len(items), batch_size, hp.steps_per_epoch)
     history = fit(trainable, optimizer, hp.epochs, steps, 0.0, batches, step, checkpoint, params.seed, desc="fusion")

@@ -166,7 +166,7 @@ def data_fingerprint(*arrays, modules=()) -> str:
     return digest.hexdigest()
 
 
-def run_key(params, *parts: object) -> str:
+def checkpoint_key(params, *parts: object) -> str:
     """Identifies a training run's inputs, so a checkpoint is only resumed by the same run."""
     blob = json.dumps([params.seed, params.backbone.model_dump(), *parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

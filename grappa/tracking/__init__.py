@@ -9,14 +9,14 @@ import os
 from grappa.config import Params
 from grappa.tracking import lineage, step_logger
 from grappa.tracking.runs import (ENV_ARTIFACT_LOCATION, ENV_PARENT, ENV_RUN_KEY, RUN_KEY_TAG, RunTree,
-                                  TrackingError, artifact_location, flatten, one_line, run_key, step_params,
+                                  TrackingError, artifact_location, flatten, one_line, pipeline_run_key, step_params,
                                   tracking_uri)
 from grappa.tracking.step_logger import numeric_metrics
 
 # the surface callers use as tracking.X (cli, tests, dags)
 __all__ = ["ENV_ARTIFACT_LOCATION", "ENV_PARENT", "ENV_RUN_KEY", "ENV_SWITCH", "RUN_KEY_TAG",
            "Tracker", "TrackingError", "artifact_location", "enabled", "flatten", "from_params",
-           "numeric_metrics", "run_key", "step_params", "tracking_uri"]
+           "numeric_metrics", "pipeline_run_key", "step_params", "tracking_uri"]
 
 ENV_SWITCH = "GRAPPA_TRACKING"
 

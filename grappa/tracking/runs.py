@@ -58,7 +58,7 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
-def run_key() -> str | None:
+def pipeline_run_key() -> str | None:
     """The key the steps of one pipeline run share: GRAPPA_PIPELINE_RUN, else the Airflow DAG run id."""
     return os.environ.get(ENV_RUN_KEY) or lineage.airflow_tags().get("airflow.dag_run_id")
 
@@ -235,8 +235,8 @@ class RunTree:
         """Create a run below this pipeline run's parent (found or created by key; none: standalone); returns its id."""
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-        if not self.parent_run_id and run_key():
-            self.parent_run_id = self.keyed_parent(run_key())
+        if not self.parent_run_id and pipeline_run_key():
+            self.parent_run_id = self.keyed_parent(pipeline_run_key())
         tags = {**self._common_tags(), **tags}
         if self.parent_run_id:
             tags[MLFLOW_PARENT_RUN_ID] = self.parent_run_id

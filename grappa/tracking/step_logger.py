@@ -3,7 +3,8 @@
 Each step is logged *after* it has written its outputs, from its report/metrics files, so a
 tracking failure never costs a step's results: its params.yaml sections as params, its report's
 numbers as metrics (training curves per epoch), the report and evaluation plots as artifacts, the
-datasets it read as MLflow inputs, and for ``evaluate`` the model (see publisher).
+datasets it read as MLflow inputs, and the model of the step the registry marks ``publishes`` (see
+publisher): what is logged per step is the registry's, so nothing here names a step.
 """
 from __future__ import annotations
 
@@ -40,8 +41,8 @@ def log_step(tree: RunTree, step: str, params: Params, item, start_s: float,
         mapped = declared.mapped if item is not None else None
         if mapped:  # grappa.k = "64", grappa.shard = "0/2"
             tags[f"grappa.{mapped}"] = declared.axis.arg(item)
-        # a mapped step's child run is named by its stage (extract@0-of-2, train_adaptor@64)
-        run_id = tree.open_child(declared.stage_name(item) if mapped else step, start_s, tags)
+        # named by its stage, as DVC and Airflow name it (train_fusion, extract@0-of-2, train_adaptor@64)
+        run_id = tree.open_child(declared.stage_name(item), start_s, tags)
         step_p = step_params(params, declared.params)
         if mapped:
             step_p[mapped] = declared.axis.arg(item)
@@ -70,18 +71,16 @@ def _log_outputs(tree: RunTree, run_id: str, step: str, params: Params, item) ->
         values = {lineage.safe_key(f"train.{key}"): float(v) for key, v in entry.items()
                   if key != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         tree._log_batch(run_id, metrics=values, step=epoch)
-    if report_file.is_file():
-        mlflow.log_artifact(str(report_file))
-    # the snapshot step logs its manifest; later steps the merged features (decodable images only)
-    data = out.manifest if step == "snapshot" else out.features
+    for path in (report_file, *(out.path(template) for template in declared.artifacts)):
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=path.name)
+        elif path.is_file():
+            mlflow.log_artifact(str(path))
+    data = out.path(declared.datasets_from)  # what the registry says the step read its images from
     if data.is_file():
         for split, context in declared.datasets:
             _log_dataset(tree, run_id, data, split, context)
-    if step == "evaluate":
-        if out.results.is_file():
-            mlflow.log_artifact(str(out.results))
-        if out.plots.is_dir():
-            mlflow.log_artifacts(str(out.plots), artifact_path="plots")
+    if declared.publishes:
         publisher.log_bundle(tree, run_id, params)
         publisher.publish_model(tree, run_id, params, report)
 
