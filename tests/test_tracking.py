@@ -412,6 +412,30 @@ def test_champion_is_rescored_when_the_evaluation_set_changed(run, client, tmp_p
     assert "(not champion)" in stdout
 
 
+def test_an_unscored_first_candidate_leaves_evaluates_own_model_serving(tmp_path):
+    """No champion and a candidate without a score: nothing registered serves, champion.json is kept."""
+    from mlflow import MlflowClient
+
+    from conftest import tiny_params_dict
+    from grappa.config import parse_params
+    from grappa.io import servable
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    client.create_registered_model("m")
+    version = client.create_model_version("m", source=str(tmp_path), run_id=run_id).version
+    params = parse_params({**tiny_params_dict(tmp_path, ["x"]), "tracking": {"registered_model": "m"}})
+    servable.write_champion(params, "own-sha", "outputs/model")  # what evaluate writes: this run's model
+    before = (tmp_path / "outputs" / "evaluate" / "champion.json").read_text()
+    decision = publish.promote(SimpleNamespace(client=client), run_id, params,
+                               publish.Candidate("m", version, "new-sha", None, "set-a"))
+    assert not decision.promote and decision.reason == "the candidate has no mean mAP@R"
+    assert (tmp_path / "outputs" / "evaluate" / "champion.json").read_text() == before
+    assert client.get_model_version("m", version).tags["grappa.promotion"] == decision.reason
+    assert client.get_run(run_id).data.tags["grappa.model_alias"] == "candidate"
+
+
 def test_promotion_decisions():
     same, other = "set-a", "set-b"
     never = lambda: pytest.fail("re-scored although the sets are the same")  # noqa: E731

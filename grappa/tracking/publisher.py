@@ -152,13 +152,24 @@ def log_bundle(tree: RunTree, run_id: str, params: Params) -> None:
     tree.client.log_text(run_id, params_yaml(params), "bundle/params.yaml")
 
 
-def publish_model(tree: RunTree, run_id: str, params: Params, metrics: dict) -> tuple[str, Decision]:
-    """Log and register the servable model of this (active) run; move the aliases; returns (version, decision)."""
+@dataclass(frozen=True)
+class Candidate:
+    """A version just registered: where it is and what it scored, on which evaluation set."""
+
+    name: str
+    version: str
+    model_sha256: str
+    score: float | None
+    eval_set: str
+
+
+def register(tree: RunTree, params: Params, metrics: dict) -> Candidate:
+    """Log the servable model of the active run as a pyfunc, register it as a new version tagged with
+    its score and evaluation set, and give it alias ``candidate``."""
     import mlflow
 
     from grappa.io import servable
 
-    client = tree.client
     folder = layout(params).model
     config = servable.read_config(folder)
     name = params.tracking.registered_model
@@ -174,42 +185,60 @@ def publish_model(tree: RunTree, run_id: str, params: Params, metrics: dict) -> 
         metadata={"ks": config["ks"], "backbone": config["timm_name"], "model_sha256": config["weights_sha256"],
                   "preprocess": config["preprocess"]},  # how to feed images, beside the weights
     )
-    version = str(info.registered_model_version)
-    score = _score(metrics)
-    eval_set = eval_set_id(params)
-    tags = {EVAL_SET_TAG: eval_set, MODEL_SHA_TAG: config["weights_sha256"],
+    candidate = Candidate(name, str(info.registered_model_version), config["weights_sha256"], _score(metrics),
+                          eval_set_id(params))
+    tags = {EVAL_SET_TAG: candidate.eval_set, MODEL_SHA_TAG: candidate.model_sha256,
             "dvc.stage": lineage.dvc_stage_name("evaluate")}
-    if score is not None:
-        tags[SCORE_TAG] = repr(score)
+    if candidate.score is not None:
+        tags[SCORE_TAG] = repr(candidate.score)
     if tree.parent_run_id:
         tags["grappa.parent_run_id"] = tree.parent_run_id
     for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    client.set_registered_model_alias(name, CANDIDATE, version)
+        tree.client.set_model_version_tag(name, candidate.version, key, value)
+    tree.client.set_registered_model_alias(name, CANDIDATE, candidate.version)
+    return candidate
 
+
+def promote(tree: RunTree, run_id: str, params: Params, candidate: Candidate) -> Decision:
+    """Move ``champion`` to ``candidate`` when it beats the champion on the same evaluation set (see
+    :func:`decide`), record the comparison on the version and the run, and write champion.json: the
+    model that serves now, whichever won."""
+    from grappa.io import servable
+
+    client, name = tree.client, candidate.name
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
     except Exception:  # no champion yet
         current = None
     champion = _standing(current) if current is not None else None
-    decision = decide(score, eval_set, champion, lambda: score_registered(name, champion.version, params))
+    decision = decide(candidate.score, candidate.eval_set, champion,
+                      lambda: score_registered(name, champion.version, params))
     if champion is not None:
-        client.set_model_version_tag(name, version, "grappa.compared_with", f"v{champion.version}")
+        client.set_model_version_tag(name, candidate.version, "grappa.compared_with", f"v{champion.version}")
     if decision.champion_score is not None:
-        client.set_model_version_tag(name, version, "grappa.champion_score_on_eval_set", repr(decision.champion_score))
-    client.set_model_version_tag(name, version, "grappa.promotion", decision.reason)
+        client.set_model_version_tag(name, candidate.version, "grappa.champion_score_on_eval_set",
+                                     repr(decision.champion_score))
+    client.set_model_version_tag(name, candidate.version, "grappa.promotion", decision.reason)
     if decision.promote:
-        client.set_registered_model_alias(name, CHAMPION, version)
-        servable.write_champion(params, config["weights_sha256"], f"models:/{name}/{version}", version)
-    else:
+        client.set_registered_model_alias(name, CHAMPION, candidate.version)
+        servable.write_champion(params, candidate.model_sha256, f"models:/{name}/{candidate.version}",
+                                candidate.version)
+    elif champion is not None:
         held = client.get_model_version(name, champion.version)
         servable.write_champion(params, held.tags.get(MODEL_SHA_TAG, ""), f"models:/{name}/{champion.version}",
-                       champion.version)
-    client.set_tag(run_id, "grappa.model_version", version)
+                                champion.version)
+    # else no version serves yet (an unscored first candidate): champion.json stays evaluate's own model
+    client.set_tag(run_id, "grappa.model_version", candidate.version)
     client.set_tag(run_id, "grappa.model_alias", CHAMPION if decision.promote else CANDIDATE)
-    print(f"tracking: registered {name} version {version} as {CANDIDATE}"
+    print(f"tracking: registered {name} version {candidate.version} as {CANDIDATE}"
           + (f" and {CHAMPION}" if decision.promote else f" (not {CHAMPION})") + f": {decision.reason}", flush=True)
-    return version, decision
+    return decision
+
+
+def publish_model(tree: RunTree, run_id: str, params: Params, metrics: dict) -> tuple[str, Decision]:
+    """Register the evaluate run's model, then decide whether it serves; returns (version, decision)."""
+    candidate = register(tree, params, metrics)
+    return candidate.version, promote(tree, run_id, params, candidate)
 
 
 def _score(metrics: dict) -> float | None:
