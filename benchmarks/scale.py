@@ -291,7 +291,7 @@ def _step_report(verb: str, out: Path, k: int | None = None) -> dict:
             return {"images": r["images"], "final": r.get("final"), "s_per_batch": _per_batch(r["final"])}
         if verb == "train-fusion":
             r = json.loads((out / "fusion" / "report.json").read_text())
-            return {"images": r["images"], "knn_graph": r.get("knn_graph"), "seconds": r.get("seconds"),
+            return {"images": r["images"], "knn_graph": r.get("knn_graph"), "timings_s": r.get("timings_s"),
                     "final": r.get("final"), "s_per_batch": _per_batch(r["final"])}
     except (OSError, KeyError, ValueError) as err:
         return {"unreadable": str(err)}
@@ -345,8 +345,9 @@ def bench_steps(args, n: int, rows: list[dict], save) -> None:
         print(f"   {row['step']:<20} {_progress(row)}", flush=True)
         if verb == "train-fusion" and result["rc"] == 0:
             knn = row["report"].get("knn_graph") or {}
-            if knn.get("seconds") is not None:
-                rows.append({"step": "knn", "n": n, "seconds": float(knn["seconds"]), "peak_rss_mb": None,
+            seconds = (row["report"].get("timings_s") or {}).get("knn_graph")
+            if seconds is not None:
+                rows.append({"step": "knn", "n": n, "seconds": float(seconds), "peak_rss_mb": None,
                              "part_of": "train-fusion", "store": "synthetic", "report": knn})
         save()
         if result["rc"] != 0:

@@ -625,24 +625,15 @@ def _read_json(path: Path):
 
 
 def timings_from_outputs(out_dir: Path) -> dict[str, float]:
-    """Per-step seconds from the step reports of a finished run (what each step itself recorded)."""
+    """Per-step seconds from the step reports of a finished run (each records its ``timings_s.total``)."""
+    reports = [("extract", out_dir / "extract" / "report.json"), ("cluster", out_dir / "cluster" / "report.json"),
+               *((f"train-adaptor@{path.parent.name[1:]}", path) for path in sorted((out_dir / "adaptors").glob("k*/metrics.json"))),
+               ("train-fusion", out_dir / "fusion" / "report.json"), ("evaluate", out_dir / "evaluate" / "metrics.json")]
     steps: dict[str, float] = {}
-    rep = _read_json(out_dir / "extract" / "report.json")
-    if rep and "timings_s" in rep:
-        steps["extract"] = float(rep["timings_s"].get("total", sum(rep["timings_s"].values())))
-    rep = _read_json(out_dir / "cluster" / "report.json")
-    if rep and "timings_s" in rep:
-        steps["cluster"] = float(sum(rep["timings_s"].values()))
-    for path in sorted((out_dir / "adaptors").glob("k*/metrics.json")):
-        rep = _read_json(path)
-        if rep and rep.get("history"):
-            steps[f"train-adaptor@{path.parent.name[1:]}"] = float(sum(h.get("seconds", 0.0) for h in rep["history"]))
-    rep = _read_json(out_dir / "fusion" / "report.json")
-    if rep and "seconds" in rep:
-        steps["train-fusion"] = float(rep["seconds"])
-    rep = _read_json(out_dir / "evaluate" / "metrics.json")
-    if rep and "timings_s" in rep:
-        steps["evaluate"] = float(rep["timings_s"].get("evaluate", sum(rep["timings_s"].values())))
+    for step, path in reports:
+        total = ((_read_json(path) or {}).get("timings_s") or {}).get("total")
+        if total is not None:
+            steps[step] = float(total)
     return steps
 
 

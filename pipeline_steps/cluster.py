@@ -31,6 +31,7 @@ def run(params: Params) -> dict:
         raise ConfigError(f"cluster.ks: k={too_big[0]} is larger than the number of unlabeled images ({len(rows)})")
     fits = params.memory_budget_mb * (1 << 20) // 2 // (4 * vector_dim(out))
     report = {"per_k": {}, "timings_s": {}, "sample": {}}
+    start = time.perf_counter()
     for k in ks:
         t0 = time.perf_counter()
         seed = params.seed * 100_003 + k
@@ -48,5 +49,6 @@ def run(params: Params) -> dict:
         report["sample"][str(k)] = n_sample
         report["timings_s"][str(k)] = time.perf_counter() - t0
         print(f"cluster k={k}: {report['per_k'][str(k)]}")
+    report["timings_s"]["total"] = time.perf_counter() - start
     write_json(out.path(CLUSTER_REPORT), report)
     return report

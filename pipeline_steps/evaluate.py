@@ -95,7 +95,7 @@ def run(params: Params) -> dict:
         # (blocks, M) mean granularity attention of the fused model on each domain's images
         "attention_by_domain": attention_by_domain,
         "routing": routing,  # per adapted block: entropies, image-set mutual information, domains' JS divergence
-        "timings_s": {"evaluate": time.perf_counter() - t0},
+        "timings_s": {"total": time.perf_counter() - t0},
     }
     if params.evaluate.instance_tasks:
         from grappa.io.instance_tasks import evaluate_instance_task, instance_table

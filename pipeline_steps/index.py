@@ -134,7 +134,7 @@ def run(params: Params) -> dict:
         "model_sha256": model.digest, "model_uri": identity["model_uri"], "model_version": identity["version"],
         "factory": params.index.factory, "dim": int(vectors.shape[1]), "count": int(index.ntotal),
         "action": action, "embedded": len(todo), "skipped": skipped,
-        "seconds": time.perf_counter() - t0,
+        "timings_s": {"total": time.perf_counter() - t0},
     }
     if index.ntotal != len(indexed):
         raise RuntimeError(f"index holds {index.ntotal} vectors for {len(indexed)} catalogue rows")

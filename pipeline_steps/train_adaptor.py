@@ -9,6 +9,7 @@ checkpoint after each epoch (``<out>/checkpoints/``, keyed by the inputs) lets a
 """
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from functools import partial
 
@@ -45,6 +46,7 @@ def epoch_batches(dataset, targets: np.ndarray, batch_size: int, hp: AdaptorPara
 def run(params: Params, k: int) -> dict:
     if k not in params.cluster.ks:
         raise ConfigError(f"--k {k} is not in cluster.ks {params.cluster.ks}")
+    t0 = time.perf_counter()
     torch.manual_seed(params.seed)
     hp = params.adaptor
     backbone, preprocess, _ = create_backbone(params.backbone)
@@ -93,7 +95,8 @@ def run(params: Params, k: int) -> dict:
     save_torch(layout(params).adaptor(k), {"state_dict": model.adaptor_set(k).state_dict(), "meta": meta})
     # Kept beside the adaptors for the fusion step's pseudo-label objective; not part of the model.
     save_torch(layout(params).classifier(k), {"weight": classifier.weight.detach().cpu(), "temperature": hp.temperature})
-    report = {"k": k, "images": len(inputs), "history": history, "final": history[-1]}
+    report = {"k": k, "images": len(inputs), "history": history, "final": history[-1],
+              "timings_s": {"total": time.perf_counter() - t0}}
     write_json(layout(params).path(ADAPTOR_REPORT, k), report)
     checkpoint.clear()  # the published adaptor supersedes it
     return report

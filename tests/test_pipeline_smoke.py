@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+from grappa import registry
 from grappa.cli import run_all
 from grappa.io.artifacts import load_torch
 from grappa.io.layout import layout
@@ -49,3 +50,8 @@ def test_all_steps_chain(tiny_params):
     for artifact in (layout(tiny_params).adaptor(2), layout(tiny_params).adaptor(4), layout(tiny_params).fusion):
         assert json.loads(json.dumps(load_torch(artifact)["meta"]["preprocess"])) == model["preprocess"], artifact
     assert model["preprocess"]["image_size"] == tiny_params.backbone.image_size
+    # every step's report (where the registry says it is) holds its duration under one key
+    for step in registry.STEPS:
+        for item in step.items(tiny_params):
+            report = json.loads(layout(tiny_params).path(step.report, **step.path_args(item)).read_text())
+            assert report["timings_s"]["total"] > 0, (step.stage_name(item), report.get("timings_s"))
