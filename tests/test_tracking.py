@@ -284,6 +284,19 @@ def test_first_version_is_candidate_and_champion(run, runs, client):
     score = metrics["validation"]["methods"]["grappa"]["mean"]["map_at_r"]
     assert float(version.tags[publish.SCORE_TAG]) == pytest.approx(score)
     assert "registered grappa-test-fused version 1 as candidate and champion" in run.stdout
+    # its model card: the decision, the data it saw, both folds' scores, the recipe, the limits
+    card = version.description
+    assert "**Decision:** promoted to champion — first version: no champion yet" in card
+    assert f"| grappa | {100 * metrics['methods']['grappa']['mean']['map_at_r']:.2f} | {100 * score:.2f} |" in card
+    counts = publish.pool_counts(run.out_dir / "extract" / "features.parquet")
+    assert set(counts) == {"unlabeled", "query_db"} and set(counts["query_db"]) == {"shapes", "stripes"}
+    assert f"unlabeled pool of {sum(counts['unlabeled'].values())} images" in card
+    assert "query_db: " + ", ".join(f"{d} {n}" for d, n in sorted(counts["query_db"].items())) in card
+    assert f"k = {metrics['ks']}" in card and "**Known limits:**" in card
+    # and the headline figures on the logged model, where the Models view ranks versions
+    (logged,) = [m for m in client.search_logged_models([children["evaluate"].info.experiment_id])
+                 if m.source_run_id == version.run_id]
+    assert {m.key: m.value for m in logged.metrics}["val_mean_map_at_r"] == pytest.approx(score)
 
 
 def test_lineage_from_champion_to_extract_digest(run, client):

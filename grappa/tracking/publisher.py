@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from grappa.config import Params
+from grappa.core.evaluation import method_order
 from grappa.io.layout import layout
 from grappa.tracking import lineage
 from grappa.tracking.runs import RunTree, params_yaml
@@ -187,6 +188,9 @@ def register(tree: RunTree, params: Params, metrics: dict) -> Candidate:
     )
     candidate = Candidate(name, str(info.registered_model_version), config["weights_sha256"], _score(metrics),
                           eval_set_id(params))
+    scores = model_metrics(metrics)
+    if scores:  # on the logged model too, so the Models view can rank the versions
+        mlflow.log_metrics(scores, model_id=info.model_id)
     tags = {EVAL_SET_TAG: candidate.eval_set, MODEL_SHA_TAG: candidate.model_sha256,
             "dvc.stage": lineage.dvc_stage_name("evaluate")}
     if candidate.score is not None:
@@ -235,10 +239,95 @@ def promote(tree: RunTree, run_id: str, params: Params, candidate: Candidate) ->
     return decision
 
 
+def pool_counts(features: Path) -> dict[str, dict[str, int]]:
+    """{split: {domain: images}} of the feature table: what the model learnt from and was scored on."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(features, columns=["split", "domain"])
+    counts: dict[str, dict[str, int]] = {}
+    for split, domain in zip(table.column("split").to_pylist(), table.column("domain").to_pylist()):
+        counts.setdefault(split, {}).setdefault(domain, 0)
+        counts[split][domain] += 1
+    return counts
+
+
+LIMITS = ("Scores are mAP@R over class-level domains; the unlabeled pool holds images of the evaluated "
+          "classes (never their labels), so the gain over zero-shot is transductive at class level.",
+          "One model for all domains: nothing reads a domain name, and a domain far from the pool may be "
+          "served no better than the frozen backbone.")
+
+
+def model_card(candidate: Candidate, decision: Decision, compared_with: str | None, params: Params,
+               metrics: dict, data: dict) -> str:
+    """The registered version's description (Markdown): the data it saw, its scores and how it was
+    chosen, the protocol, backbone and recipe, known limits. ``data``: snapshot digest and counts."""
+    def pct(x) -> str:
+        return "n/a" if x is None else f"{100 * x:.2f}"
+
+    methods, val = metrics.get("methods") or {}, (metrics.get("validation") or {}).get("methods") or {}
+    protocol = metrics.get("protocol") or {}
+    rows = ["| method | test mAP@R | validation mAP@R |", "|---|---|---|"]
+    for name in method_order(list(methods)):
+        rows.append(f"| {name} | {pct(methods[name]['mean']['map_at_r'])} | "
+                    f"{pct((val.get(name) or {}).get('mean', {}).get('map_at_r'))} |")
+    pools = "; ".join(f"{split}: " + ", ".join(f"{d} {n}" for d, n in sorted(domains.items()))
+                      for split, domains in sorted(data["counts"].items()))
+    champion = (f"champion v{compared_with} scored {pct(decision.champion_score)}" if decision.champion_score is not None
+                else f"compared with champion v{compared_with}" if compared_with else "no champion before it")
+    fusion, adaptor = params.fusion, params.adaptor
+    return "\n".join([
+        f"**Grappa model, version {candidate.version}** — one embedding model for every domain of its pool.",
+        "",
+        f"**Decision:** {'promoted to champion' if decision.promote else 'candidate only'} — {decision.reason}. "
+        f"Validation mean mAP@R {pct(candidate.score)}; {champion}.",
+        "",
+        f"**Data:** learnt from an unlabeled pool of {data['images']} images (digest `{data['digest'][:16]}`); "
+        f"images per split and domain: {pools}.",
+        "",
+        f"**Protocol:** chosen on the validation classes, reported on the test classes (each domain's classes split "
+        f"{protocol.get('val_share', params.evaluate.val_share)} / rest, class-disjoint, seed "
+        f"{protocol.get('split_seed', params.evaluate.split_seed)}); scores in % (mean over domains).",
+        "",
+        *rows,
+        "",
+        f"**Backbone and recipe:** {params.backbone.name} (weights: {params.backbone.weights}), adaptors from block "
+        f"{params.backbone.adapt_from_block}, k = {params.cluster.ks}, {adaptor.epochs} adaptor epochs on "
+        f"`{adaptor.objective}`; fusion: {fusion.attention} attention, value {fusion.value}, {fusion.epochs} epochs "
+        f"on `{fusion.objective}`, propagation {fusion.propagation}.",
+        "",
+        "**Known limits:** " + " ".join(LIMITS),
+    ])
+
+
 def publish_model(tree: RunTree, run_id: str, params: Params, metrics: dict) -> tuple[str, Decision]:
     """Register the evaluate run's model, then decide whether it serves; returns (version, decision)."""
     candidate = register(tree, params, metrics)
-    return candidate.version, promote(tree, run_id, params, candidate)
+    decision = promote(tree, run_id, params, candidate)
+    describe(tree, params, metrics, candidate, decision)
+    return candidate.version, decision
+
+
+def describe(tree: RunTree, params: Params, metrics: dict, candidate: Candidate, decision: Decision) -> None:
+    """The version's model card as its MLflow description."""
+    features = layout(params).features
+    digest, images = lineage.split_digest(features, "unlabeled")
+    data = {"digest": digest, "images": images, "counts": pool_counts(features)}
+    version = tree.client.get_model_version(candidate.name, candidate.version)
+    compared = (version.tags.get("grappa.compared_with") or "").removeprefix("v") or None
+    card = model_card(candidate, decision, compared, params, metrics, data)
+    tree.client.update_model_version(candidate.name, candidate.version, description=card)
+
+
+def model_metrics(metrics: dict) -> dict[str, float]:
+    """The fused model's headline figures: validation and test mean mAP@R, test R@1, test mAP@R per domain."""
+    try:
+        test, val = metrics["methods"]["grappa"], metrics["validation"]["methods"]["grappa"]
+    except (KeyError, TypeError):
+        return {}
+    out = {"val_mean_map_at_r": val["mean"]["map_at_r"], "test_mean_map_at_r": test["mean"]["map_at_r"],
+           "test_mean_recall_at_1": test["mean"]["recall_at_1"]}
+    out.update({lineage.safe_key(f"test_map_at_r.{domain}"): m["map_at_r"] for domain, m in test["per_domain"].items()})
+    return {key: float(value) for key, value in out.items()}
 
 
 def _score(metrics: dict) -> float | None:
