@@ -461,90 +461,112 @@ def bench_knn(args, info: dict) -> dict:
 # --------------------------------------------------------------------------- 4. training steps
 
 
-def bench_training(args, dev: str) -> dict:
-    """The pipeline's own batch steps (grappa.core.training) on the objectives params.yaml ships."""
-    from functools import partial
+def _runner(step, batches, params, lr: float, weight_decay: float, steps: int):
+    """One training step per call on the next batch: AdamW + the warm-up/cosine schedule."""
+    from grappa.core.training import train_on_batch, warmup_cosine
 
-    from grappa.core.losses import CosineClassifier
-    from grappa.core.objectives import adaptor_objective, fusion_objective
-    from grappa.core.samplers import NeighbourPairs
-    from grappa.core.training import adaptor_step, fusion_step, train_on_batch, warmup_cosine
-    from grappa.io.datasets import PrefixDataset, loader
-    from pipeline_steps.train_adaptor import epoch_batches
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler = warmup_cosine(optimizer, steps, 1)
+    it = iter(batches)
+    return lambda: train_on_batch(step, next(it), optimizer, scheduler)
 
-    hp_a, hp_f = args._params.adaptor, args._params.fusion
-    bp = BackboneParams(name=args.backbone, weights=args.weights, image_size=args.image_size,
-                        adapt_from_block=args.adapt_from_block)
-    backbone, _, _ = create_backbone(bp)
-    backbone.to(dev)
-    b = args.train_batch
-    g = torch.Generator().manual_seed(0)
-    ks = args.ks
-    k_cls = max(ks)
-    fks = ks[: args.fusion_m] if len(ks) >= args.fusion_m else [2 ** (i + 3) for i in range(args.fusion_m)]
-    rows = []
 
-    def prefix_array(start: int, n: int) -> np.ndarray:
-        shape = backbone.block_shapes[start - 1]
+class TrainingBench:
+    """What every timed training step shares: the backbone, the batch size, the pipeline's params.
+    A *runner* is one step kind ready to run: (call = one optimisation step, adaptor sets, inputs per step)."""
+
+    def __init__(self, args, dev: str):
+        self.args, self.dev = args, dev
+        self.hp_a, self.hp_f = args._params.adaptor, args._params.fusion
+        self.bp = BackboneParams(name=args.backbone, weights=args.weights, image_size=args.image_size,
+                                 adapt_from_block=args.adapt_from_block)
+        self.backbone, _, _ = create_backbone(self.bp)
+        self.backbone.to(dev)
+        self.b, self.g = args.train_batch, torch.Generator().manual_seed(0)
+        self.k_cls = max(args.ks)
+        m = args.fusion_m
+        self.fks = args.ks[:m] if len(args.ks) >= m else [2 ** (i + 3) for i in range(m)]
+
+    def prefix_array(self, start: int, n: int) -> np.ndarray:
+        shape = self.backbone.block_shapes[start - 1]
         return np.random.default_rng(0).standard_normal((n, *shape), dtype=np.float32).astype(np.float16)
 
-    def runner(step, batches, params, lr: float, weight_decay: float, steps: int):
-        """One training step per call on the next batch: AdamW + the warm-up/cosine schedule."""
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        scheduler = warmup_cosine(optimizer, steps, 1)
-        it = iter(batches)
-        return lambda: train_on_batch(step, next(it), optimizer, scheduler)
+    def adaptor_runner(self, start: int, timed: int, chunk: int | None):
+        from functools import partial
 
-    def adaptor_runner(start: int, timed: int, chunk: int | None):
-        model = GrappaModel(backbone, start, [k_cls], args.reduction).to(dev)
+        from grappa.core.losses import CosineClassifier
+        from grappa.core.objectives import adaptor_objective
+        from grappa.core.samplers import NeighbourPairs
+        from grappa.core.training import adaptor_step
+        from grappa.io.datasets import PrefixDataset
+        from pipeline_steps.train_adaptor import epoch_batches
+
+        hp_a, b, k_cls = self.hp_a, self.b, self.k_cls
+        model = GrappaModel(self.backbone, start, [k_cls], self.args.reduction).to(self.dev)
         model.cpu_chunk = chunk
         n = b * (timed + 1)
         # pseudo-labels in groups of images_per_cluster, so AP terms find positives in every batch
         targets = torch.arange(n) // hp_a.images_per_cluster % k_cls
-        classifier = CosineClassifier(torch.randn(k_cls, backbone.embed_dim), hp_a.temperature).to(dev)
-        objective = adaptor_objective(hp_a, classifier, targets.to(dev))
+        classifier = CosineClassifier(torch.randn(k_cls, self.backbone.embed_dim), hp_a.temperature).to(self.dev)
+        objective = adaptor_objective(hp_a, classifier, targets.to(self.dev))
         two_views = objective.ranks_batch and hp_a.ap_positives == "augmentation"
         if start > 0:  # the CPU recipe: cached float16 prefix activations, batched as the step batches them
-            dataset = PrefixDataset(prefix_array(start, n))
+            dataset = PrefixDataset(self.prefix_array(start, n))
             dataset = NeighbourPairs(dataset, np.arange(n)[:, None]) if two_views else dataset
-            batches = epoch_batches(dataset, targets.numpy(), b, hp_a, objective.ranks_batch and not two_views, g)
+            batches = epoch_batches(dataset, targets.numpy(), b, hp_a, objective.ranks_batch and not two_views, self.g)
         else:  # the paper's placement: transformed image tensors (decode/augment not counted: a lower bound)
             views = (b, 2) if two_views else (b,)
-            images = torch.randn(*views, 3, args.image_size, args.image_size, generator=g)
+            images = torch.randn(*views, 3, self.args.image_size, self.args.image_size, generator=self.g)
             batches = [(torch.arange(b), images, [])] * (timed + 1)
-        step = partial(adaptor_step, model, objective, single(k_cls), dev, images=start == 0, two_views=two_views,
+        step = partial(adaptor_step, model, objective, single(k_cls), self.dev, images=start == 0, two_views=two_views,
                        augment_scale=hp_a.prefix_augment_scale)
         model.train()
         params = [{"params": model.adaptors.parameters()},
                   {"params": classifier.parameters(), "lr": hp_a.classifier_lr}]
-        run = runner(step, batches, params, hp_a.lr, hp_a.weight_decay, timed + 1)
-        return run, 1, b * (2 if two_views else 1)  # adaptor sets, inputs per step
+        run = _runner(step, batches, params, hp_a.lr, hp_a.weight_decay, timed + 1)
+        return run, 1, b * (2 if two_views else 1)
 
-    def fusion_runner(start: int, timed: int, chunk: int | None):
-        model = GrappaModel(backbone, start, fks, args.reduction, attn_dim=args.attn_dim).to(dev)
+    def fusion_runner(self, start: int, timed: int, chunk: int | None):
+        """The shipped propagation: batches of anchor/neighbour pairs, or of anchors alone with the bank."""
+        from functools import partial
+
+        from grappa.core.losses import AttentionBank, CosineClassifier
+        from grappa.core.objectives import fusion_objective
+        from grappa.core.samplers import NeighbourPairs
+        from grappa.core.training import fusion_step
+        from grappa.io.datasets import PrefixDataset, loader
+
+        hp_a, hp_f, b, g = self.hp_a, self.hp_f, self.b, self.g
+        model = GrappaModel(self.backbone, start, self.fks, self.args.reduction, attn_dim=self.args.attn_dim).to(self.dev)
         model.cpu_chunk = chunk
         model.requires_grad_(False)
         model.fusion.requires_grad_(True)
         n = b * (timed + 1)
         neighbours = np.random.default_rng(1).integers(0, n, (n, 10))
-        heads = [(CosineClassifier(torch.randn(k, backbone.embed_dim, generator=g), hp_a.temperature)
-                  .requires_grad_(False).to(dev), torch.randint(0, k, (n,), generator=g).to(dev)) for k in fks]
+        heads = [(CosineClassifier(torch.randn(k, self.backbone.embed_dim, generator=g), hp_a.temperature)
+                  .requires_grad_(False).to(self.dev), torch.randint(0, k, (n,), generator=g).to(self.dev))
+                 for k in self.fks]
+        pairs = hp_f.propagation == "pairs"
+        bank = None if pairs else AttentionBank(torch.from_numpy(neighbours), len(model.fusion), len(self.fks),
+                                                hp_f.bank_momentum, hp_f.bank_sharpen).to(self.dev)
         if start > 0:
-            pairs = NeighbourPairs(PrefixDataset(prefix_array(start, n)), neighbours)
-            batches = loader(pairs, b, shuffle=True, generator=g, drop_last=True)
+            dataset = PrefixDataset(self.prefix_array(start, n))
+            batches = loader(NeighbourPairs(dataset, neighbours) if pairs else dataset, b, shuffle=True,
+                             generator=g, drop_last=True)
         else:
-            images = torch.randn(b, 2, 3, args.image_size, args.image_size, generator=g)
+            images = torch.randn(b, *((2,) if pairs else ()), 3, self.args.image_size, self.args.image_size, generator=g)
             batches = [(torch.arange(b), images, [])] * (timed + 1)
-        step = partial(fusion_step, model, fusion_objective(hp_f, model.fusion, heads), dev, images=start == 0)
+        step = partial(fusion_step, model, fusion_objective(hp_f, model.fusion, heads, bank), self.dev,
+                       images=start == 0, pairs=pairs)
         model.train()
-        run = runner(step, batches, list(model.fusion.parameters()), hp_f.lr, hp_f.weight_decay, timed + 1)
-        return run, len(fks), 2 * b
+        run = _runner(step, batches, list(model.fusion.parameters()), hp_f.lr, hp_f.weight_decay, timed + 1)
+        return run, len(self.fks), (2 if pairs else 1) * b
 
-    def interleaved(entries: list[tuple[str, int, int, int | None]]) -> list[tuple[list, int, int]]:
+    def interleaved(self, entries: list[tuple[str, int, int, int | None]]) -> list[tuple[list, int, int]]:
         """Per planned step kind: (wall, cpu) seconds of each timed step after one warm-up step, adaptor
         sets, inputs per step. The kinds take turns, one step each, so a load that comes and goes during
         the run hits them all alike."""
-        built = [(adaptor_runner if kind == "adaptor" else fusion_runner)(s, timed, chunk)
+        built = [(self.adaptor_runner if kind == "adaptor" else self.fusion_runner)(s, timed, chunk)
                  for kind, s, timed, chunk in entries]
         for run, _, _ in built:
             run()
@@ -552,31 +574,44 @@ def bench_training(args, dev: str) -> dict:
         for i in range(max(timed for _, _, timed, _ in entries)):
             for (run, _, _), (_, _, timed, _), out in zip(built, entries, times):
                 if i < timed:
-                    with Clock(dev) as c:
+                    with Clock(self.dev) as c:
                         run()
                     out.append((c.wall, c.cpu))
         return [(out, sets, inputs) for out, (_, sets, inputs) in zip(times, built)]
 
-    start = bp.adapt_from_block
+
+def training_rows(bench: TrainingBench, timings: dict, order: list) -> list[dict]:
+    """One table row per timed step kind, in ``order``."""
+    rows = []
+    for entry in order:
+        (kind, s, timed, chunk), (steps, sets, inputs) = entry, timings[entry]
+        walls, cpus = [w for w, _ in steps], [c for _, c in steps]
+        name = f"{kind} {'cpu-recipe (cached prefix)' if s > 0 else 'paper (all blocks, image tensors)'}"
+        rows.append({"name": name + ("" if chunk else ", whole batch"), "stage": kind, "adapt_from_block": s,
+                     "adapted_blocks": len(bench.backbone.blocks) - s, "adaptor_sets": sets, "batch": bench.b,
+                     "inputs_per_step": inputs, "chunk": chunk, "timed_steps": timed,
+                     "objective": (bench.hp_f if kind == "fusion" else bench.hp_a).objective,
+                     "s_per_step": float(np.mean(walls)), "cpu_s_per_step": float(np.mean(cpus)),
+                     "s_per_step_median": float(np.median(walls)), "s_steps": walls})
+    return rows
+
+
+def bench_training(args, dev: str) -> dict:
+    """The pipeline's own batch steps (grappa.core.training) on the objectives params.yaml ships: the
+    step kinds built, timed (interleaved), tabulated, then compared as ratios."""
+    bench = TrainingBench(args, dev)
+    hp_a, hp_f, b, backbone, fks = bench.hp_a, bench.hp_f, bench.b, bench.backbone, bench.fks
+    start = bench.bp.adapt_from_block
     # The shipped model forwards CPU batches in chunks of CPU_CHUNK images; the whole-batch rows are
     # the same steps without it. The cached-prefix steps are timed interleaved; the paper ones after.
     recipe = [("adaptor", start, args.train_steps, CPU_CHUNK), ("adaptor", start, args.train_steps, None),
               ("fusion", start, args.train_steps, CPU_CHUNK), ("fusion", start, args.train_steps, None)]
     paper = [("adaptor", 0, args.paper_steps, CPU_CHUNK)] + ([("fusion", 0, args.paper_steps, CPU_CHUNK)]
                                                             if args.fusion_paper else [])
-    timings = dict(zip(recipe, interleaved(recipe)))
+    timings = dict(zip(recipe, bench.interleaved(recipe)))
     for entry in paper:
-        timings[entry] = interleaved([entry])[0]
-    for entry in recipe[:2] + paper[:1] + recipe[2:] + paper[1:]:  # the rows' order
-        (kind, s, timed, chunk), (steps, sets, inputs) = entry, timings[entry]
-        walls, cpus = [w for w, _ in steps], [c for _, c in steps]
-        name = f"{kind} {'cpu-recipe (cached prefix)' if s > 0 else 'paper (all blocks, image tensors)'}"
-        rows.append({"name": name + ("" if chunk else ", whole batch"), "stage": kind, "adapt_from_block": s,
-                     "adapted_blocks": len(backbone.blocks) - s, "adaptor_sets": sets, "batch": b,
-                     "inputs_per_step": inputs, "chunk": chunk, "timed_steps": timed,
-                     "objective": (hp_f if kind == "fusion" else hp_a).objective,
-                     "s_per_step": float(np.mean(walls)), "cpu_s_per_step": float(np.mean(cpus)),
-                     "s_per_step_median": float(np.median(walls)), "s_steps": walls})
+        timings[entry] = bench.interleaved([entry])[0]
+    rows = training_rows(bench, timings, recipe[:2] + paper[:1] + recipe[2:] + paper[1:])
 
     def paired(num, den) -> float:
         """Median over the rounds of num's step time / den's in the same round (interleaved rows)."""
@@ -606,8 +641,9 @@ def bench_training(args, dev: str) -> dict:
                  f"fusion_vs_adaptor_batch = a fusion batch / an adaptor batch at the same B = {b}, as shipped "
                  f"(chunks of {shipped}): the median over {args.train_steps} rounds of the two steps timed back to "
                  "back (the cached-prefix rows take turns, one step each); *_whole_vs_chunked likewise",
-                 f"fusion: a batch is B anchor/neighbour pairs = 2B inputs through M = {len(fks)} adaptor sets "
-                 f"(k = {fks}) and as many frozen classifiers",
+                 (f"fusion: a batch is B anchor/neighbour pairs = 2B inputs" if hp_f.propagation == "pairs" else
+                  "fusion: a batch is B anchors (propagation from the attention bank)")
+                 + f" through M = {len(fks)} adaptor sets (k = {fks}) and as many frozen classifiers",
                  f"the pipeline's own steps and objectives (from {args.params}): adaptor {hp_a.objective}, "
                  f"fusion {hp_f.objective} + attention propagation and value regulariser"])
     return {"backbone": args.backbone, "blocks": len(backbone.blocks), "batch": b, "rows": rows, "ratios": ratios,

@@ -55,6 +55,9 @@ def test_json_schema(quick_run):
     names = {r["name"] for r in res["training"]["rows"]}
     assert any("cpu-recipe" in n for n in names) and any("paper" in n for n in names)
     assert [r["adaptor_sets"] for r in res["training"]["rows"] if r["stage"] == "fusion"] == [4, 4]
+    per_anchor = 2 if load_params(REPO / "params.yaml").fusion.propagation == "pairs" else 1  # the bank: anchors alone
+    assert {r["inputs_per_step"] for r in res["training"]["rows"] if r["stage"] == "fusion"} == {per_anchor * r["batch"]
+                                                                                                for r in res["training"]["rows"]}
     # the shipped chunked forward and the whole-batch baseline, side by side, for both steps
     assert [(r["stage"], r["chunk"]) for r in res["training"]["rows"] if r["adapt_from_block"] > 0] == [
         ("adaptor", CPU_CHUNK), ("adaptor", None), ("fusion", CPU_CHUNK), ("fusion", None)]
