@@ -209,27 +209,58 @@ def _repro_stage(params: Params, stage: str, pinned: str | None = None) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+# `grappa --help` lists the verbs in these groups; open-run and close-run are the DAG's plumbing, not listed
+HELP_GROUPS = {
+    "run the pipeline": ("run", *VERBS, "repro"),
+    "use the model": ("embed", "search"),
+    "admin": ("check", "prepare"),
+}
+EXAMPLES = """\
+examples:
+  grappa run                                 adapt the model to the images of params.yaml's data.sources
+  grappa run --set cluster.ks=[256,1024]     the same with other granularities (reruns what they change)
+  grappa search query.jpg --top-k 10         the 10 catalogue images nearest to query.jpg
+  grappa check                               validate params.yaml and dvc.yaml before a long run"""
+
+
+def _verb_listing(summaries: dict[str, str]) -> str:
+    width = max(len(name) for names in HELP_GROUPS.values() for name in names) + 2
+    blocks = []
+    for title, names in HELP_GROUPS.items():
+        blocks.append(f"{title}:\n" + "\n".join(f"  {name:<{width}}{summaries[name]}" for name in names))
+    return "\n\n".join(blocks)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from grappa import __version__
+
     # --params/--set work before or after the verb (`grappa --params p.yaml check` = `grappa check --params p.yaml`)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--params", dest="params_after", default=None, help="params file (default: params.yaml)")
+    common.add_argument("--params", dest="params_after", default=None, metavar="FILE",
+                        help="params file (default: params.yaml)")
     common.add_argument("--set", dest="set_after", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param, e.g. --set cluster.ks=[8,32] (repeatable)")
-    parser = argparse.ArgumentParser(prog="grappa", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser = argparse.ArgumentParser(
+        prog="grappa", usage="grappa [--params FILE] [--set KEY=VALUE] <verb> [options]",
+        description="Adapt one image-retrieval model to many domains from unlabeled images (Grappa), and use it.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml", metavar="FILE", help="params file (default: params.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param, e.g. --set cluster.ks=[8,32] (repeatable)")
-    sub = parser.add_subparsers(dest="step", required=True)
+    parser.add_argument("--version", action="version", version=f"grappa {__version__}")
+    sub = parser.add_subparsers(dest="step", required=True, metavar="<verb>", help=argparse.SUPPRESS, prog="grappa")
+    summaries: dict[str, str] = {}
 
     def verb(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=help, parents=[common])
+        summaries[name] = help
+        return sub.add_parser(name, description=help, parents=[common])
 
     for step in registry.STEPS:
         parser_of_step = verb(step.verb, help=step.summary)
         if step.axis is not None:  # parsed by step_items: a malformed item is a one-line error
             parser_of_step.add_argument(f"--{step.mapped}", dest="item", default=None, metavar=step.axis.metavar,
                                         help=step.axis.help)
-    verb("run", help="the whole pipeline through `dvc repro` (reruns only what changed)")
+    verb("run", help="the whole pipeline through dvc repro (reruns only what changed)")
     repro = verb("repro", help="one DVC stage (what an Airflow task runs); exit 99 if up to date")
     repro.add_argument("stage", help="a dvc.yaml stage, e.g. cluster, extract@0-of-2 or train_adaptor@64")
     repro.add_argument("--params-sha256", default=None, metavar="SHA256",
@@ -240,13 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--model", default=None, help="model folder or models:/name@alias (default: the champion)")
     search = verb("search", help="nearest catalogue images of query images")
     search.add_argument("images", nargs="+", help="query image paths or s3:// URIs")
-    search.add_argument("--top-k", type=_bounded_int(1, MAX_TOP_K), default=5,
+    search.add_argument("--top-k", type=_bounded_int(1, MAX_TOP_K), default=5, metavar="K",
                         help=f"neighbours per query, 1 to {MAX_TOP_K} (default 5)")
     search.add_argument("--index", default=None, help="index folder (default: <out_dir>/index)")
     search.add_argument("--model", default=None, help="model to embed the queries with (default: the index's own)")
-    verb("check", help="validate params.yaml, and that dvc.yaml is the generated one watching the folders its sources name")
-    verb("prepare", help="write --params/--set into params.yaml and the watched folders into dvc.yaml "
-                         "(what run and the Airflow DAG do before dvc repro)")
+    verb("check", help="validate params.yaml, and that dvc.yaml is as generated, watching the sources' folders")
+    verb("prepare", help="write --params/--set into params.yaml and the sources' folders into dvc.yaml "
+                         "(run and the Airflow DAG do it themselves)")
     opener = verb("open-run", help="create the MLflow parent run of a pipeline run and print its id "
                   f"(pass it to the steps as {tracking.ENV_PARENT})")
     opener.add_argument("--name", default=None, help="run name (default: the Airflow run id or a timestamp)")
@@ -255,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     closer.add_argument("--run-key", default=None, help=f"or the pipeline run key (default: ${tracking.ENV_RUN_KEY} "
                         "or, under Airflow, the DAG run id)")
     closer.add_argument("--status", default="FINISHED", choices=["FINISHED", "FAILED", "KILLED"])
+    parser.epilog = f"{_verb_listing(summaries)}\n\n'grappa <verb> --help' tells more of a verb.\n\n{EXAMPLES}"
     return parser
 
 

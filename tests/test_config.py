@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import grappa
 from conftest import make_collection, tiny_params_dict
 from grappa.cli import main
 from grappa.config import ConfigError, load_params, parse_params
@@ -235,3 +236,23 @@ def test_cli_search_top_k_out_of_range_is_a_usage_error_before_any_work(tmp_path
         main(["--params", str(tmp_path / "absent.yaml"), "search", "q.png", "--top-k", value])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "--top-k: expected an integer from 1 to 10000" in err and "Traceback" not in err
+
+
+def test_help_groups_the_verbs_hides_the_plumbing_and_shows_the_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    groups = [text.index(title) for title in ("run the pipeline:", "use the model:", "admin:", "examples:")]
+    assert groups == sorted(groups)
+    for verb in ("run", "train-fusion", "repro", "search", "embed", "check", "prepare"):
+        assert f"\n  {verb} " in text, verb
+    assert "open-run" not in text and "close-run" not in text  # the DAG's plumbing
+    assert "_AFTER" not in text and "``" not in text and "`" not in text  # no internal names, no markup
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    sub = capsys.readouterr().out
+    assert sub.startswith("usage: grappa search") and "--params FILE" in sub and "--top-k K" in sub
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"grappa {grappa.__version__}"
