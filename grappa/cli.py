@@ -291,10 +291,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(params: Params, args) -> int:
+    """What would fail later, now: the params, the sources, the backbone's weights, the index settings, dvc.yaml."""
     from grappa import workspace
+    from grappa.core.backbones import create_backbone
+    from grappa.io import catalogue
 
     print(f"{args.params}: ok")
     root = Path.cwd()
+    workspace.check_sources_exist(root, params)
+    print("sources: every local folder or manifest of data.sources and index.sources is there")
+    backbone, _, _ = create_backbone(params.backbone)
+    dim = backbone.embed_dim
+    catalogue.check(params.index.factory, params.index.search_params, dim)
+    print(f"backbone {params.backbone.name} (weights: {params.backbone.weights}): {dim}-d embeddings; index.factory "
+          f"'{params.index.factory}'" + (f" with '{params.index.search_params}'" if params.index.search_params else "")
+          + " applies")
     # dvc.yaml must agree with the params file it runs (this folder's params.yaml), not with any other
     if (root / "dvc.yaml").is_file() and Path(args.params).resolve() == (root / "params.yaml").resolve():
         problem = workspace.drift(root, params)

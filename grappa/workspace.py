@@ -187,6 +187,14 @@ def check_outputs_inside(workspace: Path, params: Params) -> None:
                           "use a relative folder (e.g. outputs)")
 
 
+def check_sources_exist(workspace: Path, params: Params) -> None:
+    """A ConfigError naming the first local source (data.sources, index.sources) that is not there."""
+    for stage, roots in watched_roots(params).items():
+        for root in roots:
+            if not is_s3(root) and not (workspace / root).exists():
+                raise ConfigError(f"source not found: {root} (listed for the {stage} stage)")
+
+
 def sync_data_deps(workspace: Path, params: Params) -> list[str]:
     """Write dvc.yaml as the registry generates it, watching the data roots of ``params``' sources.
 
@@ -195,10 +203,7 @@ def sync_data_deps(workspace: Path, params: Params) -> list[str]:
     registry or the imports changed); empty means in sync.
     """
     wanted = watched_roots(params)
-    for stage, roots in wanted.items():
-        for root in roots:
-            if not is_s3(root) and not (workspace / root).exists():
-                raise ConfigError(f"source not found: {root} (listed for the {stage} stage)")
+    check_sources_exist(workspace, params)
     dvc_yaml = workspace / "dvc.yaml"
     declared = _declared_roots(dvc_yaml, list(wanted))
     changes = []

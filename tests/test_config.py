@@ -159,8 +159,14 @@ def test_cli_missing_params_file_and_bad_yaml(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+def _checkable(tmp_path: Path) -> Path:
+    """params.yaml of _base with its source on disk (check also looks for the sources)."""
+    make_collection(tmp_path / "data", domains=("shapes",), classes=2, per_class=2, unlabeled=2, size=16)
+    return _write(tmp_path, _base(tmp_path))
+
+
 def test_cli_set_override_is_validated(tmp_path, capsys):
-    path = _write(tmp_path, _base(tmp_path))
+    path = _checkable(tmp_path)
     rc, out, _ = _cli(capsys, "--params", str(path), "--set", "cluster.ks=[3, 6]", "check")
     assert rc == 0 and "ok" in out
     rc, _, err = _cli(capsys, "--params", str(path), "--set", "cluster.ks=[1, 6]", "check")
@@ -215,7 +221,7 @@ def test_cluster_k_larger_than_unlabeled_pool_is_a_clear_error(tmp_path, capsys)
 
 
 def test_params_and_set_work_after_the_verb_too(tmp_path, capsys):
-    path = _write(tmp_path, _base(tmp_path))
+    path = _checkable(tmp_path)
     rc, out, _ = _cli(capsys, "check", "--params", str(path), "--set", "cluster.ks=[3, 6]")
     assert rc == 0 and f"{path}: ok" in out
     rc, _, err = _cli(capsys, "check", "--params", str(path), "--set", "cluster.ks=[1, 6]")
@@ -256,3 +262,22 @@ def test_help_groups_the_verbs_hides_the_plumbing_and_shows_the_version(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"grappa {grappa.__version__}"
+
+
+@pytest.mark.parametrize("dotted, value, needle", [
+    ("data.sources", ["absent/manifest.csv"], "source not found: absent (listed for the snapshot stage)"),
+    ("index.sources", ["absent-catalogue"], "source not found: absent-catalogue (listed for the index stage)"),
+    ("index.factory", "IVFbogus", "index.factory: faiss cannot make 'IVFbogus' for 256-d embeddings "
+                                  "(could not parse index string IVFbogus)"),
+    ("index.factory", "IVF16,PQ7", "should be a multiple of the number of subquantizers"),  # 7 does not divide 256
+    ("index.search_params", "nprobe=4", "index.search_params: 'nprobe=4' does not apply to this index"),  # Flat
+])
+def test_check_catches_what_would_fail_later_in_one_line(tmp_path, capsys, monkeypatch, dotted, value, needle):
+    path = _checkable(tmp_path)
+    monkeypatch.chdir(tmp_path)  # relative sources are the workspace's
+    rc, out, _ = _cli(capsys, "--params", str(path), "check")
+    assert rc == 0 and "256-d embeddings" in out and "applies" in out, out
+    _write(tmp_path, _with(_base(tmp_path), dotted, value))
+    rc, _, err = _cli(capsys, "--params", str(path), "check")
+    assert rc == 2
+    _assert_one_line(err, needle)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,6 +27,37 @@ from grappa.io.manifests import SCHEMA
 INDEX_FILE, CATALOGUE_FILE, META_FILE = "catalogue.faiss", "catalogue.parquet", "index.json"
 
 
+def _reason(err: RuntimeError, width: int = 160) -> str:
+    """What a faiss error says, without the C++ function and source line it names first."""
+    text = str(err).strip().splitlines()[-1]
+    text = re.sub(r"^Error in .*? at \S+:\d+: ", "", text)  # "Error in <signature> at <file>:<line>: "
+    text = re.sub(r"^(Error: '.*?' failed: |\w+::\w+:)", "", text)  # an assert's condition, a method's name
+    return text[:width]
+
+
+def _apply_search_params(index, search_params: str) -> None:
+    import faiss
+
+    try:
+        faiss.ParameterSpace().set_index_parameters(index, search_params)
+    except RuntimeError as err:
+        raise ConfigError(f"index.search_params: '{search_params}' does not apply to this index "
+                          f"({_reason(err, 120)})") from None
+
+
+def check(factory: str, search_params: str, dim: int) -> None:
+    """A ConfigError now, not after a whole run, for a factory faiss cannot make at ``dim`` dimensions
+    or search params that do not apply to it (what ``grappa check`` asks)."""
+    import faiss
+
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        raise ConfigError(f"index.factory: faiss cannot make '{factory}' for {dim}-d embeddings ({_reason(err)})") from None
+    if search_params:
+        _apply_search_params(index, search_params)
+
+
 def build(factory: str, vectors: np.ndarray):
     """A trained, filled faiss index of ``factory`` (inner product over normalised vectors)."""
     import faiss
@@ -36,7 +68,7 @@ def build(factory: str, vectors: np.ndarray):
             index.train(vectors)
     except RuntimeError as err:
         raise ConfigError(f"index.factory: faiss cannot build '{factory}' over {len(vectors)} vectors "
-                          f"({str(err).strip().splitlines()[-1][:160]})") from None
+                          f"({_reason(err)})") from None
     index.add(vectors)
     return index
 
@@ -103,11 +135,7 @@ def search(index, queries: np.ndarray, top_k: int, search_params: str = "") -> t
     import faiss
 
     if search_params:
-        try:
-            faiss.ParameterSpace().set_index_parameters(index, search_params)
-        except RuntimeError as err:
-            raise ConfigError(f"index.search_params: '{search_params}' does not apply to this index "
-                              f"({str(err).strip().splitlines()[-1][:120]})") from None
+        _apply_search_params(index, search_params)
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), top_k)
 
 
