@@ -275,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"neighbours per query, 1 to {MAX_TOP_K} (default 5)")
     search.add_argument("--index", default=None, help="index folder (default: <out_dir>/index)")
     search.add_argument("--model", default=None, help="model to embed the queries with (default: the index's own)")
+    search.add_argument("--html", default=None, metavar="FILE",
+                        help="also write a page of the queries and their neighbours as thumbnails (self-contained)")
     verb("check", help="validate params.yaml, and that dvc.yaml is as generated, watching the sources' folders")
     verb("prepare", help="write --params/--set into params.yaml and the sources' folders into dvc.yaml "
                          "(run and the Airflow DAG do it themselves)")
@@ -354,7 +356,7 @@ def _dispatch(args, params: Params) -> int:
         if args.step == "embed":
             use.embed_command(params, args.sources, args.out, args.model)
         else:
-            use.search_command(params, args.images, args.top_k, args.index, args.model)
+            use.search_command(params, args.images, args.top_k, args.index, args.model, args.html)
         return 0
     tracker = tracking.from_params(params)
     if args.step == "open-run":

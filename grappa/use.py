@@ -41,8 +41,10 @@ def embed_command(params: Params, sources: list[str], out: str, model_ref: str |
     print(f"embed: {len(keep)} embeddings (dim {vectors.shape[1]}) from model {model.digest[:12]} -> {out}")
 
 
-def search_command(params: Params, images: list[str], top_k: int, folder: str | None, model_ref: str | None) -> None:
-    """`grappa search IMAGE... --top-k N`: the nearest catalogue images of each query, with scores."""
+def search_command(params: Params, images: list[str], top_k: int, folder: str | None, model_ref: str | None,
+                   page: str | None = None) -> None:
+    """`grappa search IMAGE... --top-k N`: the nearest catalogue images of each query, with scores;
+    ``page``: also an HTML page of the queries and their neighbours as thumbnails."""
     folder = Path(folder) if folder else layout(params).index
     if not catalogue.exists(folder):
         raise ConfigError(f"no index at {folder}; build one with 'grappa index' (or dvc repro index)")
@@ -64,3 +66,20 @@ def search_command(params: Params, images: list[str], top_k: int, folder: str | 
         for rank, (score, i) in enumerate(zip(scores[q], ids[q]), 1):
             if i >= 0:
                 print(f"  {rank:>4}  {score:7.4f}  {rows[i]['image_id']}  {rows[i]['uri']}")
+    if page:
+        _write_search_page(page, params, images, rows, scores, ids, f"{catalogue.built_by(meta)}")
+
+
+def _write_search_page(path: str, params: Params, images: list[str], rows: list[dict], scores, ids,
+                       model: str) -> None:
+    from grappa.io import pages
+
+    def thumb(uri: str) -> str | None:
+        return pages.thumbnail(uri, params.data.min_side, params.data.max_pixels, params.data.max_file_bytes)
+
+    queries = [{"uri": image, "thumb": thumb(image)} for image in images]
+    results = [[{**rows[i], "rank": rank, "score": float(score), "thumb": thumb(rows[i]["uri"])}
+                for rank, (score, i) in enumerate(zip(scores[q], ids[q]), 1) if i >= 0] for q in range(len(images))]
+    pages.write_search_page(path, "grappa search", f"{len(images)} queries, top {scores.shape[1]} of "
+                            f"{len(rows)} catalogue images, model {model}", queries, results)
+    print(f"search: page of the queries and their neighbours -> {path}")

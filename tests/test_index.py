@@ -101,6 +101,29 @@ def test_search_cli_prints_ranked_ids_paths_and_scores(work, tmp_path):
     assert rc == 2 and "absent.png" in err and "Traceback" not in err
 
 
+def test_search_html_is_a_self_contained_page_of_the_queries_and_their_neighbours(work, tmp_path):
+    import re
+
+    params, raw = work
+    queries = [raw["data"]["sources"][0].replace("manifest.csv", f"images/q_{c}_0.png") for c in (1, 2)]
+    (tmp_path / "params.yaml").write_text(json.dumps(raw))
+    page = tmp_path / "out" / "search.html"
+    rc, out, err = run_cli(["search", *queries, "--top-k", "3", "--html", str(page),
+                            "--params", str(tmp_path / "params.yaml")])
+    assert rc == 0, err
+    assert f"page of the queries and their neighbours -> {page}" in out
+    text = page.read_text(encoding="utf-8")
+    assert text.count("<section>") == 2 and text.count('class="query"') == 2
+    images = re.findall(r'<img src="([^"]+)"', text)
+    assert len(images) == 2 * (1 + 3) and all(src.startswith("data:image/jpeg;base64,") for src in images)
+    assert "http" not in text  # nothing the page would fetch
+    assert text.count('<span class="score">#1 · ') == 2 and "shapes/images/q_1_0.png" in text
+    labels = re.findall(r'<span class="muted">([^<]+)</span>', text)
+    # each neighbour's domain, and its class where the catalogue has one (unlabeled images have none)
+    assert len(labels) == 6 and all(label.split(" / ")[0] in ("shapes", "stripes") for label in labels), labels
+    assert labels[0] == "shapes / 1" and labels[3] == "shapes / 2"  # the first hit of each query is itself
+
+
 def test_a_mixed_or_foreign_index_set_is_refused_then_rebuilt(work, tmp_path):
     """A catalogue.faiss that is not the one index.json was published with (a writer stopped between
     renames, a file copied in) is never parsed by faiss: search refuses it in one line, index rebuilds."""

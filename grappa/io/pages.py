@@ -1,0 +1,72 @@
+"""Self-contained HTML pages of images: thumbnails inline (no network, no files beside the page), every
+string from the data escaped. In retrieval people judge results by looking at them."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+from grappa.io.artifacts import atomic_path
+from grappa.io.sources import ImageDecodeError, decode_image
+from grappa.io.storage import StorageError, read_bytes
+
+THUMB = 160  # the longest side of a thumbnail, in pixels; the aspect ratio is kept
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 24px; color: #222; background: #fafafa; }
+h1 { font-size: 20px; margin: 0 0 4px; } p.meta { color: #666; margin: 0 0 20px; font-size: 13px; }
+section { background: #fff; border: 1px solid #e3e3e3; border-radius: 8px; padding: 12px 16px; margin-bottom: 16px; }
+h2 { font-size: 14px; margin: 0 0 10px; word-break: break-all; }
+.row { display: flex; gap: 12px; align-items: flex-start; overflow-x: auto; }
+figure { margin: 0; width: 168px; flex: none; }
+figure.query { border-right: 2px solid #ddd; padding-right: 12px; width: 180px; }
+.box { width: 160px; height: 160px; display: flex; align-items: center; justify-content: center;
+       background: #f0f0f0; border-radius: 4px; }
+.box img { max-width: 160px; max-height: 160px; }
+.missing { color: #999; font-size: 12px; text-align: center; padding: 8px; }
+figcaption { font-size: 12px; line-height: 1.35; margin-top: 4px; word-break: break-all; }
+.score { font-weight: 600; } .muted { color: #777; }
+"""
+
+
+def thumbnail(uri: str, min_side: int, max_pixels: int, max_bytes: int) -> str | None:
+    """A data: URI of the image at ``uri`` shrunk to THUMB pixels, or None when it cannot be read."""
+    try:
+        image = decode_image(read_bytes(uri, max_bytes), min_side, max_pixels)
+    except (OSError, StorageError, ImageDecodeError):
+        return None
+    image.thumbnail((THUMB, THUMB))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _figure(thumb: str | None, caption: list[str], css: str = "") -> str:
+    picture = (f'<img src="{thumb}" alt="">' if thumb else '<div class="missing">could not be read</div>')
+    return (f'<figure class="{css}"><div class="box">{picture}</div>'
+            f'<figcaption>{"<br>".join(caption)}</figcaption></figure>')
+
+
+def search_page(title: str, subtitle: str, queries: list[dict], results: list[list[dict]]) -> str:
+    """The page of ``grappa search --html``: per query (``uri``, ``thumb``) a row of its neighbours
+    (``rank``, ``score``, ``image_id``, ``uri``, ``domain``, ``label``, ``thumb``)."""
+    esc = html.escape
+    sections = []
+    for query, hits in zip(queries, results):
+        figures = [_figure(query["thumb"], ["<b>query</b>", esc(Path(query["uri"]).name)], "query")]
+        for hit in hits:
+            where = " / ".join(esc(str(hit[key])) for key in ("domain", "label") if hit.get(key))
+            figures.append(_figure(hit["thumb"], [
+                f'<span class="score">#{hit["rank"]} · {hit["score"]:.3f}</span>',
+                esc(hit["image_id"]), f'<span class="muted">{where}</span>' if where else ""]))
+        sections.append(f'<section><h2>{esc(query["uri"])}</h2><div class="row">{"".join(figures)}</div></section>')
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+            f'<style>{STYLE}</style></head><body><h1>{esc(title)}</h1><p class="meta">{esc(subtitle)}</p>'
+            f'{"".join(sections)}</body></html>')
+
+
+def write_search_page(path: str | Path, title: str, subtitle: str, queries: list[dict],
+                      results: list[list[dict]]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(search_page(title, subtitle, queries, results), encoding="utf-8")
