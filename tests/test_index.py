@@ -122,6 +122,29 @@ def test_search_html_is_a_self_contained_page_of_the_queries_and_their_neighbour
     # each neighbour's domain, and its class where the catalogue has one (unlabeled images have none)
     assert len(labels) == 6 and all(label.split(" / ")[0] in ("shapes", "stripes") for label in labels), labels
     assert labels[0] == "shapes / 1" and labels[3] == "shapes / 2"  # the first hit of each query is itself
+    _looks_like_a_page_in_chromium(page, tmp_path / "search.png")
+
+
+def _looks_like_a_page_in_chromium(page: Path, shot: Path) -> None:
+    """Headless Chromium renders ``page`` offline into a screenshot with pictures on it (skipped, with the
+    reason, where Debian's chromium is not installed)."""
+    import shutil
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    browser = shutil.which("chromium")
+    if browser is None:
+        pytest.skip("no headless browser: apt-get install chromium")
+    done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           "--window-size=1100,700", f"--screenshot={shot}", page.as_uri()],
+                          capture_output=True, text=True, timeout=120, cwd=shot.parent)
+    assert done.returncode == 0 and shot.is_file(), done.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
+    assert pixels.shape[:2] == (700, 1100)
+    colourful = (pixels.max(axis=2) - pixels.min(axis=2)) > 60  # the thumbnails; the page itself is grey on white
+    assert colourful.mean() > 0.005, colourful.mean()
 
 
 def test_a_mixed_or_foreign_index_set_is_refused_then_rebuilt(work, tmp_path):
