@@ -77,6 +77,11 @@ VARIANTS: dict[str, dict] = {
     "route_aug_bank": {**BASELINE, **ROUTE, "fusion.augment_scale": 0.5, "fusion.propagation": "bank"},
     "route_aug_bank_mi": {**BASELINE, **ROUTE, "fusion.augment_scale": 0.5, "fusion.propagation": "bank",
                           "fusion.lambda_mi": 0.1},
+    # the bank halves a fusion step: twice the epochs for the time of route_aug; a sharper target
+    "route_aug_bank_e10": {**BASELINE, **ROUTE, "fusion.augment_scale": 0.5, "fusion.propagation": "bank",
+                           "fusion.epochs": 10},
+    "route_aug_bank_sharp": {**BASELINE, **ROUTE, "fusion.augment_scale": 0.5, "fusion.propagation": "bank",
+                             "fusion.bank_sharpen": 0.25, "fusion.lambda_prop": 3.0},
     "route_all": {**BASELINE, **ROUTE, "fusion.augment_scale": 0.5, "fusion.level_norm": True, "fusion.lambda_mi": 0.1},
 }
 
