@@ -166,7 +166,7 @@ class FusionParams(_Strict):
     # pairs: each batch holds every anchor's sampled neighbour, the two pulled together (symmetric KL);
     # bank: anchors only, each pulled to the sharpened mean of its neighbours' attentions in a running
     # memory of the pool (bank_momentum: the share of the old entry kept; bank_sharpen: the temperature)
-    propagation: Literal["pairs", "bank"] = "pairs"
+    propagation: Literal["pairs", "bank"] = "bank"
     bank_momentum: float = Field(default=0.5, ge=0, lt=1)
     bank_sharpen: float = Field(default=0.5, gt=0, le=1)
     lambda_value: float = Field(default=0.01, ge=0)  # keep W_V near identity (AdapterFusion)

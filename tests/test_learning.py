@@ -66,7 +66,8 @@ def trained():
     torch.manual_seed(0)
     backbone, _, _ = create_backbone(BackboneParams(name="test_efficientnet", weights="none", image_size=48,
                                                     adapt_from_block=START))
-    fusion = FusionParams(attention="cosine", value="identity", attention_scale=1.0, lambda_mi=0.5, lambda_prop=0.0)
+    fusion = FusionParams(attention="cosine", value="identity", attention_scale=1.0, lambda_mi=0.5, lambda_prop=0.0,
+                          propagation="pairs")  # no propagation here: the batches are the whole pool's rows
     model = GrappaModel(backbone, START, KS, reduction=4, attn_dim=16, attention=fusion.attention,
                         value=fusion.value, attention_scale=fusion.attention_scale)
     pool, pool_domains, _ = synthetic(per_mode=30, seed=1)  # the labels of the pool are never read

@@ -131,12 +131,13 @@ def test_shipped_objectives_are_the_named_terms_with_their_weights():
     assert adaptor_terms(AdaptorParams(ap_weight=0.3)) == [("cosine_softmax", 1.0), ("histogram_ap", 0.3)]
     assert adaptor_terms(AdaptorParams(objective="smooth_ap", ap_weight=0.3)) == [("smooth_ap", 1.0)]  # alone: 1
     assert adaptor_terms(AdaptorParams(objective="cosine_softmax")) == [("cosine_softmax", 1.0)]
-    assert fusion_terms(FusionParams()) == [("prop", 1.0), ("value", 0.01), ("batch_mean_attn_entropy", 0.0),
+    assert fusion_terms(FusionParams()) == [("bank_prop", 1.0), ("value", 0.01), ("batch_mean_attn_entropy", 0.0),
                                             ("routing_mi", 0.0), ("pseudo_labels", 1.0)]
-    hp = FusionParams(objective="pseudo_labels+neighbour_pairs", lambda_prop=0.5, lambda_entropy=0.2, lambda_mi=0.3)
+    hp = FusionParams(objective="pseudo_labels+neighbour_pairs", lambda_prop=0.5, lambda_entropy=0.2, lambda_mi=0.3,
+                      propagation="pairs")
     assert fusion_terms(hp) == [("prop", 0.5), ("value", 0.01), ("batch_mean_attn_entropy", -0.2), ("routing_mi", -0.3),
                                 ("neighbour_pairs", 1.0), ("pseudo_labels", 1.0)]  # registry order, whatever order the params name
-    assert fusion_terms(FusionParams(propagation="bank"))[0] == ("bank_prop", 1.0)
+    assert fusion_terms(FusionParams(propagation="pairs"))[0] == ("prop", 1.0)
     metrics = {name: LOSS_TERMS[name].metric for name in LOSS_TERMS}
     assert metrics == {"cosine_softmax": "cross_entropy", "histogram_ap": "ap_loss", "smooth_ap": "ap_loss",
                        "prop": "prop", "bank_prop": "prop", "value": "value", "batch_mean_attn_entropy": "batch_mean_attn_entropy",
@@ -147,7 +148,8 @@ def test_shipped_objectives_are_the_named_terms_with_their_weights():
 def test_every_objective_the_config_accepts_is_built_from_registry_terms(field, terms):
     params = {"adaptor": AdaptorParams, "fusion": FusionParams}[field]
     for value in typing.get_args(params.model_fields["objective"].annotation):
-        names = [name for name, _ in terms(params(objective=value))]
+        extra = {"propagation": "pairs"} if "neighbour_pairs" in value else {}  # InfoNCE needs the pairs
+        names = [name for name, _ in terms(params(objective=value, **extra))]
         assert set(value.split("+")) <= set(names) <= set(LOSS_TERMS), value
 
 
@@ -186,7 +188,7 @@ def test_objectives_evaluate_to_the_named_losses_and_their_weighted_sum():
     fusion[0].value_regulariser = lambda: torch.tensor(0.5)
     alpha = torch.softmax(torch.randn(8, 2, 3, generator=g), dim=-1)
     heads = [(classifier, targets), (CosineClassifier(torch.randn(4, 16, generator=g), 0.05), targets % 4)]
-    hp = FusionParams(objective="pseudo_labels+neighbour_pairs", lambda_entropy=0.1, lambda_mi=0.2)
+    hp = FusionParams(objective="pseudo_labels+neighbour_pairs", lambda_entropy=0.1, lambda_mi=0.2, propagation="pairs")
     losses = fusion_objective(hp, fusion, heads)(EmbeddedBatch(emb, rows[:4], alpha))
     assert list(losses) == ["prop", "value", "batch_mean_attn_entropy", "routing_mi", "pair", "pseudo_ce", "loss"]
     prop, ent = attention_propagation(alpha[:4], alpha[4:]), batch_attention_entropy(alpha)
@@ -198,10 +200,10 @@ def test_objectives_evaluate_to_the_named_losses_and_their_weighted_sum():
     pseudo = sum(ces) / 2
     assert torch.equal(losses["pair"], pair) and torch.equal(losses["pseudo_ce"], pseudo)
     assert torch.equal(losses["loss"], prop + 0.01 * 0.5 - 0.1 * ent - 0.2 * mi + pair + pseudo)
-    normed = fusion_objective(FusionParams(level_norm=True), fusion, heads)(EmbeddedBatch(emb, rows[:4], alpha))
+    normed = fusion_objective(FusionParams(level_norm=True, propagation="pairs"), fusion, heads)(EmbeddedBatch(emb, rows[:4], alpha))
     assert torch.allclose(normed["pseudo_ce"], (ces[0] / math.log(3) + ces[1] / math.log(4)) / 2)
     with pytest.raises(ConfigError, match="pseudo_labels needs"):
-        fusion_objective(FusionParams(), fusion, heads=[])
+        fusion_objective(FusionParams(propagation="pairs"), fusion, heads=[])
 
 
 def test_the_attention_bank_amplifies_what_a_neighbourhood_shares():
@@ -253,13 +255,14 @@ def test_batch_steps_train_the_model_on_the_shipped_objectives():
     model.fusion.requires_grad_(True)
     heads = [(classifier, targets), (CosineClassifier(torch.randn(4, backbone.embed_dim, generator=g), 0.05),
                                      torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]))]
-    step = partial(fusion_step, model, fusion_objective(FusionParams(), model.fusion, heads), "cpu", images=False)
+    pairs_hp = FusionParams(propagation="pairs")
+    step = partial(fusion_step, model, fusion_objective(pairs_hp, model.fusion, heads), "cpu", images=False)
     pairs = torch.stack([x[:4], x[4:]], dim=1)  # 4 anchors, each with one neighbour
     losses = step((torch.arange(4), pairs, []))
     assert set(losses) == {"prop", "value", "batch_mean_attn_entropy", "routing_mi", "pseudo_ce", "loss"}
     losses["loss"].backward()
     assert all(p.grad is not None for p in model.fusion.parameters())
-    jittered = partial(fusion_step, model, fusion_objective(FusionParams(), model.fusion, heads), "cpu", images=False,
+    jittered = partial(fusion_step, model, fusion_objective(pairs_hp, model.fusion, heads), "cpu", images=False,
                        augment_scale=0.5)
     assert not torch.equal(jittered((torch.arange(4), pairs, []))["pseudo_ce"], losses["pseudo_ce"])
 
