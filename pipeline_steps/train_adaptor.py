@@ -24,7 +24,7 @@ from grappa.core.losses import CosineClassifier
 from grappa.core.model import pick_device, single
 from grappa.core.objectives import adaptor_objective
 from grappa.core.samplers import ClusterBatchSampler, NeighbourPairs
-from grappa.core.training import adaptor_step, data_fingerprint, epoch_steps, fit, checkpoint_key
+from grappa.core.training import adaptor_step, checkpoint_key, data_fingerprint, epoch_steps, fit
 from grappa.io.artifacts import TorchCheckpoint, save_torch, write_json
 from grappa.io.assemble import build_model
 from grappa.io.datasets import collate_usable, load_inputs, loader

@@ -46,7 +46,7 @@ from grappa.core.metrics import ivf_knn_graph, knn_graph, knn_recall
 from grappa.core.model import pick_device
 from grappa.core.objectives import fusion_objective, fusion_terms
 from grappa.core.samplers import NeighbourPairs
-from grappa.core.training import data_fingerprint, epoch_steps, fit, fusion_step, checkpoint_key
+from grappa.core.training import checkpoint_key, data_fingerprint, epoch_steps, fit, fusion_step
 from grappa.io import servable
 from grappa.io.artifacts import TorchCheckpoint, atomic_path, load_torch, save_torch, write_json
 from grappa.io.assemble import assemble
