@@ -3,6 +3,8 @@
 #
 #   containers/build.sh          # engine (installed and started if absent), base image, wheels, image
 #   containers/build.sh engine   # only make sure a Docker engine answers (docker.io + docker-compose)
+#   containers/build.sh check    # exit 0 if an engine answers, 3 if not: installs and starts nothing
+#   containers/build.sh image    # the image, on an engine that already answers (what the tests build)
 #   containers/build.sh stop     # stop the engine this script started (by PID), if it did
 #
 # Exit codes: 0 built, 1 a step failed (its error on stderr), 3 no Docker engine can run here.
@@ -22,7 +24,7 @@ DOCKER="$(command -v /usr/bin/docker || command -v docker || true)"
 PYTHON="$(command -v python3)"
 
 say() { echo "build.sh: $*" >&2; }
-die() { say "$*"; exit "${2:-1}"; }
+die() { say "$1"; exit "${2:-1}"; }
 mkdir -p "$STATE"
 
 engine_answers() { [ -n "$DOCKER" ] && "$DOCKER" -H "$SOCKET" info >/dev/null 2>&1; }
@@ -49,6 +51,10 @@ ensure_engine() {
     done
     rm -f "$STATE/dockerd.pid"
     die "dockerd did not start: $(tail -n 1 "$STATE/dockerd.log")" 3
+}
+
+require_engine() {
+    engine_answers || die "no Docker engine answers at $SOCKET ('containers/build.sh engine' installs and starts one)" 3
 }
 
 stop_engine() {
@@ -154,6 +160,8 @@ build_image() {
 case "${1:-build}" in
     build) ensure_engine; build_image ;;
     engine) ensure_engine ;;
+    check) require_engine ;;
+    image) require_engine; build_image ;;
     stop) stop_engine ;;
-    *) die "usage: containers/build.sh [build|engine|stop]" 2 ;;
+    *) die "usage: containers/build.sh [build|engine|check|image|stop]" 2 ;;
 esac
