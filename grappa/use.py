@@ -80,6 +80,6 @@ def _write_search_page(path: str, params: Params, images: list[str], rows: list[
     queries = [{"uri": image, "thumb": thumb(image)} for image in images]
     results = [[{**rows[i], "rank": rank, "score": float(score), "thumb": thumb(rows[i]["uri"])}
                 for rank, (score, i) in enumerate(zip(scores[q], ids[q]), 1) if i >= 0] for q in range(len(images))]
-    pages.write_search_page(path, "grappa search", f"{len(images)} queries, top {scores.shape[1]} of "
-                            f"{len(rows)} catalogue images, model {model}", queries, results)
+    pages.write_page(path, pages.search_page("grappa search", f"{len(images)} queries, top {scores.shape[1]} of "
+                                             f"{len(rows)} catalogue images, model {model}", queries, results))
     print(f"search: page of the queries and their neighbours -> {path}")

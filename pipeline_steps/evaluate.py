@@ -8,7 +8,8 @@ domain the single k best on validation), ``oracle_test`` (test set only: the k b
 an upper reference that uses the test labels) and ``grappa`` (the fused model). ``methods`` holds
 the test figures, ``validation`` the validation ones, where the champion is chosen.
 
-Writes ``<out>/evaluate/metrics.json``, ``results.md``, ``plots/*.png`` and ``champion.json`` (the
+Writes ``<out>/evaluate/metrics.json``, ``results.md``, ``plots/*.png``, ``report.html`` (the tables and
+plots in one self-contained page) and ``champion.json`` (the
 model that serves: this run's exported model, or with tracking on whichever version is ``champion``
 after the equal-terms comparison of grappa/tracking/publisher.py).
 """
@@ -110,16 +111,30 @@ def run(params: Params) -> dict:
     # Without a registry this run's model serves; the publisher rewrites this after its comparison.
     exported = servable.read_config(out.model)
     servable.write_champion(params, exported["weights_sha256"], str(out.model))
-    _plot_all(out.plots, methods, attention_by_domain, ks, inputs, embeddings[FUSION], labels, params)
+    figures = _plot_all(out.plots, methods, attention_by_domain, ks, inputs, embeddings[FUSION], labels, params)
+    _write_run_report(out.run_report, params, exported["weights_sha256"], table, figures)
     print(table)
     return result
 
 
-def _plot_all(folder: Path, methods, attention_by_domain, ks, inputs, vectors, labels, params: Params) -> None:
+def _write_run_report(path: Path, params: Params, model_sha256: str, table: str, figures) -> None:
+    from grappa.io import pages
+
+    subtitle = (f"model {model_sha256[:12]}, k = {params.cluster.ks}, backbone {params.backbone.name}; "
+                "chosen on the validation classes, reported on the test classes")
+    pages.write_page(path, pages.run_report("grappa evaluate", subtitle, table, figures))
+
+
+def _plot_all(folder: Path, methods, attention_by_domain, ks, inputs, vectors, labels,
+              params: Params) -> list[tuple[str, Path]]:
+    """The plots, and (caption, file) of each for the run report."""
     from grappa.io import plots
 
-    plots.per_domain_bars(folder / "per_domain_map_at_r.png", methods, "map_at_r")
-    plots.attention_heatmaps(folder / "attention_by_domain.png", attention_by_domain, ks)
+    figures = [("mAP@R per domain and method, test classes", folder / "per_domain_map_at_r.png"),
+               ("Granularity attention of the fused model, by domain", folder / "attention_by_domain.png"),
+               ("Top-5 retrievals of the fused model (green: same class)", folder / "top5_grappa.png")]
+    plots.per_domain_bars(figures[0][1], methods, "map_at_r")
+    plots.attention_heatmaps(figures[1][1], attention_by_domain, ks)
     rng = np.random.default_rng(params.seed)
     rows = []
     for domain in sorted(set(inputs.domains)):
@@ -127,6 +142,7 @@ def _plot_all(folder: Path, methods, attention_by_domain, ks, inputs, vectors, l
         rows += rng.choice(candidates, size=min(params.evaluate.grid_queries, len(candidates)), replace=False).tolist()
     if rows:
         neighbours = leave_one_out_neighbours(vectors, 5)
-        plots.query_grid(folder / "top5_grappa.png", [inputs.uris[i] for i in rows],
+        plots.query_grid(figures[2][1], [inputs.uris[i] for i in rows],
                          [[inputs.uris[j] for j in neighbours[i]] for i in rows],
                          [[labels[j] == labels[i] for j in neighbours[i]] for i in rows])
+    return figures

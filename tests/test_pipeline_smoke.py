@@ -42,6 +42,11 @@ def test_all_steps_chain(tiny_params):
     assert "test classes" in results and "validation classes" in results
     for plot in ("per_domain_map_at_r.png", "attention_by_domain.png", "top5_grappa.png"):
         assert (out / "evaluate" / "plots" / plot).stat().st_size > 1000
+    # the run report: both folds' tables and the three plots in one page that fetches nothing
+    page = (out / "evaluate" / "report.html").read_text(encoding="utf-8")
+    assert page.count("<table>") == 3 and "test classes" in page and "validation classes" in page
+    assert page.count('<img class="figure" src="data:image/png;base64,') == 3 and "http" not in page
+    assert f"<td>grappa</td><td>" in page and "<b>" in page  # the rows, the mean in bold
     assert not list((out / "checkpoints").glob("*.pt")), "checkpoints must be cleaned after success"
     index = json.loads((out / "index" / "index.json").read_text())
     model = json.loads((out / "model" / "model.json").read_text())

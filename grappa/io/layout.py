@@ -38,6 +38,7 @@ FUSION_REPORT = "fusion/report.json"
 MODEL = "model"  # the servable model (grappa.io.servable)
 METRICS = "evaluate/metrics.json"
 RESULTS = "evaluate/results.md"
+RUN_REPORT = "evaluate/report.html"  # the results, the plots inline: one page to open
 PLOTS = "evaluate/plots"
 CHAMPION = "evaluate/champion.json"
 INDEX = "index"
@@ -99,6 +100,7 @@ class Layout:
     model = property(lambda self: self.path(MODEL))
     metrics = property(lambda self: self.path(METRICS))
     results = property(lambda self: self.path(RESULTS))
+    run_report = property(lambda self: self.path(RUN_REPORT))
     plots = property(lambda self: self.path(PLOTS))
     champion = property(lambda self: self.path(CHAMPION))
     index = property(lambda self: self.path(INDEX))
