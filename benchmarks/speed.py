@@ -663,8 +663,8 @@ def _read_json(path: Path):
 def timings_from_outputs(out_dir: Path) -> dict[str, float]:
     """Per-step seconds from the step reports of a finished run (each records its ``timings_s.total``)."""
     reports = [("extract", out_dir / "extract" / "report.json"), ("cluster", out_dir / "cluster" / "report.json"),
-               *((f"train-adaptor@{path.parent.name[1:]}", path) for path in sorted((out_dir / "adaptors").glob("k*/metrics.json"))),
-               ("train-fusion", out_dir / "fusion" / "report.json"), ("evaluate", out_dir / "evaluate" / "metrics.json")]
+               *((f"train_adaptor@{path.parent.name[1:]}", path) for path in sorted((out_dir / "adaptors").glob("k*/metrics.json"))),
+               ("train_fusion", out_dir / "fusion" / "report.json"), ("evaluate", out_dir / "evaluate" / "metrics.json")]
     steps: dict[str, float] = {}
     for step, path in reports:
         total = ((_read_json(path) or {}).get("timings_s") or {}).get("total")

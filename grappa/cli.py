@@ -87,17 +87,13 @@ def run_step(step: str, params: Params, item=None, tracker=None) -> dict:
     return result
 
 
-def _run_name(step: registry.Step, item) -> str:
-    return step.verb if item is None else f"{step.verb}@{step.axis.label(item)}"
-
-
 def run_all(params: Params, tracker=None, until: str = VERBS[-1]) -> dict[str, float]:
     """The steps in order in this process, without DVC (benchmarks and tests), every item of a mapped
-    step in turn; returns each run's seconds (``extract@0-of-2``, ``train-adaptor@64``, ``cluster``)."""
+    step in turn; returns each run's seconds by stage name (``extract@0-of-2``, ``train_adaptor@64``, ``cluster``)."""
     timings: dict[str, float] = {}
     for step in registry.STEPS[: VERBS.index(until) + 1]:
         for item in step.items(params):
-            name = _run_name(step, item)
+            name = step.stage_name(item)
             print(f"==> {name}", flush=True)
             t0 = time.perf_counter()
             run_step(step.verb, params, item, tracker)
@@ -122,7 +118,7 @@ def _run_step_verb(verb: str, params: Params, given, tracker) -> None:
     items = step_items(step, params, given)
     for item in items:
         if len(items) > 1:
-            print(f"==> {_run_name(step, item)}", flush=True)
+            print(f"==> {step.stage_name(item)}", flush=True)
         run_step(verb, params, item, tracker)
 
 

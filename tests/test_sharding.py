@@ -164,8 +164,8 @@ def test_without_the_option_every_item_runs_in_turn(small_workspace, monkeypatch
 
     ran.clear()
     timings = cli.run_all(parse_params({**yaml.safe_load(Path(params).read_text()), "extract": {"shards": 2}}))
-    assert list(timings) == ["snapshot", "extract@0-of-2", "extract@1-of-2", "merge-features", "cluster",
-                             "train-adaptor@2", "train-adaptor@4", "train-fusion", "evaluate", "index"]
+    assert list(timings) == ["snapshot", "extract@0-of-2", "extract@1-of-2", "merge_features", "cluster",
+                             "train_adaptor@2", "train_adaptor@4", "train_fusion", "evaluate", "index"]
     assert ran[1:4] == [("extract", Shard(0, 2)), ("extract", Shard(1, 2)), ("merge-features", None)]
 
 
