@@ -1,5 +1,6 @@
-"""Self-contained HTML pages of images: thumbnails inline (no network, no files beside the page), every
-string from the data escaped. In retrieval people judge results by looking at them."""
+"""Self-contained HTML pages: ``grappa search --html`` (each query beside its neighbours) and evaluate's
+``report.html`` (the tables and plots). Pictures inline (nothing fetched, no files beside the page),
+every string from the data escaped. In retrieval people judge results by looking at them."""
 from __future__ import annotations
 
 import base64
