@@ -163,6 +163,13 @@ def test_a_mixed_or_foreign_index_set_is_refused_then_rebuilt(work, tmp_path):
         meta = index.run(params)
         assert meta["action"].startswith("rebuilt") and meta["count"] == 64
         assert catalogue.read(folder)[0].ntotal == 64
+    # index.json itself truncated or replaced: one line from search, and index publishes a new set over it
+    for text in ('{"version": "v-', "[]"):
+        (folder / catalogue.META_FILE).write_text(text)
+        rc, _, err = run_cli(["search", query, "--params", str(tmp_path / "params.yaml")])
+        assert rc == 2 and "is not one set: index.json" in err and "Traceback" not in err, err
+        meta = index.run(params)
+        assert meta["action"].startswith("rebuilt") and catalogue.read(folder)[0].ntotal == 64
 
 
 def test_index_factories(work):

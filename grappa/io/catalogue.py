@@ -78,6 +78,19 @@ def exists(folder: Path) -> bool:
     return (folder / META_FILE).is_file()
 
 
+def read_meta(folder: Path) -> dict:
+    """``index.json`` of ``folder``; ConfigError when it is not a JSON object (truncated, overwritten)."""
+    try:
+        meta = read_json(folder / META_FILE)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"the index at {folder} is not one set: {META_FILE} cannot be read ({type(err).__name__}); "
+                          "rebuild it with 'grappa index'") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"the index at {folder} is not one set: {META_FILE} is not an object; "
+                          "rebuild it with 'grappa index'")
+    return meta
+
+
 def version_folder(folder: Path, meta: dict) -> Path:
     """The folder of the set ``meta`` (an ``index.json``) names; ConfigError for a name outside ``folder``."""
     version = str(meta.get("version") or "")
@@ -91,7 +104,7 @@ def read(folder: Path):
     """(faiss index, catalogue rows, meta) of a set ``write`` published; ConfigError for any other."""
     import faiss
 
-    meta = read_json(folder / META_FILE)
+    meta = read_meta(folder)
     base, files = version_folder(folder, meta), meta.get("files") or {}
     for name in (INDEX_FILE, CATALOGUE_FILE):  # before faiss parses a byte of it
         if not (base / name).is_file() or files.get(name) != file_sha256(base / name):
@@ -106,7 +119,10 @@ def write(folder: Path, index, rows: list[dict], meta: dict) -> None:
     import faiss
 
     folder.mkdir(parents=True, exist_ok=True)
-    previous = read_json(folder / META_FILE).get("version") if exists(folder) else None
+    try:  # the set it replaces stays until the next write; an unreadable index.json names none
+        previous = read_meta(folder).get("version") if exists(folder) else None
+    except ConfigError:
+        previous = None
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
     try:
         faiss.write_index(index, str(staging / INDEX_FILE))
