@@ -72,8 +72,11 @@ def search_command(params: Params, images: list[str], top_k: int, folder: str | 
 
 def _write_search_page(path: str, params: Params, images: list[str], rows: list[dict], scores, ids,
                        model: str) -> None:
+    from functools import cache
+
     from grappa.io import pages
 
+    @cache  # a catalogue image in several queries' neighbours is read and shrunk once
     def thumb(uri: str) -> str | None:
         return pages.thumbnail(uri, params.data.min_side, params.data.max_pixels, params.data.max_file_bytes)
 

@@ -19,7 +19,7 @@ import hashlib
 import importlib.metadata
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -66,11 +66,17 @@ class Decision:
     promote: bool
     reason: str
     champion_score: float | None = None  # the champion's score on the candidate's evaluation set
+    compared_with: str | None = None  # the champion's version, where there was one
 
 
 def decide(score: float | None, eval_set: str, champion: Standing | None,
            rescore: Callable[[], float | None]) -> Decision:
     """Promote the candidate only if it beats the champion measured on ``eval_set``."""
+    return replace(_verdict(score, eval_set, champion, rescore), compared_with=champion.version if champion else None)
+
+
+def _verdict(score: float | None, eval_set: str, champion: Standing | None,
+             rescore: Callable[[], float | None]) -> Decision:
     if score is None:
         return Decision(False, "the candidate has no mean mAP@R")
     if champion is None:
@@ -217,8 +223,8 @@ def promote(tree: RunTree, run_id: str, params: Params, candidate: Candidate) ->
     champion = _standing(current) if current is not None else None
     decision = decide(candidate.score, candidate.eval_set, champion,
                       lambda: score_registered(name, champion.version, params))
-    if champion is not None:
-        client.set_model_version_tag(name, candidate.version, "grappa.compared_with", f"v{champion.version}")
+    if decision.compared_with is not None:
+        client.set_model_version_tag(name, candidate.version, "grappa.compared_with", f"v{decision.compared_with}")
     if decision.champion_score is not None:
         client.set_model_version_tag(name, candidate.version, "grappa.champion_score_on_eval_set",
                                      repr(decision.champion_score))
@@ -257,8 +263,7 @@ LIMITS = ("Scores are mAP@R over class-level domains; the unlabeled pool holds i
           "served no better than the frozen backbone.")
 
 
-def model_card(candidate: Candidate, decision: Decision, compared_with: str | None, params: Params,
-               metrics: dict, data: dict) -> str:
+def model_card(candidate: Candidate, decision: Decision, params: Params, metrics: dict, data: dict) -> str:
     """The registered version's description (Markdown): the data it saw, its scores and how it was
     chosen, the protocol, backbone and recipe, known limits. ``data``: snapshot digest and counts."""
     def pct(x) -> str:
@@ -272,8 +277,9 @@ def model_card(candidate: Candidate, decision: Decision, compared_with: str | No
                     f"{pct((val.get(name) or {}).get('mean', {}).get('map_at_r'))} |")
     pools = "; ".join(f"{split}: " + ", ".join(f"{d} {n}" for d, n in sorted(domains.items()))
                       for split, domains in sorted(data["counts"].items()))
-    champion = (f"champion v{compared_with} scored {pct(decision.champion_score)}" if decision.champion_score is not None
-                else f"compared with champion v{compared_with}" if compared_with else "no champion before it")
+    compared = decision.compared_with
+    champion = (f"champion v{compared} scored {pct(decision.champion_score)}" if decision.champion_score is not None
+                else f"compared with champion v{compared}" if compared else "no champion before it")
     fusion, adaptor = params.fusion, params.adaptor
     return "\n".join([
         f"**Grappa model, version {candidate.version}** — one embedding model for every domain of its pool.",
@@ -312,9 +318,7 @@ def describe(tree: RunTree, params: Params, metrics: dict, candidate: Candidate,
     features = layout(params).features
     digest, images = lineage.split_digest(features, "unlabeled")
     data = {"digest": digest, "images": images, "counts": pool_counts(features)}
-    version = tree.client.get_model_version(candidate.name, candidate.version)
-    compared = (version.tags.get("grappa.compared_with") or "").removeprefix("v") or None
-    card = model_card(candidate, decision, compared, params, metrics, data)
+    card = model_card(candidate, decision, params, metrics, data)
     tree.client.update_model_version(candidate.name, candidate.version, description=card)
 
 
