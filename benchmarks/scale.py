@@ -45,9 +45,11 @@ import pyarrow.parquet as pq  # noqa: E402
 import yaml  # noqa: E402
 
 import speed  # noqa: E402  (device_info, growth_exponent, print_table, list_images, bench_extraction)
+from grappa import registry  # noqa: E402
 from grappa.config import BackboneParams, Params, load_params  # noqa: E402
 from grappa.io.artifacts import file_sha256, vectors_to_arrow, write_json  # noqa: E402
 from grappa.io.features import RowFileWriter, chunk_rows  # noqa: E402
+from grappa.io.layout import Layout, Shard  # noqa: E402
 
 SCHEMA_VERSION = 1
 MB = 1 << 20
@@ -196,7 +198,7 @@ def write_synthetic_part(out_dir: Path, n_unlabeled: int, n_query: int, clusters
     dim, row_shape = backbone.embed_dim, tuple(backbone.block_shapes[TINY["adapt_from_block"] - 1])
     # the rows per Parquet write (row group) extract uses at the default memory_budget_mb
     chunk = chunk_rows(4 * dim + 2 * int(np.prod(row_shape)), Params.model_fields["memory_budget_mb"].default)
-    part = out_dir / "extract" / "parts" / "0-of-1"
+    part = Layout(out_dir).part(Shard(0, 1))
     part.mkdir(parents=True, exist_ok=True)
     total = n_unlabeled + n_query
     rng = np.random.default_rng(seed)
@@ -242,7 +244,7 @@ def write_synthetic_part(out_dir: Path, n_unlabeled: int, n_query: int, clusters
               "cache_compaction": None, "synthetic": True,
               "timings_s": {"cache_index": 0.0, "forward": seconds, "write": 0.0, "total": seconds},
               "images_per_s": total / max(seconds, 1e-9)}
-    write_json(part / "report.json", report)
+    write_json(_report_file(registry.step("extract"), Path(out_dir), Shard(0, 1)), report)
     return {"seconds": seconds, "rows": total, "dim": dim, "prefix_row_shape": list(row_shape),
             "prefix_gb": total * int(np.prod(row_shape)) * 2 / 1e9}
 
@@ -278,19 +280,22 @@ def _per_batch(epoch: dict) -> float | None:
     return epoch["seconds"] / epoch["batches"] if epoch.get("batches") else None
 
 
-def _step_report(verb: str, out: Path, k: int | None = None) -> dict:
+def _report_file(step: registry.Step, out: Path, item=None) -> Path:
+    """The step's report (the runner writes it after the step's outputs: there means done)."""
+    return Layout(out).path(step.report, **step.path_args(item))
+
+
+def _step_report(step: registry.Step, out: Path, item=None) -> dict:
+    """What a row keeps of the step's report."""
     try:
-        if verb == "merge-features":
-            r = json.loads((out / "extract" / "report.json").read_text())
+        r = json.loads(_report_file(step, out, item).read_text())
+        if step.stage == "merge_features":
             return {"images": r["images"]}
-        if verb == "cluster":
-            r = json.loads((out / "cluster" / "report.json").read_text())
+        if step.stage == "cluster":
             return {"sample": r.get("sample"), "timings_s": r.get("timings_s")}
-        if verb == "train-adaptor":
-            r = json.loads((out / "adaptors" / f"k{k}" / "metrics.json").read_text())
+        if step.stage == "train_adaptor":
             return {"images": r["images"], "final": r.get("final"), "s_per_batch": _per_batch(r["final"])}
-        if verb == "train-fusion":
-            r = json.loads((out / "fusion" / "report.json").read_text())
+        if step.stage == "train_fusion":
             return {"images": r["images"], "knn_graph": r.get("knn_graph"), "timings_s": r.get("timings_s"),
                     "final": r.get("final"), "s_per_batch": _per_batch(r["final"])}
     except (OSError, KeyError, ValueError) as err:
@@ -298,23 +303,18 @@ def _step_report(verb: str, out: Path, k: int | None = None) -> dict:
     return {}
 
 
-STEP_OUTPUT = {"merge-features": "extract/features.parquet", "cluster": "cluster/report.json",
-               "train-adaptor": "adaptors/k{k}/metrics.json", "train-fusion": "fusion/report.json"}
-
-
 def bench_steps(args, n: int, rows: list[dict], save) -> None:
     ws = Path(args.work_dir) / f"steps-{n}"
-    plan = [("merge-features", None), ("cluster", None), *[("train-adaptor", k) for k in args.ks],
-            ("train-fusion", None)]
-    names = [verb if k is None else f"{verb}@{k}" for verb, k in plan]
+    plan = [(registry.step("merge_features"), None), (registry.step("cluster"), None),
+            *[(registry.step("train_adaptor"), k) for k in args.ks], (registry.step("train_fusion"), None)]
+    names = [step.stage_name(item) for step, item in plan]
     # --resume: the steps of this N measured by the interrupted run whose outputs are still in its
     # workspace are kept; the run goes on from the first one that is not
     done = {r["step"] for r in rows if r["n"] == n and r["store"] == "synthetic" and r.get("rc", 0) == 0}
     part_report = ws / "outputs" / "extract" / "parts" / "0-of-1" / "report.json"
     keep = 0
     if args.resume and part_report.is_file() and json.loads(part_report.read_text()).get("images") == n + args.query_db:
-        while keep < len(plan) and names[keep] in done and \
-                (ws / "outputs" / STEP_OUTPUT[plan[keep][0]].format(k=plan[keep][1])).is_file():
+        while keep < len(plan) and names[keep] in done and _report_file(plan[keep][0], ws / "outputs", plan[keep][1]).is_file():
             keep += 1
     if all(name in done for name in names):
         print(f"\n-- N = {n:,}: measured by the interrupted run (--resume), kept", flush=True)
@@ -336,19 +336,19 @@ def bench_steps(args, n: int, rows: list[dict], save) -> None:
         print(f"   {store['rows']:,} rows, vectors {store['dim']}-d, prefix {store['prefix_row_shape']} "
               f"({store['prefix_gb']:.2f} GB) in {store['seconds']:.0f} s", flush=True)
     plan = plan[keep:]
-    for verb, k in plan:
+    for step, k in plan:
         extra = ("--k", str(k)) if k is not None else ()
-        result = run_verb(verb, params_file, ws, args.step_timeout, *extra)
-        row = {"step": verb if k is None else f"{verb}@{k}", "n": n, **result, "store": "synthetic",
-               "report": _step_report(verb, ws / "outputs", k) if result["rc"] == 0 else {}}
+        result = run_verb(step.verb, params_file, ws, args.step_timeout, *extra)
+        row = {"step": step.stage_name(k), "n": n, **result, "store": "synthetic",
+               "report": _step_report(step, ws / "outputs", k) if result["rc"] == 0 else {}}
         rows.append(row)
         print(f"   {row['step']:<20} {_progress(row)}", flush=True)
-        if verb == "train-fusion" and result["rc"] == 0:
+        if step.stage == "train_fusion" and result["rc"] == 0:
             knn = row["report"].get("knn_graph") or {}
             seconds = (row["report"].get("timings_s") or {}).get("knn_graph")
             if seconds is not None:
                 rows.append({"step": "knn", "n": n, "seconds": float(seconds), "peak_rss_mb": None,
-                             "part_of": "train-fusion", "store": "synthetic", "report": knn})
+                             "part_of": "train_fusion", "store": "synthetic", "report": knn})
         save()
         if result["rc"] != 0:
             print(f"   the later steps of N = {n:,} need this one: skipped", flush=True)
@@ -482,15 +482,15 @@ def bench_extraction(args, rows: list[dict], save) -> dict:
         params_file = ws / "params.yaml"
         params_file.write_text(yaml.safe_dump(extract_params(args, ws, manifest), sort_keys=False))
         run = {"n": n}
-        for verb, extra in (("snapshot", ()), ("extract", ("--shard", "0/1")), ("merge-features", ())):
-            result = run_verb(verb, params_file, ws, args.step_timeout, *extra)
-            run[verb] = result
-            print(f"   {verb:<20} n={n:<8,} {_progress(result)}", flush=True)
+        for stage, extra in (("snapshot", ()), ("extract", ("--shard", "0/1")), ("merge_features", ())):
+            result = run_verb(registry.step(stage).verb, params_file, ws, args.step_timeout, *extra)
+            run[stage] = result
+            print(f"   {stage:<20} n={n:<8,} {_progress(result)}", flush=True)
             if result["rc"] != 0:
                 break
-            if verb in ("snapshot", "extract"):
-                rows.append({"step": verb, "n": n, **result, "store": "images"})
-        part = ws / "outputs" / "extract" / "parts" / "0-of-1" / "report.json"
+            if stage in ("snapshot", "extract"):
+                rows.append({"step": stage, "n": n, **result, "store": "images"})
+        part = _report_file(registry.step("extract"), ws / "outputs", Shard(0, 1))
         if part.is_file():
             report = json.loads(part.read_text())
             run["part_report"] = {k: report.get(k) for k in ("images", "computed", "from_cache", "timings_s",
@@ -613,14 +613,14 @@ def _note(row: dict) -> str:
     notes = []
     if rep.get("s_per_batch"):
         notes.append(f"{rep['final']['batches']} batches, {rep['s_per_batch']:.2f} s/batch")
-    if row["step"] == "train-fusion" and rep.get("knn_graph"):
+    if row["step"] == "train_fusion" and rep.get("knn_graph"):
         knn = rep["knn_graph"]
         recall = knn.get("recall_vs_exact", knn.get("recall"))
         notes.append(f"knn {knn.get('method')}" + (f" recall {recall:.3f}" if recall is not None else ""))
     if notes:
         return "; ".join(notes)
     if row["step"] == "knn":
-        return "inside train-fusion"
+        return "inside train_fusion"
     return ""
 
 

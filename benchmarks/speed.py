@@ -661,15 +661,19 @@ def _read_json(path: Path):
 
 
 def timings_from_outputs(out_dir: Path) -> dict[str, float]:
-    """Per-step seconds from the step reports of a finished run (each records its ``timings_s.total``)."""
-    reports = [("extract", out_dir / "extract" / "report.json"), ("cluster", out_dir / "cluster" / "report.json"),
-               *((f"train_adaptor@{path.parent.name[1:]}", path) for path in sorted((out_dir / "adaptors").glob("k*/metrics.json"))),
-               ("train_fusion", out_dir / "fusion" / "report.json"), ("evaluate", out_dir / "evaluate" / "metrics.json")]
+    """Seconds per stage run (``extract@0-of-2``, ``train_adaptor@64``) from the step reports of a
+    finished run: each records its own ``timings_s.total``."""
+    from grappa import registry
+
     steps: dict[str, float] = {}
-    for step, path in reports:
-        total = ((_read_json(path) or {}).get("timings_s") or {}).get("total")
-        if total is not None:
-            steps[step] = float(total)
+    for step in registry.STEPS:
+        # the report template as a pattern whose group is the item: adaptors/k(?P<item>\d+)/report\.json
+        pattern = re.escape(step.report).replace(r"\{k\}", r"(?P<item>\d+)").replace(r"\{shard\}", r"(?P<item>[^/]+)")
+        for path in sorted(out_dir.glob(step.report.format(k="*", shard="*"))):
+            item = re.fullmatch(pattern, path.relative_to(out_dir).as_posix())["item"] if step.mapped else None
+            total = ((_read_json(path) or {}).get("timings_s") or {}).get("total")
+            if total is not None:
+                steps[step.stage if item is None else f"{step.stage}@{item}"] = float(total)
     return steps
 
 
@@ -698,16 +702,16 @@ def pipeline_timings(args) -> dict:
         except Exception:
             out_dir = Path("outputs")
         out_dir = out_dir if out_dir.is_absolute() else REPO / out_dir
-        if (out_dir / "evaluate" / "metrics.json").exists():
+        if (out_dir / "evaluate" / "report.json").exists():
             steps = timings_from_outputs(out_dir)
-            source = str(out_dir) + "/{extract,cluster,adaptors/k*,fusion,evaluate}/*.json"
+            source = str(out_dir) + "/*/report.json"
     total = float(sum(steps.values())) if steps else None
     if steps:
         print_table(f"5. end-to-end pipeline (read from {source})", ["step", "s"],
                     [[k, v] for k, v in steps.items()] + [["total", total]],
                     ["sum of the steps' own timings (model loading and process start-up partly excluded)"])
     else:
-        print("\n== 5. end-to-end pipeline: not available (no outputs/evaluate/metrics.json; "
+        print("\n== 5. end-to-end pipeline: not available (no outputs/evaluate/report.json; "
               "run `grappa run` first or pass --pipeline-timings PATH)")
     return {"source": source, "steps_s": steps, "total_s": total}
 

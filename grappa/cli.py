@@ -65,10 +65,17 @@ def _bounded_int(low: int, high: int):
 
 
 def _execute(verb: str, params: Params, item=None) -> dict:
+    """Run the step's module and write what it returns to the report file the registry declares
+    (every step's report is written here, after its other outputs, so a report on disk means done)."""
+    from grappa.io.artifacts import write_json
+    from grappa.io.layout import layout
+
     step = registry.step(verb)
     # Imported on use: `grappa --help` and param validation must not pay for torch/faiss.
     module = importlib.import_module(step.module)
-    return module.run(params, item) if step.mapped else module.run(params)
+    report = module.run(params, item) if step.mapped else module.run(params)
+    write_json(layout(params).path(step.report, **step.path_args(item)), report)
+    return report
 
 
 def run_step(step: str, params: Params, item=None, tracker=None) -> dict:
@@ -82,9 +89,23 @@ def run_step(step: str, params: Params, item=None, tracker=None) -> dict:
             with contextlib.suppress(Exception):  # best effort: the step's own error is what matters
                 tracker.log_step(step, params, item, started, error=err)
         raise
-    if tracker is not None:
-        tracker.log_step(step, params, item, started)
+    decision = tracker.log_step(step, params, item, started) if tracker is not None else None
+    if registry.step(step).publishes:
+        _record_champion(params, decision)
     return result
+
+
+def _record_champion(params: Params, decision) -> None:
+    """champion.json, its one writer: the registered version that serves after publishing, else (no
+    registry, or no version serves yet) this run's own model."""
+    from grappa.io import servable
+    from grappa.io.layout import layout
+
+    if decision is not None and decision.serves is not None:
+        servable.write_champion(params, *decision.serves)
+    else:
+        model = layout(params).model
+        servable.write_champion(params, servable.read_config(model)["weights_sha256"], str(model))
 
 
 def run_all(params: Params, tracker=None, until: str = VERBS[-1]) -> dict[str, float]:

@@ -24,9 +24,10 @@ from grappa.registry import STEPS, Out, Step
 PACKAGE = Path(__file__).resolve().parent
 ROOT = PACKAGE.parent
 # The CLI only dispatches (which step runs is the stage's cmd), the registry's content is this file,
-# and tracking records a step after it has written its outputs.
+# tracking records a step after it has written its outputs, and pipeline_steps/__init__.py is the
+# steps' contract in a docstring.
 NOT_CODE_DEPS = ("grappa/__init__.py", "grappa/__main__.py", "grappa/cli.py", "grappa/registry.py",
-                 "grappa/tracking/")
+                 "grappa/tracking/", "pipeline_steps/__init__.py")
 
 HEADER = """\
 # GENERATED from grappa/registry.py (the steps) and the imports of pipeline_steps/ (the code deps).

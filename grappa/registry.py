@@ -171,8 +171,8 @@ STEPS: tuple[Step, ...] = (
          outs=(Out(L.RESULTS), Out(L.RUN_REPORT, note="the tables and plots in one self-contained page"),
                Out(L.CHAMPION, cache=False, note="which model serves: changes only when `champion` moves, "
                                                  "so `index` reruns exactly then"),
-               Out(L.METRICS, cache=False, kind="metrics"), Out(L.PLOTS, kind="plots")),
-         report=L.METRICS, datasets=(("query_db", "evaluation"),), artifacts=(L.RESULTS, L.RUN_REPORT, L.PLOTS), publishes=True),
+               Out(L.EVALUATE_REPORT, cache=False, kind="metrics"), Out(L.PLOTS, kind="plots")),
+         report=L.EVALUATE_REPORT, datasets=(("query_db", "evaluation"),), artifacts=(L.RESULTS, L.RUN_REPORT, L.PLOTS), publishes=True),
     Step("index", "step 7: faiss index of the catalogue with the champion model",
          params=(*BASE, "backbone", "index", *IMAGES, "data.max_file_bytes", "extract.num_workers"),
          # the manifest is the catalogue when index.sources is empty; images extract holds are fed

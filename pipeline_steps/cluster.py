@@ -16,9 +16,9 @@ import pyarrow as pa
 
 from grappa.config import ConfigError, Params
 from grappa.core.kmeans import assign, sample_size, size_stats, train_centroids
-from grappa.io.artifacts import save_npy, write_json, write_table
+from grappa.io.artifacts import save_npy, write_table
 from grappa.io.features import iter_vectors, read_columns, split_rows, take_vectors, vector_dim
-from grappa.io.layout import CLUSTER_REPORT, layout
+from grappa.io.layout import layout
 
 
 def run(params: Params) -> dict:
@@ -50,5 +50,4 @@ def run(params: Params) -> dict:
         report["timings_s"][str(k)] = time.perf_counter() - t0
         print(f"cluster k={k}: {report['per_k'][str(k)]}")
     report["timings_s"]["total"] = time.perf_counter() - start
-    write_json(out.path(CLUSTER_REPORT), report)
     return report

@@ -8,10 +8,10 @@ domain the single k best on validation), ``oracle_test`` (test set only: the k b
 an upper reference that uses the test labels) and ``grappa`` (the fused model). ``methods`` holds
 the test figures, ``validation`` the validation ones, where the champion is chosen.
 
-Writes ``<out>/evaluate/metrics.json``, ``results.md``, ``plots/*.png``, ``report.html`` (the tables and
-plots in one self-contained page) and ``champion.json`` (the
-model that serves: this run's exported model, or with tracking on whichever version is ``champion``
-after the equal-terms comparison of grappa/tracking/publisher.py).
+Writes ``<out>/evaluate/results.md``, ``plots/*.png`` and ``report.html`` (the tables and plots in one
+self-contained page) and returns the metrics (the runner writes them to ``report.json``, and then
+``champion.json``: the model that serves, this run's exported model or, with tracking on, whichever
+version is ``champion`` after the equal-terms comparison of grappa/tracking/publisher.py).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from grappa.core.evaluation import (SPLITS, TEST, VALIDATION, results_table, rou
 from grappa.core.metrics import leave_one_out_neighbours
 from grappa.core.model import FUSION, ZERO_SHOT, pick_device
 from grappa.io import servable
-from grappa.io.artifacts import write_json, write_text
+from grappa.io.artifacts import write_text
 from grappa.io.assemble import assemble
 from grappa.io.datasets import encode, load_inputs
 from grappa.io.layout import layout
@@ -106,13 +106,9 @@ def run(params: Params) -> dict:
             result["instance_tasks"][task.name] = evaluate_instance_task(
                 model, task, preprocess, model.modes(), params.evaluate.batch_size, params.extract.num_workers)
             table += "\n" + instance_table(task.name, result["instance_tasks"][task.name])
-    write_json(out.metrics, result)
     write_text(out.results, table)
-    # Without a registry this run's model serves; the publisher rewrites this after its comparison.
-    exported = servable.read_config(out.model)
-    servable.write_champion(params, exported["weights_sha256"], str(out.model))
     figures = _plot_all(out.plots, methods, attention_by_domain, ks, inputs, embeddings[FUSION], labels, params)
-    _write_run_report(out.run_report, params, exported["weights_sha256"], table, figures)
+    _write_run_report(out.run_report, params, servable.read_config(out.model)["weights_sha256"], table, figures)
     print(table)
     return result
 

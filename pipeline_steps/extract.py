@@ -30,11 +30,11 @@ from grappa.config import ConfigError, Params
 from grappa.core.augment import image_transform
 from grappa.core.backbones import create_backbone
 from grappa.core.model import GrappaModel, pick_device
-from grappa.io.artifacts import file_sha256, read_table, vectors_to_arrow, write_json
+from grappa.io.artifacts import file_sha256, read_table, vectors_to_arrow
 from grappa.io.assemble import build_model
 from grappa.io.datasets import ImageDataset, loader
 from grappa.io.features import FeatureCache, RowFileWriter, chunk_rows
-from grappa.io.layout import PART_FEATURES, PART_PREFIX, PART_REPORT, Shard, layout
+from grappa.io.layout import PART_FEATURES, PART_PREFIX, Shard, layout
 from grappa.io.sources import DECODE_VERSION, counts
 
 FLUSH_EVERY = 1024  # images: a killed extraction keeps all but the last few hundred computed features
@@ -102,7 +102,6 @@ def run(params: Params, shard: Shard) -> dict:
                       "total": t_end - t0},
         "images_per_s": len(computed) / max(t_forward - t_load, 1e-9),
     }
-    write_json(layout(params).path(PART_REPORT, shard=shard), report)
     return report
 
 

@@ -19,8 +19,8 @@ import pyarrow as pa
 
 from grappa.config import ConfigError, Params
 from grappa.io import manifests
-from grappa.io.artifacts import write_json, write_table
-from grappa.io.layout import SNAPSHOT_REPORT, layout
+from grappa.io.artifacts import write_table
+from grappa.io.layout import layout
 from grappa.io.sources import ImageRecord, Skipped, cap_per_domain, counts, resolve_sources
 
 
@@ -56,7 +56,6 @@ def run(params: Params) -> dict:
         "skipped": [{"image_id": s.image_id, "reason": s.reason} for s in skipped],
         "timings_s": {"total": time.perf_counter() - t0},
     }
-    write_json(layout(params).path(SNAPSHOT_REPORT), report)
     since = report["since_previous"]
     print(f"snapshot: {len(rows)} images ({', '.join(f'{v} {k}' for k, v in since.items())}); "
           f"{hashed} files read, {len(skipped)} skipped")

@@ -25,10 +25,10 @@ from grappa.core.model import pick_device, single
 from grappa.core.objectives import adaptor_objective
 from grappa.core.samplers import ClusterBatchSampler, NeighbourPairs
 from grappa.core.training import adaptor_step, checkpoint_key, data_fingerprint, epoch_steps, fit
-from grappa.io.artifacts import TorchCheckpoint, save_torch, write_json
+from grappa.io.artifacts import TorchCheckpoint, save_torch
 from grappa.io.assemble import build_model
 from grappa.io.datasets import collate_usable, load_inputs, loader
-from grappa.io.layout import ADAPTOR_REPORT, layout
+from grappa.io.layout import layout
 from grappa.io.pseudo_labels import pseudo_labels_for
 
 
@@ -97,6 +97,5 @@ def run(params: Params, k: int) -> dict:
     save_torch(layout(params).classifier(k), {"weight": classifier.weight.detach().cpu(), "temperature": hp.temperature})
     report = {"k": k, "images": len(inputs), "history": history, "final": history[-1],
               "timings_s": {"total": time.perf_counter() - t0}}
-    write_json(layout(params).path(ADAPTOR_REPORT, k), report)
     checkpoint.clear()  # the published adaptor supersedes it
     return report

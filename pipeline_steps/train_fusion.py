@@ -48,11 +48,11 @@ from grappa.core.objectives import fusion_objective, fusion_terms
 from grappa.core.samplers import NeighbourPairs
 from grappa.core.training import checkpoint_key, data_fingerprint, epoch_steps, fit, fusion_step
 from grappa.io import servable
-from grappa.io.artifacts import TorchCheckpoint, atomic_path, load_torch, save_torch, write_json
+from grappa.io.artifacts import TorchCheckpoint, atomic_path, load_torch, save_torch
 from grappa.io.assemble import assemble
 from grappa.io.datasets import load_inputs, loader, mean_attention
 from grappa.io.features import iter_vectors, take_vectors, vector_dim
-from grappa.io.layout import FUSION_REPORT, layout
+from grappa.io.layout import layout
 from grappa.io.pseudo_labels import pseudo_labels_for
 
 
@@ -167,6 +167,5 @@ def run(params: Params) -> dict:
         "model_sha256": exported["weights_sha256"],
         "timings_s": {"knn_graph": t_knn, "total": time.perf_counter() - t0},
     }
-    write_json(layout(params).path(FUSION_REPORT), report)
     checkpoint.clear()
     return report

@@ -155,13 +155,13 @@ def write_step_params(repo: Path, sources: list, **sections):
 def snapshot_and_extract(params) -> dict:
     """Steps 1 and 2 (the data snapshot of the params' sources, then its features: every shard of
     extract.shards, then merge-features); the merged extract report."""
+    from grappa.cli import run_step
     from grappa.io.layout import shards
-    from pipeline_steps import extract, merge_features, snapshot
 
-    snapshot.run(params)
+    run_step("snapshot", params)
     for shard in shards(params.extract.shards):
-        extract.run(params, shard)
-    return merge_features.run(params)
+        run_step("extract", params, shard)
+    return run_step("merge-features", params)
 
 
 BUILD_SCRIPT = REPO / "containers" / "build.sh"

@@ -176,7 +176,7 @@ def test_scale_quick_writes_rows_for_every_step_and_size(tmp_path):
     res = json.loads((tmp_path / "out" / "scale_test-device.json").read_text())
     assert res["schema_version"] == 1 and res["device"] == "test-device" and res["preset"] == "quick"
     sizes, ks = res["settings"]["sizes"], res["settings"]["ks"]
-    steps = ["merge-features", "cluster", *[f"train-adaptor@{k}" for k in ks], "train-fusion"]
+    steps = ["merge_features", "cluster", *[f"train_adaptor@{k}" for k in ks], "train_fusion"]  # stage names
     measured = {(r["step"], r["n"]): r for r in res["rows"] if r["store"] == "synthetic" and r["step"] != "knn"}
     assert set(measured) == {(step, n) for step in steps for n in sizes}
     for row in [*measured.values(), *(r for r in res["rows"] if r["store"] == "images")]:
@@ -186,10 +186,10 @@ def test_scale_quick_writes_rows_for_every_step_and_size(tmp_path):
         for key in ("seconds", "peak_rss_mb"):
             assert isinstance(res["exponents"][step][key]["overall"], float), (step, key)
         assert isinstance(res["exponents"][step]["flat_memory"], bool)
-    fusion = next(r for r in res["rows"] if r["step"] == "train-fusion")
+    fusion = next(r for r in res["rows"] if r["step"] == "train_fusion")
     assert fusion["report"]["knn_graph"]["method"] == "exact"  # the quick stores are below knn_exact_below
     # the training steps run steps_per_epoch = 2 batches at every N (a full epoch would be 3 and 6)
-    trained = [r for r in res["rows"] if r["step"].startswith("train-")]
+    trained = [r for r in res["rows"] if r["step"].startswith("train_")]
     assert trained and all(r["report"]["final"]["batches"] == 2 and r["report"]["s_per_batch"] > 0 for r in trained)
     ex = res["extraction"]
     assert ex["runs"][0]["part_report"]["computed"] == ex["n"]  # every synthetic image was its own file

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from conftest import make_collection, snapshot_and_extract, tiny_params_dict
+from grappa.cli import run_step
 from grappa.config import ConfigError, parse_params
 from grappa.core import kmeans
 from grappa.io.artifacts import read_table, vectors_to_arrow, write_table
@@ -83,7 +84,7 @@ def test_cluster_run_outputs_and_report(tmp_path):
     raw = tiny_params_dict(tmp_path, [tmp_path / "unused"], cluster={"ks": [2, 3, 5], "niter": 10, "nredo": 1})
     params = parse_params(raw)
     ids = _fake_extract(Path(params.out_dir), x)
-    report = cluster.run(params)
+    report = run_step("cluster", params)
     out = Path(params.out_dir) / "cluster"
     assert json.loads((out / "report.json").read_text())["per_k"] == report["per_k"]
     for k in (2, 3, 5):

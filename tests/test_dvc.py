@@ -111,7 +111,7 @@ def test_params_exist_and_k_list_only_where_needed():
     outs = [o if isinstance(o, str) else next(iter(o)) for s in stages.values()
             for key in ("outs", "metrics", "plots") for o in stage_body(s).get(key, [])]
     assert not any("checkpoints" in o or ".cache" in o for o in outs)
-    assert {"${out_dir}/evaluate/metrics.json": {"cache": False}} in stages["evaluate"]["metrics"]
+    assert {"${out_dir}/evaluate/report.json": {"cache": False}} in stages["evaluate"]["metrics"]
 
 
 def test_committed_dvc_yaml_watches_the_sources_of_params_yaml():
@@ -174,7 +174,7 @@ def test_grappa_run_goes_through_dvc_then_is_up_to_date(dvc_repo, reproduced):
     assert "up to date" in run_dvc(dvc_repo, "status")
     out = dvc_repo / "outputs"
     for path in ("snapshot/manifest.parquet", "extract/features.parquet", "cluster/k4.parquet", "adaptors/k2/adaptor.pt",
-                 "fusion/fusion.pt", "model/model.pt", "evaluate/metrics.json", "evaluate/champion.json",
+                 "fusion/fusion.pt", "model/model.pt", "evaluate/report.json", "evaluate/champion.json",
                  "index/index.json"):
         assert (out / path).is_file(), path
     assert (dvc_repo / ".cache" / "features").is_dir()  # the feature cache sits outside every out

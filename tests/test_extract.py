@@ -12,13 +12,14 @@ import pytest
 from PIL import Image
 
 from conftest import draw_image, snapshot_and_extract, tiny_params_dict
+from grappa.cli import run_step
 from grappa.config import ConfigError, parse_params
 from grappa.io import artifacts
 from grappa.io.artifacts import arrow_to_vectors, atomic_path, read_table, write_json
 from grappa.io.features import FeatureCache, RowFile, RowFileWriter, open_prefix
 from grappa.io.layout import Layout, Shard
 from grappa.io.layout import layout as layout_of
-from pipeline_steps import extract, merge_features, snapshot
+from pipeline_steps import extract
 from test_data import encode, png_header_only
 
 
@@ -105,9 +106,9 @@ def messy(tmp_path):
 def test_extract_skips_bad_files_with_reasons_and_keeps_the_rest(tmp_path, messy):
     folder, manifest, good, bad = messy
     params = _params(tmp_path, [folder, manifest], extract={"num_workers": 2})
-    snapshot_report = snapshot.run(params)
-    extract.run(params, Shard(0, 1))
-    report = merge_features.run(params)
+    snapshot_report = run_step("snapshot", params)
+    run_step("extract", params, Shard(0, 1))
+    report = run_step("merge-features", params)
 
     out = Path(params.out_dir) / "extract"
     table = read_table(out / "features.parquet")
@@ -181,9 +182,9 @@ def test_extract_cache_computes_only_new_images(tmp_path):
 def test_a_file_rewritten_after_the_snapshot_never_puts_its_features_under_the_old_hash(tmp_path):
     folder = _pool(tmp_path, 4)
     params = _params(tmp_path, [folder.parent])
-    snapshot.run(params)
+    run_step("snapshot", params)
     _valid(9).save(folder / "a1.png")  # replaced between snapshot and extract (same name, other image)
-    report = extract.run(params, Shard(0, 1))
+    report = run_step("extract", params, Shard(0, 1))
     assert [(s["image_id"], s["reason"]) for s in report["skipped"]] == [
         ("dom/dom/a1.png", "changed since the snapshot (its bytes no longer have the snapshot's hash)")]
     # the next snapshot sees the new bytes: extracted under their own hash, equal to a clean run's
@@ -367,23 +368,23 @@ def test_sharded_extraction_gives_the_features_of_an_unsharded_one(tmp_path, mes
 def test_shard_arguments_are_checked_against_the_params(tmp_path, messy):
     folder, manifest, _, _ = messy
     params = _params(tmp_path, [folder, manifest], extract={"shards": 2})
-    snapshot.run(params)
+    run_step("snapshot", params)
     with pytest.raises(ConfigError, match="extract.shards is 2"):
-        extract.run(params, Shard(0, 3))
-    extract.run(params, Shard(1, 2))
+        run_step("extract", params, Shard(0, 3))
+    run_step("extract", params, Shard(1, 2))
     with pytest.raises(ConfigError, match=r"extract parts missing: run 'grappa extract --shard 0/2'"):
-        merge_features.run(params)
+        run_step("merge-features", params)
     # a new snapshot (an image arrived) after part 1 was cut: part 1's rows are other images now
-    extract.run(params, Shard(0, 2))
-    merge_features.run(params)
+    run_step("extract", params, Shard(0, 2))
+    run_step("merge-features", params)
     _valid(77).save(folder / "late.png")
-    snapshot.run(params)
-    extract.run(params, Shard(0, 2))
+    run_step("snapshot", params)
+    run_step("extract", params, Shard(0, 2))
     with pytest.raises(ConfigError, match=r"extract part 1/2 was made from another data snapshot; "
                                           r"run 'grappa extract --shard 1/2'"):
-        merge_features.run(params)
-    extract.run(params, Shard(1, 2))
-    merge_features.run(params)
+        run_step("merge-features", params)
+    run_step("extract", params, Shard(1, 2))
+    run_step("merge-features", params)
     ids = read_table(layout_of(params).features).column("image_id").to_pylist()
     assert any(i.endswith("/late.png") for i in ids) and len(ids) == len(set(ids))
     with pytest.raises(ValueError):
@@ -469,7 +470,7 @@ def test_a_damaged_cache_shard_is_quarantined_and_recomputed_never_read(tmp_path
 def test_a_file_grown_past_the_cap_after_the_snapshot_is_skipped_without_reading_it_whole(tmp_path, monkeypatch):
     folder = _pool(tmp_path, 3)
     params = _params(tmp_path, [folder.parent], data={"sources": [str(folder.parent)], "max_file_bytes": 50_000})
-    snapshot.run(params)
+    run_step("snapshot", params)
     with open(folder / "a1.png", "ab") as f:  # grows past the cap between snapshot and extract
         f.write(b"\0" * 60_000)
     reads = []
@@ -483,7 +484,7 @@ def test_a_file_grown_past_the_cap_after_the_snapshot_is_skipped_without_reading
         return handle
 
     monkeypatch.setattr("builtins.open", counting_open)
-    report = extract.run(params, Shard(0, 1))
+    report = run_step("extract", params, Shard(0, 1))
     assert reads == [50_001]  # at most one byte past the cap is ever read
     assert [(s["image_id"], s["reason"]) for s in report["skipped"]] == [
         ("dom/dom/a1.png", f"{folder / 'a1.png'} is larger than 50000 bytes (data.max_file_bytes); skipped")]

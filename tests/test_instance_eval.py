@@ -35,7 +35,7 @@ def test_class_and_instance_tasks_side_by_side(tmp_path, collection):
     params = parse_params(tiny_params_dict(tmp_path, collection,
                                            evaluate={"instance_tasks": [{"name": "rtoy", "root": str(root)}]}))
     run_all(params)
-    metrics = json.loads((Path(params.out_dir) / "evaluate" / "metrics.json").read_text())
+    metrics = json.loads((Path(params.out_dir) / "evaluate" / "report.json").read_text())
     assert set(metrics["methods"]) >= {"zero_shot", "grappa"}  # class-level tasks are still there
     task = metrics["instance_tasks"]["rtoy"]
     assert set(task) == {"zero_shot", "single_k_2", "single_k_4", "uniform", "grappa"}

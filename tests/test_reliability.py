@@ -258,7 +258,7 @@ def test_two_full_runs_give_the_same_metrics(tmp_path):
                                                cluster={"ks": [2, 3], "niter": 10, "nredo": 1},
                                                adaptor={"epochs": 1}, fusion={"epochs": 1, "knn": 3}))
         run_all(params)
-        doc = json.loads((Path(params.out_dir) / "evaluate" / "metrics.json").read_text())
+        doc = json.loads((Path(params.out_dir) / "evaluate" / "report.json").read_text())
         doc.pop("timings_s")
         metrics.append(doc)
     a, b = (_numbers(m) for m in metrics)

@@ -22,7 +22,7 @@ def test_no_secret_in_tracking_store_or_logs(tmp_path_factory):
     assert run.rc == 0, run.stderr[-2000:]
     store = run.root / "tracking"
     files = [p for p in store.rglob("*") if p.is_file()]
-    assert any(p.name == "mlflow.db" for p in files) and any(p.name == "metrics.json" for p in files)
+    assert any(p.name == "mlflow.db" for p in files) and any(p.name == "report.json" for p in files)
     texts = {"stdout": run.stdout.encode(), "stderr": run.stderr.encode()}
     texts.update({str(p): p.read_bytes() for p in files})  # DB (params, tags, inputs) + every artifact
     for name, secret in run.secrets.items():

@@ -186,7 +186,7 @@ def test_parent_and_one_child_per_step(run, runs, client):
     assert parent.info.run_name == AIRFLOW["AIRFLOW_CTX_DAG_RUN_ID"]
     assert client.get_experiment_by_name("grappa-test").artifact_location == (run.root / "tracking" / "mlruns").as_uri()
     # summary of the evaluation copied onto the parent by close
-    metrics = json.loads((run.out_dir / "evaluate" / "metrics.json").read_text())
+    metrics = json.loads((run.out_dir / "evaluate" / "report.json").read_text())
     grappa_map = metrics["methods"]["grappa"]["mean"]["map_at_r"]
     assert parent.data.metrics["methods.grappa.mean.map_at_r"] == pytest.approx(grappa_map)
     assert parent.data.metrics["steps_total"] == len(STAGES) and parent.data.metrics["steps_failed"] == 0
@@ -243,7 +243,7 @@ def test_params_metrics_and_artifacts(run, runs, client):
         assert f"routing.block3.{name}" in evaluate.data.metrics
     assert "train.batch_mean_attn_entropy" in children["train_fusion"].data.metrics
     top = {a.path for a in client.list_artifacts(evaluate.info.run_id)}
-    assert {"metrics.json", "results.md", "plots", "bundle"} <= top
+    assert {"report.json", "results.md", "plots", "bundle"} <= top
     plots = {a.path for a in client.list_artifacts(evaluate.info.run_id, "plots")}
     assert "plots/per_domain_map_at_r.png" in plots
     bundle = {a.path for a in client.list_artifacts(evaluate.info.run_id, "bundle/adaptors/k4")}
@@ -279,7 +279,7 @@ def test_first_version_is_candidate_and_champion(run, runs, client):
     assert str(version.version) == "1"
     assert str(client.get_model_version_by_alias(MODEL, "candidate").version) == "1"
     assert version.run_id == children["evaluate"].info.run_id
-    metrics = json.loads((run.out_dir / "evaluate" / "metrics.json").read_text())
+    metrics = json.loads((run.out_dir / "evaluate" / "report.json").read_text())
     # the champion is chosen on the validation classes, never on the test classes it is reported on
     score = metrics["validation"]["methods"]["grappa"]["mean"]["map_at_r"]
     assert float(version.tags[publish.SCORE_TAG]) == pytest.approx(score)
@@ -332,7 +332,7 @@ def _fake_evaluate(delta: float, test_delta: float = 0.0):
     from grappa.io.artifacts import write_json
 
     def fake(params):
-        path = Path(params.out_dir) / "evaluate" / "metrics.json"
+        path = Path(params.out_dir) / "evaluate" / "report.json"
         metrics = json.loads(path.read_text())
         metrics["validation"]["methods"]["grappa"]["mean"]["map_at_r"] += delta
         metrics["methods"]["grappa"]["mean"]["map_at_r"] += test_delta
@@ -384,7 +384,7 @@ def test_dag_style_runs_candidate_vs_champion(run, client, tmp_path, monkeypatch
         champion = str(client.get_model_version_by_alias(MODEL, "champion").version)
         assert champion == (expect_champion or new_version)
         # the (copied) outputs have been rewritten by the fake; restore the baseline for the next loop
-        shutil.copy(run.out_dir / "evaluate" / "metrics.json", tmp_path / "outputs" / "evaluate" / "metrics.json")
+        shutil.copy(run.out_dir / "evaluate" / "report.json", tmp_path / "outputs" / "evaluate" / "report.json")
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "3"
 
 
@@ -411,7 +411,7 @@ def test_champion_is_rescored_when_the_evaluation_set_changed(run, client, tmp_p
 
     rc, stdout, stderr = run_cli(["--params", str(params_path), "evaluate"])
     assert rc == 0, stderr
-    metrics = json.loads((tmp_path / "outputs" / "evaluate" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "outputs" / "evaluate" / "report.json").read_text())
     assert set(metrics["methods"]["grappa"]["per_domain"]) == {"shapes"}
     score = metrics["validation"]["methods"]["grappa"]["mean"]["map_at_r"]
     candidate = client.get_model_version(MODEL, client.get_model_version_by_alias(MODEL, "candidate").version)
@@ -426,12 +426,12 @@ def test_champion_is_rescored_when_the_evaluation_set_changed(run, client, tmp_p
 
 
 def test_an_unscored_first_candidate_leaves_evaluates_own_model_serving(tmp_path):
-    """No champion and a candidate without a score: nothing registered serves, champion.json is kept."""
+    """No champion and a candidate without a score: no registered version serves (the runner records
+    evaluate's own model in champion.json)."""
     from mlflow import MlflowClient
 
     from conftest import tiny_params_dict
     from grappa.config import parse_params
-    from grappa.io import servable
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -439,12 +439,10 @@ def test_an_unscored_first_candidate_leaves_evaluates_own_model_serving(tmp_path
     client.create_registered_model("m")
     version = client.create_model_version("m", source=str(tmp_path), run_id=run_id).version
     params = parse_params({**tiny_params_dict(tmp_path, ["x"]), "tracking": {"registered_model": "m"}})
-    servable.write_champion(params, "own-sha", "outputs/model")  # what evaluate writes: this run's model
-    before = (tmp_path / "outputs" / "evaluate" / "champion.json").read_text()
     decision = publish.promote(SimpleNamespace(client=client), run_id, params,
                                publish.Candidate("m", version, "new-sha", None, "set-a"))
     assert not decision.promote and decision.reason == "the candidate has no mean mAP@R"
-    assert (tmp_path / "outputs" / "evaluate" / "champion.json").read_text() == before
+    assert decision.serves is None
     assert client.get_model_version("m", version).tags["grappa.promotion"] == decision.reason
     assert client.get_run(run_id).data.tags["grappa.model_alias"] == "candidate"
 

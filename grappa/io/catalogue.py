@@ -142,7 +142,8 @@ def write(folder: Path, index, rows: list[dict], meta: dict) -> None:
         shutil.rmtree(staging, ignore_errors=True)
     write_json(folder / META_FILE, {**meta, "version": version, "files": files})  # the switch
     for old in folder.iterdir():  # older versions, files of the unversioned layout, abandoned staging
-        if old.name not in (META_FILE, version, previous) and not old.name.startswith(f".{META_FILE}."):
+        ours = old.name.startswith(("v-", ".staging-")) or old.name in (INDEX_FILE, CATALOGUE_FILE)
+        if ours and old.name not in (version, previous):  # the step's report.json beside them stays
             shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
 
 

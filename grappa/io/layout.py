@@ -31,18 +31,18 @@ CLUSTER_REPORT = "cluster/report.json"
 ADAPTORS = "adaptors"
 ADAPTOR = "adaptors/k{k}/adaptor.pt"
 CLASSIFIER = "adaptors/k{k}/classifier.pt"  # the frozen stage-1 head, for fusion.objective pseudo_labels
-ADAPTOR_REPORT = "adaptors/k{k}/metrics.json"
+ADAPTOR_REPORT = "adaptors/k{k}/report.json"
 FUSION = "fusion/fusion.pt"
 KNN = "fusion/knn.parquet"
 FUSION_REPORT = "fusion/report.json"
 MODEL = "model"  # the servable model (grappa.io.servable)
-METRICS = "evaluate/metrics.json"
+EVALUATE_REPORT = "evaluate/report.json"  # the metrics: DVC's metrics file, MLflow's run metrics
 RESULTS = "evaluate/results.md"
 RUN_REPORT = "evaluate/report.html"  # the results, the plots inline: one page to open
 PLOTS = "evaluate/plots"
 CHAMPION = "evaluate/champion.json"
 INDEX = "index"
-INDEX_REPORT = "index/index.json"
+INDEX_REPORT = "index/report.json"  # what the run did; index/index.json is the catalogue's pointer
 CHECKPOINTS = "checkpoints"  # resume state; not a DVC out (DVC removes outs before a rerun)
 
 
@@ -98,7 +98,7 @@ class Layout:
     fusion = property(lambda self: self.path(FUSION))
     knn = property(lambda self: self.path(KNN))
     model = property(lambda self: self.path(MODEL))
-    metrics = property(lambda self: self.path(METRICS))
+    evaluation = property(lambda self: self.path(EVALUATE_REPORT))
     results = property(lambda self: self.path(RESULTS))
     run_report = property(lambda self: self.path(RUN_REPORT))
     plots = property(lambda self: self.path(PLOTS))

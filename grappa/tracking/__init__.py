@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 from grappa.config import Params
-from grappa.tracking import lineage, step_logger
+from grappa.tracking import lineage, publisher, step_logger
 from grappa.tracking.runs import (ENV_ARTIFACT_LOCATION, ENV_PARENT, ENV_RUN_KEY, RUN_KEY_TAG, RunTree,
                                   TrackingError, artifact_location, flatten, one_line, pipeline_run_key, step_params,
                                   tracking_uri)
@@ -25,9 +25,9 @@ class Tracker(RunTree):
     """One process's view of the tracking server for one params file: the run tree and its step runs."""
 
     def log_step(self, step: str, params: Params, item, start_s: float,
-                 error: BaseException | None = None) -> str:
+                 error: BaseException | None = None) -> publisher.Decision | None:
         """Record one finished (or failed) step as a child run (``item``: its k or shard, if mapped);
-        returns the run id."""
+        returns what publishing decided, for the step that publishes its model."""
         return step_logger.log_step(self, step, params, item, start_s, error)
 
 

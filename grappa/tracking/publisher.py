@@ -67,6 +67,8 @@ class Decision:
     reason: str
     champion_score: float | None = None  # the champion's score on the candidate's evaluation set
     compared_with: str | None = None  # the champion's version, where there was one
+    # (model_sha256, model URI, version) of the version that serves after the decision; None: none yet
+    serves: tuple[str, str, str] | None = None
 
 
 def decide(score: float | None, eval_set: str, champion: Standing | None,
@@ -211,10 +213,8 @@ def register(tree: RunTree, params: Params, metrics: dict) -> Candidate:
 
 def promote(tree: RunTree, run_id: str, params: Params, candidate: Candidate) -> Decision:
     """Move ``champion`` to ``candidate`` when it beats the champion on the same evaluation set (see
-    :func:`decide`), record the comparison on the version and the run, and write champion.json: the
-    model that serves now, whichever won."""
-    from grappa.io import servable
-
+    :func:`decide`) and record the comparison on the version and the run; the decision names the
+    version that serves now, whichever won (the runner writes it to champion.json)."""
     client, name = tree.client, candidate.name
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
@@ -231,13 +231,13 @@ def promote(tree: RunTree, run_id: str, params: Params, candidate: Candidate) ->
     client.set_model_version_tag(name, candidate.version, "grappa.promotion", decision.reason)
     if decision.promote:
         client.set_registered_model_alias(name, CHAMPION, candidate.version)
-        servable.write_champion(params, candidate.model_sha256, f"models:/{name}/{candidate.version}",
-                                candidate.version)
+        decision = replace(decision, serves=(candidate.model_sha256, f"models:/{name}/{candidate.version}",
+                                             candidate.version))
     elif champion is not None:
         held = client.get_model_version(name, champion.version)
-        servable.write_champion(params, held.tags.get(MODEL_SHA_TAG, ""), f"models:/{name}/{champion.version}",
-                                champion.version)
-    # else no version serves yet (an unscored first candidate): champion.json stays evaluate's own model
+        decision = replace(decision, serves=(held.tags.get(MODEL_SHA_TAG, ""), f"models:/{name}/{champion.version}",
+                                             champion.version))
+    # else no version serves yet (an unscored first candidate): evaluate's own model serves
     client.set_tag(run_id, "grappa.model_version", candidate.version)
     client.set_tag(run_id, "grappa.model_alias", CHAMPION if decision.promote else CANDIDATE)
     print(f"tracking: registered {name} version {candidate.version} as {CANDIDATE}"

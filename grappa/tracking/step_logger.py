@@ -28,9 +28,10 @@ def numeric_metrics(report: dict, skip: tuple[str, ...] = ("history",)) -> dict[
 
 
 def log_step(tree: RunTree, step: str, params: Params, item, start_s: float,
-             error: BaseException | None = None) -> str:
-    """Record one finished (or failed) step as a child run; returns the run id. ``item``: the k or
-    :class:`~grappa.io.layout.Shard` of a mapped step (None otherwise)."""
+             error: BaseException | None = None) -> publisher.Decision | None:
+    """Record one finished (or failed) step as a child run. ``item``: the k or
+    :class:`~grappa.io.layout.Shard` of a mapped step (None otherwise). Returns what publishing
+    decided for a step that publishes its model, else None."""
     import mlflow
 
     declared = registry.step(step)
@@ -50,13 +51,12 @@ def log_step(tree: RunTree, step: str, params: Params, item, start_s: float,
         if error is not None:
             tree.client.set_tag(run_id, "grappa.error", lineage.redact_uri(one_line(error)))
             tree.client.set_terminated(run_id, status="FAILED")
-            return run_id
+            return None
         with mlflow.start_run(run_id=run_id):  # the active run is where log_artifact/log_input/log_model go
-            _log_outputs(tree, run_id, step, params, item)
-    return run_id
+            return _log_outputs(tree, run_id, step, params, item)
 
 
-def _log_outputs(tree: RunTree, run_id: str, step: str, params: Params, item) -> None:
+def _log_outputs(tree: RunTree, run_id: str, step: str, params: Params, item) -> publisher.Decision | None:
     import mlflow
 
     declared, out = registry.step(step), layout(params)
@@ -80,9 +80,10 @@ def _log_outputs(tree: RunTree, run_id: str, step: str, params: Params, item) ->
     if data.is_file():
         for split, context in declared.datasets:
             _log_dataset(tree, run_id, data, split, context)
-    if declared.publishes:
-        publisher.log_bundle(tree, run_id, params)
-        publisher.publish_model(tree, run_id, params, report)
+    if not declared.publishes:
+        return None
+    publisher.log_bundle(tree, run_id, params)
+    return publisher.publish_model(tree, run_id, params, report)[1]
 
 
 def _log_dataset(tree: RunTree, run_id: str, features: Path, split: str, context: str) -> None:
