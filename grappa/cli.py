@@ -229,7 +229,7 @@ def _repro_stage(params: Params, stage: str, pinned: str | None = None) -> int:
 # `grappa --help` lists the verbs in these groups; open-run and close-run are the DAG's plumbing, not listed
 HELP_GROUPS = {
     "run the pipeline": ("run", *VERBS, "repro"),
-    "use the model": ("embed", "search"),
+    "use the model": ("embed", "search", "serve"),
     "admin": ("check", "prepare"),
 }
 EXAMPLES = """\
@@ -237,6 +237,7 @@ examples:
   grappa run                                 adapt the model to the images of params.yaml's data.sources
   grappa run --set cluster.ks=[256,1024]     the same with other granularities (reruns what they change)
   grappa search query.jpg --top-k 10         the 10 catalogue images nearest to query.jpg
+  grappa serve --port 8000                   visual search in a browser at http://127.0.0.1:8000/
   grappa check                               validate params.yaml and dvc.yaml before a long run"""
 
 
@@ -294,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--model", default=None, help="model to embed the queries with (default: the index's own)")
     search.add_argument("--html", default=None, metavar="FILE",
                         help="also write a page of the queries and their neighbours as thumbnails (self-contained)")
+    serve = verb("serve", help="visual search in a browser (an upload page) and as a JSON API, on 127.0.0.1")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=_bounded_int(0, 65535), default=8000, help="port (default 8000)")
+    serve.add_argument("--index", default=None, help="index folder (default: <out_dir>/index)")
+    serve.add_argument("--model", default=None, help="model to embed the queries with (default: the index's own)")
     verb("check", help="validate params.yaml, and that dvc.yaml is as generated, watching the sources' folders")
     verb("prepare", help="write --params/--set into params.yaml and the sources' folders into dvc.yaml "
                          "(run and the Airflow DAG do it themselves)")
@@ -374,6 +380,11 @@ def _dispatch(args, params: Params) -> int:
             use.embed_command(params, args.sources, args.out, args.model)
         else:
             use.search_command(params, args.images, args.top_k, args.index, args.model, args.html)
+        return 0
+    if args.step == "serve":
+        from grappa import serve
+
+        serve.serve_command(params, args.host, args.port, args.index, args.model)
         return 0
     tracker = tracking.from_params(params)
     if args.step == "open-run":

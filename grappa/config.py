@@ -196,7 +196,9 @@ class EvaluateParams(_Strict):
     batch_size: int = Field(default=64, ge=1)
     # Instance-level tasks evaluated beside the class-level query_db domains (none are bundled).
     instance_tasks: list[InstanceTask] = []
-    grid_queries: int = Field(default=3, ge=0)  # queries per domain in the top-5 grid plot
+    grid_queries: int = Field(default=3, ge=0)  # queries per domain in the report's top-5 galleries
+    # images of the report's 2-D map of the fused embedding (t-SNE; a random sample beyond); 0: no map
+    map_points: int = Field(default=2000, ge=0, le=5000)
     # Each domain's labelled classes split class-disjointly, stratified by class size: val_share of them
     # (seed split_seed) are the validation set, where anything is chosen (oracle k, champion, recipe);
     # the rest are the test set, where figures are reported.

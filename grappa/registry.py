@@ -167,7 +167,8 @@ STEPS: tuple[Step, ...] = (
     Step("evaluate", "step 6: retrieval metrics, table and plots; registers and promotes the model",
          params=(*BASE, "backbone", "adaptor.reduction", "fusion.attn_dim", "fusion.attention_scale", "fusion.attention", "fusion.value", "cluster.ks",
                  *IMAGES, "extract.num_workers", "evaluate", "tracking.registered_model"),
-         deps=(L.FEATURES, L.PREFIX_INDEX, L.ADAPTORS, L.FUSION, L.MODEL),
+         # the cluster folder: the report's cluster galleries
+         deps=(L.FEATURES, L.PREFIX_INDEX, L.CLUSTER, L.ADAPTORS, L.FUSION, L.MODEL),
          outs=(Out(L.RESULTS), Out(L.RUN_REPORT, note="the tables and plots in one self-contained page"),
                Out(L.CHAMPION, cache=False, note="which model serves: changes only when `champion` moves, "
                                                  "so `index` reruns exactly then"),

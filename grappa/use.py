@@ -2,6 +2,7 @@
 (the nearest catalogue images of query images, with the model the index was built with)."""
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import pyarrow as pa
@@ -41,48 +42,64 @@ def embed_command(params: Params, sources: list[str], out: str, model_ref: str |
     print(f"embed: {len(keep)} embeddings (dim {vectors.shape[1]}) from model {model.digest[:12]} -> {out}")
 
 
+class Searcher:
+    """The catalogue index and the model it was built with, loaded once: ``grappa search`` and ``grappa serve``."""
+
+    def __init__(self, params: Params, folder: str | None = None, model_ref: str | None = None):
+        folder = Path(folder) if folder else layout(params).index
+        if not catalogue.exists(folder):
+            raise ConfigError(f"no index at {folder}; build one with 'grappa index' (or dvc repro index)")
+        self.params = params
+        self.index, self.rows, self.meta = catalogue.read(folder)
+        built_with = {"model_uri": self.meta["model_uri"], "version": self.meta["model_version"],
+                      "model_sha256": self.meta["model_sha256"]}
+        self.model, _ = load_model(model_ref, params) if model_ref else load_identity(built_with, params)
+        if self.model.digest != self.meta["model_sha256"]:
+            raise ConfigError(f"the index at {folder} was built by model {catalogue.built_by(self.meta)}, not by "
+                              f"{self.model.digest[:12]}: its embeddings are not "
+                              "comparable; rebuild it with 'grappa index' or search without --model")
+        self.built_by = catalogue.built_by(self.meta)
+
+    def search(self, images: list, top_k: int) -> list[list[dict]]:
+        """Per query (bytes, a path or an s3:// URI) its hits: the catalogue row (image_id, uri, domain,
+        label) with ``rank`` and ``score``. ConfigError for an image that cannot be read."""
+        try:
+            queries = self.model.embed(images)
+        except ValueError as err:
+            raise ConfigError(f"search: {err}") from None
+        scores, ids = catalogue.search(self.index, queries, top_k, self.params.index.search_params)
+        return [[{**self.rows[i], "rank": rank, "score": float(score)}
+                 for rank, (score, i) in enumerate(zip(scores[q], ids[q]), 1) if i >= 0] for q in range(len(images))]
+
+    def thumbnail(self, uri: str) -> str | None:
+        """A catalogue image's thumbnail (a data: URI), read and shrunk once however often it is a hit."""
+        return _thumbnail(uri, self.params.data.min_side, self.params.data.max_pixels, self.params.data.max_file_bytes)
+
+
+@lru_cache(maxsize=4096)  # ~10 kB each: a served catalogue's hits stay in memory, bounded
+def _thumbnail(uri: str, min_side: int, max_pixels: int, max_bytes: int) -> str | None:
+    from grappa.io import pages
+
+    return pages.thumbnail(uri, min_side, max_pixels, max_bytes)
+
+
 def search_command(params: Params, images: list[str], top_k: int, folder: str | None, model_ref: str | None,
                    page: str | None = None) -> None:
     """`grappa search IMAGE... --top-k N`: the nearest catalogue images of each query, with scores;
     ``page``: also an HTML page of the queries and their neighbours as thumbnails."""
-    folder = Path(folder) if folder else layout(params).index
-    if not catalogue.exists(folder):
-        raise ConfigError(f"no index at {folder}; build one with 'grappa index' (or dvc repro index)")
-    index, rows, meta = catalogue.read(folder)
-    built_with = {"model_uri": meta["model_uri"], "version": meta["model_version"], "model_sha256": meta["model_sha256"]}
-    model, _ = load_model(model_ref, params) if model_ref else load_identity(built_with, params)
-    if model.digest != meta["model_sha256"]:
-        raise ConfigError(f"the index at {folder} was built by model {catalogue.built_by(meta)}, not by "
-                          f"{model.digest[:12]}: its embeddings are not "
-                          "comparable; rebuild it with 'grappa index' or search without --model")
-    try:
-        queries = model.embed(images)
-    except ValueError as err:
-        raise ConfigError(f"search: {err}") from None
-    scores, ids = catalogue.search(index, queries, top_k, params.index.search_params)
-    for q, image in enumerate(images):
-        print(f"query {q + 1}: {image}")
+    searcher = Searcher(params, folder, model_ref)
+    results = searcher.search(images, top_k)
+    for q, (image, hits) in enumerate(zip(images, results), 1):
+        print(f"query {q}: {image}")
         print(f"  {'rank':>4}  {'score':>7}  image_id  uri")
-        for rank, (score, i) in enumerate(zip(scores[q], ids[q]), 1):
-            if i >= 0:
-                print(f"  {rank:>4}  {score:7.4f}  {rows[i]['image_id']}  {rows[i]['uri']}")
+        for hit in hits:
+            print(f"  {hit['rank']:>4}  {hit['score']:7.4f}  {hit['image_id']}  {hit['uri']}")
     if page:
-        _write_search_page(page, params, images, rows, scores, ids, f"{catalogue.built_by(meta)}")
+        from grappa.io import pages
 
-
-def _write_search_page(path: str, params: Params, images: list[str], rows: list[dict], scores, ids,
-                       model: str) -> None:
-    from functools import cache
-
-    from grappa.io import pages
-
-    @cache  # a catalogue image in several queries' neighbours is read and shrunk once
-    def thumb(uri: str) -> str | None:
-        return pages.thumbnail(uri, params.data.min_side, params.data.max_pixels, params.data.max_file_bytes)
-
-    queries = [{"uri": image, "thumb": thumb(image)} for image in images]
-    results = [[{**rows[i], "rank": rank, "score": float(score), "thumb": thumb(rows[i]["uri"])}
-                for rank, (score, i) in enumerate(zip(scores[q], ids[q]), 1) if i >= 0] for q in range(len(images))]
-    pages.write_page(path, pages.search_page("grappa search", f"{len(images)} queries, top {scores.shape[1]} of "
-                                             f"{len(rows)} catalogue images, model {model}", queries, results))
-    print(f"search: page of the queries and their neighbours -> {path}")
+        queries = [{"uri": image, "thumb": searcher.thumbnail(image)} for image in images]
+        results = [[{**hit, "thumb": searcher.thumbnail(hit["uri"])} for hit in hits] for hits in results]
+        pages.write_page(page, pages.search_page("grappa search", f"{len(images)} queries, top {top_k} of "
+                                                 f"{len(searcher.rows)} catalogue images, model {searcher.built_by}",
+                                                 queries, results))
+        print(f"search: page of the queries and their neighbours -> {page}")

@@ -22,15 +22,17 @@ import numpy as np
 
 from grappa.config import Params
 from grappa.core.backbones import create_backbone
-from grappa.core.evaluation import (SPLITS, TEST, VALIDATION, results_table, routing_metrics, routing_table,
-                                    score_splits, split_mask)
+from grappa.core.evaluation import (SPLITS, TEST, VALIDATION, embedding_map, results_table, routing_metrics,
+                                    routing_table, score_splits, split_mask)
 from grappa.core.metrics import leave_one_out_neighbours
 from grappa.core.model import FUSION, ZERO_SHOT, pick_device
-from grappa.io import servable
+from grappa.io import pages, servable
 from grappa.io.artifacts import write_text
 from grappa.io.assemble import assemble
 from grappa.io.datasets import encode, load_inputs
+from grappa.io.features import read_columns
 from grappa.io.layout import layout
+from grappa.io.pseudo_labels import pseudo_labels_for
 from grappa.io.scoring import validation_classes
 
 
@@ -107,38 +109,102 @@ def run(params: Params) -> dict:
                 model, task, preprocess, model.modes(), params.evaluate.batch_size, params.extract.num_workers)
             table += "\n" + instance_table(task.name, result["instance_tasks"][task.name])
     write_text(out.results, table)
-    figures = _plot_all(out.plots, methods, attention_by_domain, ks, inputs, embeddings[FUSION], labels, params)
-    _write_run_report(out.run_report, params, servable.read_config(out.model)["weights_sha256"], table, figures)
+    figures = _plot_all(out.plots, methods, attention_by_domain, ks)
+    pictures = _pictures(params, inputs, labels, val_classes, embeddings[FUSION])
+    _write_run_report(out.run_report, params, servable.read_config(out.model)["weights_sha256"], table, figures,
+                      pictures)
     print(table)
     return result
 
 
-def _write_run_report(path: Path, params: Params, model_sha256: str, table: str, figures) -> None:
-    from grappa.io import pages
-
+def _write_run_report(path: Path, params: Params, model_sha256: str, table: str, figures, pictures) -> None:
     subtitle = (f"model {model_sha256[:12]}, k = {params.cluster.ks}, backbone {params.backbone.name}; "
                 "chosen on the validation classes, reported on the test classes")
-    pages.write_page(path, pages.run_report("grappa evaluate", subtitle, table, figures))
+    pages.write_page(path, pages.run_report("grappa evaluate", subtitle, table, figures, pictures))
 
 
-def _plot_all(folder: Path, methods, attention_by_domain, ks, inputs, vectors, labels,
-              params: Params) -> list[tuple[str, Path]]:
+def _plot_all(folder: Path, methods, attention_by_domain, ks) -> list[tuple[str, Path]]:
     """The plots, and (caption, file) of each for the run report."""
     from grappa.io import plots
 
     figures = [("mAP@R per domain and method, test classes", folder / "per_domain_map_at_r.png"),
-               ("Granularity attention of the fused model, by domain", folder / "attention_by_domain.png"),
-               ("Top-5 retrievals of the fused model (green: same class)", folder / "top5_grappa.png")]
+               ("Granularity attention of the fused model, by domain", folder / "attention_by_domain.png")]
     plots.per_domain_bars(figures[0][1], methods, "map_at_r")
     plots.attention_heatmaps(figures[1][1], attention_by_domain, ks)
-    rng = np.random.default_rng(params.seed)
-    rows = []
-    for domain in sorted(set(inputs.domains)):
-        candidates = np.flatnonzero(inputs.domains == domain)
-        rows += rng.choice(candidates, size=min(params.evaluate.grid_queries, len(candidates)), replace=False).tolist()
-    if rows:
-        neighbours = leave_one_out_neighbours(vectors, 5)
-        plots.query_grid(figures[2][1], [inputs.uris[i] for i in rows],
-                         [[inputs.uris[j] for j in neighbours[i]] for i in rows],
-                         [[labels[j] == labels[i] for j in neighbours[i]] for i in rows])
     return figures
+
+
+GALLERY_TOP_K, CLUSTERS_SHOWN, MEMBERS_SHOWN = 5, 4, 6  # what the report shows: enough to judge, small to open
+
+
+def _pictures(params: Params, inputs, labels: np.ndarray, val_classes: dict, vectors: np.ndarray) -> list[str]:
+    """The report's sections of images: top-k galleries of the test classes, the embedding map, the
+    clusters of every k."""
+    def thumb(uri: str, size: int = pages.THUMB) -> str | None:
+        return pages.thumbnail(uri, params.data.min_side, params.data.max_pixels, params.data.max_file_bytes, size)
+
+    rng = np.random.default_rng(params.seed)
+    return [_galleries(params, inputs, labels, val_classes, vectors, rng, thumb),
+            _embedding_map(params, inputs, labels, vectors, thumb),
+            _cluster_galleries(params, rng, thumb)]
+
+
+def _galleries(params, inputs, labels, val_classes, vectors, rng, thumb) -> str:
+    """Per domain, a few test queries beside their top-k among that domain's test images (the
+    leave-one-out protocol of the metrics), with class, cosine score and a right/wrong mark."""
+    test = split_mask(inputs.domains, labels, val_classes, TEST)
+    body = []
+    for domain in sorted(set(inputs.domains)):
+        rows = np.flatnonzero(test & (inputs.domains == domain))
+        if len(rows) < 2 or not params.evaluate.grid_queries:
+            continue
+        sub = vectors[rows]
+        neighbours = leave_one_out_neighbours(sub, GALLERY_TOP_K)
+        picks = np.sort(rng.choice(len(rows), size=min(params.evaluate.grid_queries, len(rows)), replace=False))
+        body.append(pages.subheading(domain))
+        for q in picks:
+            query = {"thumb": thumb(inputs.uris[rows[q]]), "caption": [f"class {labels[rows[q]]}"]}
+            hits = [{"rank": r + 1, "score": float(sub[q] @ sub[j]), "thumb": thumb(inputs.uris[rows[j]]),
+                     "image_id": Path(inputs.uris[rows[j]]).name, "label": labels[rows[j]],
+                     "correct": bool(labels[rows[j]] == labels[rows[q]])} for r, j in enumerate(neighbours[q])]
+            body.append(pages.query_row(query, hits))
+    return pages.section(f"Top-{GALLERY_TOP_K} retrievals of the fused model on the test classes",
+                         "".join(body), "each domain's test images searched leave-one-out, as the metrics are; "
+                                        "green: same class as the query")
+
+
+def _embedding_map(params, inputs, labels, vectors, thumb) -> str:
+    if not params.evaluate.map_points or len(vectors) < 4:
+        return ""
+    rows, xy = embedding_map(vectors, params.evaluate.map_points, params.seed)
+    return pages.section(
+        f"The fused embedding in 2-D (t-SNE of {len(rows):,} of {len(vectors):,} query_db images)",
+        pages.embedding_map(xy, [str(inputs.domains[i]) for i in rows],
+                            [f"{inputs.domains[i]} / {labels[i]}" for i in rows],
+                            [thumb(inputs.uris[i], pages.SMALL_THUMB) for i in rows]),
+        "coloured by domain; hover a dot for its image")
+
+
+def _cluster_galleries(params, rng, thumb) -> str:
+    """A few clusters of every k, a few members each: what a pseudo-granularity groups together
+    (unlabeled images: only their ids and domains are shown, no label is read)."""
+    table = read_columns(layout(params), ["image_id", "uri", "domain", "split"])
+    unlabeled = np.flatnonzero(np.array(table.column("split").to_pylist()) == "unlabeled")
+    if not len(unlabeled):
+        return ""
+    ids = table.column("image_id").take(unlabeled)
+    uris, domains = table.column("uri").to_pylist(), table.column("domain").to_pylist()
+    body = []
+    for k in params.cluster.ks:
+        assigned = pseudo_labels_for(params, k, ids)
+        sizes = np.bincount(assigned)
+        shown = np.sort(rng.choice(np.flatnonzero(sizes), size=min(CLUSTERS_SHOWN, int((sizes > 0).sum())), replace=False))
+        body.append(pages.subheading(f"k = {k}"))
+        for cluster in shown:
+            members = unlabeled[assigned == cluster]
+            members = np.sort(rng.choice(members, size=min(MEMBERS_SHOWN, len(members)), replace=False))
+            body.append(pages.note(f"cluster {cluster}: {sizes[cluster]:,} images") + pages.image_strip(
+                [thumb(uris[i], pages.SMALL_THUMB) for i in members], [[domains[i]] for i in members]))
+    return pages.section("Clusters: what each pseudo-granularity groups together", "".join(body),
+                         f"{CLUSTERS_SHOWN} clusters of every k drawn at random, {MEMBERS_SHOWN} members each; "
+                         "the unlabeled pool, whose labels are never read")

@@ -125,6 +125,76 @@ def test_search_html_is_a_self_contained_page_of_the_queries_and_their_neighbour
     _looks_like_a_page_in_chromium(page, tmp_path / "search.png")
 
 
+def test_serve_answers_an_upload_in_a_browser_and_over_the_json_api(work, tmp_path):
+    """`grappa serve` on loopback: a real browser chooses an image on the upload page and sees its
+    neighbours as thumbnails; the JSON API answers the same hits; user mistakes are one line."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    from browser import Browser
+
+    params, raw = work
+    (tmp_path / "params.yaml").write_text(json.dumps(raw))
+    query = raw["data"]["sources"][0].replace("manifest.csv", "images/q_2_0.png")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "grappa", "--params", str(tmp_path / "params.yaml"), "serve",
+                               "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    browser = None
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                health = requests.get(f"{url}/api/health", timeout=5).json()
+                break
+            except requests.ConnectionError:
+                assert server.poll() is None and time.monotonic() < deadline, server.communicate()[1][-2000:]
+                time.sleep(0.5)
+        assert health["images"] == 64 and health["model_sha256"] == _meta(params)["model_sha256"]
+        with open(query, "rb") as image:
+            hits = requests.post(f"{url}/api/search", files={"image": image}, data={"top_k": "3"}, timeout=60).json()["hits"]
+        assert [h["rank"] for h in hits] == [1, 2, 3] and hits[0]["uri"] == query and hits[0]["score"] > 0.999
+        assert hits[0]["label"] == "2" and hits[0]["domain"] == "shapes"
+        not_image = requests.post(f"{url}/api/search", files={"image": ("notes.txt", b"hello")}, timeout=60)
+        assert not_image.status_code == 400 and not_image.json() == {
+            "error": "notes.txt is not an image that can be read (JPEG, PNG, WebP, ...)"}
+        too_many = requests.post(f"{url}/api/search", files={"image": open(query, "rb")}, data={"top_k": "101"}, timeout=60)
+        assert too_many.status_code == 400 and "top_k must be from 1 to 100" in too_many.json()["error"]
+
+        browser = Browser(tmp_path / "profile")
+        browser.open(url)
+        assert browser.evaluate("document.title") == "grappa search"
+        browser.choose_file("input[type=file]", Path(query))
+        browser.click_and_wait("button[type=submit]")
+        text = browser.evaluate("document.body.innerText")
+        assert "q_2_0.png: the 5 nearest catalogue images" in text and "#1 · 1.000" in text, text
+        assert browser.evaluate("document.querySelectorAll('figure').length") == 1 + 5
+        loaded = browser.evaluate("[...document.images].filter(i => i.complete && i.naturalWidth > 0).length")
+        assert loaded == 1 + 5  # the query and every neighbour shown as a picture
+        shot = browser.screenshot(tmp_path / "serve.png")
+        _has_pictures(shot, at_least=0.002)  # six 48-pixel images on a 1280x760 page
+    finally:
+        if browser is not None:
+            browser.close()
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _has_pictures(shot: Path, at_least: float = 0.005) -> None:
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
+    colourful = (pixels.max(axis=2) - pixels.min(axis=2)) > 60  # the thumbnails; the page itself is grey on white
+    assert colourful.mean() > at_least, colourful.mean()
+
+
 def _looks_like_a_page_in_chromium(page: Path, shot: Path) -> None:
     """Headless Chromium renders ``page`` offline into a screenshot with pictures on it (skipped, with the
     reason, where Debian's chromium is not installed)."""
@@ -143,8 +213,7 @@ def _looks_like_a_page_in_chromium(page: Path, shot: Path) -> None:
     assert done.returncode == 0 and shot.is_file(), done.stderr[-2000:]
     pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
     assert pixels.shape[:2] == (700, 1100)
-    colourful = (pixels.max(axis=2) - pixels.min(axis=2)) > 60  # the thumbnails; the page itself is grey on white
-    assert colourful.mean() > 0.005, colourful.mean()
+    _has_pictures(shot)
 
 
 def test_a_mixed_or_foreign_index_set_is_refused_then_rebuilt(work, tmp_path):
@@ -232,7 +301,9 @@ def test_the_index_is_switched_in_one_rename_and_a_reader_of_the_previous_set_st
     assert old_base.is_dir() and catalogue.file_sha256(old_base / catalogue.CATALOGUE_FILE) == before["files"][catalogue.CATALOGUE_FILE]
     assert catalogue.read(folder)[1] == rows[::-1]
     catalogue.write(folder, searcher, rows, before)  # a third publish: the first set's files again
-    assert sorted(p.name for p in folder.iterdir()) == sorted([catalogue.META_FILE, before["version"], after["version"]])
+    # the current and the previous set, and the index step's report.json beside them
+    assert sorted(p.name for p in folder.iterdir()) == sorted([catalogue.META_FILE, "report.json", before["version"],
+                                                               after["version"]])
     catalogue.write(folder, searcher, rows[1:] + rows[:1], before)
     assert after["version"] not in {p.name for p in folder.iterdir()}  # two back: removed
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no staging left behind

@@ -40,13 +40,21 @@ def test_all_steps_chain(tiny_params):
     assert abs(precision["zero_shot_fp32_features"]["test"] - precision["zero_shot_fp16_prefix"]["test"]) < 0.05
     results = (out / "evaluate" / "results.md").read_text()
     assert "test classes" in results and "validation classes" in results
-    for plot in ("per_domain_map_at_r.png", "attention_by_domain.png", "top5_grappa.png"):
+    for plot in ("per_domain_map_at_r.png", "attention_by_domain.png"):
         assert (out / "evaluate" / "plots" / plot).stat().st_size > 1000
-    # the run report: both folds' tables and the three plots in one page that fetches nothing
+    # the run report: both folds' tables, the two plots, galleries, the map and the clusters in one
+    # page that fetches nothing
     page = (out / "evaluate" / "report.html").read_text(encoding="utf-8")
     assert page.count("<table>") == 3 and "test classes" in page and "validation classes" in page
-    assert page.count('<img class="figure" src="data:image/png;base64,') == 3 and "http" not in page
+    assert page.count('<img class="figure" src="data:image/png;base64,') == 2 and "http" not in page
     assert f"<td>grappa</td><td>" in page and "<b>" in page  # the rows, the mean in bold
+    # galleries: grid_queries (1) test query per domain, each beside its top-5 with marks
+    assert page.count('<figure class="query">') == 2 and page.count("#5 · ") == 2
+    assert page.count('<figure class="right">') + page.count('<figure class="wrong">') == 2 * 5
+    # the map: every query_db image (32 < map_points), one dot each; the clusters: every k, members shown
+    assert page.count("<circle ") == 32 and "t-SNE of 32 of 32 query_db images" in page
+    assert "<h3>k = 2</h3>" in page and "<h3>k = 4</h3>" in page and page.count('<figure class="small">') >= 2 * 6
+    _map_shows_the_image_under_the_pointer(out / "evaluate" / "report.html", out.parent / "browser")
     assert not list((out / "checkpoints").glob("*.pt")), "checkpoints must be cleaned after success"
     index = json.loads((out / "index" / "index.json").read_text())
     model = json.loads((out / "model" / "model.json").read_text())
@@ -60,3 +68,23 @@ def test_all_steps_chain(tiny_params):
         for item in step.items(tiny_params):
             report = json.loads(layout(tiny_params).path(step.report, **step.path_args(item)).read_text())
             assert report["timings_s"]["total"] > 0, (step.stage_name(item), report.get("timings_s"))
+
+
+def _map_shows_the_image_under_the_pointer(page: Path, profile: Path) -> None:
+    """In Chromium: the pointer on a dot of the map shows that image and its domain / class."""
+    from browser import Browser
+
+    browser = Browser(profile)
+    try:
+        browser.open(page.as_uri())
+        browser.evaluate("document.querySelector('svg.map').scrollIntoView()")
+        x, y, caption = browser.evaluate("(() => { const dot = document.querySelector('svg.map circle'); "
+                                         "const r = dot.getBoundingClientRect(); "
+                                         "return [r.x + r.width / 2, r.y + r.height / 2, dot.dataset.caption]; })()")
+        assert browser.evaluate("document.getElementById('map-tip').style.display") in ("", "none")
+        browser.send("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+        assert browser.evaluate("document.getElementById('map-tip').style.display") == "block"
+        assert browser.evaluate("document.getElementById('map-tip').innerText").strip() == caption
+        assert browser.evaluate("document.querySelector('#map-tip img').naturalWidth") > 0
+    finally:
+        browser.close()

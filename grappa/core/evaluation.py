@@ -5,7 +5,8 @@ anything is chosen) and the test rest (where figures are reported); retrieval is
 each set. A method is a model mode (``zero_shot``, ``single_k_<K>``, ``uniform``, ``grappa``:
 grappa.core.model), ``oracle_val`` (per domain the single k that is best on validation, a fair baseline)
 or ``oracle_test`` (per domain the k best on test itself: it uses the test labels, an upper
-reference and not a model). Pure: vectors and labels in, dicts and markdown out.
+reference and not a model); a 2-D map of an embedding for the report. Pure: vectors and labels in,
+dicts, arrays and markdown out.
 """
 from __future__ import annotations
 
@@ -159,3 +160,15 @@ def routing_table(routing: dict) -> str:
     rows = [[block, *(f"{values[c]:.3f}" for c in columns)] for block, values in routing.items() if block != "max_entropy"]
     return markdown_table(f"Routing of the fused model's granularity attention (nats; log M = {routing['max_entropy']:.3f})",
                           ["block", *columns], rows)
+
+
+def embedding_map(vectors: np.ndarray, max_points: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, (n, 2) positions): a t-SNE map of at most ``max_points`` rows drawn at random (cosine
+    distances, PCA start, seeded: the same run draws the same map)."""
+    from sklearn.manifold import TSNE
+
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(vectors), size=min(max_points, len(vectors)), replace=False))
+    perplexity = float(min(30.0, max(1.0, (len(rows) - 1) / 3)))  # t-SNE needs fewer neighbours than points
+    tsne = TSNE(n_components=2, perplexity=perplexity, metric="cosine", init="pca", random_state=seed)
+    return rows, tsne.fit_transform(np.asarray(vectors[rows], dtype=np.float32))
