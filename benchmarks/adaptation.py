@@ -34,9 +34,8 @@ from grappa.config import Params, load_params
 from grappa.core.augment import augment_feature_maps
 from grappa.core.backbones import create_backbone
 from grappa.core.evaluation import (ORACLE, VALIDATION, TEST, best_k, markdown_table, oracle, per_domain_metrics,
-                                    routing_metrics, split_mask)
+                                    per_domain_queries, routing_metrics, split_mask)
 from grappa.core.losses import CosineClassifier
-from grappa.core.metrics import per_query_retrieval
 from grappa.core.model import FUSION, UNIFORM, ZERO_SHOT, GrappaModel, image_pool, pick_device, single
 from grappa.io.artifacts import load_torch, read_json, write_json, write_text
 from grappa.io.assemble import assemble
@@ -131,15 +130,6 @@ class Screen:
         self.rows.append(row)
 
 
-def val_scores(vectors: np.ndarray, domains: np.ndarray, labels: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Per-domain metrics of the validation rows, their per-query AP@R and validity (for the bootstrap)."""
-    ap, valid = np.zeros(len(labels)), np.zeros(len(labels), bool)
-    for d in sorted(set(domains)):
-        rows = domains == d
-        ap[rows], _, valid[rows] = per_query_retrieval(vectors[rows], labels[rows])
-    return per_domain_metrics(vectors, domains, labels), ap, valid
-
-
 class QueryDb:
     """query_db of one params file, with the rows of its validation and test classes."""
 
@@ -174,7 +164,7 @@ def screen(args) -> int:
         np.savez(ap_dir / "_rows.npz", domains=val_domains, labels=val_labels)
 
         def record(name: str, vectors: np.ndarray, seconds: float, **extra) -> dict:
-            metrics, ap, valid = val_scores(*qdb.split(VALIDATION, vectors))
+            metrics, ap, valid = per_domain_queries(*qdb.split(VALIDATION, vectors))
             np.save(ap_dir / f"{name}.npy", np.where(valid, ap, np.nan))
             row = {"recipe": args.recipe, "seed": seed, "row": name, "overrides": RECIPES[args.recipe],
                    "val": metrics, "seconds": round(seconds, 1), **extra}

@@ -152,9 +152,10 @@ def watched_roots(params: Params) -> dict[str, list[str]]:
     return {step.stage: data_roots(_key(params, step.reads_sources)) for step in STEPS if step.reads_sources}
 
 
-def generated(params: Params) -> str:
-    """The dvc.yaml the registry generates for ``params``: its sources' data roots, its shard count."""
-    return render_dvc_yaml(watched_roots(params), params.extract.shards)
+def generated(params: Params, roots: dict[str, list[str]] | None = None) -> str:
+    """The dvc.yaml the registry generates for ``params``: its sources' data roots (``roots``, when
+    the caller has them: :func:`watched_roots`), its shard count."""
+    return render_dvc_yaml(watched_roots(params) if roots is None else roots, params.extract.shards)
 
 
 def _declared_stages(dvc_yaml: Path) -> dict:
@@ -187,9 +188,10 @@ def check_outputs_inside(workspace: Path, params: Params) -> None:
                           "use a relative folder (e.g. outputs)")
 
 
-def check_sources_exist(workspace: Path, params: Params) -> None:
-    """A ConfigError naming the first local source (data.sources, index.sources) that is not there."""
-    for stage, roots in watched_roots(params).items():
+def check_sources_exist(workspace: Path, params: Params, roots: dict[str, list[str]] | None = None) -> None:
+    """A ConfigError naming the first local source (data.sources, index.sources) that is not there
+    (``roots``: :func:`watched_roots`, when the caller has them)."""
+    for stage, roots in (watched_roots(params) if roots is None else roots).items():
         for root in roots:
             if not is_s3(root) and not (workspace / root).exists():
                 raise ConfigError(f"source not found: {root} (listed for the {stage} stage)")
@@ -203,7 +205,7 @@ def sync_data_deps(workspace: Path, params: Params) -> list[str]:
     registry or the imports changed); empty means in sync.
     """
     wanted = watched_roots(params)
-    check_sources_exist(workspace, params)
+    check_sources_exist(workspace, params, wanted)
     dvc_yaml = workspace / "dvc.yaml"
     declared = _declared_roots(dvc_yaml, list(wanted))
     changes = []
@@ -213,7 +215,7 @@ def sync_data_deps(workspace: Path, params: Params) -> list[str]:
     shards = _declared_shards(dvc_yaml)
     if shards is not None and shards != params.extract.shards:
         changes.append(f"extract stages: {shards} -> {params.extract.shards} shards")
-    text = generated(params)
+    text = generated(params, wanted)
     if not dvc_yaml.is_file() or dvc_yaml.read_text() != text:
         from grappa.io.artifacts import write_text
 
@@ -233,7 +235,7 @@ def drift(workspace: Path, params: Params) -> str | None:
     if shards is not None and shards != params.extract.shards:
         return (f"dvc.yaml's extract stages run {shards} shard(s) but params.yaml's extract.shards is "
                 f"{params.extract.shards}; run 'grappa prepare' (grappa run and the Airflow DAG do it themselves)")
-    if (workspace / "dvc.yaml").read_text() != generated(params):
+    if (workspace / "dvc.yaml").read_text() != generated(params, wanted):
         return "dvc.yaml is not what grappa/registry.py and the code's imports generate; run 'grappa prepare'"
     return None
 

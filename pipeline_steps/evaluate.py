@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 
 from grappa.config import Params
 from grappa.core.backbones import create_backbone
@@ -98,7 +99,7 @@ def run(params: Params) -> dict:
         # (blocks, M) mean granularity attention of the fused model on each domain's images
         "attention_by_domain": attention_by_domain,
         "routing": routing,  # per adapted block: entropies, image-set mutual information, domains' JS divergence
-        "timings_s": {"total": time.perf_counter() - t0},
+        "timings_s": {},  # filled in last: the report pages are part of the step
     }
     if params.evaluate.instance_tasks:
         from grappa.io.instance_tasks import evaluate_instance_task, instance_table
@@ -109,11 +110,13 @@ def run(params: Params) -> dict:
                 model, task, preprocess, model.modes(), params.evaluate.batch_size, params.extract.num_workers)
             table += "\n" + instance_table(task.name, result["instance_tasks"][task.name])
     write_text(out.results, table)
+    t_report = time.perf_counter()
     figures = _plot_all(out.plots, methods, attention_by_domain, ks)
     pictures = _pictures(params, inputs, labels, val_classes, embeddings[FUSION])
     _write_run_report(out.run_report, params, servable.read_config(out.model)["weights_sha256"], table, figures,
                       pictures)
     print(table)
+    result["timings_s"].update(report=time.perf_counter() - t_report, total=time.perf_counter() - t0)
     return result
 
 
@@ -189,11 +192,10 @@ def _cluster_galleries(params, rng, thumb) -> str:
     """A few clusters of every k, a few members each: what a pseudo-granularity groups together
     (unlabeled images: only their ids and domains are shown, no label is read)."""
     table = read_columns(layout(params), ["image_id", "uri", "domain", "split"])
-    unlabeled = np.flatnonzero(np.array(table.column("split").to_pylist()) == "unlabeled")
+    unlabeled = np.flatnonzero(pc.equal(table.column("split"), "unlabeled").to_numpy(zero_copy_only=False))
     if not len(unlabeled):
         return ""
     ids = table.column("image_id").take(unlabeled)
-    uris, domains = table.column("uri").to_pylist(), table.column("domain").to_pylist()
     body = []
     for k in params.cluster.ks:
         assigned = pseudo_labels_for(params, k, ids)
@@ -203,8 +205,9 @@ def _cluster_galleries(params, rng, thumb) -> str:
         for cluster in shown:
             members = unlabeled[assigned == cluster]
             members = np.sort(rng.choice(members, size=min(MEMBERS_SHOWN, len(members)), replace=False))
+            shown_rows = table.select(["uri", "domain"]).take(members).to_pylist()  # a few rows, not the pool
             body.append(pages.note(f"cluster {cluster}: {sizes[cluster]:,} images") + pages.image_strip(
-                [thumb(uris[i], pages.SMALL_THUMB) for i in members], [[domains[i]] for i in members]))
+                [thumb(row["uri"], pages.SMALL_THUMB) for row in shown_rows], [[row["domain"]] for row in shown_rows]))
     return pages.section("Clusters: what each pseudo-granularity groups together", "".join(body),
                          f"{CLUSTERS_SHOWN} clusters of every k drawn at random, {MEMBERS_SHOWN} members each; "
                          "the unlabeled pool, whose labels are never read")

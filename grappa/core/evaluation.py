@@ -14,7 +14,7 @@ import zlib
 
 import numpy as np
 
-from grappa.core.metrics import retrieval_metrics
+from grappa.core.metrics import per_query_retrieval, summarize_queries
 from grappa.core.model import FUSION, UNIFORM, ZERO_SHOT, single, single_k
 
 METRICS = ("map_at_r", "recall_at_1")
@@ -113,11 +113,20 @@ def routing_metrics(alpha: np.ndarray, domains: np.ndarray, blocks: list[int]) -
 
 def per_domain_metrics(vectors: np.ndarray, domains: np.ndarray, labels: np.ndarray) -> dict:
     """{"per_domain": {domain: {metric: value}}, "mean": {metric: mean over domains}}."""
+    return per_domain_queries(vectors, domains, labels)[0]
+
+
+def per_domain_queries(vectors: np.ndarray, domains: np.ndarray,
+                       labels: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray]:
+    """:func:`per_domain_metrics`, with each query's AP@R and whether it counts (for a bootstrap),
+    from one retrieval per domain."""
+    ap_at_r, valid = np.zeros(len(labels)), np.zeros(len(labels), bool)
     per_domain = {}
     for domain in sorted(set(domains)):
         mask = domains == domain
-        per_domain[domain] = retrieval_metrics(vectors[mask], labels[mask])
-    return {"per_domain": per_domain, "mean": _mean(per_domain)}
+        ap_at_r[mask], first_hit, valid[mask] = per_query_retrieval(vectors[mask], labels[mask])
+        per_domain[domain] = summarize_queries(ap_at_r[mask], first_hit, valid[mask])
+    return {"per_domain": per_domain, "mean": _mean(per_domain)}, ap_at_r, valid
 
 
 def best_k(methods: dict, ks: list[int]) -> dict[str, int]:

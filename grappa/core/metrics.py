@@ -146,7 +146,11 @@ def per_query_retrieval(vectors: np.ndarray, labels: np.ndarray) -> tuple[np.nda
 
 
 def retrieval_metrics(vectors: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    ap_at_r, first_hit, valid = per_query_retrieval(vectors, labels)
+    return summarize_queries(*per_query_retrieval(vectors, labels))
+
+
+def summarize_queries(ap_at_r: np.ndarray, first_hit: np.ndarray, valid: np.ndarray) -> dict[str, float]:
+    """mAP@R and R@1 over the queries that have a relevant image (what per_query_retrieval returns)."""
     return {
         "map_at_r": float(ap_at_r[valid].mean()),
         "recall_at_1": float(first_hit[valid].mean()),

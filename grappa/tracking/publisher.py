@@ -194,9 +194,10 @@ def register(tree: RunTree, params: Params, metrics: dict) -> Candidate:
         metadata={"ks": config["ks"], "backbone": config["timm_name"], "model_sha256": config["weights_sha256"],
                   "preprocess": config["preprocess"]},  # how to feed images, beside the weights
     )
-    candidate = Candidate(name, str(info.registered_model_version), config["weights_sha256"], _score(metrics),
-                          eval_set_id(params))
     scores = model_metrics(metrics)
+    # the candidate's score is its mean mAP@R on the validation classes: the champion is a choice, made on validation
+    candidate = Candidate(name, str(info.registered_model_version), config["weights_sha256"],
+                          scores.get("val_mean_map_at_r"), eval_set_id(params))
     if scores:  # on the logged model too, so the Models view can rank the versions
         mlflow.log_metrics(scores, model_id=info.model_id)
     tags = {EVAL_SET_TAG: candidate.eval_set, MODEL_SHA_TAG: candidate.model_sha256,
@@ -326,17 +327,9 @@ def model_metrics(metrics: dict) -> dict[str, float]:
     """The fused model's headline figures: validation and test mean mAP@R, test R@1, test mAP@R per domain."""
     try:
         test, val = metrics["methods"]["grappa"], metrics["validation"]["methods"]["grappa"]
-    except (KeyError, TypeError):
+        out = {"val_mean_map_at_r": val["mean"]["map_at_r"], "test_mean_map_at_r": test["mean"]["map_at_r"],
+               "test_mean_recall_at_1": test["mean"]["recall_at_1"]}
+        out.update({lineage.safe_key(f"test_map_at_r.{domain}"): m["map_at_r"] for domain, m in test["per_domain"].items()})
+        return {key: float(value) for key, value in out.items()}
+    except (KeyError, TypeError, ValueError, AttributeError):  # not an evaluate report: nothing to rank by
         return {}
-    out = {"val_mean_map_at_r": val["mean"]["map_at_r"], "test_mean_map_at_r": test["mean"]["map_at_r"],
-           "test_mean_recall_at_1": test["mean"]["recall_at_1"]}
-    out.update({lineage.safe_key(f"test_map_at_r.{domain}"): m["map_at_r"] for domain, m in test["per_domain"].items()})
-    return {key: float(value) for key, value in out.items()}
-
-
-def _score(metrics: dict) -> float | None:
-    """The candidate's mean mAP@R on the validation classes: the champion is a choice, made on validation."""
-    try:
-        return float(metrics["validation"]["methods"]["grappa"]["mean"]["map_at_r"])
-    except (KeyError, TypeError, ValueError):
-        return None
