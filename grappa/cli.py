@@ -136,11 +136,27 @@ def step_items(step: registry.Step, params: Params, given: str | int | None) -> 
 
 def _run_step_verb(verb: str, params: Params, given, tracker) -> None:
     step = registry.step(verb)
+    _check_as_dvc_stage(params)
     items = step_items(step, params, given)
     for item in items:
         if len(items) > 1:
             print(f"==> {step.stage_name(item)}", flush=True)
         run_step(verb, params, item, tracker)
+
+
+def _check_as_dvc_stage(params: Params) -> None:
+    """As a stage of `dvc repro` or `dvc exp run` (DVC sets DVC_ROOT): refuse params that dvc.yaml
+    does not spell out yet (data.sources' roots, extract.shards), which `dvc exp run -S` cannot
+    change, before any work; what DVC templates from params.yaml (cluster.ks) passes."""
+    root = os.environ.get("DVC_ROOT")
+    if not root:
+        return
+    from grappa import workspace
+
+    problem = workspace.drift(Path(root), params)
+    if problem:
+        raise ConfigError(f"{problem}. `dvc exp run -S` cannot change this: run 'grappa run --set KEY=VALUE', "
+                          "or edit params.yaml, 'grappa prepare', then 'dvc exp run'")
 
 
 # --------------------------------------------------------------------------- through DVC

@@ -229,6 +229,35 @@ def test_override_is_written_where_dvc_sees_it(dvc_repo, reproduced):
     assert ran(run_dvc(repo, "repro")) == set()
 
 
+def test_dvc_exp_run_set_takes_templated_params_and_refuses_the_others_in_one_line(dvc_repo):
+    """`dvc exp run -S cluster.ks=...` is an experiment (DVC templates the k stages from params.yaml);
+    extract.shards and data.sources are spelled out in dvc.yaml, so -S of those is refused by the
+    first stage that would run, before any work, naming the commands that do it."""
+    repo = dvc_repo.with_name("repo-exp")  # a copy beside it (same relative sources): the shared run stays
+    shutil.copytree(dvc_repo, repo, symlinks=True)
+    git = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@localhost"}
+    for args in (["add", "-A"], ["commit", "-q", "-m", "baseline"]):
+        subprocess.run(["git", *args], cwd=repo, env={**os.environ, **git}, check=True, capture_output=True)
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "GRAPPA_TRACKING": "0",
+           "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1", **git}
+    for override in ("extract.shards=2", f"data.sources=[{yaml.safe_load((repo / 'params.yaml').read_text())['data']['sources'][0]}]"):
+        done = subprocess.run([DVC, "exp", "run", "-S", override], cwd=repo, env=env, capture_output=True, text=True,
+                              timeout=600)
+        lines = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.startswith("grappa: error:")]
+        assert done.returncode != 0 and len(lines) == 1, done.stdout[-2000:] + done.stderr[-2000:]
+        assert "`dvc exp run -S` cannot change this: run 'grappa run --set KEY=VALUE'" in lines[0]
+        assert "Traceback" not in done.stdout + done.stderr
+        assert not (repo / "outputs" / "extract" / "parts" / "0-of-2").exists()  # refused before any work
+        subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=repo, check=True)
+    done = subprocess.run([DVC, "exp", "run", "-n", "two-ks", "-S", "cluster.ks=[2,3]"], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert {"cluster", "train_adaptor@3", "train_fusion", "evaluate"} <= ran(done.stdout)
+    shown = subprocess.run([DVC, "exp", "show", "--json"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert "two-ks" in shown.stdout and "map_at_r" in shown.stdout  # the experiment, with evaluate's metrics
+
+
 def test_push_to_local_remote(dvc_repo, reproduced):
     output = run_dvc(dvc_repo, "push")
     assert re.search(r"\d+ files? pushed", output), output
