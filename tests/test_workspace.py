@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -121,3 +122,16 @@ def test_one_pipeline_run_holds_the_workspace_and_tasks_keep_their_runs_params(t
         workspace.check_pinned(tmp_path, pinned)
     assert main(["repro", "snapshot", "--params-sha256", pinned]) == 2
     assert "params.yaml changed since this run started" in capsys.readouterr().err
+
+
+def test_the_default_dvc_remote_survives_a_reboot_and_holds_no_secret():
+    """The committed .dvc/config: the default remote is a durable local path (not /tmp), and no credential."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(REPO / ".dvc" / "config")
+    sections = {name.strip("'"): config[name] for name in config.sections()}  # DVC writes ['remote "x"']
+    url = sections[f'remote "{sections["core"]["remote"]}"']["url"]
+    assert url.startswith("~/") and not Path(url).expanduser().is_relative_to("/tmp"), url
+    for section in config.sections():
+        assert not {"access_key_id", "secret_access_key", "password", "token"} & set(config[section]), section
