@@ -37,8 +37,9 @@ def create_app(searcher: Searcher):
     # FastAPI's /docs pages load their scripts from a CDN: off, nothing here fetches from outside
     app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
 
-    async def query(image: UploadFile, top_k: int) -> tuple[str, list[dict]]:
-        """(the upload's thumbnail, its hits); UploadError for what the user can fix."""
+    async def query(image: UploadFile, top_k: int, thumbnails: bool) -> tuple[str, list[dict]]:
+        """(the upload's thumbnail, its hits, with theirs if ``thumbnails``); UploadError for what the
+        user can fix. Decoding, the forward pass and the thumbnails run off the event loop."""
         if not 1 <= top_k <= MAX_TOP_K:
             raise UploadError(400, f"top_k must be from 1 to {MAX_TOP_K}, got {top_k}")
         limit = params.data.max_file_bytes
@@ -47,18 +48,21 @@ def create_app(searcher: Searcher):
             raise UploadError(400, "no image was uploaded")
         if len(data) > limit:
             raise UploadError(413, f"{image.filename} is larger than data.max_file_bytes ({limit:,} bytes)")
-        thumb = pages.thumbnail_of(data, 1, params.data.max_pixels)
-        if thumb is None:
-            raise UploadError(400, f"{image.filename} is not an image that can be read (JPEG, PNG, WebP, ...)")
 
-        def run() -> list[dict]:
-            with lock:
-                return searcher.search([data], top_k)[0]
+        def run() -> tuple[str, list[dict]]:
+            thumb = pages.thumbnail_of(data, 1, params.data.max_pixels)
+            if thumb is None:
+                raise UploadError(400, f"{image.filename} is not an image that can be read (JPEG, PNG, WebP, ...)")
+            try:
+                with lock:
+                    hits = searcher.search([data], top_k)[0]
+            except ConfigError as err:
+                raise UploadError(400, f"{image.filename}: {err}") from None
+            if thumbnails:
+                hits = [{**hit, "thumb": searcher.thumbnail(hit["uri"])} for hit in hits]
+            return thumb, hits
 
-        try:
-            return thumb, await run_in_threadpool(run)
-        except ConfigError as err:
-            raise UploadError(400, f"{image.filename}: {err}") from None
+        return await run_in_threadpool(run)
 
     @app.get("/", response_class=HTMLResponse)
     def upload_page() -> str:
@@ -67,10 +71,9 @@ def create_app(searcher: Searcher):
     @app.post("/", response_class=HTMLResponse)
     async def search_page(image: UploadFile = File(...), top_k: int = Form(5)):
         try:
-            thumb, hits = await query(image, top_k)
+            thumb, hits = await query(image, top_k, thumbnails=True)
         except UploadError as err:
             return HTMLResponse(pages.upload_page(title, subtitle, top_k, MAX_TOP_K, error=str(err)), err.status)
-        hits = [{**hit, "thumb": searcher.thumbnail(hit["uri"])} for hit in hits]
         row = pages.query_row({"thumb": thumb, "caption": [image.filename or "upload"]}, hits)
         result = pages.section(f"{image.filename}: the {len(hits)} nearest catalogue images", row)
         return pages.upload_page(title, subtitle, top_k, MAX_TOP_K, result=result)
@@ -78,7 +81,7 @@ def create_app(searcher: Searcher):
     @app.post("/api/search")
     async def search_api(image: UploadFile = File(...), top_k: int = Form(5)):
         try:
-            _, hits = await query(image, top_k)
+            _, hits = await query(image, top_k, thumbnails=False)
         except UploadError as err:
             return JSONResponse({"error": str(err)}, err.status)
         return {"model_sha256": searcher.meta["model_sha256"],
