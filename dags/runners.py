@@ -166,11 +166,24 @@ def _k8s_spec(task_id: str) -> tuple[type, dict]:
         "volumes": [k8s.V1Volume(name="workspace", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
             claim_name=os.environ.get("GRAPPA_PVC", "grappa-workspace")))],
         "volume_mounts": [k8s.V1VolumeMount(name="workspace", mount_path=WORKSPACE)],
-        "container_resources": k8s.V1ResourceRequirements(limits={"nvidia.com/gpu": "1"}) if _gpu() else None,
+        "container_resources": _k8s_resources(task_id, k8s),
+        "deferrable": True,  # the triggerer watches the pod: no worker slot is held while it runs
         "security_context": k8s.V1PodSecurityContext(run_as_non_root=True, run_as_user=1000, fs_group=1000),
         "on_finish_action": "delete_succeeded_pod",  # keep failed pods for debugging
         "get_logs": True,
     }
+
+
+CLOSE_RUN_RESOURCES = registry.Resources("250m", "512Mi", "1Gi")  # close_run: a few MLflow calls
+
+
+def _k8s_resources(task_id: str, k8s):
+    """The step's requests and memory limit from the registry (a CPU limit would only throttle), and a
+    GPU where the steps use one."""
+    step = registry.BY_STAGE.get(task_id)
+    need = step.resources if step else CLOSE_RUN_RESOURCES
+    limits = {"memory": need.memory_limit, **({"nvidia.com/gpu": "1"} if _gpu() else {})}
+    return k8s.V1ResourceRequirements(requests={"cpu": need.cpu, "memory": need.memory}, limits=limits)
 
 
 OPERATOR_SPECS = {"local": _local_spec, "docker": _docker_spec, "k8s": _k8s_spec}

@@ -72,6 +72,17 @@ AXES = {
 
 
 @dataclass(frozen=True)
+class Resources:
+    """What one run of a step asks a scheduler for (Kubernetes quantities): ``cpu`` and ``memory``
+    requested, ``memory_limit`` the most it may use. From the peak RSS of benchmarks/scale.py's
+    table (benchmarks/results/scale_cpu-2core.json, at 1M images where measured) with headroom."""
+
+    cpu: str
+    memory: str
+    memory_limit: str
+
+
+@dataclass(frozen=True)
 class Step:
     verb: str
     summary: str
@@ -87,6 +98,7 @@ class Step:
     datasets_from: str = L.FEATURES
     artifacts: tuple[str, ...] = ()  # layout templates tracking logs beside the report (files or folders)
     publishes: bool = False  # tracking logs the run's bundle and registers (and may promote) its model
+    resources: Resources = Resources("1", "1Gi", "2Gi")
 
     def __post_init__(self):
         if self.mapped is not None and self.mapped not in AXES:
@@ -128,14 +140,16 @@ STEPS: tuple[Step, ...] = (
                  "data.max_file_bytes"),
          deps=(), outs=(Out(L.SNAPSHOT, persist=True,
                             note="persistent: the previous manifest is the hash cache (unchanged files are not re-read)"),),
-         report=L.SNAPSHOT_REPORT, reads_sources="data.sources", datasets=BOTH_SPLITS, datasets_from=L.MANIFEST),
+         report=L.SNAPSHOT_REPORT, reads_sources="data.sources", datasets=BOTH_SPLITS, datasets_from=L.MANIFEST,
+         resources=Resources("1", "512Mi", "1Gi")),  # peak 175 MB at 10k images
     # one run per part of the snapshot (extract.shards of them, in the "extract" section it reads)
     Step("extract", "step 2: frozen backbone features of one part of the snapshot (cached by content hash)",
          params=(*BASE, "backbone", "extract", *IMAGES),
          deps=(L.MANIFEST,),
          outs=(Out(L.EXTRACT_PART, note="a folder: features.parquet, report.json, and prefix.npy when "
                                         "backbone.adapt_from_block > 0"),),
-         report=L.PART_REPORT, mapped="shard", datasets=()),
+         report=L.PART_REPORT, mapped="shard", datasets=(),
+         resources=Resources("2", "3Gi", "4Gi")),  # peak 1.7 GB at 10k (backbone and 2 decode workers)
     # the parts' folders: one dep per shard of extract.shards
     Step("merge-features", "step 2b: the extracted parts as one feature table (prefix activations stay in the parts)",
          params=(*BASE, "extract.shards"),
@@ -143,19 +157,21 @@ STEPS: tuple[Step, ...] = (
          outs=(Out(L.FEATURES), Out(L.PREFIX_INDEX, note="lists the parts' prefix.npy in row order (empty "
                                                           "when backbone.adapt_from_block is 0)"),
                Out(L.EXTRACT_REPORT)),
-         report=L.EXTRACT_REPORT, datasets=BOTH_SPLITS),
+         report=L.EXTRACT_REPORT, datasets=BOTH_SPLITS,
+         resources=Resources("1", "512Mi", "1Gi")),  # peak 307 MB at 1M
     Step("cluster", "step 3: spherical k-means at every k",
          params=(*BASE, "cluster"),
          deps=(L.FEATURES,),
          outs=(Out(L.CLUSTER, note="every k in one run; consumers depend on their own k<K> files inside it"),),
-         report=L.CLUSTER_REPORT),
+         report=L.CLUSTER_REPORT, resources=Resources("2", "1536Mi", "2Gi")),  # peak 908 MB at 1M
     Step("train-adaptor", "step 4: one adaptor set on the k pseudo-labels",
          params=(*BASE, "backbone", "adaptor", *IMAGES, "extract.num_workers"),
          # prefix.json: the parts' prefix activations it lists are read too (a function of
          # features.parquet's content hashes and the backbone params)
          deps=(L.FEATURES, L.PREFIX_INDEX, L.PSEUDO_LABELS, L.CENTROIDS),
          outs=(Out(L.ADAPTOR), Out(L.ADAPTOR_REPORT), Out(L.CLASSIFIER, note="the frozen stage-1 classifier, for fusion.objective: pseudo_labels")),
-         report=L.ADAPTOR_REPORT, mapped="k"),
+         report=L.ADAPTOR_REPORT, mapped="k",
+         resources=Resources("2", "2Gi", "3Gi")),  # peak 1.1 GB at 1M (tiny backbone; Lite0 adds its weights)
     Step("train-fusion", "step 5: granularity fusion; exports the servable model",
          params=(*BASE, "backbone", "adaptor", "fusion", "cluster.ks", *IMAGES, "extract.num_workers",
                  "evaluate.batch_size"),
@@ -163,7 +179,7 @@ STEPS: tuple[Step, ...] = (
          deps=(L.FEATURES, L.PREFIX_INDEX, L.CLUSTER, L.ADAPTORS),
          outs=(Out(L.FUSION), Out(L.KNN), Out(L.FUSION_REPORT),
                Out(L.MODEL, note="the servable model (weights + architecture + preprocessing)")),
-         report=L.FUSION_REPORT),
+         report=L.FUSION_REPORT, resources=Resources("2", "3Gi", "4Gi")),  # peak 1.7 GB at 1M
     Step("evaluate", "step 6: retrieval metrics, table and plots; registers and promotes the model",
          params=(*BASE, "backbone", "adaptor.reduction", "fusion.attn_dim", "fusion.attention_scale", "fusion.attention", "fusion.value", "cluster.ks",
                  *IMAGES, "extract.num_workers", "evaluate", "tracking.registered_model"),
@@ -173,14 +189,16 @@ STEPS: tuple[Step, ...] = (
                Out(L.CHAMPION, cache=False, note="which model serves: changes only when `champion` moves, "
                                                  "so `index` reruns exactly then"),
                Out(L.EVALUATE_REPORT, cache=False, kind="metrics"), Out(L.PLOTS, kind="plots")),
-         report=L.EVALUATE_REPORT, datasets=(("query_db", "evaluation"),), artifacts=(L.RESULTS, L.RUN_REPORT, L.PLOTS), publishes=True),
+         report=L.EVALUATE_REPORT, datasets=(("query_db", "evaluation"),), artifacts=(L.RESULTS, L.RUN_REPORT, L.PLOTS), publishes=True,
+         resources=Resources("2", "3Gi", "4Gi")),  # not in the scale table: as train_fusion (every mode's embeddings)
     Step("index", "step 7: faiss index of the catalogue with the champion model",
          params=(*BASE, "backbone", "index", *IMAGES, "data.max_file_bytes", "extract.num_workers"),
          # the manifest is the catalogue when index.sources is empty; images extract holds are fed
          # from its prefix activations
          deps=(L.MANIFEST, L.FEATURES, L.PREFIX_INDEX, L.CHAMPION),
          outs=(Out(L.INDEX, persist=True, note="persistent: new catalogue images are added to the existing index"),),
-         report=L.INDEX_REPORT, reads_sources="index.sources", datasets=()),
+         report=L.INDEX_REPORT, reads_sources="index.sources", datasets=(),
+         resources=Resources("2", "2Gi", "3Gi")),  # not in the scale table: the model and the index in memory
 )
 BY_VERB = {step.verb: step for step in STEPS}
 BY_STAGE = {step.stage: step for step in STEPS}

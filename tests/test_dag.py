@@ -335,7 +335,10 @@ def test_k8s_runner_renders_pod_spec(container_env):
     assert container.image == "registry.example/grappa:1.2"
     assert not container.command  # the image ENTRYPOINT `python -m grappa` runs the args
     assert container.args == ["--params", "params.yaml", "--set", "cluster.ks=[2, 3]", "train-fusion"]
-    assert container.resources.limits == {"nvidia.com/gpu": "1"}
+    # the registry's requests and memory limit for the step, the GPU where the steps use one
+    assert container.resources.requests == {"cpu": "2", "memory": "3Gi"}
+    assert container.resources.limits == {"memory": "4Gi", "nvidia.com/gpu": "1"}
+    assert op.deferrable  # the triggerer watches the pod; no worker slot is held
     assert [(e.name, e.value) for e in container.env] == [("MLFLOW_TRACKING_URI", "http://mlflow:5000"),
                                                            *runners.AIRFLOW_CONTEXT_ENV.items(),
                                                            ("GRAPPA_TRIGGER", runners.TRIGGER_TEMPLATE)]
@@ -344,6 +347,24 @@ def test_k8s_runner_renders_pod_spec(container_env):
     assert pod.spec.volumes[0].persistent_volume_claim.claim_name == "grappa-workspace"
     assert pod.spec.security_context.run_as_non_root
     assert op.retries >= 1
+
+
+def test_every_k8s_pod_asks_for_what_its_step_needs(container_env):
+    """Each step's pod (close_run too) requests CPU and memory and has a memory limit no lower than its
+    request, in quantities Kubernetes parses; what a step reads at 1M images fits its limit."""
+    from kubernetes.client import models as k8s
+    from kubernetes.utils import parse_quantity
+
+    from grappa import registry
+
+    for task_id in (*(step.stage for step in registry.STEPS), "close_run"):
+        resources = runners._k8s_resources(task_id, k8s)
+        request, limit = (parse_quantity(resources.requests["memory"]), parse_quantity(resources.limits["memory"]))
+        assert parse_quantity(resources.requests["cpu"]) > 0 and request <= limit, task_id
+    # the limits stand above the peaks benchmarks/scale.py measured at 1M images
+    peaks = {"merge_features": 307, "cluster": 908, "train_adaptor": 1093, "train_fusion": 1715}  # MB
+    for stage, peak_mb in peaks.items():
+        assert parse_quantity(registry.step(stage).resources.memory_limit) > 1.5 * peak_mb * 2**20, stage
 
 
 def test_a_refused_conf_ends_the_run_at_once(pipeline, airflow_db):
