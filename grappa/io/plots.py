@@ -11,8 +11,6 @@ import numpy as np  # noqa: E402
 
 from grappa.core.evaluation import method_order  # noqa: E402
 from grappa.io.artifacts import atomic_path  # noqa: E402
-from grappa.io.sources import decode_image  # noqa: E402
-from grappa.io.storage import StorageError, read_bytes  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
@@ -68,29 +66,4 @@ def attention_heatmaps(path: Path, attention_by_domain: dict[str, list], ks: lis
     axes[0][0].set_yticks(range(att.shape[0]), [f"adapted block {i + 1}" for i in range(att.shape[0])], fontsize=8)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="mean attention")
     fig.suptitle("Granularity attention of the fused model, by domain")
-    _save(fig, path)
-
-
-def query_grid(path: Path, queries: list[str], results: list[list[str]], correct: list[list[bool]]) -> None:
-    """Each row: a query, then its top results framed green (same class) or red."""
-    cols = 1 + max(len(r) for r in results)
-    fig, axes = plt.subplots(len(queries), cols, figsize=(1.6 * cols, 1.6 * len(queries) + 0.4), squeeze=False,
-                             layout="constrained")
-    for row, (query, hits, ok) in enumerate(zip(queries, results, correct)):
-        for col, uri in enumerate([query, *hits]):
-            ax = axes[row][col]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            try:
-                image = decode_image(read_bytes(uri), 1, 1 << 40)
-                image.thumbnail((128, 128))  # the aspect ratio kept: the axis frames it
-                ax.imshow(image)
-            except (StorageError, ValueError):
-                ax.text(0.5, 0.5, "n/a", ha="center")
-            color = "black" if col == 0 else ("green" if ok[col - 1] else "red")
-            for spine in ax.spines.values():
-                spine.set_edgecolor(color)
-                spine.set_linewidth(3)
-        axes[row][0].set_ylabel("query", fontsize=8)
-    fig.suptitle("Top-5 retrievals of the fused model (green: same class)")
     _save(fig, path)
