@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 
 REPO = Path(os.environ.get("GRAPPA_REPO") or Path(__file__).resolve().parents[1])
@@ -167,7 +168,8 @@ def _k8s_spec(task_id: str) -> tuple[type, dict]:
             claim_name=os.environ.get("GRAPPA_PVC", "grappa-workspace")))],
         "volume_mounts": [k8s.V1VolumeMount(name="workspace", mount_path=WORKSPACE)],
         "container_resources": _k8s_resources(task_id, k8s),
-        "deferrable": True,  # the triggerer watches the pod: no worker slot is held while it runs
+        # the triggerer watches the pod: no worker slot is held while it runs (0 where no triggerer runs)
+        "deferrable": os.environ.get("GRAPPA_DEFERRABLE", "1") == "1",
         "security_context": k8s.V1PodSecurityContext(run_as_non_root=True, run_as_user=1000, fs_group=1000),
         "on_finish_action": "delete_succeeded_pod",  # keep failed pods for debugging
         "get_logs": True,
@@ -180,10 +182,16 @@ CLOSE_RUN_RESOURCES = registry.Resources("250m", "512Mi", "1Gi")  # close_run: a
 def _k8s_resources(task_id: str, k8s):
     """The step's requests and memory limit from the registry (a CPU limit would only throttle), and a
     GPU where the steps use one."""
+    from kubernetes.utils import parse_quantity
+
     step = registry.BY_STAGE.get(task_id)
     need = step.resources if step else CLOSE_RUN_RESOURCES
-    limits = {"memory": need.memory_limit, **({"nvidia.com/gpu": "1"} if _gpu() else {})}
-    return k8s.V1ResourceRequirements(requests={"cpu": need.cpu, "memory": need.memory}, limits=limits)
+    # the registry's figures were measured up to 1M images with a small backbone: scale them for more
+    factor = Decimal(os.environ.get("GRAPPA_K8S_MEMORY_FACTOR", "1"))  # parse_quantity gives Decimals
+    memory = {key: f"{int(parse_quantity(value) * factor) >> 20}Mi" if factor != 1 else value
+              for key, value in (("request", need.memory), ("limit", need.memory_limit))}
+    limits = {"memory": memory["limit"], **({"nvidia.com/gpu": "1"} if _gpu() and step is not None else {})}
+    return k8s.V1ResourceRequirements(requests={"cpu": need.cpu, "memory": memory["request"]}, limits=limits)
 
 
 OPERATOR_SPECS = {"local": _local_spec, "docker": _docker_spec, "k8s": _k8s_spec}

@@ -89,8 +89,11 @@ def run_step(step: str, params: Params, item=None, tracker=None) -> dict:
             with contextlib.suppress(Exception):  # best effort: the step's own error is what matters
                 tracker.log_step(step, params, item, started, error=err)
         raise
+    publishes = registry.step(step).publishes
+    if publishes:  # this run's model serves until publishing says otherwise (and if tracking fails)
+        _record_champion(params, None)
     decision = tracker.log_step(step, params, item, started) if tracker is not None else None
-    if registry.step(step).publishes:
+    if publishes and decision is not None:
         _record_champion(params, decision)
     return result
 
@@ -148,12 +151,15 @@ def _check_as_dvc_stage(params: Params) -> None:
     """As a stage of `dvc repro` or `dvc exp run` (DVC sets DVC_ROOT): refuse params that dvc.yaml
     does not spell out yet (data.sources' roots, extract.shards), which `dvc exp run -S` cannot
     change, before any work; what DVC templates from params.yaml (cluster.ks) passes."""
-    root = os.environ.get("DVC_ROOT")
-    if not root:
+    if not os.environ.get("DVC_ROOT"):
         return
     from grappa import workspace
 
-    problem = workspace.drift(Path(root), params)
+    # DVC runs a stage in its dvc.yaml's folder (DVC_ROOT is the repo's root, or an outer run's)
+    here = Path.cwd()
+    if not (here / "dvc.yaml").is_file():
+        return
+    problem = workspace.drift(here, params)
     if problem:
         raise ConfigError(f"{problem}. `dvc exp run -S` cannot change this: run 'grappa run --set KEY=VALUE', "
                           "or edit params.yaml, 'grappa prepare', then 'dvc exp run'")

@@ -23,11 +23,15 @@ class UploadError(Exception):
         self.status = status
 
 
-def create_app(searcher: Searcher):
-    """The web app around one loaded searcher."""
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def create_app(searcher: Searcher, host: str = "127.0.0.1"):
+    """The web app around one loaded searcher, for clients of ``host``."""
     from fastapi import FastAPI, File, Form, UploadFile
     from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.concurrency import run_in_threadpool
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     from grappa.io import pages
 
@@ -36,6 +40,17 @@ def create_app(searcher: Searcher):
     title, subtitle = "grappa search", f"{len(searcher.rows):,} catalogue images, model {searcher.built_by}"
     # FastAPI's /docs pages load their scripts from a CDN: off, nothing here fetches from outside
     app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
+    if host in LOOPBACK:  # a web page cannot reach this server through a rebound DNS name
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "[::1]"])
+
+    @app.middleware("http")
+    async def refuse_large_uploads(request, call_next):
+        """413 before the body is read (Starlette would spool a whole upload to disk first)."""
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > params.data.max_file_bytes + (1 << 16):  # + the form's fields
+            return JSONResponse({"error": f"the upload is larger than data.max_file_bytes "
+                                          f"({params.data.max_file_bytes:,} bytes)"}, 413)
+        return await call_next(request)
 
     async def query(image: UploadFile, top_k: int, thumbnails: bool) -> tuple[str, list[dict]]:
         """(the upload's thumbnail, its hits, with theirs if ``thumbnails``); UploadError for what the
@@ -64,8 +79,9 @@ def create_app(searcher: Searcher):
 
         return await run_in_threadpool(run)
 
+    # async: answered on the event loop, never queued behind searches in the threadpool
     @app.get("/", response_class=HTMLResponse)
-    def upload_page() -> str:
+    async def upload_page() -> str:
         return pages.upload_page(title, subtitle, 5, MAX_TOP_K)
 
     @app.post("/", response_class=HTMLResponse)
@@ -88,7 +104,7 @@ def create_app(searcher: Searcher):
                 "hits": [{key: hit.get(key) for key in HIT_FIELDS} for hit in hits]}
 
     @app.get("/api/health")
-    def health() -> dict:
+    async def health() -> dict:
         return {"status": "ok", "images": len(searcher.rows), "model_sha256": searcher.meta["model_sha256"]}
 
     return app
@@ -107,4 +123,4 @@ def serve_command(params: Params, host: str, port: int, folder: str | None, mode
     searcher = Searcher(params, folder, model_ref)
     print(f"grappa serve: http://{host}:{port}/ ({len(searcher.rows):,} catalogue images, "
           f"model {searcher.built_by}); Ctrl-C stops", flush=True)
-    uvicorn.run(create_app(searcher), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(searcher, host), host=host, port=port, log_level="warning")

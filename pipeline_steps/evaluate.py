@@ -177,7 +177,7 @@ def _galleries(params, inputs, labels, val_classes, vectors, rng, thumb) -> str:
 
 
 def _embedding_map(params, inputs, labels, vectors, thumb) -> str:
-    if not params.evaluate.map_points or len(vectors) < 4:
+    if min(params.evaluate.map_points, len(vectors)) < 4:  # t-SNE needs a few points; 0 turns the map off
         return ""
     rows, xy = embedding_map(vectors, params.evaluate.map_points, params.seed)
     return pages.section(

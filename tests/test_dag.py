@@ -361,6 +361,11 @@ def test_every_k8s_pod_asks_for_what_its_step_needs(container_env):
         resources = runners._k8s_resources(task_id, k8s)
         request, limit = (parse_quantity(resources.requests["memory"]), parse_quantity(resources.limits["memory"]))
         assert parse_quantity(resources.requests["cpu"]) > 0 and request <= limit, task_id
+    with mock.patch.dict(os.environ, {"GRAPPA_K8S_MEMORY_FACTOR": "2", "GRAPPA_GPU": "1"}):
+        scaled = runners._k8s_resources("train_fusion", k8s)
+        assert scaled.requests == {"cpu": "2", "memory": "6144Mi"}
+        assert scaled.limits == {"memory": "8192Mi", "nvidia.com/gpu": "1"}
+        assert "nvidia.com/gpu" not in runners._k8s_resources("close_run", k8s).limits
     # the limits stand above the peaks benchmarks/scale.py measured at 1M images
     peaks = {"merge_features": 307, "cluster": 908, "train_adaptor": 1093, "train_fusion": 1715}  # MB
     for stage, peak_mb in peaks.items():

@@ -138,7 +138,8 @@ def test_serve_answers_an_upload_in_a_browser_and_over_the_json_api(work, tmp_pa
     from browser import Browser
 
     params, raw = work
-    (tmp_path / "params.yaml").write_text(json.dumps(raw))
+    limit = 200_000  # data.max_file_bytes: the test images are a few kB
+    (tmp_path / "params.yaml").write_text(json.dumps({**raw, "data": {**raw["data"], "max_file_bytes": limit}}))
     query = raw["data"]["sources"][0].replace("manifest.csv", "images/q_2_0.png")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -166,6 +167,10 @@ def test_serve_answers_an_upload_in_a_browser_and_over_the_json_api(work, tmp_pa
             "error": "notes.txt is not an image that can be read (JPEG, PNG, WebP, ...)"}
         too_many = requests.post(f"{url}/api/search", files={"image": open(query, "rb")}, data={"top_k": "101"}, timeout=60)
         assert too_many.status_code == 400 and "top_k must be from 1 to 100" in too_many.json()["error"]
+        too_big = requests.post(f"{url}/api/search", files={"image": ("big.png", b"\0" * (2 * limit))}, timeout=60)
+        assert too_big.status_code == 413 and "larger than data.max_file_bytes (200,000 bytes)" in too_big.json()["error"]
+        # on loopback only loopback names are answered: a rebound DNS name gets nothing
+        assert requests.get(f"{url}/api/health", headers={"Host": "attacker.example"}, timeout=30).status_code == 400
 
         browser = Browser(tmp_path / "profile")
         browser.open(url)

@@ -9,9 +9,9 @@ A new version gets alias ``candidate``. It becomes ``champion`` only if its mean
 champion's *on the same evaluation set* (same query_db images and contents, same task list; its
 identity is the ``grappa.eval_set`` tag). When the champion was scored on another set, it is
 re-scored on this one in the same step, and both scores, the set and the decision are recorded on
-the new version. The champion's identity is written to ``<out>/evaluate/champion.json``
-(servable.write_champion), the file the ``index`` stage depends on, so the catalogue index is
-rebuilt exactly when the champion changes.
+the new version. The decision names the version that serves; the runner writes it to
+``<out>/evaluate/champion.json`` (grappa/cli.py), the file the ``index`` stage depends on, so the
+catalogue index is rebuilt exactly when the champion changes.
 """
 from __future__ import annotations
 
