@@ -165,8 +165,11 @@ def _k8s_spec(task_id: str) -> tuple[type, dict]:
         "env_vars": _container_env(),
         "env_from": [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=secret))] if secret else None,
         "volumes": [k8s.V1Volume(name="workspace", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
-            claim_name=os.environ.get("GRAPPA_PVC", "grappa-workspace")))],
-        "volume_mounts": [k8s.V1VolumeMount(name="workspace", mount_path=WORKSPACE)],
+            claim_name=os.environ.get("GRAPPA_PVC", "grappa-workspace"))),
+                    # DataLoader workers share batches through /dev/shm (64 MB by default in a pod)
+                    k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit="2Gi"))],
+        "volume_mounts": [k8s.V1VolumeMount(name="workspace", mount_path=WORKSPACE),
+                          k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")],
         "container_resources": _k8s_resources(task_id, k8s),
         # the triggerer watches the pod: no worker slot is held while it runs (0 where no triggerer runs)
         "deferrable": os.environ.get("GRAPPA_DEFERRABLE", "1") == "1",

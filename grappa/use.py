@@ -73,14 +73,25 @@ class Searcher:
 
     def thumbnail(self, uri: str) -> str | None:
         """A catalogue image's thumbnail (a data: URI), read and shrunk once however often it is a hit."""
-        return _thumbnail(uri, self.params.data.min_side, self.params.data.max_pixels, self.params.data.max_file_bytes)
+        data = self.params.data
+        try:
+            return _thumbnail(uri, data.min_side, data.max_pixels, data.max_file_bytes)
+        except _Unreadable:
+            return None
+
+
+class _Unreadable(Exception):
+    pass
 
 
 @lru_cache(maxsize=4096)  # ~10 kB each: a served catalogue's hits stay in memory, bounded
-def _thumbnail(uri: str, min_side: int, max_pixels: int, max_bytes: int) -> str | None:
+def _thumbnail(uri: str, min_side: int, max_pixels: int, max_bytes: int) -> str:
     from grappa.io import pages
 
-    return pages.thumbnail(uri, min_side, max_pixels, max_bytes)
+    thumb = pages.thumbnail(uri, min_side, max_pixels, max_bytes)
+    if thumb is None:  # raised, so not cached: a read that failed (S3 away a moment) is tried again
+        raise _Unreadable(uri)
+    return thumb
 
 
 def search_command(params: Params, images: list[str], top_k: int, folder: str | None, model_ref: str | None,

@@ -343,7 +343,8 @@ def test_k8s_runner_renders_pod_spec(container_env):
                                                            *runners.AIRFLOW_CONTEXT_ENV.items(),
                                                            ("GRAPPA_TRIGGER", runners.TRIGGER_TEMPLATE)]
     assert container.env_from[0].secret_ref.name == "grappa-aws"
-    assert container.volume_mounts[0].mount_path == "/workspace"
+    assert [m.mount_path for m in container.volume_mounts] == ["/workspace", "/dev/shm"]
+    assert pod.spec.volumes[1].empty_dir.medium == "Memory"  # as the docker runner's shm_size
     assert pod.spec.volumes[0].persistent_volume_claim.claim_name == "grappa-workspace"
     assert pod.spec.security_context.run_as_non_root
     assert op.retries >= 1

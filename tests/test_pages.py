@@ -1,5 +1,6 @@
 """The HTML pages (report.html, search pages): what they show, and that data never becomes markup."""
 import numpy as np
+import pytest
 
 from grappa.core.evaluation import embedding_map
 from grappa.io import pages
@@ -38,3 +39,15 @@ def test_embedding_map_samples_at_most_max_points_and_is_seeded():
     assert (again_rows == rows).all() and np.allclose(again, xy)
     all_rows, _ = embedding_map(vectors[:5], 40, seed=3)  # fewer points than asked: all of them
     assert list(all_rows) == [0, 1, 2, 3, 4]
+
+
+def test_a_thumbnail_that_could_not_be_read_is_tried_again(tmp_path):
+    """grappa serve caches thumbnails, but not a failed read (an S3 blip must not blank an image for good)."""
+    from conftest import draw_image
+    from grappa import use
+
+    late = tmp_path / "late.png"
+    with pytest.raises(use._Unreadable):
+        use._thumbnail(str(late), 1, 1 << 30, 1 << 20)
+    draw_image("shapes", 0, seed=1).save(late)
+    assert use._thumbnail(str(late), 1, 1 << 30, 1 << 20).startswith("data:image/jpeg;base64,")
