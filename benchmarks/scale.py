@@ -244,7 +244,7 @@ def write_synthetic_part(out_dir: Path, n_unlabeled: int, n_query: int, clusters
               "cache_compaction": None, "synthetic": True,
               "timings_s": {"cache_index": 0.0, "forward": seconds, "write": 0.0, "total": seconds},
               "images_per_s": total / max(seconds, 1e-9)}
-    write_json(_report_file(registry.step("extract"), Path(out_dir), Shard(0, 1)), report)
+    write_json(registry.step("extract").report_file(Layout(out_dir), Shard(0, 1)), report)
     return {"seconds": seconds, "rows": total, "dim": dim, "prefix_row_shape": list(row_shape),
             "prefix_gb": total * int(np.prod(row_shape)) * 2 / 1e9}
 
@@ -280,15 +280,10 @@ def _per_batch(epoch: dict) -> float | None:
     return epoch["seconds"] / epoch["batches"] if epoch.get("batches") else None
 
 
-def _report_file(step: registry.Step, out: Path, item=None) -> Path:
-    """The step's report (the runner writes it after the step's outputs: there means done)."""
-    return Layout(out).path(step.report, **step.path_args(item))
-
-
 def _step_report(step: registry.Step, out: Path, item=None) -> dict:
     """What a row keeps of the step's report."""
     try:
-        r = json.loads(_report_file(step, out, item).read_text())
+        r = json.loads(step.report_file(Layout(out), item).read_text())
         if step.stage == "merge_features":
             return {"images": r["images"]}
         if step.stage == "cluster":
@@ -314,7 +309,8 @@ def bench_steps(args, n: int, rows: list[dict], save) -> None:
     part_report = ws / "outputs" / "extract" / "parts" / "0-of-1" / "report.json"
     keep = 0
     if args.resume and part_report.is_file() and json.loads(part_report.read_text()).get("images") == n + args.query_db:
-        while keep < len(plan) and names[keep] in done and _report_file(plan[keep][0], ws / "outputs", plan[keep][1]).is_file():
+        while (keep < len(plan) and names[keep] in done
+               and plan[keep][0].report_file(Layout(ws / "outputs"), plan[keep][1]).is_file()):
             keep += 1
     if all(name in done for name in names):
         print(f"\n-- N = {n:,}: measured by the interrupted run (--resume), kept", flush=True)
@@ -490,7 +486,7 @@ def bench_extraction(args, rows: list[dict], save) -> dict:
                 break
             if stage in ("snapshot", "extract"):
                 rows.append({"step": stage, "n": n, **result, "store": "images"})
-        part = _report_file(registry.step("extract"), ws / "outputs", Shard(0, 1))
+        part = registry.step("extract").report_file(Layout(ws / "outputs"), Shard(0, 1))
         if part.is_file():
             report = json.loads(part.read_text())
             run["part_report"] = {k: report.get(k) for k in ("images", "computed", "from_cache", "timings_s",

@@ -191,10 +191,12 @@ def _k8s_resources(task_id: str, k8s):
     need = step.resources if step else CLOSE_RUN_RESOURCES
     # the registry's figures were measured up to 1M images with a small backbone: scale them for more
     factor = Decimal(os.environ.get("GRAPPA_K8S_MEMORY_FACTOR", "1"))  # parse_quantity gives Decimals
-    memory = {key: f"{int(parse_quantity(value) * factor) >> 20}Mi" if factor != 1 else value
-              for key, value in (("request", need.memory), ("limit", need.memory_limit))}
-    limits = {"memory": memory["limit"], **({"nvidia.com/gpu": "1"} if _gpu() and step is not None else {})}
-    return k8s.V1ResourceRequirements(requests={"cpu": need.cpu, "memory": memory["request"]}, limits=limits)
+
+    def memory(quantity: str) -> str:
+        return quantity if factor == 1 else f"{int(parse_quantity(quantity) * factor) >> 20}Mi"
+
+    limits = {"memory": memory(need.memory_limit), **({"nvidia.com/gpu": "1"} if _gpu() and step is not None else {})}
+    return k8s.V1ResourceRequirements(requests={"cpu": need.cpu, "memory": memory(need.memory)}, limits=limits)
 
 
 OPERATOR_SPECS = {"local": _local_spec, "docker": _docker_spec, "k8s": _k8s_spec}

@@ -74,7 +74,7 @@ def _execute(verb: str, params: Params, item=None) -> dict:
     # Imported on use: `grappa --help` and param validation must not pay for torch/faiss.
     module = importlib.import_module(step.module)
     report = module.run(params, item) if step.mapped else module.run(params)
-    write_json(layout(params).path(step.report, **step.path_args(item)), report)
+    write_json(step.report_file(layout(params), item), report)
     return report
 
 
@@ -91,24 +91,23 @@ def run_step(step: str, params: Params, item=None, tracker=None) -> dict:
         raise
     publishes = registry.step(step).publishes
     if publishes:  # this run's model serves until publishing says otherwise (and if tracking fails)
-        _record_champion(params, None)
+        _record_champion(params)
     decision = tracker.log_step(step, params, item, started) if tracker is not None else None
-    if publishes and decision is not None:
-        _record_champion(params, decision)
+    if publishes and decision is not None and decision.serves is not None:
+        _record_champion(params, decision.serves)
     return result
 
 
-def _record_champion(params: Params, decision) -> None:
-    """champion.json, its one writer: the registered version that serves after publishing, else (no
-    registry, or no version serves yet) this run's own model."""
+def _record_champion(params: Params, serves: tuple[str, str, str] | None = None) -> None:
+    """champion.json, its one writer: the registered version that serves (publishing's
+    ``Decision.serves``), else this run's own model."""
     from grappa.io import servable
     from grappa.io.layout import layout
 
-    if decision is not None and decision.serves is not None:
-        servable.write_champion(params, *decision.serves)
-    else:
+    if serves is None:
         model = layout(params).model
-        servable.write_champion(params, servable.read_config(model)["weights_sha256"], str(model))
+        serves = (servable.read_config(model)["weights_sha256"], str(model), None)
+    servable.write_champion(params, *serves)
 
 
 def run_all(params: Params, tracker=None, until: str = VERBS[-1]) -> dict[str, float]:

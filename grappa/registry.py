@@ -124,9 +124,9 @@ class Step:
         """``extract@0-of-2``, ``train_adaptor@64``; the stage alone for an unmapped step or no item."""
         return f"{self.stage}@{self.axis.label(item)}" if self.axis and item is not None else self.stage
 
-    def path_args(self, item=None) -> dict:
-        """The :meth:`grappa.io.layout.Layout.path` keywords of one item (``{"shard": Shard(0, 2)}``)."""
-        return {self.mapped: item} if self.axis and item is not None else {}
+    def report_file(self, out: L.Layout, item=None):
+        """Where the runner writes this step's (item's) report, and tracking and benchmarks read it."""
+        return out.path(self.report, **({self.mapped: item} if self.axis and item is not None else {}))
 
 
 BASE = ("seed", "out_dir")

@@ -66,7 +66,7 @@ def test_all_steps_chain(tiny_params):
     # every step's report (where the registry says it is) holds its duration under one key
     for step in registry.STEPS:
         for item in step.items(tiny_params):
-            report = json.loads(layout(tiny_params).path(step.report, **step.path_args(item)).read_text())
+            report = json.loads(step.report_file(layout(tiny_params), item).read_text())
             assert report["timings_s"]["total"] > 0, (step.stage_name(item), report.get("timings_s"))
 
 

@@ -152,7 +152,7 @@ def test_a_shard_of_another_count_is_refused_by_the_step(small_workspace):
 def test_without_the_option_every_item_runs_in_turn(small_workspace, monkeypatch):
     ran = []
     monkeypatch.setattr(cli, "_execute", lambda verb, params, item=None: ran.append((verb, item)) or {})
-    monkeypatch.setattr(cli, "_record_champion", lambda params, decision: None)  # no model: nothing ran
+    monkeypatch.setattr(cli, "_record_champion", lambda params, serves=None: None)  # no model: nothing ran
     params = str(small_workspace / "params.yaml")
     assert run_cli(["--params", params, "--set", "extract.shards=3", "extract"])[0] == 0
     assert run_cli(["--params", params, "extract", "--set", "extract.shards=3", "--shard", "1-of-3"])[0] == 0

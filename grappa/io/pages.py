@@ -177,8 +177,8 @@ def query_row(query: dict, hits: list[dict]) -> str:
     figures = [_figure(query["thumb"], ["<b>query</b>", *map(esc, query["caption"])], "query")]
     for hit in hits:
         where = " / ".join(esc(str(hit[key])) for key in ("domain", "label") if hit.get(key))
-        mark = {True: '<span class="right">✓</span> ', False: '<span class="wrong">✗</span> '}.get(hit.get("correct"), "")
         css = {True: "right", False: "wrong"}.get(hit.get("correct"), "")
+        mark = f'<span class="{css}">{"✓" if hit["correct"] else "✗"}</span> ' if css else ""
         figures.append(_figure(hit["thumb"], [
             f'{mark}<span class="score">#{hit["rank"]} · {hit["score"]:.3f}</span>',
             esc(hit["image_id"]), f'<span class="muted">{where}</span>' if where else ""], css))

@@ -60,7 +60,7 @@ def _log_outputs(tree: RunTree, run_id: str, step: str, params: Params, item) ->
     import mlflow
 
     declared, out = registry.step(step), layout(params)
-    report_file = out.path(declared.report, **declared.path_args(item))
+    report_file = declared.report_file(out, item)
     report = json.loads(report_file.read_text()) if report_file.is_file() else {}
     metrics = numeric_metrics(report)
     if isinstance(report.get("skipped"), list):
