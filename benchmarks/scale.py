@@ -59,9 +59,10 @@ DEFAULT_IMAGES = speed.DEFAULT_IMAGES
 FLAT_EXPONENT = 0.1
 PRESETS = {
     "default": dict(sizes=[10_000, 100_000, 1_000_000], ks=[64, 256, 1024], clusters=2000, query_db=400,
-                    extract_images=[2000, 10_000], plain_images=256, matmul_n=2048, steps_per_epoch=50),
+                    extract_images=[2000, 10_000], plain_images=256, matmul_n=2048, steps_per_epoch=50,
+                    forward_batches=20),
     "quick": dict(sizes=[400, 800], ks=[4, 8], clusters=20, query_db=40, extract_images=[32],
-                  plain_images=4, matmul_n=512, steps_per_epoch=2),
+                  plain_images=4, matmul_n=512, steps_per_epoch=2, forward_batches=2),
 }
 
 
@@ -433,15 +434,63 @@ def backbone_gflops(bp: BackboneParams) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def extract_params(args, ws: Path, manifest: Path) -> dict:
+def extract_params(args, ws: Path, manifest: Path, runtime: str | None = None) -> dict:
     shipped = load_params(args.params)
     backbone = dict(TINY) if args.quick else shipped.backbone.model_dump()
     extract = {"batch_size": shipped.extract.batch_size, "num_workers": shipped.extract.num_workers,
-               "cache_dir": str(ws / "cache"), "shards": 1}  # a fresh cache: every image is computed
-    if args.quick:
-        extract.update(batch_size=16, num_workers=0)
+               "runtime": shipped.extract.runtime, "cache_dir": str(ws / "cache"),
+               "shards": 1}  # a fresh cache: every image is computed
+    if args.quick:  # OpenVINO named: auto would choose torch for so few images
+        extract.update(batch_size=16, num_workers=0, runtime="openvino")
+    extract["runtime"] = runtime or extract["runtime"]
     return {"seed": 0, "out_dir": str(ws / "outputs"), "data": {"sources": [str(manifest)]},
             "backbone": backbone, "extract": extract, "cluster": {"ks": args.ks}, "tracking": {"enabled": False}}
+
+
+def stage_rates(probe: dict, files: list[Path], runtimes: list[str], batches: int) -> dict:
+    """Where extraction's time goes, each stage alone in this process: decoding and resizing (the
+    step's DataLoader, its workers, no forward), the forward of each runtime (random batches, no
+    decoding; compile time apart) and its first-batch compile; images/s."""
+    import torch
+
+    from grappa.config import parse_params
+    from grappa.core.augment import image_transform
+    from grappa.core.backbones import create_backbone
+    from grappa.core.runtimes import frozen_forward
+    from grappa.io.assemble import build_model
+    from grappa.io.datasets import ImageDataset, loader
+
+    params = parse_params(probe)
+    backbone, preprocess, _ = create_backbone(params.backbone)
+    size, batch = params.backbone.image_size, params.extract.batch_size
+    dataset = ImageDataset([str(f) for f in files], image_transform(preprocess, train=False),
+                           params.data.min_side, params.data.max_pixels)
+    t0 = time.perf_counter()
+    decoded = sum(len(rows) for rows, _, _ in loader(dataset, batch, num_workers=params.extract.num_workers))
+    out = {"decode_resize": {"images": decoded, "images_per_s": decoded / (time.perf_counter() - t0),
+                             "num_workers": params.extract.num_workers}}
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    for runtime in runtimes:
+        forward, info = frozen_forward(build_model(params, backbone, ks=[]), runtime, torch.device("cpu"), size,
+                                       batches * batch)
+        forward(x)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            forward(x)
+        out[f"forward_{runtime}"] = {"images_per_s": batches * batch / (time.perf_counter() - t0),
+                                     "compile_s": info["compile_s"], "version": info["version"]}
+    return out
+
+
+def _min_cosine(a: Path, b: Path) -> tuple[float, int]:
+    """Smallest per-image cosine between the merged stores of two extractions of the same images."""
+    from grappa.io.artifacts import arrow_to_vectors, read_table
+
+    ta, tb = read_table(a / "extract" / "features.parquet"), read_table(b / "extract" / "features.parquet")
+    assert ta.column("image_id").to_pylist() == tb.column("image_id").to_pylist()
+    va, vb = arrow_to_vectors(ta.column("vector")), arrow_to_vectors(tb.column("vector"))
+    cosine = (va * vb).sum(1) / np.linalg.norm(va, axis=1) / np.linalg.norm(vb, axis=1)
+    return float(cosine.min()), len(cosine)
 
 
 def bench_extraction(args, rows: list[dict], save) -> dict:
@@ -450,6 +499,7 @@ def bench_extraction(args, rows: list[dict], save) -> dict:
     root, listed, kind = make_images(args, max(sizes))
     probe = extract_params(args, Path(args.work_dir), root / "manifest.csv")
     bp = BackboneParams(**probe["backbone"])
+    runtime = probe["extract"]["runtime"]
     plain_n = min(args.plain_images, max(sizes))
 
     matmul_before = matmul_gflops(args.matmul_n)
@@ -464,10 +514,13 @@ def bench_extraction(args, rows: list[dict], save) -> dict:
         images=str(subset), extract_sizes=[plain_n], backbone=bp.name, weights=bp.weights, image_size=bp.image_size,
         adapt_from_block=bp.adapt_from_block, extract_batch=probe["extract"]["batch_size"],
         num_workers=probe["extract"]["num_workers"], repeats=1), "cpu")["rows"][0]
+    stages = stage_rates(probe, [root / rel for rel, _ in listed[:plain_n]], ["torch", "openvino"],
+                         args.forward_batches)
+    print("   stages alone: " + ", ".join(f"{k} {v['images_per_s']:.1f} img/s" for k, v in stages.items()), flush=True)
+    save()
 
-    runs = []
-    for n in sizes:
-        ws = Path(args.work_dir) / f"extract-{n}"
+    def extract_run(n: int, rt: str) -> tuple[dict, Path]:
+        ws = Path(args.work_dir) / f"extract-{n}-{rt}"
         shutil.rmtree(ws, ignore_errors=True)
         ws.mkdir(parents=True)
         manifest = root / f"manifest_{n}.csv"
@@ -476,26 +529,47 @@ def bench_extraction(args, rows: list[dict], save) -> dict:
             writer.writerow(["path", "domain", "split"])
             writer.writerows([rel, domain, "unlabeled"] for rel, domain in listed[:n])
         params_file = ws / "params.yaml"
-        params_file.write_text(yaml.safe_dump(extract_params(args, ws, manifest), sort_keys=False))
-        run = {"n": n}
+        params_file.write_text(yaml.safe_dump(extract_params(args, ws, manifest, rt), sort_keys=False))
+        run = {"n": n, "runtime": rt}
         for stage, extra in (("snapshot", ()), ("extract", ("--shard", "0/1")), ("merge_features", ())):
             result = run_verb(registry.step(stage).verb, params_file, ws, args.step_timeout, *extra)
             run[stage] = result
-            print(f"   {stage:<20} n={n:<8,} {_progress(result)}", flush=True)
+            print(f"   {stage:<20} n={n:<8,} {rt:<9} {_progress(result)}", flush=True)
             if result["rc"] != 0:
                 break
             if stage in ("snapshot", "extract"):
-                rows.append({"step": stage, "n": n, **result, "store": "images"})
+                rows.append({"step": stage, "n": n, **result, "store": "images", "runtime": rt})
         part = registry.step("extract").report_file(Layout(ws / "outputs"), Shard(0, 1))
         if part.is_file():
             report = json.loads(part.read_text())
             run["part_report"] = {k: report.get(k) for k in ("images", "computed", "from_cache", "timings_s",
-                                                            "images_per_s", "skipped")}
+                                                            "images_per_s", "skipped", "runtime")}
             run["images_per_s"] = report["images_per_s"]
             run["images_per_s_wall"] = report["computed"] / run["extract"]["seconds"]
-        runs.append(run)
         save()
-        if not args.keep:
+        return run, ws
+
+    # the runtime of the params at every size; PyTorch beside it on the smallest (the same images)
+    runs, kept = [], []
+    for n in sizes:
+        run, ws = extract_run(n, runtime)
+        runs.append(run)
+        if n == sizes[0]:
+            kept.append(ws)  # compared with torch's store below
+        elif not args.keep:
+            shutil.rmtree(ws, ignore_errors=True)
+    side = None
+    if runtime != "torch":
+        run, ws = extract_run(sizes[0], "torch")
+        side = {"n": sizes[0], "runtime": runtime, "images_per_s": runs[0].get("images_per_s"),
+                "torch_images_per_s": run.get("images_per_s")}
+        if side["images_per_s"] and side["torch_images_per_s"]:
+            side["speedup"] = side["images_per_s"] / side["torch_images_per_s"]
+            side["min_cosine_vs_torch"], side["images_compared"] = _min_cosine(kept[0] / "outputs", ws / "outputs")
+        side["torch_run"] = run
+        kept.append(ws)
+    if not args.keep:
+        for ws in kept:
             shutil.rmtree(ws, ignore_errors=True)
     matmul_after = matmul_gflops(args.matmul_n)
     matmul = max(matmul_before, matmul_after)
@@ -504,10 +578,13 @@ def bench_extraction(args, rows: list[dict], save) -> dict:
     rate = main["images_per_s"] if main else None
     result = {
         "images": kind, "backbone": bp.model_dump(),
-        "extract_settings": {k: probe["extract"][k] for k in ("batch_size", "num_workers")},
+        "extract_settings": {k: probe["extract"][k] for k in ("batch_size", "num_workers", "runtime")},
         "runs": runs,
         "n": main["n"] if main else None,
         "images_per_s": rate,
+        "runtime": (main or {}).get("part_report", {}).get("runtime"),
+        "stages": stages,
+        "runtime_vs_torch": side,
         "plain_timm_loop": {"n": plain_n, "images_per_s": plain["plain_img_per_s"], "seconds": plain["plain_s"],
                             "in_process_batched_images_per_s": plain["ours_img_per_s"],
                             "min_cosine_vs_batched": plain["min_cosine_ours_vs_plain"]},
@@ -591,6 +668,13 @@ def print_report(result: dict) -> None:
         print(f"   extract (part report images_per_s): {ex['images_per_s']:.1f} img/s")
         print(f"   plain per-image timm loop ({plain['n']} images): {plain['images_per_s']:.1f} img/s "
               f"-> ratio {ex['ratio_vs_plain_timm_loop']:.2f}x")
+        side = ex.get("runtime_vs_torch")
+        if side and side.get("speedup"):
+            print(f"   runtime {ex['runtime']['name']} {ex['runtime']['version']} vs torch, {side['n']:,} images: "
+                  f"{side['images_per_s']:.1f} vs {side['torch_images_per_s']:.1f} img/s -> {side['speedup']:.2f}x; "
+                  f"smallest per-image cosine of the embeddings {side['min_cosine_vs_torch']:.6f}")
+        if ex.get("stages"):
+            print("   each stage alone: " + ", ".join(f"{k} {v['images_per_s']:.1f} img/s" for k, v in ex["stages"].items()))
         print(f"   FLOP bound: {ex['gflops_per_image']:.3f} GFLOP/image at {ex['matmul']['gflops']:.0f} GFLOP/s "
               f"(fp32 matmul {ex['matmul']['n']}^2, best of before/after) = {ex['flop_bound_images_per_s']:.0f} img/s "
               f"-> extract reaches {100 * ex['fraction_of_flop_bound']:.1f}% of it")
@@ -639,6 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-per-epoch", type=int, help="batches of the training steps' one epoch at every N "
                    "(50; 0: a full epoch, N // batch_size)")
     p.add_argument("--matmul-n", type=int, help="matrix side of the matmul rate (2048)")
+    p.add_argument("--forward-batches", type=int, help="batches of each runtime's forward alone (20)")
     p.add_argument("--params", default=str(REPO / "params.yaml"), help="extraction settings (backbone, extract)")
     p.add_argument("--work-dir", default="/tmp/grappa-scale", help="workspaces (each removed after it is measured)")
     p.add_argument("--keep", action="store_true", help="keep the workspaces")
@@ -647,6 +732,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run: keep the rows of the existing "
                    "JSON (extraction, every N whose steps all finished, and the finished steps of an N whose workspace "
                    "is still there) and run the rest")
+    p.add_argument("--redo-extraction", action="store_true", help="with --resume: measure the extraction again, "
+                   "keep the step rows")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="folder of scale_<device>.json")
     p.add_argument("--device-name", default=None, help="override the device name (cpu-<N>core / cuda-<GPU>)")
     p.add_argument("--note", default="", help="free text stored in the JSON")
@@ -704,7 +791,7 @@ def main(argv=None) -> dict:
         result["created"], result["baseline"] = previous["created"], previous["baseline"]
         result["note"] = " ".join(filter(None, [previous.get("note"), args.note]))
         ex = previous.get("extraction")
-        if ex and sorted(r["n"] for r in ex["runs"]) == sorted(args.extract_images):
+        if ex and sorted(r["n"] for r in ex["runs"]) == sorted(args.extract_images) and not args.redo_extraction:
             result["extraction"] = ex
         else:
             rows[:] = [r for r in rows if r["store"] != "images"]

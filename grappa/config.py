@@ -81,6 +81,8 @@ class BackboneParams(_Strict):
 class ExtractParams(_Strict):
     batch_size: int = Field(default=32, ge=1)
     num_workers: int = Field(default=2, ge=0)
+    # where the frozen forward runs (grappa/core/runtimes.py): auto = torch on CUDA, openvino on the CPU
+    runtime: Literal["auto", "torch", "openvino"] = "auto"
     cache_dir: str = ".cache/features"
     # `extract --shard i/n` for i < shards: one part of the snapshot each (a mapped Airflow task,
     # a DVC foreach stage); `merge-features` joins them

@@ -6,7 +6,7 @@ in order by ``merge-features`` are the snapshot's order whatever N is. Writes
 - ``features.parquet``: image_id, uri, domain, split, label (None for unlabeled), content_hash, vector
 - ``prefix.npy``: float16 activations at ``adapt_from_block`` (only when > 0), row-aligned
 - ``report.json``: counts, new vs cached, undecodable images with reasons (records the snapshot could not
-  use are listed in its own report), timings
+  use are listed in its own report), timings, the runtime the forward ran on (``extract.runtime``)
 
 The cache (``extract.cache_dir/<fingerprint>/``) is keyed by the sha256 of each file's bytes and by
 the backbone fingerprint, so a rerun after new images arrive computes only the new ones; shards of
@@ -30,6 +30,7 @@ from grappa.config import ConfigError, Params
 from grappa.core.augment import image_transform
 from grappa.core.backbones import create_backbone
 from grappa.core.model import GrappaModel, pick_device
+from grappa.core.runtimes import frozen_forward
 from grappa.io.artifacts import file_sha256, read_table, vectors_to_arrow
 from grappa.io.assemble import build_model
 from grappa.io.datasets import ImageDataset, loader
@@ -70,7 +71,7 @@ def run(params: Params, shard: Shard) -> dict:
         uris = rows.column("uri").to_pylist()
         todo = sorted({hashes[i]: uris[i] for i in np.flatnonzero(missing)}.items())
         t_load = time.perf_counter()
-        computed, broken = _compute(model, todo, params, preprocess, start, cache)
+        computed, broken, runtime = _compute(model, todo, params, preprocess, cache)
         t_forward = time.perf_counter()
         usable = np.array([h not in broken for h in hashes], dtype=bool)
         if not usable.any():
@@ -101,49 +102,49 @@ def run(params: Params, shard: Shard) -> dict:
         "timings_s": {"cache_index": t_load - t0, "forward": t_forward - t_load, "write": t_end - t_forward,
                       "total": t_end - t0},
         "images_per_s": len(computed) / max(t_forward - t_load, 1e-9),
+        "runtime": runtime,  # where the forward ran (extract.runtime); None when every image was cached
     }
     return report
 
 
-def _compute(model: GrappaModel, todo: list[tuple[str, str]], params: Params, preprocess, start: int,
-             cache: FeatureCache) -> tuple[list[str], dict[str, str]]:
+def _compute(model: GrappaModel, todo: list[tuple[str, str]], params: Params, preprocess,
+             cache: FeatureCache) -> tuple[list[str], dict[str, str], dict | None]:
     """Features (and prefix activations) of every image in ``todo``, appended to ``cache`` every
-    FLUSH_EVERY images; returns the hashes computed and {hash: reason} of undecodable images."""
+    FLUSH_EVERY images; returns the hashes computed, {hash: reason} of undecodable images and the
+    runtime the forward ran on (None when ``todo`` is empty)."""
     computed, broken = [], {}
     pending: tuple[list, list, list] = ([], [], [])
 
     def flush() -> None:
         if pending[0]:
-            cache.append(pending[0], np.concatenate(pending[1]), np.concatenate(pending[2]) if start > 0 else None)
+            cache.append(pending[0], np.concatenate(pending[1]), np.concatenate(pending[2]) if pending[2] else None)
             computed.extend(pending[0])
             for buffer in pending:
                 buffer.clear()
 
     if not todo:
-        return computed, broken
+        return computed, broken, None
     # the features are stored under the hash of the bytes decoded: a file rewritten since the snapshot is skipped
     dataset = ImageDataset([uri for _, uri in todo], image_transform(preprocess, train=False),
                            params.data.min_side, params.data.max_pixels, hashes=[digest for digest, _ in todo],
                            max_bytes=params.data.max_file_bytes)
     batches = loader(dataset, params.extract.batch_size, num_workers=params.extract.num_workers)
-    device = pick_device()
-    model.to(device)
-    with torch.inference_mode():
-        for rows, x, bad in tqdm(batches, desc="extract", unit="batch"):
-            for i, reason in bad:
-                broken[todo[i][0]] = reason
-            if x is None:
-                continue
-            acts = model.forward_prefix(x.to(device))
-            emb = model.forward_suffix(acts, "zero_shot")[0].cpu().numpy()
-            pending[0].extend(todo[i][0] for i in rows.tolist())
-            pending[1].append(emb)
-            if start > 0:
-                pending[2].append(acts.to("cpu", torch.float16).contiguous().numpy())  # the cache holds NCHW
-            if len(pending[0]) >= FLUSH_EVERY:
-                flush()
+    forward, runtime = frozen_forward(model, params.extract.runtime, pick_device(), params.backbone.image_size,
+                                      len(todo))
+    for rows, x, bad in tqdm(batches, desc="extract", unit="batch"):
+        for i, reason in bad:
+            broken[todo[i][0]] = reason
+        if x is None:
+            continue
+        acts, emb = forward(x)
+        pending[0].extend(todo[i][0] for i in rows.tolist())
+        pending[1].append(emb.numpy())
+        if acts is not None:
+            pending[2].append(acts.to(torch.float16).contiguous().numpy())  # the cache holds NCHW
+        if len(pending[0]) >= FLUSH_EVERY:
+            flush()
     flush()
-    return computed, broken
+    return computed, broken, runtime
 
 
 def _write_part(folder: Path, rows: pa.Table, cache: FeatureCache, prefix_shape, step: int) -> None:

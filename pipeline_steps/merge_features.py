@@ -89,5 +89,6 @@ def _sum_reports(reports: list[dict]) -> dict:
         # adds this step's own total
         "timings_s": {"forward": forward, "parts": sum(r["timings_s"]["total"] for r in reports)},
         "images_per_s": computed / max(forward, 1e-9),
-        "per_shard": [{"shard": r["shard"], "images": r["images"], "computed": r["computed"]} for r in reports],
+        "per_shard": [{"shard": r["shard"], "images": r["images"], "computed": r["computed"],
+                       "runtime": r.get("runtime")} for r in reports],
     }

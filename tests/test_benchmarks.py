@@ -197,7 +197,13 @@ def test_scale_quick_writes_rows_for_every_step_and_size(tmp_path):
                 "fraction_of_flop_bound"):
         assert ex[key] > 0, key
     assert ex["plain_timm_loop"]["images_per_s"] > 0 and ex["matmul"]["gflops"] > 0
-    assert "growth exponents" in proc.stdout and "FLOP bound" in proc.stdout
+    # the params' runtime (auto: OpenVINO on the CPU) beside PyTorch on the same images, each stage alone
+    side = ex["runtime_vs_torch"]
+    assert ex["runtime"]["name"] == "openvino" and side["speedup"] > 0 and side["min_cosine_vs_torch"] > 0.9999
+    assert side["images_compared"] == ex["runs"][0]["n"]
+    assert {"decode_resize", "forward_torch", "forward_openvino"} <= set(ex["stages"])
+    assert all(stage["images_per_s"] > 0 for stage in ex["stages"].values())
+    assert "growth exponents" in proc.stdout and "FLOP bound" in proc.stdout and "vs torch" in proc.stdout
 
 
 def test_readme_results_are_the_committed_benchmark():

@@ -334,6 +334,59 @@ def test_cached_prefix_through_the_adapted_blocks_gives_the_extracted_features(t
     assert cosine.min() > 0.999, cosine.min()  # float16 cache: equal up to its rounding
 
 
+@pytest.mark.parametrize("backbone", ["tiny", "lite0"])
+def test_openvino_extraction_gives_the_embeddings_and_prefix_of_torch(tmp_path, messy, backbone):
+    """extract.runtime only moves the forward: per image, the OpenVINO embedding is the PyTorch one
+    to cosine 0.9999 (the issue's bar; it measures > 0.99999) and the float16 prefix agrees too.
+    lite0: the shipped backbone (ImageNet weights) on real images of each domain."""
+    import shutil
+
+    from conftest import SHARED_DATA
+
+    sections = {}
+    if backbone == "lite0":
+        if not SHARED_DATA.is_dir():
+            pytest.skip(f"the multidomain images are not at {SHARED_DATA}")
+        folder = tmp_path / "real"
+        for domain in sorted(p.name for p in SHARED_DATA.iterdir() if p.is_dir()):
+            (folder / domain).mkdir(parents=True)
+            for image in sorted((SHARED_DATA / domain).rglob("*.jpg"))[:6]:
+                shutil.copy(image, folder / domain / f"{image.parent.name}_{image.name}")
+        sources = [folder]
+        sections["backbone"] = {"name": "tf_efficientnet_lite0", "weights": "auto", "image_size": 224,
+                                "adapt_from_block": 11}
+    else:
+        sources = [messy[0], messy[1]]
+    features = {}
+    for runtime in ("torch", "openvino"):
+        params = _params(tmp_path / runtime, sources, extract={"runtime": runtime}, **sections)
+        report = snapshot_and_extract(params)
+        assert report["computed"] >= 12 and report["per_shard"][0]["runtime"]["name"] == runtime  # noqa: PLR2004
+        table = read_table(Path(params.out_dir) / "extract" / "features.parquet")
+        features[runtime] = (table.column("image_id").to_pylist(), arrow_to_vectors(table.column("vector")),
+                             _prefix(params).astype(np.float32))
+    (ids, emb, acts), (ids_ov, emb_ov, acts_ov) = features["torch"], features["openvino"]
+    assert ids == ids_ov
+    cosine = (emb * emb_ov).sum(axis=1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(emb_ov, axis=1)
+    assert cosine.min() > 0.9999, cosine.min()
+    scale = np.abs(acts).max()
+    assert np.abs(acts - acts_ov).max() < 1e-2 * scale  # float16 rounding apart
+
+
+def test_auto_runtime_is_openvino_on_the_cpu_for_enough_images_else_torch():
+    import torch
+
+    from grappa.core.runtimes import AUTO_MIN_IMAGES, resolve_runtime
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_runtime("auto", cpu, AUTO_MIN_IMAGES) == "openvino"
+    assert resolve_runtime("auto", cpu, AUTO_MIN_IMAGES - 1) == "torch"  # the conversion would cost more
+    assert resolve_runtime("auto", cuda, 10**6) == "torch"
+    assert resolve_runtime("openvino", cpu, 1) == "openvino" and resolve_runtime("torch", cpu, 10**6) == "torch"
+    with pytest.raises(ValueError, match="unknown runtime"):
+        resolve_runtime("onnx", cpu, 1)
+
+
 # --------------------------------------------------------------------------- the feature store
 
 
