@@ -661,8 +661,9 @@ def print_report(result: dict) -> None:
                            "jobs on the machine; loadavg_1m in the JSON rows)"])
     ex = result.get("extraction")
     if ex and ex.get("images_per_s"):
+        decoding = (ex.get("runtime") or {}).get("loader_workers", ex["extract_settings"]["num_workers"])
         print(f"\n== extraction ({ex['backbone']['name']}, {ex['backbone']['image_size']} px, "
-              f"batch {ex['extract_settings']['batch_size']}, {ex['extract_settings']['num_workers']} workers), "
+              f"batch {ex['extract_settings']['batch_size']}, {decoding} loader workers), "
               f"{ex['n']:,} images: {ex['images']}")
         plain = ex["plain_timm_loop"]
         print(f"   extract (part report images_per_s): {ex['images_per_s']:.1f} img/s")
@@ -672,7 +673,7 @@ def print_report(result: dict) -> None:
         if side and side.get("speedup"):
             print(f"   runtime {ex['runtime']['name']} {ex['runtime']['version']} vs torch, {side['n']:,} images: "
                   f"{side['images_per_s']:.1f} vs {side['torch_images_per_s']:.1f} img/s -> {side['speedup']:.2f}x; "
-                  f"smallest per-image cosine of the embeddings {side['min_cosine_vs_torch']:.6f}")
+                  f"smallest per-image cosine of the embeddings {side['min_cosine_vs_torch']:.7f}")
         if ex.get("stages"):
             print("   each stage alone: " + ", ".join(f"{k} {v['images_per_s']:.1f} img/s" for k, v in ex["stages"].items()))
         print(f"   FLOP bound: {ex['gflops_per_image']:.3f} GFLOP/image at {ex['matmul']['gflops']:.0f} GFLOP/s "

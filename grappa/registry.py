@@ -149,7 +149,7 @@ STEPS: tuple[Step, ...] = (
          outs=(Out(L.EXTRACT_PART, note="a folder: features.parquet, report.json, and prefix.npy when "
                                         "backbone.adapt_from_block > 0"),),
          report=L.PART_REPORT, mapped="shard", datasets=(),
-         resources=Resources("2", "3Gi", "4Gi")),  # peak 1.7 GB at 10k (backbone and 2 decode workers)
+         resources=Resources("2", "3Gi", "4Gi")),  # peak 2.1 GB at 10k on OpenVINO (1.7 GB on torch)
     # the parts' folders: one dep per shard of extract.shards
     Step("merge-features", "step 2b: the extracted parts as one feature table (prefix activations stay in the parts)",
          params=(*BASE, "extract.shards"),
