@@ -71,9 +71,9 @@ def test_structural_lint(dockerfile):
 
 def test_compose_stack_has_no_literal_credentials():
     compose = yaml.safe_load((CONTAINERS / "compose.yaml").read_text())
-    assert {"minio", "mlflow", "airflow"} <= set(compose["services"])
+    assert {"s3", "mlflow", "airflow"} <= set(compose["services"])
     mlflow = " ".join(compose["services"]["mlflow"]["entrypoint"])
-    assert "sqlite:" in mlflow and "--artifacts-destination=s3://" in mlflow
+    assert "sqlite:////workspace/mlflow.db" in mlflow  # the workspace's own store, as `make up`
     for name, service in compose["services"].items():
         env = service.get("environment") or {}
         for key, value in (env.items() if isinstance(env, dict) else []):
@@ -82,12 +82,26 @@ def test_compose_stack_has_no_literal_credentials():
     assert ".env" in (CONTAINERS / ".gitignore").read_text().split()
 
 
+def test_compose_mounts_this_checkout_and_runs_the_dags_on_it():
+    """Every service sees the checkout at /workspace (params.yaml, dvc.yaml, outputs/) and the data
+    beside it at /shared, as the user who owns it; the local runner works there."""
+    compose = yaml.safe_load((CONTAINERS / "compose.yaml").read_text())
+    for name, service in compose["services"].items():
+        assert "..:/workspace" in service["volumes"] and service["working_dir"] == "/workspace", name
+        assert any(v.endswith(":/shared:ro") for v in service["volumes"]), name
+        assert service["user"].startswith("${GRAPPA_UID"), name
+    airflow = compose["services"]["airflow"]["environment"]
+    assert airflow["GRAPPA_REPO"] == "/workspace" and airflow["GRAPPA_RUNNER"] == "local"
+    assert airflow["AIRFLOW_HOME"].startswith("/workspace/.stack/")  # git-ignored, writable by that user
+    assert airflow["GRAPPA_WATCH_DIR"] == "/workspace/data/incoming"
+
+
 def test_compose_publishes_every_port_on_loopback_only():
     """Closed by default: a published port reachable from other machines is opened on purpose
     (containers/compose.yaml's header says how, and which auth to turn on first)."""
     compose = yaml.safe_load((CONTAINERS / "compose.yaml").read_text())
     published = [(name, str(port)) for name, service in compose["services"].items() for port in service.get("ports") or []]
-    assert {name for name, _ in published} == {"minio", "mlflow", "airflow"}
+    assert {name for name, _ in published} == {"s3", "mlflow", "airflow"}
     for name, port in published:
         assert port.startswith("127.0.0.1:") and port.count(":") == 2, f"{name} publishes {port} beyond loopback"
 
