@@ -685,6 +685,43 @@ def print_report(result: dict) -> None:
     sys.stdout.flush()
 
 
+def markdown_table(result: dict) -> str:
+    """README's scale table (README.md, "Scale") from a scale JSON: per step, seconds / peak RSS at each
+    N of the synthetic stores, and the peak-RSS exponent over the last pair of sizes."""
+    rows = [r for r in result["rows"] if r["store"] == "synthetic" and r.get("rc", 0) == 0]
+    sizes = sorted({r["n"] for r in rows})
+    cell = {(r["step"], r["n"]): r for r in rows}
+    label = {"cluster": f"cluster (k = {', '.join(map(str, result['settings']['ks']))})",
+             "knn": "kNN graph (inside train_fusion)"}
+    pair = f"{_short(sizes[-2])}→{_short(sizes[-1])}" if len(sizes) > 1 else ""
+    lines = [f"| step | {_short(sizes[0])}: s / peak RSS MB | " + " | ".join(_short(n) for n in sizes[1:])
+             + f" | RSS exponent {pair} |", "|---" * (len(sizes) + 2) + "|"]
+    for step in dict.fromkeys(r["step"] for r in rows):
+        if step == "knn":
+            values = []
+            for n in sizes:
+                rep = (cell.get((step, n)) or {}).get("report") or {}
+                method = rep.get("method", "-").split(",")[0]
+                kind = "exact" if method == "exact" else ("IVF-PQ" if ",pq" in rep.get("method", "") else "IVF")
+                recall = rep.get("recall_vs_exact")
+                values.append(f"{rep['seconds']:.1f}, {kind}" + (f", recall {recall:.3f}" if recall is not None else "")
+                              if rep else "-")
+            lines.append(f"| {label[step]} | " + " | ".join(values) + " | |")
+            continue
+        values = [f"{cell[(step, n)]['seconds']:.1f} / {cell[(step, n)]['peak_rss_mb']:.0f}" if (step, n) in cell
+                  else "-" for n in sizes]
+        slope = result["exponents"].get(step, {}).get("peak_rss_mb", {}).get(f"{sizes[-2]}-{sizes[-1]}") \
+            if len(sizes) > 1 else None
+        lines.append(f"| {label.get(step, step)} | " + " | ".join(values)
+                     + f" | {'-' if slope is None else f'{slope:.2f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _short(n: int) -> str:
+    return f"{n // 1_000_000}M" if n >= 1_000_000 and n % 1_000_000 == 0 else (
+        f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n))
+
+
 def _note(row: dict) -> str:
     if row.get("rc", 0) != 0:
         return f"FAILED rc={row['rc']}" + (" (timeout)" if row.get("timed_out") else "")
@@ -738,6 +775,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="folder of scale_<device>.json")
     p.add_argument("--device-name", default=None, help="override the device name (cpu-<N>core / cuda-<GPU>)")
     p.add_argument("--note", default="", help="free text stored in the JSON")
+    p.add_argument("--markdown", action="store_true", help="print README's scale table from the JSON in --out "
+                   "(--device-name) and measure nothing")
     return p
 
 
@@ -753,9 +792,12 @@ def main(argv=None) -> dict:
     args.steps_per_epoch = args.steps_per_epoch or None
     info = speed.device_info()
     name = args.device_name or info["name"]
+    out = Path(args.out) / f"scale_{name}.json"
+    if args.markdown:
+        print(markdown_table(json.loads(out.read_text())), end="")
+        return {}
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    out = Path(args.out) / f"scale_{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     rows: list[dict] = []

@@ -242,3 +242,18 @@ def test_simplex_grid_has_the_corners_midpoints_and_centre():
     grid = simplex_grid(3)
     assert len(grid) == 7 and all(abs(sum(w) - 1) < 1e-9 for w in grid.values())
     assert grid["e1"] == [0.0, 1.0, 0.0] and grid["e0+e2"] == [0.5, 0.0, 0.5]
+
+
+def test_the_readme_scale_table_is_the_committed_json_s():
+    """README's scale table is generated (`python benchmarks/scale.py --markdown`), never hand-edited."""
+    import re
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import scale
+
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- scale table:[^\n]*-->\n(.*?)<!-- end scale table -->", readme, re.S)
+    assert block, "README.md has no generated scale table"
+    committed = json.loads((REPO / "benchmarks" / "results" / "scale_cpu-2core.json").read_text())
+    assert block.group(1) == scale.markdown_table(committed)
+    assert "| train_fusion |" in block.group(1) and "1M" in block.group(1)
