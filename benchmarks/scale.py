@@ -772,6 +772,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "is still there) and run the rest")
     p.add_argument("--redo-extraction", action="store_true", help="with --resume: measure the extraction again, "
                    "keep the step rows")
+    p.add_argument("--redo-steps", action="store_true", help="with --resume: measure the steps again, keep the "
+                   "extraction")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="folder of scale_<device>.json")
     p.add_argument("--device-name", default=None, help="override the device name (cpu-<N>core / cuda-<GPU>)")
     p.add_argument("--note", default="", help="free text stored in the JSON")
@@ -833,6 +835,8 @@ def main(argv=None) -> dict:
                                                             "benchmark_wall_s": previous.get("benchmark_wall_s")}]
         result["created"], result["baseline"] = previous["created"], previous["baseline"]
         result["note"] = " ".join(filter(None, [previous.get("note"), args.note]))
+        if args.redo_steps:
+            rows[:] = [r for r in rows if r["store"] != "synthetic"]
         ex = previous.get("extraction")
         if ex and sorted(r["n"] for r in ex["runs"]) == sorted(args.extract_images) and not args.redo_extraction:
             result["extraction"] = ex
