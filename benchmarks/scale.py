@@ -537,7 +537,7 @@ def bench_extraction(args, rows: list[dict], save) -> dict:
             print(f"   {stage:<20} n={n:<8,} {rt:<9} {_progress(result)}", flush=True)
             if result["rc"] != 0:
                 break
-            if stage in ("snapshot", "extract"):
+            if stage in ("snapshot", "extract") and rt == runtime:  # torch's side run is kept in its own entry
                 rows.append({"step": stage, "n": n, **result, "store": "images", "runtime": rt})
         part = registry.step("extract").report_file(Layout(ws / "outputs"), Shard(0, 1))
         if part.is_file():
@@ -700,12 +700,14 @@ def markdown_table(result: dict) -> str:
         if step == "knn":
             values = []
             for n in sizes:
-                rep = (cell.get((step, n)) or {}).get("report") or {}
-                method = rep.get("method", "-").split(",")[0]
-                kind = "exact" if method == "exact" else ("IVF-PQ" if ",pq" in rep.get("method", "") else "IVF")
-                recall = rep.get("recall_vs_exact")
-                values.append(f"{rep['seconds']:.1f}, {kind}" + (f", recall {recall:.3f}" if recall is not None else "")
-                              if rep else "-")
+                row = cell.get((step, n))
+                if row is None:
+                    values.append("-")
+                    continue
+                method = (row.get("report") or {}).get("method", "")
+                kind = "exact" if method == "exact" else ("IVF-PQ" if ",pq" in method else "IVF")
+                recall = (row.get("report") or {}).get("recall_vs_exact")
+                values.append(f"{row['seconds']:.1f}, {kind}" + (f", recall {recall:.3f}" if recall is not None else ""))
             lines.append(f"| {label[step]} | " + " | ".join(values) + " | |")
             continue
         values = [f"{cell[(step, n)]['seconds']:.1f} / {cell[(step, n)]['peak_rss_mb']:.0f}" if (step, n) in cell

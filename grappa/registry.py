@@ -158,12 +158,12 @@ STEPS: tuple[Step, ...] = (
                                                           "when backbone.adapt_from_block is 0)"),
                Out(L.EXTRACT_REPORT)),
          report=L.EXTRACT_REPORT, datasets=BOTH_SPLITS,
-         resources=Resources("1", "512Mi", "1Gi")),  # peak 307 MB at 1M
+         resources=Resources("1", "512Mi", "1Gi")),  # peak 319 MB at 1M
     Step("cluster", "step 3: spherical k-means at every k",
          params=(*BASE, "cluster"),
          deps=(L.FEATURES,),
          outs=(Out(L.CLUSTER, note="every k in one run; consumers depend on their own k<K> files inside it"),),
-         report=L.CLUSTER_REPORT, resources=Resources("2", "1536Mi", "2Gi")),  # peak 908 MB at 1M
+         report=L.CLUSTER_REPORT, resources=Resources("2", "1536Mi", "2Gi")),  # peak 870 MB at 1M
     Step("train-adaptor", "step 4: one adaptor set on the k pseudo-labels",
          params=(*BASE, "backbone", "adaptor", *IMAGES, "extract.num_workers"),
          # prefix.json: the parts' prefix activations it lists are read too (a function of

@@ -350,6 +350,68 @@ def test_k8s_runner_renders_pod_spec(container_env):
     assert op.retries >= 1
 
 
+def _schema_errors(data, type_name: str, path: str = "pod") -> list[str]:
+    """Where ``data`` (a manifest as JSON) leaves the Kubernetes schema of ``type_name``: unknown keys,
+    wrong primitive types, missing required fields. The schema is the one the official Python
+    client's models are generated from (their ``openapi_types`` and ``attribute_map``), strictly: the
+    client itself ignores unknown keys, the API server rejects them."""
+    import re
+
+    from kubernetes import client
+
+    primitives = {"str": str, "int": int, "bool": bool, "float": (int, float), "object": object,
+                  "datetime": str, "date": str}
+    if (m := re.fullmatch(r"list\[(.+)\]", type_name)):
+        if not isinstance(data, list):
+            return [f"{path}: a list expected, got {type(data).__name__}"]
+        return [e for i, item in enumerate(data) for e in _schema_errors(item, m.group(1), f"{path}[{i}]")]
+    if (m := re.fullmatch(r"dict[(\[]str, (.+)[)\]]", type_name)):  # dict(str, X) or dict[str, X]
+        if not isinstance(data, dict):
+            return [f"{path}: a map expected, got {type(data).__name__}"]
+        return [e for key, item in data.items() for e in _schema_errors(item, m.group(1), f"{path}.{key}")]
+    if type_name in primitives:
+        ok = isinstance(data, primitives[type_name]) and not (type_name == "int" and isinstance(data, bool))
+        return [] if ok else [f"{path}: {type_name} expected, got {data!r}"]
+    model = getattr(client, type_name)
+    if not isinstance(data, dict):
+        return [f"{path}: a {type_name} object expected, got {type(data).__name__}"]
+    by_json = {json_key: attr for attr, json_key in model.attribute_map.items()}
+    errors = [f"{path}.{key}: not a field of {type_name}" for key in data if key not in by_json]
+    for key, item in data.items():
+        if key in by_json and item is not None:
+            errors += _schema_errors(item, model.openapi_types[by_json[key]], f"{path}.{key}")
+    try:  # the models' setters raise on a required field left out (client-side validation)
+        model(**{by_json[k]: v for k, v in data.items() if k in by_json})
+    except ValueError as err:
+        errors.append(f"{path}: {err}")
+    return errors
+
+
+def test_every_k8s_pod_spec_is_valid_against_the_kubernetes_schema(container_env):
+    """The pods of every step (mapped ones included) and of close_run, as the operator would send them,
+    hold only fields of the Kubernetes schema with the right types and every required field."""
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+    from kubernetes.client import ApiClient
+
+    from grappa import registry
+
+    api = ApiClient()
+    # the checker finds what it must: a misspelt field, a wrong type, a required field left out
+    assert set(_schema_errors({"spec": {"containers": [{"name": "x", "imagePullPolicy": 3}], "nodeName": "n",
+                                        "restartPolcy": "Never"}}, "V1Pod")) == {
+        "pod.spec.restartPolcy: not a field of V1PodSpec", "pod.spec.containers[0].imagePullPolicy: str expected, got 3"}
+    assert any("`name`" in e for e in _schema_errors({"spec": {"containers": [{"image": "x"}]}}, "V1Pod"))
+    tasks = [*(step.stage for step in registry.STEPS), "close_run"]
+    for task_id in tasks:
+        commands = container_env[task_id]
+        command = commands[0] if commands and isinstance(commands[0], list) else commands  # one instance
+        op = runners.step_operator(task_id, command, "k8s")
+        with mock.patch.object(KubernetesHook, "is_in_cluster", new_callable=mock.PropertyMock, return_value=False):
+            manifest = api.sanitize_for_serialization(op.build_pod_request_obj())
+        assert manifest["spec"]["containers"][0]["resources"]["limits"]["memory"], task_id
+        assert _schema_errors(manifest, "V1Pod") == [], task_id
+
+
 def test_every_k8s_pod_asks_for_what_its_step_needs(container_env):
     """Each step's pod (close_run too) requests CPU and memory and has a memory limit no lower than its
     request, in quantities Kubernetes parses; what a step reads at 1M images fits its limit."""
@@ -368,7 +430,7 @@ def test_every_k8s_pod_asks_for_what_its_step_needs(container_env):
         assert scaled.limits == {"memory": "8192Mi", "nvidia.com/gpu": "1"}
         assert "nvidia.com/gpu" not in runners._k8s_resources("close_run", k8s).limits
     # the limits stand above the peaks benchmarks/scale.py measured at 1M images
-    peaks = {"merge_features": 307, "cluster": 908, "train_adaptor": 1093, "train_fusion": 1715}  # MB
+    peaks = {"merge_features": 319, "cluster": 870, "train_adaptor": 1081, "train_fusion": 1707}  # MB
     for stage, peak_mb in peaks.items():
         assert parse_quantity(registry.step(stage).resources.memory_limit) > 1.5 * peak_mb * 2**20, stage
 

@@ -6,9 +6,9 @@ the pool, so it can run outside PyTorch:
 - ``torch``: the model itself (CUDA where there is one).
 - ``openvino``: the same module traced by OpenVINO (no ONNX file) and compiled for the CPU in fp32.
   Lite0's depthwise convolutions are what PyTorch's CPU kernels do worst: on 2 cores the forward
-  alone ran at 165.6 images/s against 47.9, the extraction step at 88.1 against 38.7 on the same
-  2,000 images (benchmarks/scale.py, both in one run), and the embeddings agree with PyTorch's to
-  cosine 0.9999999 per image there (tests/test_extract.py holds them to 0.9999).
+  alone ran at 154-166 images/s against 42-48, the extraction step 2.3-2.4x faster on the same
+  2,000 images (benchmarks/scale.py, both in one run, two runs), and the embeddings agree with
+  PyTorch's to cosine 0.9999999 per image there (tests/test_extract.py holds them to 0.9999).
 - ``auto``: ``torch`` on a CUDA device or for fewer than AUTO_MIN_IMAGES images (OpenVINO's
   conversion, 2.5 s for the tests' tiny model and about 4 s for Lite0, costs more than it saves on a
   few hundred images), else ``openvino``.
