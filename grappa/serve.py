@@ -120,6 +120,7 @@ def serve_command(params: Params, host: str, port: int, folder: str | None, mode
             probe.bind((host, port))
         except OSError as err:
             raise ConfigError(f"serve: cannot listen on {host}:{port} ({err.strerror}); pick another with --port") from None
+        port = probe.getsockname()[1]  # --port 0: the free port the system chose, printed and served
     searcher = Searcher(params, folder, model_ref)
     print(f"grappa serve: http://{host}:{port}/ ({len(searcher.rows):,} catalogue images, "
           f"model {searcher.built_by}); Ctrl-C stops", flush=True)

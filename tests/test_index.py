@@ -128,7 +128,7 @@ def test_search_html_is_a_self_contained_page_of_the_queries_and_their_neighbour
 def test_serve_answers_an_upload_in_a_browser_and_over_the_json_api(work, tmp_path):
     """`grappa serve` on loopback: a real browser chooses an image on the upload page and sees its
     neighbours as thumbnails; the JSON API answers the same hits; user mistakes are one line."""
-    import socket
+    import re
     import subprocess
     import sys
     import time
@@ -141,14 +141,15 @@ def test_serve_answers_an_upload_in_a_browser_and_over_the_json_api(work, tmp_pa
     limit = 200_000  # data.max_file_bytes: the test images are a few kB
     (tmp_path / "params.yaml").write_text(json.dumps({**raw, "data": {**raw["data"], "max_file_bytes": limit}}))
     query = raw["data"]["sources"][0].replace("manifest.csv", "images/q_2_0.png")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
+    # --port 0: the server takes a free port and says which in its first line
     server = subprocess.Popen([sys.executable, "-m", "grappa", "--params", str(tmp_path / "params.yaml"), "serve",
-                               "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     browser = None
     try:
+        first = server.stdout.readline()  # printed once the index and model are loaded ('' if it died)
+        found = re.match(r"grappa serve: (http://127\.0\.0\.1:(\d+))/ ", first)
+        assert found and int(found.group(2)) > 0, first + server.communicate()[1][-2000:]
+        url = found.group(1)
         deadline = time.monotonic() + 180
         while True:
             try:
