@@ -62,28 +62,26 @@ def frozen_forward(model: GrappaModel, runtime: str, device: torch.device, image
     extraction caches them."""
     name = resolve_runtime(runtime, device, images)
     keep_acts = model.start > 0
-    model.eval()
+    frozen = _Frozen(model).eval()
     t0 = time.perf_counter()
     if name == "torch":
-        model.to(device)
+        frozen.to(device)
 
         def run(images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
             with torch.inference_mode():
-                acts = model.forward_prefix(images.to(device))
-                emb = model.forward_suffix(acts, ZERO_SHOT)[0].cpu()
-            return (acts.cpu() if keep_acts else None), emb
+                acts, emb = frozen(images.to(device))
+            return (acts.cpu() if keep_acts else None), emb.cpu()
 
         return run, {"name": name, "version": torch.__version__, "device": str(device), "compile_s": 0.0}
 
     import openvino as ov
 
-    model.to("cpu")
+    frozen.to("cpu")
     example = torch.zeros(2, 3, image_size, image_size)
     chunk, model.cpu_chunk = model.cpu_chunk, None  # traced once for any batch: OpenVINO schedules its own work
     try:
         with torch.no_grad():
-            converted = ov.convert_model(_Frozen(model), example_input=example,
-                                         input=[(-1, 3, image_size, image_size)])
+            converted = ov.convert_model(frozen, example_input=example, input=[(-1, 3, image_size, image_size)])
     finally:
         model.cpu_chunk = chunk
     compiled = ov.Core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
