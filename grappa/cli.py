@@ -174,17 +174,6 @@ def _workspace() -> Path:
     return root
 
 
-def prepare_workspace(root: Path, params: Params, echo=print) -> None:
-    """Write ``params`` into params.yaml and the data roots into dvc.yaml (the run-time override rule)."""
-    from grappa import workspace
-
-    workspace.check_outputs_inside(root, params)
-    for line in workspace.record_params(root / "params.yaml", params):
-        echo(f"params.yaml: {line}")
-    for line in workspace.sync_data_deps(root, params):
-        echo(f"dvc.yaml: {line}")
-
-
 def _run_pipeline(params: Params) -> int:
     """`grappa run`: `dvc repro` of the whole pipeline, one MLflow parent run around the stages that ran."""
     from grappa import workspace
@@ -198,7 +187,7 @@ def _run_pipeline(params: Params) -> int:
 def _run_pipeline_held(root: Path, params: Params, started: float) -> int:
     from grappa import workspace
 
-    prepare_workspace(root, params)
+    workspace.prepare(root, params)
     tracker = tracking.from_params(params)
     env = {}
     if tracker is not None:  # the first stage that runs opens the parent; none runs: no empty MLflow run
@@ -222,7 +211,7 @@ def _run_pipeline_held(root: Path, params: Params, started: float) -> int:
     return 0
 
 
-def _repro_stage(params: Params, stage: str, pinned: str | None = None) -> int:
+def _repro_stage(params: Params, stage: str, pinned: str | None = None, pull: bool = False) -> int:
     """`grappa repro STAGE`: one stage through DVC; exit 99 when DVC found it up to date. With
     ``pinned`` (the sha256 of params.yaml its Airflow run planned with), other params are refused."""
     from grappa import workspace
@@ -234,7 +223,7 @@ def _repro_stage(params: Params, stage: str, pinned: str | None = None) -> int:
         problem = workspace.drift(root, params)
         if problem:
             raise ConfigError(problem)
-    result = workspace.repro(root, stage=stage)
+    result = workspace.repro(root, stage=stage, pull=pull)
     if result.returncode != 0:
         print(f"grappa: error: stage '{stage}' failed (dvc exit {result.returncode})", file=sys.stderr)
         return 1
@@ -244,12 +233,43 @@ def _repro_stage(params: Params, stage: str, pinned: str | None = None) -> int:
     return 0
 
 
+def _start_run(args, overrides: dict) -> int:
+    """`grappa start-run NAME`: the run's params on its experiment ref (what the DAG's plan task does)."""
+    from grappa import experiments, workspace
+
+    root = _workspace()
+    name = experiments.run_name(args.name)
+    with workspace.exclusive(root, f"the start of run {name}", wait=True):
+        experiments.start(root, name, lambda: load_params(args.params, overrides), args.baseline)
+    return 0
+
+
+def _task(args, overrides: dict) -> int:
+    """`grappa task STAGE --run NAME`: one stage of a run in this workspace, by the contract every runner
+    keeps (grappa/experiments.py); exit 99 when the stage is up to date."""
+    from grappa import experiments, workspace
+
+    if overrides:
+        raise ConfigError("task runs on the params its run committed; pass --set to 'grappa start-run'")
+    root = _workspace()
+    name = experiments.run_name(args.run)
+    with workspace.exclusive(root, f"task {args.stage} of run {name}", wait=True):
+        ref = experiments.checkout_run(root, name)
+        params = load_params(args.params, {})
+        experiments.pull_inputs(root, args.stage)
+        code = _repro_stage(params, args.stage, pull=True)
+        if code == 0:
+            experiments.publish(root, name, ref, args.stage, params)
+    return code
+
+
 # --------------------------------------------------------------------------- parser
 
 
 # `grappa --help` lists the verbs in these groups; open-run and close-run are the DAG's plumbing, not listed
 HELP_GROUPS = {
     "run the pipeline": ("run", *VERBS, "repro"),
+    "run across workers": ("start-run", "task"),
     "use the model": ("embed", "search", "serve"),
     "admin": ("check", "prepare"),
 }
@@ -304,6 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("stage", help="a dvc.yaml stage, e.g. cluster, extract@0-of-2 or train_adaptor@64")
     repro.add_argument("--params-sha256", default=None, metavar="SHA256",
                        help="refuse to run unless params.yaml has this sha256 (the one its Airflow run pinned)")
+    starter = verb("start-run", help="start a pipeline run on a git remote, as a DVC experiment its tasks "
+                   "commit to (what the DAG's plan task does)")
+    starter.add_argument("name", help="the run's name, e.g. the Airflow run id")
+    starter.add_argument("--baseline", default=None, metavar="REV",
+                         help="the commit of the remote the run starts from (default: the remote's HEAD)")
+    task = verb("task", help="one stage of a started run in this workspace: pull inputs, dvc repro, push; "
+                "exit 99 if up to date")
+    task.add_argument("stage", help="a dvc.yaml stage, e.g. cluster, extract@0-of-2 or train_adaptor@64")
+    task.add_argument("--run", required=True, help="the run's name, as given to start-run")
     embed = verb("embed", help="embeddings of images (folders, manifests, s3:// prefixes) as Parquet")
     embed.add_argument("sources", nargs="+", help="image sources, like data.sources")
     embed.add_argument("--out", required=True, help="Parquet file to write")
@@ -388,7 +417,7 @@ def _dispatch(args, params: Params) -> int:
 
         root = _workspace()
         with workspace.exclusive(root, "a 'grappa prepare'"):
-            prepare_workspace(root, params)
+            workspace.prepare(root, params)
             # read while the workspace is still held: what an Airflow run pins its tasks to
             print(f"{workspace.PINNED_PREFIX}{workspace.params_sha256(root)}")
         return 0
@@ -423,7 +452,10 @@ def main(argv: list[str] | None = None) -> int:
     if not sys.stderr.isatty():  # logs (DVC, Airflow, CI): one progress line every 30 s, not every batch
         os.environ.setdefault("TQDM_MININTERVAL", "30")
     try:
-        params = load_params(args.params, _parse_set(args.set + args.set_after))
+        overrides = _parse_set(args.set + args.set_after)
+        if args.step in ("start-run", "task"):  # the params are the run's, read once it is checked out
+            return (_start_run if args.step == "start-run" else _task)(args, overrides)
+        params = load_params(args.params, overrides)
         return _dispatch(args, params)
     except (ConfigError, SourceError) as err:
         print(f"grappa: error: {err}", file=sys.stderr)

@@ -224,6 +224,15 @@ def sync_data_deps(workspace: Path, params: Params) -> list[str]:
     return changes
 
 
+def prepare(workspace: Path, params: Params, echo=print) -> None:
+    """Write ``params`` into params.yaml and the data roots into dvc.yaml (the run-time override rule)."""
+    check_outputs_inside(workspace, params)
+    for line in record_params(workspace / "params.yaml", params):
+        echo(f"params.yaml: {line}")
+    for line in sync_data_deps(workspace, params):
+        echo(f"dvc.yaml: {line}")
+
+
 def drift(workspace: Path, params: Params) -> str | None:
     """None when dvc.yaml is what the registry generates for ``params``' sources, else what differs."""
     wanted = watched_roots(params)
@@ -246,16 +255,17 @@ LOCK_FILE = ".grappa-run.lock"  # beside dvc.yaml (not in .dvc/: a workspace may
 
 
 @contextlib.contextmanager
-def exclusive(workspace: Path, what: str):
+def exclusive(workspace: Path, what: str, wait: bool = False):
     """Hold the workspace for ``what`` (a pipeline run, a params rewrite): a second one gets a
-    one-line ConfigError naming the holder, never an interleaved params.yaml or dvc.lock."""
+    one-line ConfigError naming the holder, never an interleaved params.yaml or dvc.lock. With
+    ``wait`` it queues instead (two tasks handed to one worker's workspace run one after the other)."""
     import fcntl
 
     path = workspace / LOCK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as fh:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
@@ -315,13 +325,21 @@ def dvc_command() -> list[str]:
     return [str(dvc) if dvc.exists() else "dvc"]
 
 
-def repro(workspace: Path, stage: str | None = None, env: dict[str, str] | None = None,
-          echo=print) -> Repro:
-    """``dvc repro`` (one stage with ``stage``) in ``workspace``, streaming its output through ``echo``."""
-    argv = [*dvc_command(), "--wait-for-lock", "repro", *(["--single-item", stage] if stage else [])]
+def dvc_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a dvc call: ``python`` in its stages is this interpreter."""
     bindir = str(Path(sys.executable).parent)
     child_env = {**os.environ, **(env or {}), "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
     child_env.setdefault("DVC_NO_ANALYTICS", "1")
+    return child_env
+
+
+def repro(workspace: Path, stage: str | None = None, env: dict[str, str] | None = None,
+          echo=print, pull: bool = False) -> Repro:
+    """``dvc repro`` (one stage with ``stage``) in ``workspace``, streaming its output through ``echo``;
+    with ``pull``, missing inputs and run-cache entries come from the DVC remote first."""
+    argv = [*dvc_command(), "--wait-for-lock", "repro", *(["--pull"] if pull else []),
+            *(["--single-item", stage] if stage else [])]
+    child_env = dvc_env(env)
     result = Repro(returncode=0)
     current, started = None, 0.0
     try:
