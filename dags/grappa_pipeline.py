@@ -16,6 +16,12 @@
   GRAPPA_WATCH_DIR) / an S3 prefix and emit an event on the asset when the listing differs from
   the one the last pipeline run started on.
 
+With ``GRAPPA_WORKSPACE_MODE=own`` (workers that share no disk, e.g. Celery workers with clones of
+their own) plan instead starts the run as a DVC experiment on the git remote (``grappa start-run
+<run id>``, the conf in its params) and every step task is ``grappa task --run <run id> <stage>`` in
+the worker's clone: inputs pulled from the DVC remote, outputs pushed, dvc.lock committed on the run's
+ref (grappa/experiments.py); ``dvc exp show`` lists the runs.
+
 Where the steps run: env ``GRAPPA_RUNNER`` = local (subprocess in the repo, ``GRAPPA_REPO``),
 docker or k8s (image ``GRAPPA_IMAGE`` from containers/). Other settings: see containers/README.md.
 """
@@ -44,12 +50,15 @@ SETTLE_S = float(os.environ.get("GRAPPA_WATCH_SETTLE_S", 30))
 
 
 def build_pipeline(runner: str):
+    runners.workspace_mode(runner)  # a bad setting is the DAG's import error, at once
+
     @dag(
         dag_id=runners.PIPELINE_DAG,
         schedule=[UNLABELED],
         start_date=START,
         catchup=False,
-        max_active_runs=1,  # runs share one workspace (outputs/, feature cache)
+        # shared: runs share one workspace (outputs/, feature cache); own: a run starts from the last one's dvc.lock
+        max_active_runs=1,
         params={
             "sources": Param(None, type=["null", "array"], items={"type": "string"}),
             "ks": Param(None, type=["null", "array"], items={"type": "integer", "minimum": 2}),
@@ -61,7 +70,7 @@ def build_pipeline(runner: str):
     )
     def grappa_pipeline():
         @task.short_circuit
-        def plan(params=None, ti=None, triggering_asset_events=None) -> bool:
+        def plan(params=None, ti=None, run_id=None, triggering_asset_events=None) -> bool:
             # Glue, not a step: a bad conf fails here at once, without retries. Pushes every step's
             # command (a list for a mapped step) under its task id. Returns False (every later task
             # skipped) when DVC finds nothing to do.
@@ -70,7 +79,9 @@ def build_pipeline(runner: str):
                 print(f"triggered by new data: source={event['source']} fingerprint={event['fingerprint']}")
             if not events:
                 print("no asset event: manual run")
-            commands = planning.plan(dict(params or {}), runner)
+            commands = planning.plan(dict(params or {}), runner, run_id)
+            if commands["start"]:  # own workspaces: the run's params on its experiment ref of the git remote
+                print(planning.prepare_workspace(commands["start"]))
             if commands["prepare"]:
                 prepared = planning.prepare_workspace(commands["prepare"])
                 print(prepared)

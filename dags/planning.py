@@ -86,7 +86,7 @@ def planned_shards(conf: dict) -> int:
     return shards
 
 
-def plan(conf: dict, runner: str) -> dict:
+def plan(conf: dict, runner: str, run_id: str | None = None) -> dict:
     """The command of every step for this run, in the runner's format; a mapped step (``runners.MAPPED``)
     has a list, one command per item (per shard of ``shards``, per k of ``ks``).
 
@@ -100,12 +100,23 @@ def plan(conf: dict, runner: str) -> dict:
     ks, shards = planned_ks(conf), planned_shards(conf)
     values = {"cluster.ks": ks, "extract.shards": shards}  # the params the axes' items come from
     mapped = [runners.registry.step(task_id) for task_id in runners.MAPPED]
+    if runners.workspace_mode(runner) == "own":
+        # each worker's clone: the run's state on the git and DVC remotes (grappa/experiments.py)
+        from grappa.experiments import run_name  # at task time, on a worker holding a clone
+
+        name = run_name(run_id or "manual")
+        commands = {task_id: render(runner, ["task", "--run", name, task_id]) for task_id in runners.VERBS}
+        for step in mapped:
+            commands[step.stage] = [render(runner, ["task", "--run", name, step.stage_name(item)])
+                                    for item in step.axis.items_of(values[step.axis.key])]
+        return {"ks": ks, "shards": shards, "prepare": None, "start": render(runner, [*overrides, "start-run", name]),
+                "close_run": render(runner, ["close-run"]), **commands}
     if runner == "local":
         commands = {task_id: render(runner, ["repro", task_id]) for task_id in runners.VERBS}
         for step in mapped:
             commands[step.stage] = [render(runner, ["repro", step.stage_name(item)])
                                     for item in step.axis.items_of(values[step.axis.key])]
-        return {"ks": ks, "shards": shards, "prepare": render(runner, [*overrides, "prepare"]),
+        return {"ks": ks, "shards": shards, "prepare": render(runner, [*overrides, "prepare"]), "start": None,
                 "close_run": render(runner, ["close-run"]), **commands}
     argv = overrides
     if "--params" not in argv:
@@ -114,8 +125,8 @@ def plan(conf: dict, runner: str) -> dict:
     for step in mapped:
         commands[step.stage] = [render(runner, [*argv, step.verb, f"--{step.mapped}", step.axis.arg(item)])
                                 for item in step.axis.items_of(values[step.axis.key])]
-    return {"ks": ks, "shards": shards, "prepare": None, "close_run": render(runner, [*argv, "close-run"]),
-            **commands}
+    return {"ks": ks, "shards": shards, "prepare": None, "start": None,
+            "close_run": render(runner, [*argv, "close-run"]), **commands}
 
 
 def render(runner: str, argv: list[str]) -> str | list[str]:
@@ -126,7 +137,8 @@ def render(runner: str, argv: list[str]) -> str | list[str]:
 
 
 def prepare_workspace(command: str) -> str:
-    """Run ``grappa prepare`` in the repo (local runner); returns what it changed, or raises with its error."""
+    """Run ``grappa prepare`` (shared workspace) or ``grappa start-run`` (own workspaces) in the repo;
+    returns what it printed, or raises with its error."""
     done = subprocess.run(command, shell=True, cwd=runners.REPO, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError((done.stderr or done.stdout).strip().splitlines()[-1])
@@ -160,9 +172,10 @@ def pin_params(commands: dict, digest: str) -> dict:
 
 
 def stale_stages(runner: str) -> list[str] | None:
-    """The stages `dvc status` finds out of date in the workspace (local runner), None where DVC does
-    not run the steps. An empty list: this run has nothing to do."""
-    if runner != "local":
+    """The stages `dvc status` finds out of date in the shared workspace (local runner), None where
+    DVC does not run the steps there (each task of an own-workspace run finds it out itself). An
+    empty list: this run has nothing to do."""
+    if runner != "local" or runners.workspace_mode(runner) == "own":
         return None
     dvc = Path(os.environ.get("GRAPPA_PYTHON") or sys.executable).parent / "dvc"
     done = subprocess.run([str(dvc) if dvc.exists() else "dvc", "status", "--json"], cwd=runners.REPO,

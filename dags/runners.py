@@ -20,6 +20,10 @@ if str(REPO) not in sys.path:  # the step registry lives in the repository's gra
 from grappa import registry  # noqa: E402  (standard library only, like this module)
 
 RUNNERS = ("local", "docker", "k8s")
+# shared: every task in the one workspace GRAPPA_REPO (`grappa prepare` then `grappa repro STAGE`);
+# own: each worker runs its tasks in a clone of its own (its GRAPPA_REPO) and a run's state travels
+# through the git and DVC remotes (`grappa start-run`, then `grappa task STAGE`: grappa/experiments.py).
+WORKSPACE_MODES = ("shared", "own")
 VERBS = {step.stage: step.verb for step in registry.STEPS}  # task id (= dvc stage name) -> CLI verb
 # mapped task id -> its one axis: extract one instance per shard, train_adaptor one per k
 MAPPED = {step.stage: step.mapped for step in registry.STEPS if step.mapped}
@@ -30,10 +34,11 @@ WORKSPACE = "/workspace"  # containers: WORKDIR of the image, where the shared v
 # the last argument ('... train-adaptor --k 8', '... extract --shard 0/2'), or the stage's label
 # ('... repro train_adaptor@8', '... repro extract@0-of-2', shown as 0/2 like the CLI spells it).
 COMMAND_FIELD = {"local": "bash_command", "docker": "command", "k8s": "arguments"}
+_ITEM = ".split('@')[-1].replace('-of-', '/')"  # '8', '0/2', 'train_adaptor@8', 'extract@0-of-2' -> '8', '0/2'
 MAP_INDEX_ITEM = {
-    "local": "task.bash_command.split()[-1].split('@')[-1].replace('-of-', '/')",
-    "docker": "task.command[-1]",
-    "k8s": "task.arguments[-1]",
+    "local": "task.bash_command.split()[-1]" + _ITEM,
+    "docker": "task.command[-1]" + _ITEM,
+    "k8s": "task.arguments[-1]" + _ITEM,
 }
 # How many instances of a mapped task run at once, by axis.
 PARALLEL_ENV = {"k": "GRAPPA_MAX_PARALLEL_K", "shard": "GRAPPA_MAX_PARALLEL_SHARDS"}
@@ -57,6 +62,16 @@ def runner_name() -> str:
     if runner not in RUNNERS:
         raise ValueError(f"GRAPPA_RUNNER must be one of {RUNNERS}, got {runner!r}")
     return runner
+
+
+def workspace_mode(runner: str) -> str:
+    mode = os.environ.get("GRAPPA_WORKSPACE_MODE", "shared")
+    if mode not in WORKSPACE_MODES:
+        raise ValueError(f"GRAPPA_WORKSPACE_MODE must be one of {WORKSPACE_MODES}, got {mode!r}")
+    if mode == "own" and runner != "local":  # the step image has no git clone to run tasks in yet
+        raise ValueError(f"GRAPPA_WORKSPACE_MODE=own runs with GRAPPA_RUNNER=local (Celery workers, each with "
+                         f"its clone); the {runner} runner still shares the workspace GRAPPA_WORKSPACE")
+    return mode
 
 
 def retry_kwargs() -> dict:

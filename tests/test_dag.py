@@ -230,6 +230,30 @@ def test_local_steps_are_pinned_to_the_params_their_run_wrote(tmp_path, monkeypa
         planning.pinned_digest("params.yaml: unchanged\n")
 
 
+def test_own_workspaces_plan_a_run_started_on_the_git_remote_and_one_task_per_stage(tmp_path, monkeypatch):
+    """GRAPPA_WORKSPACE_MODE=own (Celery workers with clones of their own): the plan starts the run as
+    an experiment named after the Airflow run id, with the conf; every step is `grappa task --run`."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(runners, "REPO", tmp_path)
+    monkeypatch.setenv("GRAPPA_WORKSPACE_MODE", "own")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"cluster": {"ks": [2, 4]}}))
+    plan = planning.plan({"ks": [2, 8]}, "local", "manual__2026-12-06T22:17:12+00:00")
+    name = "manual__2026-12-06T22-17-12-00-00"
+    assert plan["start"].endswith(f"--set 'cluster.ks=[2, 8]' start-run {name}") and plan["prepare"] is None
+    assert plan["cluster"].endswith(f"task --run {name} cluster")
+    assert [c.split()[-1] for c in plan["train_adaptor"]] == ["train_adaptor@2", "train_adaptor@8"]
+    labels = [eval(runners.MAP_INDEX_ITEM["local"], {}, {"task": SimpleNamespace(bash_command=c)})
+              for c in plan["train_adaptor"] + plan["extract"]]
+    assert labels == ["2", "8", "0/1"]
+    assert planning.stale_stages("local") is None  # each task finds out itself whether it is up to date
+    with pytest.raises(ValueError, match="GRAPPA_WORKSPACE_MODE=own runs with GRAPPA_RUNNER=local"):
+        planning.plan({}, "docker", "r")
+    monkeypatch.setenv("GRAPPA_WORKSPACE_MODE", "private")
+    with pytest.raises(ValueError, match="GRAPPA_WORKSPACE_MODE must be one of"):
+        planning.plan({}, "local", "r")
+
+
 def test_plan_maps_extract_over_the_shards_of_the_run_conf(tmp_path, monkeypatch):
     """conf {"shards": 3}: three extract commands for every runner, the conf written as extract.shards."""
     monkeypatch.setattr(runners, "REPO", tmp_path)

@@ -45,6 +45,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def api_call(api: str, method: str, path: str, body: dict | None = None) -> dict:
+    """One call of Airflow's REST API at ``api`` (no login: a token from /auth/token)."""
+    token = json.loads(urllib.request.urlopen(f"{api}/auth/token", timeout=30).read())["access_token"]
+    request = urllib.request.Request(f"{api}{path}", method=method,
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read() or b"{}")
+
+
 @dataclass
 class Loop:
     """The running stack, seen through Airflow's REST API (as a user's script sees it)."""
@@ -57,14 +67,7 @@ class Loop:
         return self.settings.workspace
 
     def call(self, method: str, path: str, body: dict | None = None) -> dict:
-        api = self.settings.api
-        token = json.loads(urllib.request.urlopen(f"{api}/auth/token", timeout=30).read())["access_token"]
-        request = urllib.request.Request(f"{api}{path}", method=method,
-                                         data=None if body is None else json.dumps(body).encode(),
-                                         headers={"Authorization": f"Bearer {token}",
-                                                  "Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return json.loads(response.read() or b"{}")
+        return api_call(self.settings.api, method, path, body)
 
     def runs(self, dag_id: str) -> list[dict]:
         return self.call("GET", f"/api/v2/dags/{dag_id}/dagRuns?limit=100")["dag_runs"]
