@@ -82,6 +82,8 @@ def build_pipeline(runner: str):
             commands = planning.plan(dict(params or {}), runner, run_id)
             if commands["start"]:  # own workspaces: the run's params on its experiment ref of the git remote
                 print(planning.prepare_workspace(commands["start"]))
+                # the k and shards of the run's params.yaml, as start-run checked it out here
+                commands = planning.plan(dict(params or {}), runner, run_id)
             if commands["prepare"]:
                 prepared = planning.prepare_workspace(commands["prepare"])
                 print(prepared)

@@ -93,8 +93,9 @@ def plan(conf: dict, runner: str, run_id: str | None = None) -> dict:
     Local runs go through DVC: ``prepare`` writes the run conf into the workspace's params.yaml
     (and the watched folders and the shard stages into dvc.yaml), then each task is ``grappa repro
     <stage>`` (``extract@0-of-2``, ``train_adaptor@8``), so dvc.lock records what the DAG computed.
-    Containers run the step CLI with the conf as ``--set`` options (``extract --shard 0/2``; the
-    image has no DVC workspace yet; see containers/README.md).
+    Containers on the shared workspace run the step CLI with the conf as ``--set`` options
+    (``extract --shard 0/2``). With own workspaces (``GRAPPA_WORKSPACE_MODE=own``) ``start`` starts
+    the run on the git remote and every task, for every runner, is ``grappa task --run NAME <stage>``.
     """
     overrides = override_args(conf)  # first: refuses a conf that could inject or escape before reading any file
     ks, shards = planned_ks(conf), planned_shards(conf)

@@ -21,8 +21,9 @@ from grappa import registry  # noqa: E402  (standard library only, like this mod
 
 RUNNERS = ("local", "docker", "k8s")
 # shared: every task in the one workspace GRAPPA_REPO (`grappa prepare` then `grappa repro STAGE`);
-# own: each worker runs its tasks in a clone of its own (its GRAPPA_REPO) and a run's state travels
-# through the git and DVC remotes (`grappa start-run`, then `grappa task STAGE`: grappa/experiments.py).
+# own: each worker runs its tasks in a clone of its own (its GRAPPA_REPO), each container or pod in
+# the image's own workspace, and a run's state travels through the git and DVC remotes
+# (`grappa start-run`, then `grappa task STAGE`: grappa/experiments.py).
 WORKSPACE_MODES = ("shared", "own")
 VERBS = {step.stage: step.verb for step in registry.STEPS}  # task id (= dvc stage name) -> CLI verb
 # mapped task id -> its one axis: extract one instance per shard, train_adaptor one per k
@@ -49,7 +50,9 @@ TRIGGER_TEMPLATE = "{{ ti.xcom_pull(task_ids='plan', key='trigger') or '[]' }}"
 # Non-secret settings handed to step containers when set on the worker; credentials travel as
 # Docker private_environment or a Kubernetes Secret, never in the DAG or the image.
 PASSTHROUGH_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_S3_ENDPOINT_URL",
-                   "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+                   "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
+                   # own workspaces: where a container's task fetches its run and pulls and pushes its data
+                   "GRAPPA_GIT_REMOTE", "GRAPPA_DVC_REMOTE", "GRAPPA_TRACKING")  # GRAPPA_TRACKING=0: no MLflow
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
@@ -68,9 +71,6 @@ def workspace_mode(runner: str) -> str:
     mode = os.environ.get("GRAPPA_WORKSPACE_MODE", "shared")
     if mode not in WORKSPACE_MODES:
         raise ValueError(f"GRAPPA_WORKSPACE_MODE must be one of {WORKSPACE_MODES}, got {mode!r}")
-    if mode == "own" and runner != "local":  # the step image has no git clone to run tasks in yet
-        raise ValueError(f"GRAPPA_WORKSPACE_MODE=own runs with GRAPPA_RUNNER=local (Celery workers, each with "
-                         f"its clone); the {runner} runner still shares the workspace GRAPPA_WORKSPACE")
     return mode
 
 
@@ -143,9 +143,11 @@ def _docker_spec(task_id: str) -> tuple[type, dict]:
     from airflow.providers.docker.operators.docker import DockerOperator
     from docker.types import DeviceRequest, Mount
 
-    # GRAPPA_WORKSPACE: a named volume or a host path holding params.yaml, outputs/, .cache/.
+    # GRAPPA_WORKSPACE: a named volume or a host path holding params.yaml, outputs/, .cache/; none
+    # with own workspaces (the image's /workspace, filled by the task from the git and DVC remotes)
     source = os.environ.get("GRAPPA_WORKSPACE", str(REPO))
-    mounts = [Mount(target=WORKSPACE, source=source, type="bind" if source.startswith("/") else "volume")]
+    own = workspace_mode("docker") == "own"
+    mounts = [] if own else [Mount(target=WORKSPACE, source=source, type="bind" if source.startswith("/") else "volume")]
     mounts += [Mount(target=target, source=src, type="bind", read_only=True)
                for src, target in data_mounts(os.environ.get("GRAPPA_DOCKER_MOUNTS", ""))]
     return DockerOperator, {
@@ -172,6 +174,13 @@ def _k8s_spec(task_id: str) -> tuple[type, dict]:
     from kubernetes.client import models as k8s
 
     secret = os.environ.get("GRAPPA_K8S_SECRET")  # holds AWS_* (and MLflow auth) for the steps
+    # DataLoader workers share batches through /dev/shm (64 MB by default in a pod)
+    volumes = [k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit="2Gi"))]
+    mounts = [k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")]
+    if workspace_mode("k8s") == "shared":  # own: the image's /workspace, filled from the git and DVC remotes
+        volumes.insert(0, k8s.V1Volume(name="workspace", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
+            claim_name=os.environ.get("GRAPPA_PVC", "grappa-workspace"))))
+        mounts.insert(0, k8s.V1VolumeMount(name="workspace", mount_path=WORKSPACE))
     return KubernetesPodOperator, {
         "task_id": task_id,
         "name": f"grappa-{task_id.replace('_', '-')}",
@@ -179,12 +188,8 @@ def _k8s_spec(task_id: str) -> tuple[type, dict]:
         "image": _image(),
         "env_vars": _container_env(),
         "env_from": [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=secret))] if secret else None,
-        "volumes": [k8s.V1Volume(name="workspace", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
-            claim_name=os.environ.get("GRAPPA_PVC", "grappa-workspace"))),
-                    # DataLoader workers share batches through /dev/shm (64 MB by default in a pod)
-                    k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit="2Gi"))],
-        "volume_mounts": [k8s.V1VolumeMount(name="workspace", mount_path=WORKSPACE),
-                          k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")],
+        "volumes": volumes,
+        "volume_mounts": mounts,
         "container_resources": _k8s_resources(task_id, k8s),
         # the triggerer watches the pod: no worker slot is held while it runs (0 where no triggerer runs)
         "deferrable": os.environ.get("GRAPPA_DEFERRABLE", "1") == "1",

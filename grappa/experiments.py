@@ -40,6 +40,7 @@ IDENTITY = {"GIT_AUTHOR_NAME": "grappa", "GIT_AUTHOR_EMAIL": "grappa@localhost",
 
 
 def git_remote() -> str:
+    """A remote of the workspace's clone, or a URL (a container's workspace has no remote configured)."""
     return os.environ.get("GRAPPA_GIT_REMOTE", "origin")
 
 
@@ -141,12 +142,27 @@ def _detach(root: Path, commit: str) -> None:
     _git(root, "checkout", "-q", "-f", "--detach", commit)
 
 
+def use_dvc_remote(root: Path) -> None:
+    """``GRAPPA_DVC_REMOTE`` (a URL: s3://bucket/prefix, a path), when set, as the workspace's default
+    DVC remote (in .dvc/config.local, with AWS_ENDPOINT_URL for an S3 endpoint other than AWS): how a
+    container or pod, whose workspace is new, is told where the run's data is."""
+    url = os.environ.get("GRAPPA_DVC_REMOTE")
+    if not url:
+        return
+    lines = ["[core]", "    remote = grappa", "['remote \"grappa\"']", f"    url = {url}"]
+    if url.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
+        lines.append(f"    endpointurl = {os.environ['AWS_ENDPOINT_URL']}")
+    (root / ".dvc").mkdir(exist_ok=True)
+    (root / ".dvc" / "config.local").write_text("\n".join(lines) + "\n")
+
+
 def checkout_run(root: Path, name: str) -> str:
     """Check the tip of run ``name`` out in ``root`` (code, params.yaml, dvc.yaml, dvc.lock); its ref."""
     ref = find_run(root, name)
     if ref is None:
         raise ConfigError(f"no run '{name}' on git remote {git_remote()}: start it with 'grappa start-run {name}'")
     _detach(root, _fetch(root, ref))
+    use_dvc_remote(root)
     return ref
 
 
@@ -164,6 +180,7 @@ def start(root: Path, name: str, load_params, baseline: str | None = None, echo=
     if base is None:
         raise ConfigError(f"git remote {git_remote()} has no {baseline or 'HEAD'} to start run {name} from")
     _detach(root, base)
+    use_dvc_remote(root)
     params: Params = load_params()
     files = {}
     last = _fetch(root, LAST_RUN)
@@ -196,7 +213,7 @@ def _dvc(root: Path, *args: str) -> None:
 def pull_inputs(root: Path, stage: str) -> None:
     """The run's versions of ``stage``'s inputs (and of its outputs where the run has them) from the
     DVC remote, replacing what an earlier task left in this workspace."""
-    _dvc(root, "pull", "-q", "--with-deps", "--allow-missing", "--force", stage)
+    _dvc(root, "pull", "--with-deps", "--allow-missing", "--force", stage)
 
 
 def publish(root: Path, name: str, ref: str, stage: str, params: Params, echo=print) -> str:

@@ -144,6 +144,23 @@ def _postgres(controller: Controller) -> None:
         subprocess.run([*psql, "-c", f"create database {db}"], capture_output=True)
 
 
+def start_remotes(controller: Controller, origin: Path) -> None:
+    """Where a run's state lives: the git server of ``origin`` (a bare repository named grappa.git)
+    and the S3 endpoint with the DVC remote's bucket."""
+    home = controller.home
+    home.mkdir(parents=True, exist_ok=True)
+    _spawn("s3", [str(BIN / "moto_server"), "-H", controller.address, "-p", str(PORTS["s3"])],
+           home, os.environ.copy(), home)
+    _spawn("git", ["git", "daemon", "--reuseaddr", f"--base-path={origin.parent}", "--export-all",
+                   "--enable=receive-pack", f"--listen={controller.address}", f"--port={PORTS['git']}", str(origin.parent)],
+           home, os.environ.copy(), home)
+    _wait_for(lambda: _http_ok(controller.url("s3") + "/moto-api/"), "the S3 endpoint", home)
+    import boto3
+
+    keys = {"aws_access_key_id": CREDENTIALS["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}
+    boto3.client("s3", endpoint_url=controller.url("s3"), region_name="us-east-1", **keys).create_bucket(Bucket=BUCKET)
+
+
 def start_controller(controller: Controller, repo: Path, origin: Path) -> dict:
     """Every service, listening on ``controller.address``; ``origin`` is the bare git repo it serves."""
     home = controller.home
@@ -151,18 +168,8 @@ def start_controller(controller: Controller, repo: Path, origin: Path) -> dict:
     _postgres(controller)
     _spawn("redis", ["redis-server", "--bind", controller.address, "--port", str(PORTS["redis"]), "--save", "",
                      "--appendonly", "no", "--protected-mode", "no"], home, os.environ.copy(), home)
-    _spawn("s3", [str(BIN / "moto_server"), "-H", controller.address, "-p", str(PORTS["s3"])],
-           home, os.environ.copy(), home)
-    _spawn("git", ["git", "daemon", "--reuseaddr", f"--base-path={origin.parent}", "--export-all",
-                   "--enable=receive-pack", f"--listen={controller.address}", f"--port={PORTS['git']}", str(origin.parent)],
-           home, os.environ.copy(), home)
+    start_remotes(controller, origin)
     env = airflow_env(controller, home / "airflow", repo)
-    _wait_for(lambda: _http_ok(controller.url("s3") + "/moto-api/"), "the S3 endpoint", home)
-    import boto3
-
-    boto3.client("s3", endpoint_url=controller.url("s3"), **{k.lower(): v for k, v in CREDENTIALS.items()
-                                                            if k != "AWS_DEFAULT_REGION"},
-                 region_name="us-east-1").create_bucket(Bucket=BUCKET)
     _spawn("mlflow", [str(BIN / "mlflow"), "server", "--host", controller.address, "--port", str(PORTS["mlflow"]),
                       "--backend-store-uri", f"{controller.url('postgres')}/mlflow",
                       "--artifacts-destination", (home / "mlartifacts").as_uri(), "--workers", "1"], home, env, home)

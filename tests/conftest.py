@@ -190,6 +190,24 @@ def step_image(docker_engine) -> str:
     return json.loads(_build_script("image"))["image"]
 
 
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """`grappa run` once, in one workspace, on make_collection's images with make_workspace's params:
+    the dvc.lock and evaluate's metrics that a run spread over workers or containers must give."""
+    import sys
+    from types import SimpleNamespace
+
+    root = tmp_path_factory.mktemp("reference")
+    repo = make_workspace(root / "repo", make_collection(root / "data"))
+    env = {**os.environ, "GRAPPA_TRACKING": "0", "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run([sys.executable, "-m", "grappa", "run"], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return SimpleNamespace(lock=yaml.safe_load((repo / "dvc.lock").read_text()),
+                           metrics=json.loads((repo / "outputs/evaluate/report.json").read_text()))
+
+
 @pytest.fixture(autouse=True)
 def _tracking_off_by_default(monkeypatch):
     """Tests that exercise MLflow switch it on themselves; nothing else writes an mlflow.db."""

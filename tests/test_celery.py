@@ -21,11 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import REPO, make_collection, make_workspace
 from grappa.experiments import run_name
-from test_experiments import untimed
+from test_experiments import same_metrics
 from test_loop import api_call
 
 sys.path.insert(0, str(REPO))
@@ -143,7 +142,7 @@ def _running(pid: int, stage: str) -> bool:
     return False
 
 
-def test_two_workers_one_killed_mid_task_give_the_local_metrics_and_a_second_run_is_skipped(deployment):
+def test_two_workers_one_killed_mid_task_give_the_local_metrics_and_a_second_run_is_skipped(deployment, reference_run):
     root, controller, workers = deployment
     api = controller.url("api")
     deadline = time.monotonic() + 180
@@ -175,14 +174,7 @@ def test_two_workers_one_killed_mid_task_give_the_local_metrics_and_a_second_run
     ref = [r for r in git(user, "for-each-ref", "--format=%(refname)", "refs/exps").split() if r.endswith(name)]
     assert ref, f"no experiment ref of {first}"
     metrics = json.loads(git(user, "show", f"{ref[0]}:outputs/evaluate/report.json"))
-    local_run = root / "local"  # the same data and params in one workspace, the README's command
-    subprocess.run(["git", "clone", "-q", str(root / "git" / "grappa.git"), str(local_run)], check=True)
-    (local_run / ".dvc" / "config.local").write_text(f"['remote \"local\"']\n    url = {root / 'local-remote'}\n")
-    env = {**os.environ, "GRAPPA_TRACKING": "0", "DVC_NO_ANALYTICS": "1", "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run([str(VENV_BIN / "python"), "-m", "grappa", "run"], cwd=local_run, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert untimed(metrics) == untimed(json.loads((local_run / "outputs/evaluate/report.json").read_text()))
+    assert same_metrics(metrics, reference_run.metrics)  # `grappa run` in one workspace, same images
 
     # the killed host comes back; a run with no new data is skipped stage by stage, on both hosts
     clone, _ = workers[killed]
@@ -195,6 +187,7 @@ def test_two_workers_one_killed_mid_task_give_the_local_metrics_and_a_second_run
     assert {t["hostname"] for t in steps} == set(HOSTS)
 
     git(user, "fetch", "-q", "origin", "refs/exps/*:refs/exps/*")
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
     shown = subprocess.run([str(VENV_BIN / "dvc"), "exp", "show", "--json"], cwd=user, env=env, capture_output=True,
                            text=True, timeout=300)
     assert shown.returncode == 0 and name in shown.stdout and "map_at_r" in shown.stdout, shown.stderr[-2000:]

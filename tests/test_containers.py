@@ -223,3 +223,67 @@ def test_the_chain_runs_one_container_per_step_and_matches_the_venv(step_image, 
     assert faiss_file(venv).read_bytes() == faiss_file(container).read_bytes()
     # what the containers wrote belongs to the image's non-root user
     assert {p.stat().st_uid for p in (container / "outputs").rglob("*")} == {1000}
+
+
+def test_docker_operator_tasks_keep_the_dvc_contract_each_in_a_workspace_of_its_own(step_image, tmp_path,
+                                                                                     monkeypatch, reference_run):
+    """GRAPPA_WORKSPACE_MODE=own with the docker runner: every step is the DAG's DockerOperator, each
+    container fetching its run from a git server, pulling its inputs from and pushing its outputs to
+    an S3 endpoint (moto's server, a stand-in), nothing mounted but the images: the run's dvc.lock
+    and metrics are those of `grappa run` in one workspace, and a rerun's task is skipped."""
+    from airflow.exceptions import AirflowSkipException
+
+    from conftest import make_workspace
+    from grappa.experiments import find_run
+    from stack import celery
+    from test_experiments import lock_shape, same_metrics
+
+    sys.path.insert(0, str(REPO / "dags"))
+    import planning
+    import runners
+
+    data = tmp_path / "data"
+    seed = make_workspace(tmp_path / "seed", make_collection(data))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
+    subprocess.run([*git, "add", "-A"], cwd=seed, check=True)
+    subprocess.run([*git, "commit", "-qm", "the project"], cwd=seed, check=True, capture_output=True)
+    origin = tmp_path / "git" / "grappa.git"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], check=True)
+    subprocess.run(["git", "push", "-q", str(origin), "HEAD:main"], cwd=seed, check=True)
+    remotes = celery.Controller("127.0.0.1", tmp_path / "remotes")
+    env = {"GRAPPA_RUNNER": "docker", "GRAPPA_WORKSPACE_MODE": "own", "GRAPPA_IMAGE": step_image,
+           "GRAPPA_GIT_REMOTE": remotes.url("git"), "GRAPPA_DVC_REMOTE": f"s3://{celery.BUCKET}/cache",
+           "AWS_ENDPOINT_URL": remotes.url("s3"), "GRAPPA_DOCKER_MOUNTS": f"{data}:/data", "GRAPPA_TRACKING": "0",
+           **celery.CREDENTIALS}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    planner = tmp_path / "planner"  # the Airflow worker's clone, where the plan task runs
+    subprocess.run(["git", "clone", "-q", str(origin), str(planner)], check=True)
+    monkeypatch.setattr(runners, "REPO", planner)
+    try:
+        celery.start_remotes(remotes, origin)
+        for name in ("docker-run", "docker-again"):
+            done = subprocess.run([sys.executable, "-m", "grappa", "start-run", name], cwd=planner,
+                                  capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr[-2000:]
+            plan = planning.plan({}, "docker", name)
+            for task_id in runners.VERBS:
+                commands = plan[task_id] if task_id in runners.MAPPED else [plan[task_id]]
+                for command in commands:
+                    operator = runners.step_operator(task_id, command, "docker")
+                    operator.environment = {k: v for k, v in operator.environment.items() if "{{" not in v}
+                    if name == "docker-run":
+                        operator.execute({})
+                    else:  # the second run: nothing new, every task skipped
+                        with pytest.raises(AirflowSkipException):
+                            operator.execute({})
+                if name == "docker-again" and task_id == "merge_features":
+                    break  # the first stages suffice to show it; the rest was shown by the other runners
+        ref = find_run(planner, "docker-run")
+        subprocess.run(["git", "fetch", "-q", "origin", ref], cwd=planner, check=True)
+        show = lambda path: subprocess.run(["git", "show", f"FETCH_HEAD:{path}"], cwd=planner, check=True,  # noqa: E731
+                                           capture_output=True, text=True).stdout
+        assert lock_shape(yaml.safe_load(show("dvc.lock"))) == lock_shape(reference_run.lock)
+        assert same_metrics(json.loads(show("outputs/evaluate/report.json")), reference_run.metrics)
+    finally:
+        celery.stop(remotes.home)

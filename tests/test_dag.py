@@ -247,8 +247,12 @@ def test_own_workspaces_plan_a_run_started_on_the_git_remote_and_one_task_per_st
               for c in plan["train_adaptor"] + plan["extract"]]
     assert labels == ["2", "8", "0/1"]
     assert planning.stale_stages("local") is None  # each task finds out itself whether it is up to date
-    with pytest.raises(ValueError, match="GRAPPA_WORKSPACE_MODE=own runs with GRAPPA_RUNNER=local"):
-        planning.plan({}, "docker", "r")
+    # a container or pod: the same verb in the image's own workspace, no shared volume mounted
+    assert planning.plan({}, "docker", "r")["train_adaptor"][1] == ["task", "--run", "r", "train_adaptor@4"]
+    _, docker = runners._operator_spec("cluster", "docker")
+    assert [m["Target"] for m in docker["mounts"]] == []
+    _, pod = runners._operator_spec("cluster", "k8s")
+    assert [m.mount_path for m in pod["volume_mounts"]] == ["/dev/shm"]
     monkeypatch.setenv("GRAPPA_WORKSPACE_MODE", "private")
     with pytest.raises(ValueError, match="GRAPPA_WORKSPACE_MODE must be one of"):
         planning.plan({}, "local", "r")
@@ -297,6 +301,7 @@ def container_env(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-real-secret")
     monkeypatch.setenv("GRAPPA_STACK", "/srv/grappa/.stack")
+    monkeypatch.delenv("GRAPPA_TRACKING")  # a deployment's worker: tracking on (the tests turn it off)
     return planning.plan({"ks": [2, 3]}, "docker")
 
 
