@@ -247,7 +247,10 @@ def test_params_metrics_and_artifacts(run, runs, client):
     plots = {a.path for a in client.list_artifacts(evaluate.info.run_id, "plots")}
     assert "plots/per_domain_map_at_r.png" in plots
     bundle = {a.path for a in client.list_artifacts(evaluate.info.run_id, "bundle/adaptors/k4")}
-    assert bundle == {"bundle/adaptors/k4/adaptor.pt"}
+    assert bundle == {"bundle/adaptors/k4/adaptor.pt", "bundle/adaptors/k4/classifier.pt"}
+    # what a run warm-started from this version needs: each k's centroids (ids) and pseudo-labels (its pool)
+    clusters = {a.path for a in client.list_artifacts(evaluate.info.run_id, "bundle/cluster")}
+    assert clusters == {f"bundle/cluster/{name}" for k in (2, 4) for name in (f"centroids_k{k}.npy", f"k{k}.parquet")}
 
 
 def test_inputs_logged_with_digests(run, runs):

@@ -2,8 +2,10 @@
 MLflow pyfunc (``tracking.registered_model``: images in, embeddings out) and move ``champion`` on
 equal terms.
 
-The bundle (``bundle/`` artifacts of the run: adaptors, fusion, params.yaml) holds the inputs the
-servable model was built from.
+The bundle (``bundle/`` artifacts of the run: the adaptors and their stage-1 classifiers, the
+fusion, each k's centroids and pseudo-labels, params.yaml) holds the inputs the servable model was
+built from: what a later run warm-starts from when this version is the champion
+(grappa/core/incremental.py).
 
 A new version gets alias ``candidate``. It becomes ``champion`` only if its mean mAP@R beats the
 champion's *on the same evaluation set* (same query_db images and contents, same task list; its
@@ -150,12 +152,16 @@ def score_registered(name: str, version: str, params: Params) -> float | None:
 
 
 def log_bundle(tree: RunTree, run_id: str, params: Params) -> None:
-    """Log this (active) run's state bundle: every adaptor, the fusion and the params."""
+    """Log this (active) run's state bundle: every adaptor set with its classifier, each k's
+    centroids and pseudo-labels, the fusion and the params."""
     import mlflow
 
     outputs = layout(params)
     for k in params.cluster.ks:
-        mlflow.log_artifact(str(outputs.adaptor(k)), artifact_path=f"bundle/adaptors/k{k}")
+        for path in (outputs.adaptor(k), outputs.classifier(k)):
+            mlflow.log_artifact(str(path), artifact_path=f"bundle/adaptors/k{k}")
+        for path in (outputs.centroids(k), outputs.pseudo_labels(k)):
+            mlflow.log_artifact(str(path), artifact_path="bundle/cluster")
     mlflow.log_artifact(str(outputs.fusion), artifact_path="bundle/fusion")
     tree.client.log_text(run_id, params_yaml(params), "bundle/params.yaml")
 
