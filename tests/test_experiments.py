@@ -169,3 +169,37 @@ def test_a_task_refuses_a_checkout_with_changes_and_an_unknown_run(workers):
     grappa(user, "start-run", "third", check_rc=(2,))
     assert params.read_text().endswith("# an edit in progress\n")  # nothing lost
     git(user, "checkout", "--", "params.yaml")
+
+
+@pytest.mark.integration
+def test_a_task_that_loses_the_race_to_the_ref_commits_on_the_new_tip_keeping_the_other_entry(workers, monkeypatch):
+    """Two tasks of a run commit at once: the one whose push is rejected (here: another commit lands
+    on the ref between its fetch and its push) redoes its commit on the new tip, so neither stage's
+    dvc.lock entry is lost."""
+    from grappa import experiments
+    from grappa.config import load_params
+
+    a, b = workers["a"], workers["b"]
+    name = "manual__2026-12-06T22-17-12-00-00"  # the run of the first test, complete on the remote
+    ref = experiments.checkout_run(a, name)
+    experiments.checkout_run(b, name)
+    lock = yaml.safe_load((b / "dvc.lock").read_text())
+    lock["stages"]["index"]["cmd"] += "  # from the other task"
+    other = experiments._commit(b, git(b, "rev-parse", "HEAD"), {"dvc.lock": yaml.safe_dump(lock).encode()},
+                                "the other task")
+    real_push, calls = experiments._push, []
+
+    def push(root, commit, to, force=False):
+        calls.append(to)
+        if len(calls) == 1:  # the other task's commit lands first: ours is no longer a fast-forward
+            assert real_push(b, other, to)
+        return real_push(root, commit, to, force)
+
+    monkeypatch.setattr(experiments, "_push", push)
+    params = load_params(str(a / "params.yaml"), {})
+    commit = experiments.publish(a, name, ref, "cluster", params, echo=lambda line: None)
+    assert calls.count(ref) == 2  # rejected once, then pushed on the new tip
+    assert git(a, "rev-parse", f"{commit}^") == other
+    merged = yaml.safe_load(git(a, "show", f"{commit}:dvc.lock"))["stages"]
+    assert merged["index"]["cmd"].endswith("# from the other task")  # the other task's entry is kept
+    assert merged["cluster"] == yaml.safe_load((a / "dvc.lock").read_text())["stages"]["cluster"]
