@@ -65,12 +65,16 @@ def create_app(searcher: Searcher, host: str = "127.0.0.1"):
             raise UploadError(413, f"{image.filename} is larger than data.max_file_bytes ({limit:,} bytes)")
 
         def run() -> tuple[str, list[dict]]:
-            thumb = pages.thumbnail_of(data, 1, params.data.max_pixels)
-            if thumb is None:
-                raise UploadError(400, f"{image.filename} is not an image that can be read (JPEG, PNG, WebP, ...)")
+            from grappa.io.sources import ImageDecodeError, decode_image
+
+            try:  # decoded once, for the thumbnail and the query's embedding
+                decoded = decode_image(data, 1, params.data.max_pixels)
+            except ImageDecodeError:
+                raise UploadError(400, f"{image.filename} is not an image that can be read (JPEG, PNG, WebP, ...)") from None
+            thumb = pages.thumbnail_image(decoded)
             try:
                 with lock:
-                    hits = searcher.search([data], top_k)[0]
+                    hits = searcher.search([decoded], top_k)[0]
             except ConfigError as err:
                 raise UploadError(400, f"{image.filename}: {err}") from None
             if thumbnails:

@@ -61,8 +61,9 @@ class Searcher:
         self.built_by = catalogue.built_by(self.meta)
 
     def search(self, images: list, top_k: int) -> list[list[dict]]:
-        """Per query (bytes, a path or an s3:// URI) its hits: the catalogue row (image_id, uri, domain,
-        label) with ``rank`` and ``score``. ConfigError for an image that cannot be read."""
+        """Per query (bytes, a path, an s3:// URI or a decoded PIL image) its hits: the catalogue row
+        (image_id, uri, domain, label) with ``rank`` and ``score``. ConfigError for an image that
+        cannot be read."""
         try:
             queries = self.model.embed(images)
         except ValueError as err:

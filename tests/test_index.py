@@ -222,6 +222,33 @@ def _looks_like_a_page_in_chromium(page: Path, shot: Path) -> None:
     _has_pictures(shot)
 
 
+def test_an_upload_is_decoded_once_for_its_thumbnail_and_its_query(work, monkeypatch):
+    """The server decodes an upload one time, then shrinks and embeds that image; the hits are those
+    of the same bytes searched from the CLI's path."""
+    from fastapi.testclient import TestClient
+
+    from grappa import serve
+    from grappa.io import pages, sources
+
+    params, raw = work
+    searcher = use.Searcher(params)
+    query = Path(raw["data"]["sources"][0].replace("manifest.csv", "images/q_2_0.png"))
+    expected = [hit["image_id"] for hit in searcher.search([query.read_bytes()], 3)[0]]
+    upload, decode, calls = query.read_bytes(), sources.decode_image, []
+    for module in (sources, pages):  # every decode of the upload, wherever it is called from
+        monkeypatch.setattr(module, "decode_image",
+                            lambda data, *a, **k: calls.append(data == upload) or decode(data, *a, **k))
+    client = TestClient(serve.create_app(searcher), base_url="http://127.0.0.1")
+    form = {"files": {"image": ("q.png", upload, "image/png")}, "data": {"top_k": "3"}}
+    answer = client.post("/api/search", **form).json()
+    assert calls.count(True) == 1 and [hit["image_id"] for hit in answer["hits"]] == expected
+    client.post("/", **form)  # the page: the hits' thumbnails (the query is one of them) are read once, then kept
+    calls.clear()
+    page = client.post("/", **form)
+    assert page.status_code == 200 and "the 3 nearest catalogue images" in page.text, page.text[-500:]
+    assert calls.count(True) == 1  # the upload, once for its thumbnail and its query
+
+
 def test_a_mixed_or_foreign_index_set_is_refused_then_rebuilt(work, tmp_path):
     """A catalogue.faiss that is not the one index.json was published with (a writer stopped between
     renames, a file copied in) is never parsed by faiss: search refuses it in one line, index rebuilds."""

@@ -84,11 +84,17 @@ def thumbnail(uri: str, min_side: int, max_pixels: int, max_bytes: int, size: in
 
 
 def thumbnail_of(data: bytes, min_side: int, max_pixels: int, size: int = THUMB) -> str | None:
-    """:func:`thumbnail` of image bytes (an upload)."""
+    """:func:`thumbnail` of image bytes."""
     try:
         image = decode_image(data, min_side, max_pixels)
     except ImageDecodeError:
         return None
+    return thumbnail_image(image, size)
+
+
+def thumbnail_image(image, size: int = THUMB) -> str:
+    """A decoded PIL image as a thumbnail data: URI (the image is left as it is)."""
+    image = image.copy()
     image.thumbnail((size, size))
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=85)

@@ -45,7 +45,10 @@ class Servable:
 
     @torch.inference_mode()
     def embed(self, images: list, batch_size: int = 32) -> np.ndarray:
-        """L2-normalised (N, D) float32 embeddings of images given as bytes, local paths or s3:// URIs."""
+        """L2-normalised (N, D) float32 embeddings of images given as bytes, local paths, s3:// URIs or
+        decoded PIL images (an upload the server has already decoded for its thumbnail)."""
+        from PIL import Image
+
         from grappa.io.sources import ImageDecodeError, decode_image
         from grappa.core.augment import image_transform
         from grappa.io.storage import StorageError, read_bytes
@@ -57,6 +60,9 @@ class Servable:
         for start in range(0, len(images), batch_size):
             batch = []
             for i, item in enumerate(images[start:start + batch_size], start):
+                if isinstance(item, Image.Image):
+                    batch.append(transform(item))
+                    continue
                 try:
                     data = bytes(item) if isinstance(item, (bytes, bytearray, memoryview)) else read_bytes(str(item))
                     batch.append(transform(decode_image(data, min_side=1, max_pixels=self.config["max_pixels"])))
