@@ -173,7 +173,8 @@ def start(root: Path, name: str, load_params, baseline: str | None = None, echo=
     from grappa import workspace
 
     ref = find_run(root, name)
-    if ref is not None:
+    if ref is not None:  # checked out as a first start leaves it: the plan reads the run's params here
+        _detach(root, _fetch(root, ref))
         echo(f"run {name}: already started at {ref}")
         return ref
     base = _fetch(root, baseline or "HEAD")

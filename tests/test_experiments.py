@@ -130,6 +130,10 @@ def test_a_run_across_two_workspaces_is_the_local_run_and_a_dvc_experiment(worke
     assert untimed(metrics) == untimed(reference_run.metrics)
     assert 0 < metrics["methods"]["grappa"]["mean"]["map_at_r"] <= 1
 
+    again = grappa(b, "start-run", name)  # a retried plan task: the run stays as it is, checked out here
+    assert f"run {name}: already started at {ref}" in again.stdout
+    assert git(b, "rev-parse", "HEAD") == git(a, "rev-parse", "FETCH_HEAD")
+
     # a second run with no new data: every stage is up to date, on either worker
     grappa(b, "start-run", "second")
     for i, stage in enumerate(ORDER):
