@@ -58,30 +58,39 @@ def exp_ref(baseline: str, name: str) -> str:
     return f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}"
 
 
+def _run(root: Path, argv: list[str], data: bytes | None = None, env: dict | None = None,
+         timeout: float = 600) -> subprocess.CompletedProcess:
+    """``argv`` in ``root``; stdout and stderr kept as bytes (a blob's content goes in as ``data``)."""
+    return subprocess.run(argv, cwd=root, input=data, capture_output=True, env={**os.environ, **(env or {})},
+                          timeout=timeout)
+
+
+def _last_line(done: subprocess.CompletedProcess) -> str:
+    """What a failed command said last (its stderr, else its stdout)."""
+    lines = (done.stderr or done.stdout).decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else "no output"
+
+
 def _git(root: Path, *args: str, data: bytes | None = None, env: dict | None = None) -> str:
-    done = subprocess.run(["git", *args], cwd=root, input=data, capture_output=True,
-                          env={**os.environ, **(env or {})}, timeout=600)
+    done = _run(root, ["git", *args], data, env)
     if done.returncode != 0:
-        detail = (done.stderr or done.stdout).decode(errors="replace").strip().splitlines() or ["no output"]
-        raise ConfigError(f"git {args[0]} failed in {root}: {detail[-1]}")
+        raise ConfigError(f"git {args[0]} failed in {root}: {_last_line(done)}")
     return done.stdout.decode().strip()
 
 
 def _identity(root: Path) -> dict[str, str]:
     """Who commits: the git config's user, else ``grappa`` (a worker's clone rarely has one)."""
-    done = subprocess.run(["git", "config", "user.email"], cwd=root, capture_output=True, text=True)
-    return {} if done.stdout.strip() else {k: os.environ.get(k, v) for k, v in IDENTITY.items()}
+    configured = _run(root, ["git", "config", "user.email"]).stdout.strip()
+    return {} if configured else {k: os.environ.get(k, v) for k, v in IDENTITY.items()}
 
 
 def _fetch(root: Path, what: str) -> str | None:
     """The commit ``what`` (a ref or a commit) names on the git remote, fetched; None when it has none."""
-    done = subprocess.run(["git", "fetch", "-q", git_remote(), what], cwd=root, capture_output=True, text=True,
-                          timeout=600)
+    done = _run(root, ["git", "fetch", "-q", git_remote(), what])
     if done.returncode != 0:
-        if "couldn't find remote ref" in done.stderr or "not our ref" in done.stderr:
+        if b"couldn't find remote ref" in done.stderr or b"not our ref" in done.stderr:
             return None
-        detail = done.stderr.strip().splitlines() or ["no output"]
-        raise ConfigError(f"git fetch {git_remote()} {what} failed in {root}: {detail[-1]}")
+        raise ConfigError(f"git fetch {git_remote()} {what} failed in {root}: {_last_line(done)}")
     return _git(root, "rev-parse", "FETCH_HEAD")
 
 
@@ -96,7 +105,7 @@ def find_run(root: Path, name: str) -> str | None:
 
 
 def _show(root: Path, commit: str, path: str) -> bytes | None:
-    done = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=root, capture_output=True)
+    done = _run(root, ["git", "show", f"{commit}:{path}"])
     return done.stdout if done.returncode == 0 else None
 
 
@@ -115,14 +124,12 @@ def _commit(root: Path, parent: str, files: dict[str, bytes], message: str) -> s
 
 def _push(root: Path, commit: str, ref: str, force: bool = False) -> bool:
     """Push ``commit`` to ``ref``; False when the remote's ref moved on (not a fast-forward)."""
-    done = subprocess.run(["git", "push", "-q", *(["-f"] if force else []), git_remote(), f"{commit}:{ref}"],
-                          cwd=root, capture_output=True, text=True, timeout=600)
+    done = _run(root, ["git", "push", "-q", *(["-f"] if force else []), git_remote(), f"{commit}:{ref}"])
     if done.returncode == 0:
         return True
-    if "rejected" in done.stderr or "non-fast-forward" in done.stderr or "fetch first" in done.stderr:
+    if any(word in done.stderr for word in (b"rejected", b"non-fast-forward", b"fetch first")):
         return False
-    detail = done.stderr.strip().splitlines() or ["no output"]
-    raise ConfigError(f"git push {git_remote()} {ref} failed: {detail[-1]}")
+    raise ConfigError(f"git push {git_remote()} {ref} failed: {_last_line(done)}")
 
 
 def uncached_outs(params: Params, stage: str | None = None) -> list[str]:
@@ -135,7 +142,7 @@ def uncached_outs(params: Params, stage: str | None = None) -> list[str]:
 def _detach(root: Path, commit: str) -> None:
     """Check ``commit`` out, detached. A workspace on a branch with changes is a person's checkout:
     refused rather than overwritten; a detached one is a worker's, whose leftovers are discarded."""
-    attached = subprocess.run(["git", "symbolic-ref", "-q", "HEAD"], cwd=root, capture_output=True).returncode == 0
+    attached = _run(root, ["git", "symbolic-ref", "-q", "HEAD"]).returncode == 0
     if attached and _git(root, "status", "--porcelain", "--untracked-files=no"):
         raise ConfigError(f"{root} has uncommitted changes on a branch; run pipeline tasks in a clone of their own "
                           "(they check the run's commits out over the working tree)")
@@ -204,11 +211,9 @@ def start(root: Path, name: str, load_params, baseline: str | None = None, echo=
 
 
 def _dvc(root: Path, *args: str) -> None:
-    done = subprocess.run([*dvc_command(), *args], cwd=root, env=dvc_env(), capture_output=True, text=True,
-                          timeout=6 * 3600)
+    done = _run(root, [*dvc_command(), *args], env=dvc_env(), timeout=6 * 3600)
     if done.returncode != 0:
-        detail = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
-        raise ConfigError(f"dvc {' '.join(args)} failed: {detail[-1]}")
+        raise ConfigError(f"dvc {' '.join(args)} failed: {_last_line(done)}")
 
 
 def pull_inputs(root: Path, stage: str) -> None:
