@@ -94,13 +94,8 @@ def airflow_env(controller: Controller, airflow_home: Path, repo: Path) -> dict[
 
 
 def _spawn(name: str, argv: list[str], home: Path, env: dict, cwd: Path, user: str | None = None) -> int:
-    with open(home / f"{name}.log", "a") as log:
-        proc = subprocess.Popen((["runuser", "-u", user, "--"] if user else []) + argv, cwd=cwd, env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    pids = json.loads((home / "pids.json").read_text()) if (home / "pids.json").is_file() else {}
-    pids[name] = proc.pid
-    (home / "pids.json").write_text(json.dumps(pids))
-    return proc.pid
+    """:func:`stack.local.spawn`, as ``user`` when given (PostgreSQL refuses to run as root)."""
+    return local.spawn(home, name, (["runuser", "-u", user, "--"] if user else []) + argv, env, cwd)
 
 
 def _wait_for(check, what: str, home: Path, timeout: float = 240) -> None:
@@ -183,7 +178,7 @@ def start_controller(controller: Controller, repo: Path, origin: Path) -> dict:
         _spawn(name, [str(BIN / "airflow"), *argv], home, env, repo)
     _wait_for(lambda: _http_ok(controller.url("mlflow") + "/health"), "MLflow", home)
     _wait_for(lambda: _http_ok(controller.url("api") + "/api/v2/monitor/health"), "the Airflow API", home)
-    return json.loads((home / "pids.json").read_text())
+    return json.loads((home / local.PIDS_FILE).read_text())
 
 
 def prepare_clone(controller: Controller, clone: Path) -> Path:

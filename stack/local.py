@@ -87,8 +87,11 @@ def _commands(settings: Settings) -> dict[str, list[str]]:
     }
 
 
+PIDS_FILE = "pids.json"  # in the stack's home: name -> PID of each service it started
+
+
 def _pids_file(settings: Settings) -> Path:
-    return settings.home / "pids.json"
+    return settings.home / PIDS_FILE
 
 
 def _alive(pid: int) -> bool:
@@ -109,6 +112,18 @@ def status(settings: Settings) -> dict[str, int]:
     path = _pids_file(settings)
     pids = json.loads(path.read_text()) if path.is_file() else {}
     return {name: pid for name, pid in pids.items() if _alive(pid)}
+
+
+def spawn(home: Path, name: str, argv: list[str], env: dict, cwd: Path) -> int:
+    """Start service ``name`` (log ``home/<name>.log``) and add its PID to ``home``'s PIDS_FILE, which
+    :func:`status` and :func:`stop` read; its PID."""
+    with open(home / f"{name}.log", "a") as log:
+        # a session of its own: `stop` ends the service with every process it forked
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    path = home / PIDS_FILE
+    pids = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**pids, name: proc.pid}))
+    return proc.pid
 
 
 def _wait(url: str, settings: Settings, pids: dict[str, int], timeout: float) -> None:
@@ -139,14 +154,10 @@ def start(settings: Settings, timeout: float = 240) -> dict[str, int]:
     done = subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"airflow db migrate failed: {done.stderr.strip()[-1000:]}")
+    _pids_file(settings).unlink(missing_ok=True)  # PIDs of a stack that died are not ours any more
     pids: dict[str, int] = {}
     for name, argv in _commands(settings).items():
-        with open(settings.home / f"{name}.log", "a") as log:
-            # a session of its own: `stop` ends the service with every process it forked
-            proc = subprocess.Popen(argv, cwd=settings.workspace, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        pids[name] = proc.pid
-        _pids_file(settings).write_text(json.dumps(pids))
+        pids[name] = spawn(settings.home, name, argv, env, settings.workspace)
     try:
         _wait(f"{settings.mlflow}/health", settings, pids, timeout)
         _wait(f"{settings.api}/api/v2/monitor/health", settings, pids, timeout)
