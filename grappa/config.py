@@ -5,6 +5,7 @@ with a one-line message naming the key *before* any work starts.
 """
 from __future__ import annotations
 
+import os
 import re
 import unicodedata
 from pathlib import Path
@@ -220,6 +221,30 @@ class IndexParams(_Strict):
     batch_size: int = Field(default=64, ge=1)
 
 
+class AdaptParams(_Strict):
+    """Full retrain or an incremental run from the champion (grappa/core/incremental.py)."""
+
+    # auto: incremental when a champion of the same recipe exists and little of the pool is new
+    mode: Literal["auto", "full", "incremental"] = "auto"
+    max_new_share: float = Field(default=0.25, ge=0, le=1)
+    # the largest share of old images whose pseudo-label may change at any k (else a full retrain)
+    max_label_change: float = Field(default=0.3, ge=0, le=1)
+    max_generations: int = Field(default=5, ge=1)  # incremental runs in a row before a full one
+    replay: int = Field(default=1024, ge=0)  # old images trained beside the new ones (seeded sample)
+    cluster_niter: int = Field(default=5, ge=1)  # k-means iterations from the champion's centroids
+    adaptor_epochs: int = Field(default=5, ge=1)
+    fusion_epochs: int = Field(default=2, ge=1)
+
+
+TRACKING_SWITCH = "GRAPPA_TRACKING"
+
+
+def tracking_enabled(params) -> bool:
+    """MLflow is on: ``tracking.enabled`` and not ``GRAPPA_TRACKING=0``."""
+    switch = os.environ.get(TRACKING_SWITCH, "1").strip().lower()
+    return params.tracking.enabled and switch not in ("0", "false", "no", "off")
+
+
 class TrackingParams(_Strict):
     # MLflow: URI from MLFLOW_TRACKING_URI (default sqlite:///<repo>/mlflow.db); GRAPPA_TRACKING=0 also disables.
     enabled: bool = True
@@ -241,6 +266,7 @@ class Params(_Strict):
     fusion: FusionParams = FusionParams()
     evaluate: EvaluateParams = EvaluateParams()
     index: IndexParams = IndexParams()
+    adapt: AdaptParams = AdaptParams()
     tracking: TrackingParams = TrackingParams()
 
 

@@ -159,24 +159,33 @@ STEPS: tuple[Step, ...] = (
                Out(L.EXTRACT_REPORT)),
          report=L.EXTRACT_REPORT, datasets=BOTH_SPLITS,
          resources=Resources("1", "512Mi", "1Gi")),  # peak 319 MB at 1M
-    Step("cluster", "step 3: spherical k-means at every k",
-         params=(*BASE, "cluster"),
+    # the registry's champion is read when the pool or the recipe changes: new images are when it matters
+    Step("warm-start", "step 2c: full retrain or incremental run from the champion, and why",
+         params=(*BASE, "adapt", "backbone", "cluster", "adaptor", "fusion", "tracking.registered_model"),
          deps=(L.FEATURES,),
+         outs=(Out(L.WARM_DECISION, cache=False, note="the mode and its reason, readable beside dvc.lock"),
+               Out(L.WARM_BUNDLE, note="the champion's files an incremental run starts from (source.json "
+                                       "alone in a full run)")),
+         report=L.WARM_DECISION, datasets=(), resources=Resources("1", "1Gi", "2Gi")),
+    Step("cluster", "step 3: spherical k-means at every k (from the champion's centroids in an incremental run)",
+         params=(*BASE, "cluster", "adapt.cluster_niter", "adapt.max_label_change"),
+         deps=(L.FEATURES, L.WARM_BUNDLE),
          outs=(Out(L.CLUSTER, note="every k in one run; consumers depend on their own k<K> files inside it"),),
          report=L.CLUSTER_REPORT, resources=Resources("2", "1536Mi", "2Gi")),  # peak 870 MB at 1M
     Step("train-adaptor", "step 4: one adaptor set on the k pseudo-labels",
-         params=(*BASE, "backbone", "adaptor", *IMAGES, "extract.num_workers"),
+         params=(*BASE, "backbone", "adaptor", *IMAGES, "extract.num_workers", "adapt.replay", "adapt.adaptor_epochs"),
          # prefix.json: the parts' prefix activations it lists are read too (a function of
-         # features.parquet's content hashes and the backbone params)
-         deps=(L.FEATURES, L.PREFIX_INDEX, L.PSEUDO_LABELS, L.CENTROIDS),
+         # features.parquet's content hashes and the backbone params); mode.json and the champion's
+         # bundle: an incremental run starts from the champion's set
+         deps=(L.FEATURES, L.PREFIX_INDEX, L.PSEUDO_LABELS, L.CENTROIDS, L.CLUSTER_MODE, L.WARM_BUNDLE),
          outs=(Out(L.ADAPTOR), Out(L.ADAPTOR_REPORT), Out(L.CLASSIFIER, note="the frozen stage-1 classifier, for fusion.objective: pseudo_labels")),
          report=L.ADAPTOR_REPORT, mapped="k",
          resources=Resources("2", "2Gi", "3Gi")),  # peak 1.1 GB at 1M (tiny backbone; Lite0 adds its weights)
     Step("train-fusion", "step 5: granularity fusion; exports the servable model",
          params=(*BASE, "backbone", "adaptor", "fusion", "cluster.ks", *IMAGES, "extract.num_workers",
-                 "evaluate.batch_size"),
+                 "evaluate.batch_size", "adapt.replay", "adapt.fusion_epochs"),
          # the adaptors folder orders this stage after every train_adaptor@K, whatever cluster.ks holds
-         deps=(L.FEATURES, L.PREFIX_INDEX, L.CLUSTER, L.ADAPTORS),
+         deps=(L.FEATURES, L.PREFIX_INDEX, L.CLUSTER, L.ADAPTORS, L.WARM_BUNDLE),
          outs=(Out(L.FUSION), Out(L.KNN), Out(L.FUSION_REPORT),
                Out(L.MODEL, note="the servable model (weights + architecture + preprocessing)")),
          report=L.FUSION_REPORT, resources=Resources("2", "3Gi", "4Gi")),  # peak 1.7 GB at 1M

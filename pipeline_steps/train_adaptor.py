@@ -6,6 +6,10 @@ initialised from the k-means centroids are trained with cross-entropy on the pse
 (grappa.md section 4). The adaptor weights are published (``<out>/adaptors/k<K>/adaptor.pt``), the
 classifier beside them for the fusion's pseudo-label objective (never part of the model). A
 checkpoint after each epoch (``<out>/checkpoints/``, keyed by the inputs) lets a killed run resume.
+
+Incremental run (``cluster/mode.json``): the adaptor set and the classifier (its rows follow the
+centroids, whose ids persist) start from the champion's and train ``adapt.adaptor_epochs`` epochs on
+the new images and a seeded replay sample of at most ``adapt.replay`` old ones, without warm-up.
 """
 from __future__ import annotations
 
@@ -23,9 +27,10 @@ from grappa.core.backbones import create_backbone
 from grappa.core.losses import CosineClassifier
 from grappa.core.model import pick_device, single
 from grappa.core.objectives import adaptor_objective
-from grappa.core.samplers import ClusterBatchSampler, NeighbourPairs
+from grappa.core.samplers import ClusterBatchSampler, NeighbourPairs, Subset
 from grappa.core.training import adaptor_step, checkpoint_key, data_fingerprint, epoch_steps, fit
-from grappa.io.artifacts import TorchCheckpoint, save_torch
+from grappa.io import champion as champions
+from grappa.io.artifacts import TorchCheckpoint, load_torch, save_torch
 from grappa.io.assemble import build_model
 from grappa.io.datasets import collate_usable, load_inputs, loader
 from grappa.io.layout import layout
@@ -58,6 +63,12 @@ def run(params: Params, k: int) -> dict:
 
     model = build_model(params, backbone, [k])
     classifier = CosineClassifier(centroids, hp.temperature)
+    rows = champions.training_rows(params, inputs.ids)  # None: the whole pool, from scratch
+    if rows is not None:
+        bundle = champions.bundle(params)
+        model.adaptor_set(k).load_state_dict(load_torch(bundle.adaptor(k))["state_dict"])
+        classifier.weight.data.copy_(load_torch(bundle.classifier(k))["weight"])
+        print(f"adaptor k={k}: from the champion's, on {len(rows)} of {len(inputs)} images (new + replay)")
     trainable = nn.ModuleDict({"adaptors": model.adaptors, "classifier": classifier})
     optimizer = torch.optim.AdamW(
         [{"params": model.adaptors.parameters(), "lr": hp.lr},
@@ -75,18 +86,25 @@ def run(params: Params, k: int) -> dict:
         raise ConfigError("adaptor.ap_positives: 'augmentation' needs image inputs; set backbone.adapt_from_block: 0")
     # Instance discrimination: the "neighbour" of every image is itself, under another augmentation.
     dataset = NeighbourPairs(inputs.dataset, np.arange(len(inputs.dataset))[:, None]) if two_views else inputs.dataset
+    targets, epochs, warmup = pseudo, hp.epochs, hp.warmup_epochs
+    if rows is not None:  # items keep their pool row: the pseudo-labels index them as before
+        dataset, targets = Subset(dataset, rows), pseudo[rows]
+        epochs, warmup = params.adapt.adaptor_epochs, 0.0
+        batch_size = min(batch_size, len(dataset))
 
     def batches(generator):
         model.train()  # AP over pseudo-label positives: P clusters x K images per batch
-        return epoch_batches(dataset, pseudo, batch_size, hp, objective.ranks_batch and not two_views,
+        return epoch_batches(dataset, targets, batch_size, hp, objective.ranks_batch and not two_views,
                              generator, params.extract.num_workers)
 
     step = partial(adaptor_step, model, objective, mode, device, images=dataset.is_images, two_views=two_views,
                    augment_scale=hp.prefix_augment_scale)
-    key = checkpoint_key(params, hp.model_dump(), k, data_fingerprint(pseudo))
+    # an incremental run: its rows and the champion's weights it starts from are part of its inputs
+    data = data_fingerprint(pseudo) if rows is None else data_fingerprint(pseudo, rows, modules=[trainable])
+    key = checkpoint_key(params, hp.model_dump(), params.adapt.model_dump() if rows is not None else None, k, data)
     checkpoint = TorchCheckpoint(layout(params).checkpoint(f"adaptor_k{k}-{key}"))
-    steps = epoch_steps(len(inputs.dataset), batch_size, hp.steps_per_epoch)
-    history = fit(trainable, optimizer, hp.epochs, steps, hp.warmup_epochs, batches, step, checkpoint, params.seed,
+    steps = epoch_steps(len(dataset), batch_size, hp.steps_per_epoch)
+    history = fit(trainable, optimizer, epochs, steps, warmup, batches, step, checkpoint, params.seed,
                   desc=f"adaptor k={k}")
     # how to feed images travels with the weights (as timm's pretrained_cfg does)
     meta = {"k": k, "start": model.start, "reduction": hp.reduction, "backbone": params.backbone.model_dump(),
@@ -95,7 +113,7 @@ def run(params: Params, k: int) -> dict:
     save_torch(layout(params).adaptor(k), {"state_dict": model.adaptor_set(k).state_dict(), "meta": meta})
     # Kept beside the adaptors for the fusion step's pseudo-label objective; not part of the model.
     save_torch(layout(params).classifier(k), {"weight": classifier.weight.detach().cpu(), "temperature": hp.temperature})
-    report = {"k": k, "images": len(inputs), "history": history, "final": history[-1],
+    report = {"k": k, "images": len(inputs), "trained_on": len(dataset), "history": history, "final": history[-1],
               "timings_s": {"total": time.perf_counter() - t0}}
     checkpoint.clear()  # the published adaptor supersedes it
     return report

@@ -24,6 +24,10 @@ alpha_l = the image's attention over the M granularities in block l):
 
 L_prop propagates each image's granularity attention to its neighbours: images that are close in
 feature space (likely the same task) are pushed to pick the same granularities.
+
+Incremental run (``cluster/mode.json``): the fusion layers start from the champion's, the attention
+bank from the champion's attention over the whole pool (one forward, no backward), and train
+``adapt.fusion_epochs`` epochs on the new images and the same replay sample as the adaptor sets.
 The terms and their weights are the registry's (grappa.core.objectives); the batch step is
 grappa.core.training.fusion_step.
 """
@@ -45,12 +49,13 @@ from grappa.core.losses import AttentionBank, CosineClassifier
 from grappa.core.metrics import ivf_knn_graph, knn_graph, knn_recall
 from grappa.core.model import pick_device
 from grappa.core.objectives import fusion_objective, fusion_terms
-from grappa.core.samplers import NeighbourPairs
+from grappa.core.samplers import NeighbourPairs, Subset
 from grappa.core.training import checkpoint_key, data_fingerprint, epoch_steps, fit, fusion_step
+from grappa.io import champion as champions
 from grappa.io import servable
 from grappa.io.artifacts import TorchCheckpoint, atomic_path, load_torch, save_torch
 from grappa.io.assemble import assemble
-from grappa.io.datasets import load_inputs, loader, mean_attention
+from grappa.io.datasets import attention_of, load_inputs, loader, mean_attention
 from grappa.io.features import iter_vectors, take_vectors, vector_dim
 from grappa.io.layout import layout
 from grappa.io.pseudo_labels import pseudo_labels_for
@@ -109,13 +114,25 @@ def run(params: Params) -> dict:
     neighbours, knn = neighbour_graph(params, inputs)
     t_knn = time.perf_counter() - t_knn
     write_neighbours(layout(params).knn, inputs.ids, neighbours)
+    rows = champions.training_rows(params, inputs.ids)  # None: the whole pool, from scratch
+    epochs = hp.epochs if rows is None else params.adapt.fusion_epochs
+    if rows is not None:
+        champion = load_torch(champions.bundle(params).fusion)
+        model.fusion.load_state_dict(champion["state_dict"])
+        print(f"fusion: from the champion's, on {len(rows)} of {len(inputs)} images (new + replay)")
+    device = pick_device()
+    model.to(device)
     bank = None
     if hp.propagation == "bank":  # anchors alone; their neighbours' attentions come from the bank
         items = inputs.dataset
         bank = AttentionBank(torch.from_numpy(neighbours), len(model.fusion), len(params.cluster.ks),
                              hp.bank_momentum, hp.bank_sharpen)
+        if rows is not None:  # the neighbours of a new image hold the champion's attention, not a uniform one
+            attention_of(model, inputs.dataset, params.evaluate.batch_size, into=bank.alpha)
     else:
         items = NeighbourPairs(inputs.dataset, neighbours)
+    if rows is not None:  # items keep their pool row: the bank and the pseudo-labels index them as before
+        items = Subset(items, rows)
     batch_size = min(hp.batch_size, len(items))
     # the attention (W_Q, W_K, the cosine temperature) at fusion.qk_lr; W_V, when it trains, at fusion.lr
     attention = [p for layer in model.fusion for p in layer.attention_parameters()]
@@ -129,8 +146,6 @@ def run(params: Params) -> dict:
         return loader(items, batch_size, shuffle=True, generator=generator, drop_last=True,
                       num_workers=params.extract.num_workers)
 
-    device = pick_device()
-    model.to(device)
     trainable = model.fusion if bank is None else nn.ModuleList([model.fusion, bank.to(device)])  # the checkpoint
 
     heads = []  # (classifier, pseudo-labels of every unlabeled row) per k, frozen
@@ -145,11 +160,14 @@ def run(params: Params) -> dict:
 
     # the images, their neighbour graph and the adaptor sets' weights: other data, another checkpoint
     ids = np.concatenate([np.frombuffer(b, np.uint8) for b in inputs.ids.buffers() if b is not None])
-    data = data_fingerprint(ids, neighbours, modules=model.adaptors.values())
-    key = checkpoint_key(params, hp.model_dump(), params.adaptor.model_dump(), params.cluster.ks, data)
+    # (an incremental run: also its rows and the champion's fusion it starts from)
+    data = data_fingerprint(ids, neighbours, *([] if rows is None else [rows]),
+                            modules=[*model.adaptors.values(), *([] if rows is None else [model.fusion])])
+    key = checkpoint_key(params, hp.model_dump(), params.adaptor.model_dump(), params.cluster.ks,
+                         None if rows is None else params.adapt.model_dump(), data)
     checkpoint = TorchCheckpoint(layout(params).checkpoint(f"fusion-{key}"))
     steps = epoch_steps(len(items), batch_size, hp.steps_per_epoch)
-    history = fit(trainable, optimizer, hp.epochs, steps, 0.0, batches, step, checkpoint, params.seed, desc="fusion")
+    history = fit(trainable, optimizer, epochs, steps, 0.0, batches, step, checkpoint, params.seed, desc="fusion")
     attention = mean_attention(model, inputs.dataset, params.evaluate.batch_size)
     model.cpu()
     meta = {"ks": params.cluster.ks, "attn_dim": hp.attn_dim, "attention_scale": hp.attention_scale,
@@ -158,6 +176,7 @@ def run(params: Params) -> dict:
     exported = servable.export(model, params, preprocess, layout(params).model)
     report = {
         "images": len(inputs),
+        "trained_on": len(items),
         "history": history,
         "final": history[-1],
         # mean attention over granularities on the unlabeled pool, per adapted block

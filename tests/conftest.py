@@ -27,7 +27,7 @@ os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
 # Modules that run whole pipelines, services, DVC, containers or training to convergence: the
 # "integration" lane. `make test-fast` (pytest -m "not integration") runs the rest in a few minutes.
 INTEGRATION = {"test_benchmarks", "test_containers", "test_dvc", "test_index", "test_learning", "test_loop",
-               "test_pipeline_smoke", "test_reliability", "test_serving", "test_sharding", "test_tracking",
+               "test_incremental_run", "test_pipeline_smoke", "test_reliability", "test_serving", "test_sharding", "test_tracking",
                "test_workspace"}
 
 

@@ -157,6 +157,33 @@ def test_ladder_scores_singles_and_uniform_subsets_and_reuses_trained_sets(tmp_p
     assert json.loads((tmp_path / "res" / "ladder_seed0.json").read_text())["rows"] == first["rows"]
 
 
+def test_incremental_benchmark_compares_an_increment_and_a_chain_with_a_full_retrain(tmp_path, monkeypatch, collection):
+    import yaml
+
+    from benchmarks import incremental
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params_dict(tmp_path, collection, adapt={"replay": 4})))
+    monkeypatch.chdir(tmp_path)  # outputs/bench/incremental/...
+    argv = ["--params", str(params), "--seeds", "0", "--chain-steps", "2", "--chain-share", "0.1",
+            "--results-dir", str(tmp_path / "res")]
+    assert incremental.main(argv) == 0
+    res = json.loads((tmp_path / "res" / "incremental.json").read_text())
+    assert res["seeds"] == [0] and res["increment"]["seeds"] == [0] and res["chain"]["seeds"] == [0]
+    runs = res["runs"]["0"]
+    assert [r["mode"] for r in runs["increment"]] == ["full", "incremental"]
+    assert [r["mode"] for r in runs["chain"]] == ["full", "incremental", "incremental"]
+    assert [r["mode"] for r in runs["full"]] == ["full"] and runs["full"][0]["decision"]["reason"] == "adapt.mode is full"
+    assert runs["increment"][1]["decision"]["new_images"] == 3  # 10% of the 32 unlabeled images
+    inc, full = runs["increment"][1], runs["full"][0]
+    assert res["increment"]["seconds_ratio"] == pytest.approx(inc["adaptation_s"] / full["adaptation_s"])
+    assert res["increment"]["map_at_r_diff"] == pytest.approx(100 * (inc["test_map_at_r"] - full["test_map_at_r"]))
+    assert "| increment (+10%) |" in (tmp_path / "res" / "incremental.md").read_text()
+    finished = (tmp_path / "outputs" / "bench" / "incremental" / "seed0" / "chain" / "run2.json").stat().st_mtime_ns
+    assert incremental.main(argv) == 0  # a second call reads every finished run back
+    assert (tmp_path / "outputs" / "bench" / "incremental" / "seed0" / "chain" / "run2.json").stat().st_mtime_ns == finished
+
+
 @pytest.mark.parametrize("uniform", ["2,5", "2,2"])
 def test_ladder_refuses_bad_uniform_subsets(uniform, capsys):
     from benchmarks import ladder

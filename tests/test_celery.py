@@ -34,7 +34,7 @@ VENV_BIN = Path(sys.executable).parent
 BRIDGE, SUBNET = "grappa-br0", "10.231.0"
 HOSTS = {"worker-1": f"{SUBNET}.11", "worker-2": f"{SUBNET}.12"}
 PIPELINE = "grappa_pipeline"
-STEPS = {"snapshot", "extract", "merge_features", "cluster", "train_adaptor", "train_fusion", "evaluate", "index"}
+STEPS = {"snapshot", "extract", "merge_features", "warm_start", "cluster", "train_adaptor", "train_fusion", "evaluate", "index"}
 
 
 def _missing() -> str | None:

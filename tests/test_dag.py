@@ -30,7 +30,7 @@ import planning  # noqa: E402
 import runners  # noqa: E402
 import watchers  # noqa: E402
 
-STEP_TASKS = {"snapshot", "extract", "merge_features", "cluster", "train_adaptor", "train_fusion", "evaluate", "index"}
+STEP_TASKS = {"snapshot", "extract", "merge_features", "warm_start", "cluster", "train_adaptor", "train_fusion", "evaluate", "index"}
 # plan_<task>: hands plan's commands of a mapped task to it (mapping reads only a return value)
 GLUE_TASKS = {"plan", "plan_extract", "plan_train_adaptor", "close_run"}
 # the DAG processor reads the step registry (standard library only), nothing of the steps themselves
@@ -96,7 +96,7 @@ def test_step_tasks_match_dvc_stages(pipeline):
 def test_pipeline_structure(pipeline, dagbag):
     up = {t.task_id: t.upstream_task_ids - {"plan"} for t in pipeline.tasks}
     assert up == {"plan": set(), "snapshot": set(), "plan_extract": set(), "extract": {"snapshot", "plan_extract"},
-                  "merge_features": {"extract"}, "cluster": {"merge_features"}, "plan_train_adaptor": set(),
+                  "merge_features": {"extract"}, "warm_start": {"merge_features"}, "cluster": {"warm_start"}, "plan_train_adaptor": set(),
                   "train_adaptor": {"cluster", "plan_train_adaptor"}, "train_fusion": {"train_adaptor"},
                   "evaluate": {"train_fusion"}, "index": {"evaluate"}, "close_run": {"index"}}
     for task_id in STEP_TASKS:

@@ -27,7 +27,7 @@ import runners  # noqa: E402
 
 VENV_BIN = Path(__file__).resolve().parents[1] / ".venv" / "bin"
 DVC = str(VENV_BIN / "dvc") if (VENV_BIN / "dvc").exists() else shutil.which("dvc")
-ALL_STAGES = {"snapshot", "extract@0-of-1", "merge_features", "cluster", "train_adaptor@2", "train_adaptor@4",
+ALL_STAGES = {"snapshot", "extract@0-of-1", "merge_features", "warm_start", "cluster", "train_adaptor@2", "train_adaptor@4",
               "train_fusion", "evaluate", "index"}
 
 pytestmark = pytest.mark.skipif(DVC is None, reason="dvc is not installed")
@@ -219,8 +219,9 @@ def test_override_is_written_where_dvc_sees_it(dvc_repo, reproduced):
     done = run_grappa(repo, "run", "--set", "cluster.ks=[2, 3]")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "params.yaml: cluster.ks: [2, 4] -> [2, 3]" in done.stdout
-    # cluster reruns (it clusters every k) but writes a byte-identical k2 file, so k=2 is kept.
-    assert ran(done.stdout) == {"cluster", "train_adaptor@3", "train_fusion", "evaluate", "index"}
+    # warm-start re-decides (the recipe changed: full), cluster reruns (it clusters every k) but writes a
+    # byte-identical k2 file, so k=2 is kept.
+    assert ran(done.stdout) == {"warm_start", "cluster", "train_adaptor@3", "train_fusion", "evaluate", "index"}
     assert "Stage 'train_adaptor@2' didn't change" in done.stdout
     written = (repo / "params.yaml").read_text()
     assert written.startswith("# the team's params\n") and yaml.safe_load(written)["cluster"]["ks"] == [2, 3]

@@ -22,7 +22,7 @@ from grappa.experiments import run_name
 VENV_BIN = Path(__file__).resolve().parents[1] / ".venv" / "bin"
 PYTHON = str(VENV_BIN / "python")
 DVC = str(VENV_BIN / "dvc") if (VENV_BIN / "dvc").exists() else shutil.which("dvc")
-ORDER = ["snapshot", "extract@0-of-1", "merge_features", "cluster", "train_adaptor@2", "train_adaptor@4",
+ORDER = ["snapshot", "extract@0-of-1", "merge_features", "warm_start", "cluster", "train_adaptor@2", "train_adaptor@4",
          "train_fusion", "evaluate", "index"]
 GIT_ID = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost", "GIT_COMMITTER_NAME": "t",
           "GIT_COMMITTER_EMAIL": "t@localhost"}

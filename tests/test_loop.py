@@ -31,7 +31,7 @@ from stack import local  # noqa: E402  (the launcher `make up` runs)
 
 VENV_BIN = Path(sys.executable).parent
 PIPELINE, WATCHER = "grappa_pipeline", "grappa_watch_folder"
-STEP_TASKS = {"snapshot", "extract", "merge_features", "cluster", "train_adaptor", "train_fusion", "evaluate", "index"}
+STEP_TASKS = {"snapshot", "extract", "merge_features", "warm_start", "cluster", "train_adaptor", "train_fusion", "evaluate", "index"}
 GLUE_TASKS = {"plan", "plan_extract", "plan_train_adaptor", "close_run"}  # plan_<task>: a mapped task's commands
 MODEL = "grappa-loop"
 

@@ -11,7 +11,7 @@ from grappa.io.layout import layout
 def test_all_steps_chain(tiny_params):
     timings = run_all(tiny_params)
     out = Path(tiny_params.out_dir)
-    assert set(timings) == {"snapshot", "extract@0-of-1", "merge_features", "cluster", "train_adaptor@2",
+    assert set(timings) == {"snapshot", "extract@0-of-1", "merge_features", "warm_start", "cluster", "train_adaptor@2",
                             "train_adaptor@4", "train_fusion", "evaluate", "index"}  # stage names, as DVC and Airflow
     metrics = json.loads((out / "evaluate" / "report.json").read_text())
     modes = {"zero_shot", "single_k_2", "single_k_4", "uniform", "oracle_val", "grappa"}

@@ -68,7 +68,7 @@ def set_shards(repo: Path, shards: int) -> None:
 def test_one_mapped_axis_per_step_and_one_name_per_item():
     extract, merge, adaptor = (registry.step(name) for name in ("extract", "merge-features", "train-adaptor"))
     assert (extract.mapped, merge.mapped, adaptor.mapped) == ("shard", None, "k")
-    assert [s.stage for s in registry.STEPS][:4] == ["snapshot", "extract", "merge_features", "cluster"]
+    assert [s.stage for s in registry.STEPS][:5] == ["snapshot", "extract", "merge_features", "warm_start", "cluster"]
     params = parse_params(tiny_params_dict(Path("/tmp"), ["x"], extract={"shards": 2}))
     assert extract.items(params) == [Shard(0, 2), Shard(1, 2)] and adaptor.items(params) == [2, 4]
     assert merge.items(params) == [None]
@@ -107,7 +107,7 @@ def test_dvc_runs_one_extract_stage_per_shard_and_the_merge_after_all_of_them(sm
     assert listed["extract@1-of-2"] == "outputs/extract/parts/1-of-2"
     edges = set(re.findall(r'^"([^"]+)" -> "([^"]+)";$', dvc(repo, "dag", "--dot"), re.M))
     assert {("snapshot", "extract@0-of-2"), ("snapshot", "extract@1-of-2"), ("extract@0-of-2", "merge_features"),
-            ("extract@1-of-2", "merge_features"), ("merge_features", "cluster"),
+            ("extract@1-of-2", "merge_features"), ("merge_features", "warm_start"), ("warm_start", "cluster"),
             ("merge_features", "train_adaptor@2")} <= edges
     assert not any(a.startswith("extract@") and b != "merge_features" for a, b in edges)  # only the merge reads parts
 
@@ -165,7 +165,7 @@ def test_without_the_option_every_item_runs_in_turn(small_workspace, monkeypatch
 
     ran.clear()
     timings = cli.run_all(parse_params({**yaml.safe_load(Path(params).read_text()), "extract": {"shards": 2}}))
-    assert list(timings) == ["snapshot", "extract@0-of-2", "extract@1-of-2", "merge_features", "cluster",
+    assert list(timings) == ["snapshot", "extract@0-of-2", "extract@1-of-2", "merge_features", "warm_start", "cluster",
                              "train_adaptor@2", "train_adaptor@4", "train_fusion", "evaluate", "index"]
     assert ran[1:4] == [("extract", Shard(0, 2)), ("extract", Shard(1, 2)), ("merge-features", None)]
 

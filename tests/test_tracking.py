@@ -27,7 +27,7 @@ from grappa.tracking import lineage
 from grappa.tracking import publisher as publish
 
 MODEL = "grappa-test-fused"
-STAGES = {"snapshot", "extract@0-of-1", "merge_features", "cluster", "train_adaptor@2", "train_adaptor@4", "train_fusion",
+STAGES = {"snapshot", "extract@0-of-1", "merge_features", "warm_start", "cluster", "train_adaptor@2", "train_adaptor@4", "train_fusion",
           "evaluate", "index"}
 # Fake credentials present in the environment during the shared run (test_security scans for them).
 SECRETS = {

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 
 from grappa.config import ConfigError
+from grappa.core.kmeans import assign
 
 MODES = ("auto", "full", "incremental")
 
@@ -33,17 +33,20 @@ def recipe_diff(champion: dict, current: dict, prefix: str = "") -> list[str]:
 
 
 def choose_mode(requested: str, champion_recipe: dict | None, recipe: dict, new_share: float,
-                max_new_share: float, generation: int, max_generations: int) -> Decision:
-    """Incremental when a champion exists, its recipe is the current one apart from the data, the new
-    share of the pool is at most ``max_new_share`` and fewer than ``max_generations`` incremental
-    runs followed its last full one; else full. ``auto`` falls back to full saying why; an explicit
-    ``incremental`` that cannot be honoured is refused with the same reason."""
+                max_new_share: float, generation: int, max_generations: int, known: int | None = None) -> Decision:
+    """Incremental when a champion exists, was trained on this pool (``known``: how many of its images
+    are in it, when counted), its recipe is the current one apart from the data, the new share of the
+    pool is at most ``max_new_share`` and fewer than ``max_generations`` incremental runs followed its
+    last full one; else full. ``auto`` falls back to full saying why; an explicit ``incremental`` that
+    cannot be honoured is refused with the same reason."""
     if requested not in MODES:
         raise ConfigError(f"adapt.mode must be one of {', '.join(MODES)}, got {requested!r}")
     if requested == "full":
         return Decision("full", "adapt.mode is full")
     if champion_recipe is None:
         why = "no champion to start from"
+    elif known == 0:
+        why = "the champion was trained on other data: none of its images is in the pool"
     elif diff := recipe_diff(champion_recipe, recipe):
         why = f"the recipe changed since the champion: {', '.join(diff[:5])}" + (" ..." if len(diff) > 5 else "")
     elif new_share > max_new_share:
@@ -58,16 +61,30 @@ def choose_mode(requested: str, champion_recipe: dict | None, recipe: dict, new_
     return Decision("full", why)
 
 
-def refine_centroids(init: np.ndarray, sample: np.ndarray, niter: int, seed: int,
-                     max_points_per_centroid: int = 256) -> np.ndarray:
-    """Spherical k-means started from ``init`` (k, D), ``niter`` iterations on ``sample``: L2-normalised
-    centroids in the order of ``init``, so a centroid keeps its id (and its classifier row)."""
+def refine_centroids(init: np.ndarray, sample: np.ndarray, niter: int) -> np.ndarray:
+    """Spherical Lloyd iterations started from ``init`` (k, D), ``niter`` of them on ``sample``:
+    L2-normalised centroids in the order of ``init``. A centroid that no image picks stays where it
+    was (k-means would re-seed it elsewhere), so every centroid keeps its id and its classifier row."""
     x = np.ascontiguousarray(sample, dtype=np.float32)
-    start = np.ascontiguousarray(init, dtype=np.float32)
-    km = faiss.Kmeans(x.shape[1], start.shape[0], niter=niter, nredo=1, spherical=True, seed=seed, verbose=False,
-                      min_points_per_centroid=1, max_points_per_centroid=max_points_per_centroid)
-    km.train(x, init_centroids=start)
-    return km.centroids / np.linalg.norm(km.centroids, axis=1, keepdims=True)
+    centroids = np.ascontiguousarray(init, dtype=np.float32).copy()
+    for _ in range(niter):
+        labels = assign(centroids, x)
+        sums = np.zeros_like(centroids)
+        np.add.at(sums, labels, x)
+        picked = np.bincount(labels, minlength=len(centroids)) > 0
+        centroids[picked] = sums[picked] / np.linalg.norm(sums[picked], axis=1, keepdims=True).clip(1e-12)
+    return centroids
+
+
+def label_change_reason(persistence: dict[int, float], max_change: float) -> str | None:
+    """Why a full run is needed after all: the k whose old images changed pseudo-label the most, when
+    that share is above ``max_change`` (None: the warm-started clusters hold)."""
+    if not persistence:
+        return None
+    k, kept = min(persistence.items(), key=lambda item: item[1])
+    if 1.0 - kept <= max_change:
+        return None
+    return f"{1.0 - kept:.0%} of the old images changed pseudo-label at k={k}, above adapt.max_label_change {max_change:.0%}"
 
 
 def label_persistence(before: np.ndarray, after: np.ndarray) -> float:

@@ -41,6 +41,30 @@ class ClusterBatchSampler:
             yield batch
 
 
+def read_items(base: Dataset, rows: list[int]) -> list:
+    """Items ``rows`` of ``base`` in one read when it reads batches (the feature store's prefix rows)."""
+    fetch = getattr(base, "__getitems__", None)
+    return fetch(rows) if fetch is not None else [base[r] for r in rows]
+
+
+class Subset(Dataset):
+    """Items ``positions`` of ``base``, each still named by its row in ``base``, so what is indexed by
+    row (pseudo-labels, the attention bank) indexes them as before; a batch is one read of the base."""
+
+    def __init__(self, base: Dataset, positions: np.ndarray):
+        self.base, self.positions = base, np.asarray(positions, dtype=np.int64)
+        self.is_images = getattr(base, "is_images", False)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int):
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, items: list[int]) -> list:
+        return read_items(self.base, [int(self.positions[i]) for i in items])
+
+
 class NeighbourPairs(Dataset):
     """Item i = (i, stack[x_i, x_j]) with j drawn uniformly from i's kNN (torch RNG, seeded per epoch)."""
 
@@ -58,8 +82,7 @@ class NeighbourPairs(Dataset):
         """A batch: the anchors and their drawn neighbours in one read of the base (when it reads
         batches, like the feature store's prefix rows)."""
         picks = [int(self.neighbours[i, torch.randint(self.neighbours.shape[1], (1,))]) for i in items]
-        fetch = getattr(self.base, "__getitems__", None) or (lambda rows: [self.base[r] for r in rows])
-        got = fetch(list(items) + picks)
+        got = read_items(self.base, list(items) + picks)
         out = []
         for n, i in enumerate(items):
             (_, xi, err_i), (_, xj, err_j) = got[n], got[len(items) + n]

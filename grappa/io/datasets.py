@@ -182,18 +182,31 @@ def encode(model, dataset: Dataset, mode: str, batch_size: int, num_workers: int
 
 
 
-
-@torch.inference_mode()
-def mean_attention(model, dataset: Dataset, batch_size: int) -> np.ndarray:
-    """(L, M) mean fusion attention over ``dataset``, summed batch by batch (nothing per image kept)."""
+def _attention_batches(model, dataset: Dataset, batch_size: int):
+    """(rows, (B, L, M) fusion attention) batch by batch over the usable items of ``dataset``."""
     model.eval()
     device = next(model.parameters()).device
-    total, count = None, 0
-    for _, x, _ in tqdm(loader(dataset, batch_size), desc="attention", unit="batch", leave=False):
+    for rows, x, _ in tqdm(loader(dataset, batch_size), desc="attention", unit="batch", leave=False):
         if x is None:
             continue
         x = x.to(device)
         _, alpha = model.forward_suffix(model.forward_prefix(x) if getattr(dataset, "is_images", False) else x, FUSION)
-        total = alpha.sum(0).cpu() if total is None else total + alpha.sum(0).cpu()
-        count += len(x)
+        yield rows, alpha.cpu()
+
+
+@torch.inference_mode()
+def attention_of(model, dataset: Dataset, batch_size: int, into: torch.Tensor) -> torch.Tensor:
+    """Every usable item's fusion attention written into its row of ``into`` (N, L, M)."""
+    for rows, alpha in _attention_batches(model, dataset, batch_size):
+        into[torch.as_tensor(rows)] = alpha.to(into.dtype)
+    return into
+
+
+@torch.inference_mode()
+def mean_attention(model, dataset: Dataset, batch_size: int) -> np.ndarray:
+    """(L, M) mean fusion attention over ``dataset``, summed batch by batch (nothing per image kept)."""
+    total, count = None, 0
+    for _, alpha in _attention_batches(model, dataset, batch_size):
+        total = alpha.sum(0) if total is None else total + alpha.sum(0)
+        count += len(alpha)
     return (total / max(count, 1)).double().numpy()

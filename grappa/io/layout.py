@@ -24,7 +24,16 @@ PART_REPORT = "extract/parts/{shard}/report.json"
 FEATURES = "extract/features.parquet"
 PREFIX_INDEX = "extract/prefix.json"  # always written (a DVC out); lists no part when adapt_from_block is 0
 EXTRACT_REPORT = "extract/report.json"
+# `warm-start`: whether this run adapts from the champion and why (decision.json, in git beside
+# dvc.lock), and the champion's files it starts from (bundle/, in out_dir's layout; empty of them in a
+# full run)
+WARM_START = "champion"
+WARM_DECISION = "champion/decision.json"
+WARM_BUNDLE = "champion/bundle"
 CLUSTER = "cluster"
+# the mode the adaptation runs in, after clustering (which may force a full run): what the training
+# steps read
+CLUSTER_MODE = "cluster/mode.json"
 PSEUDO_LABELS = "cluster/k{k}.parquet"
 CENTROIDS = "cluster/centroids_k{k}.npy"
 CLUSTER_REPORT = "cluster/report.json"

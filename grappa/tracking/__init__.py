@@ -4,9 +4,7 @@ Off with ``tracking.enabled: false`` or ``GRAPPA_TRACKING=0``.
 """
 from __future__ import annotations
 
-import os
-
-from grappa.config import Params
+from grappa.config import TRACKING_SWITCH, Params, tracking_enabled
 from grappa.tracking import lineage, publisher, step_logger
 from grappa.tracking.runs import (ENV_ARTIFACT_LOCATION, ENV_PARENT, ENV_RUN_KEY, RUN_KEY_TAG, RunTree,
                                   TrackingError, artifact_location, flatten, one_line, pipeline_run_key, step_params,
@@ -18,7 +16,7 @@ __all__ = ["ENV_ARTIFACT_LOCATION", "ENV_PARENT", "ENV_RUN_KEY", "ENV_SWITCH", "
            "Tracker", "TrackingError", "artifact_location", "enabled", "flatten", "from_params",
            "numeric_metrics", "pipeline_run_key", "step_params", "tracking_uri"]
 
-ENV_SWITCH = "GRAPPA_TRACKING"
+ENV_SWITCH = TRACKING_SWITCH
 
 
 class Tracker(RunTree):
@@ -32,8 +30,7 @@ class Tracker(RunTree):
 
 
 def enabled(params: Params) -> bool:
-    switch = os.environ.get(ENV_SWITCH, "1").strip().lower()
-    return params.tracking.enabled and switch not in ("0", "false", "no", "off")
+    return tracking_enabled(params)
 
 
 def from_params(params: Params) -> Tracker | None:

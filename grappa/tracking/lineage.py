@@ -81,14 +81,6 @@ def git_tags(code_dir: Path = CODE_DIR) -> dict[str, str]:
     return tags
 
 
-def project_root() -> Path:
-    """Where the default tracking DB lives: ``DVC_ROOT`` (set by dvc repro), the git work tree, or cwd."""
-    if os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"]).resolve()
-    top = _git(["rev-parse", "--show-toplevel"], Path.cwd())
-    return Path(top).resolve() if top else Path.cwd().resolve()
-
-
 # --------------------------------------------------------------------------- DVC
 
 

@@ -26,14 +26,15 @@ from pathlib import Path
 from typing import Callable
 
 from grappa.config import Params
-from grappa.io.layout import layout
+from grappa.io.champion import CHAMPION, GENERATION_TAG, MODEL_SHA_TAG, PARENT_TAG
+from grappa.io.layout import CLUSTER_MODE, WARM_DECISION, layout
 from grappa.tracking import lineage
 from grappa.tracking.runs import RunTree, params_yaml
 
-CHAMPION, CANDIDATE = "champion", "candidate"
+CANDIDATE = "candidate"
 SCORE_TAG = "grappa.mean_map_at_r"  # the version's mean mAP@R on the validation classes of EVAL_SET_TAG
 EVAL_SET_TAG = "grappa.eval_set"
-MODEL_SHA_TAG = "grappa.model_sha256"
+ADAPT_MODE_TAG, ADAPT_REASON_TAG = "grappa.adapt_mode", "grappa.adapt_reason"
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # all of grappa/ travels with the model: pyfunc_model imports io, core
 # what the pyfunc model imports when loaded (pinned to this environment's versions)
@@ -166,6 +167,22 @@ def log_bundle(tree: RunTree, run_id: str, params: Params) -> None:
     tree.client.log_text(run_id, params_yaml(params), "bundle/params.yaml")
 
 
+def adapt_tags(params: Params) -> dict[str, str]:
+    """How the model was adapted, for its version and its run: mode, why, generation, parent version."""
+    from grappa.io.artifacts import read_json
+
+    out = layout(params)
+    if not out.path(CLUSTER_MODE).is_file():  # a run from before incremental adaptation
+        return {}
+    mode = read_json(out.path(CLUSTER_MODE))
+    decision = read_json(out.path(WARM_DECISION)) if out.path(WARM_DECISION).is_file() else {}
+    tags = {ADAPT_MODE_TAG: mode["mode"], ADAPT_REASON_TAG: mode.get("reason") or decision.get("reason", ""),
+            GENERATION_TAG: str(mode.get("generation", 0))}
+    if mode.get("parent_version"):
+        tags[PARENT_TAG] = str(mode["parent_version"])
+    return tags
+
+
 @dataclass(frozen=True)
 class Candidate:
     """A version just registered: where it is and what it scored, on which evaluation set."""
@@ -206,7 +223,7 @@ def register(tree: RunTree, params: Params, metrics: dict) -> Candidate:
     if scores:  # on the logged model too, so the Models view can rank the versions
         mlflow.log_metrics(scores, model_id=info.model_id)
     tags = {EVAL_SET_TAG: candidate.eval_set, MODEL_SHA_TAG: candidate.model_sha256,
-            "dvc.stage": lineage.dvc_stage_name("evaluate")}
+            "dvc.stage": lineage.dvc_stage_name("evaluate"), **adapt_tags(params)}
     if candidate.score is not None:
         tags[SCORE_TAG] = repr(candidate.score)
     if tree.parent_run_id:
@@ -245,6 +262,8 @@ def promote(tree: RunTree, run_id: str, params: Params, candidate: Candidate) ->
                                              champion.version))
     # else no version serves yet (an unscored first candidate): evaluate's own model serves
     client.set_tag(run_id, "grappa.model_version", candidate.version)
+    for key, value in adapt_tags(params).items():
+        client.set_tag(run_id, key, value)
     client.set_tag(run_id, "grappa.model_alias", CHAMPION if decision.promote else CANDIDATE)
     print(f"tracking: registered {name} version {candidate.version} as {CANDIDATE}"
           + (f" and {CHAMPION}" if decision.promote else f" (not {CHAMPION})") + f": {decision.reason}", flush=True)

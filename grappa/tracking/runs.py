@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from grappa.config import Params
+from grappa.io.champion import tracking_uri
 from grappa.tracking import lineage
 
 ENV_PARENT = "GRAPPA_MLFLOW_PARENT_RUN_ID"
@@ -41,11 +42,6 @@ _CLIENT_DEFAULTS = {
 
 class TrackingError(RuntimeError):
     """MLflow could not be reached or refused a call (printed as one line; outputs are kept)."""
-
-
-def tracking_uri() -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    return uri or f"sqlite:///{lineage.project_root() / 'mlflow.db'}"
 
 
 def artifact_location(uri: str) -> str | None:
