@@ -21,6 +21,8 @@ def test_auto_is_incremental_only_with_a_champion_of_the_same_recipe_and_little_
             (choose_mode("auto", None, RECIPE, 0.1, 0.2, 0, 5), "no champion to start from"),
             (choose_mode("auto", RECIPE, changed, 0.1, 0.2, 0, 5), "the recipe changed since the champion: cluster.ks"),
             (choose_mode("auto", RECIPE, RECIPE, 0.3, 0.2, 0, 5), "30% of the pool is new, above adapt.max_new_share 20%"),
+            (choose_mode("auto", RECIPE, RECIPE, 0.0, 0.2, 0, 5), "no image of the pool is new to the champion"),
+            (choose_mode("auto", RECIPE, RECIPE, 0.1, 0.2, 0, 5, known=0), "the champion was trained on other data"),
             (choose_mode("auto", RECIPE, RECIPE, 0.1, 0.2, 5, 5), "5 incremental runs since the last full one"),
             (choose_mode("full", RECIPE, RECIPE, 0.1, 0.2, 0, 5), "adapt.mode is full")):
         assert decision.mode == "full" and decision.reason.startswith(why), decision

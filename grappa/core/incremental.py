@@ -36,7 +36,7 @@ def choose_mode(requested: str, champion_recipe: dict | None, recipe: dict, new_
                 max_new_share: float, generation: int, max_generations: int, known: int | None = None) -> Decision:
     """Incremental when a champion exists, was trained on this pool (``known``: how many of its images
     are in it, when counted), its recipe is the current one apart from the data, the new share of the
-    pool is at most ``max_new_share`` and fewer than ``max_generations`` incremental runs followed its
+    pool is above 0 and at most ``max_new_share``, and fewer than ``max_generations`` incremental runs followed its
     last full one; else full. ``auto`` falls back to full saying why; an explicit ``incremental`` that
     cannot be honoured is refused with the same reason."""
     if requested not in MODES:
@@ -49,6 +49,8 @@ def choose_mode(requested: str, champion_recipe: dict | None, recipe: dict, new_
         why = "the champion was trained on other data: none of its images is in the pool"
     elif diff := recipe_diff(champion_recipe, recipe):
         why = f"the recipe changed since the champion: {', '.join(diff[:5])}" + (" ..." if len(diff) > 5 else "")
+    elif new_share == 0:  # the code or the labelled split changed: what the champion learnt may not hold
+        why = "no image of the pool is new to the champion: what changed is not the unlabeled data"
     elif new_share > max_new_share:
         why = f"{new_share:.0%} of the pool is new, above adapt.max_new_share {max_new_share:.0%}"
     elif generation >= max_generations:
