@@ -248,6 +248,18 @@ def test_readme_results_are_the_committed_benchmark():
     assert readme[readme.index(start) + len(start):readme.index(end)] == rendered
 
 
+def test_readme_incremental_table_is_the_committed_benchmark():
+    """The README's incremental table is results/incremental.md, rendered from the committed JSON."""
+    from benchmarks.incremental import RESULTS, render
+
+    results = json.loads((RESULTS / "incremental.json").read_text())
+    rendered = render(results)
+    assert (RESULTS / "incremental.md").read_text() == rendered
+    readme = (RESULTS.parents[1] / "README.md").read_text()
+    start, end = "<!-- benchmarks/results/incremental.md -->\n", "<!-- end of benchmarks/results/incremental.md -->"
+    assert readme[readme.index(start) + len(start):readme.index(end)] == rendered
+
+
 def test_paired_interval_is_zero_for_equal_rows_and_brackets_a_shift():
     from benchmarks.adaptation import paired_interval
 
