@@ -19,8 +19,10 @@ run are manifests written beside hard links of the images (``outputs/bench/incre
 image ids are the demo's, so the content-hash feature cache is shared and extraction is paid once.
 
 ``seconds_ratio`` is the incremental run's adaptation (warm-start, cluster, the adaptor sets, fusion)
-over the full retrain's, measured on this machine in the same invocation; ``total_ratio`` includes
-snapshot, extraction and evaluate, which cost the same in both. ``map_at_r_diff`` is incremental minus
+over the full retrain's, both measured on this machine (by one invocation, or by several with
+``--arms``: the runs record their load average); ``total_ratio`` includes snapshot, extraction and
+evaluate (the full arm runs first and pays any cold feature cache). An increment whose run fell back
+to full is listed in ``runs`` but left out of the means. ``map_at_r_diff`` is incremental minus
 full, test classes, mean over domains, in points (validation beside it). Every finished run writes
 its figures to ``<arm>/run<i>.json`` at once, and the results files are rewritten after each: an
 interrupted benchmark resumes where it stopped (an arm whose run was cut mid-way restarts that arm).
@@ -28,6 +30,7 @@ interrupted benchmark resumes where it stopped (an arm whose run was cut mid-way
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -102,6 +105,21 @@ def splits(records: list, seed: int, held: float, chain_steps: int, chain_share:
 # --------------------------------------------------------------------------- runs
 
 
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """``values`` in os.environ for the block, the previous values (or none) restored after it."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def run_once(params: Params, name: str) -> dict:
     """The pipeline up to evaluate with tracking on (a parent run per run, as `grappa run`); its figures."""
     tracker = tracking.Tracker(params)
@@ -146,17 +164,17 @@ def run_arm(base: dict, arm: str, sources: list[list[str]], seed: int, full: boo
             return run_arm(base, arm, sources, seed, full)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"run{i}.started").touch()
-        # the arm's own registry (artifacts beside it): its champion is what the next run warm-starts from
-        # (mlflow exports the registry URI it was last given: set both)
-        db = f"sqlite:///{(folder / 'mlflow.db').resolve()}"
-        os.environ.update({"MLFLOW_TRACKING_URI": db, "MLFLOW_REGISTRY_URI": db, tracking.ENV_SWITCH: "1"})
         params = load_params(base["params"], {**base["overrides"], "seed": seed, "out_dir": str(folder / "outputs"),
                                               "data.sources": run_sources, "data.max_unlabeled_per_domain": None,
                                               "data.max_query_db_per_domain": None,
                                               "adapt.mode": "full" if full else "auto",
                                               "tracking.enabled": True})
         print(f"==== {arm} seed {seed}: run {i + 1} of {len(sources)}", flush=True)
-        figures = run_once(params, f"bench {arm} seed {seed} run {i}")
+        # the arm's own registry (artifacts beside it): its champion is what the next run warm-starts from
+        # (mlflow exports the registry URI it was last given: set both)
+        db = f"sqlite:///{(folder / 'mlflow.db').resolve()}"
+        with environment({"MLFLOW_TRACKING_URI": db, "MLFLOW_REGISTRY_URI": db, tracking.ENV_SWITCH: "1"}):
+            figures = run_once(params, f"bench {arm} seed {seed} run {i}")
         print(f"==== {arm} seed {seed}: run {i + 1}: {figures['mode']}, test mAP@R {100 * figures['test_map_at_r']:.2f}, "
               f"adaptation {figures['adaptation_s']:.0f} s", flush=True)
         write_json(result, figures)
@@ -172,10 +190,11 @@ def summarise(per_seed: dict[int, dict], settings: dict) -> dict:
     seeds) as means over the seeds where both sides finished, and every run's figures."""
     increment, chain = {}, {}
     for seed, arms in per_seed.items():
-        if "full" not in arms:
+        if not arms.get("full"):
             continue
         full = arms["full"][0]
-        if len(arms.get("increment", [])) == 2:
+        # an increment that fell back to full is kept in "runs" but is no incremental figure
+        if len(arms.get("increment", [])) == 2 and arms["increment"][1]["mode"] == "incremental":
             inc = arms["increment"][1]
             increment[seed] = {"seconds_ratio": inc["adaptation_s"] / full["adaptation_s"],
                                "total_ratio": inc["total_s"] / full["total_s"],

@@ -161,7 +161,9 @@ STEPS: tuple[Step, ...] = (
          resources=Resources("1", "512Mi", "1Gi")),  # peak 319 MB at 1M
     # the registry's champion is read when the pool or the recipe changes: new images are when it matters
     Step("warm-start", "step 2c: full retrain or incremental run from the champion, and why",
-         params=(*BASE, "adapt", "backbone", "cluster", "adaptor", "fusion", "tracking.registered_model"),
+         # the adapt keys it decides by, and the recipe it compares with the champion's
+         params=(*BASE, "adapt.mode", "adapt.max_new_share", "adapt.max_generations", "backbone", "cluster", "adaptor",
+                 "fusion", "tracking.registered_model"),
          deps=(L.FEATURES,),
          outs=(Out(L.WARM_DECISION, cache=False, note="the mode and its reason, readable beside dvc.lock"),
                Out(L.WARM_BUNDLE, note="the champion's files an incremental run starts from (source.json "

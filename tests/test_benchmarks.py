@@ -2,6 +2,7 @@
 and faiss's kNN graph is numpy's brute-force one; speed itself is never asserted (it depends on the
 machine and its load). quality.py aggregates seeds; ladder.py scores single-k and uniform models."""
 import json
+import os
 import subprocess
 import sys
 
@@ -165,6 +166,7 @@ def test_incremental_benchmark_compares_an_increment_and_a_chain_with_a_full_ret
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(tiny_params_dict(tmp_path, collection, adapt={"replay": 4})))
     monkeypatch.chdir(tmp_path)  # outputs/bench/incremental/...
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     argv = ["--params", str(params), "--seeds", "0", "--chain-steps", "2", "--chain-share", "0.1",
             "--results-dir", str(tmp_path / "res")]
     assert incremental.main(argv) == 0
@@ -175,9 +177,8 @@ def test_incremental_benchmark_compares_an_increment_and_a_chain_with_a_full_ret
     assert [r["mode"] for r in runs["chain"]] == ["full", "incremental", "incremental"]
     assert [r["mode"] for r in runs["full"]] == ["full"] and runs["full"][0]["decision"]["reason"] == "adapt.mode is full"
     assert runs["increment"][1]["decision"]["new_images"] == 3  # 10% of the 32 unlabeled images
-    inc, full = runs["increment"][1], runs["full"][0]
-    assert res["increment"]["seconds_ratio"] == pytest.approx(inc["adaptation_s"] / full["adaptation_s"])
-    assert res["increment"]["map_at_r_diff"] == pytest.approx(100 * (inc["test_map_at_r"] - full["test_map_at_r"]))
+    assert res["increment"]["per_seed"]["0"]["mode"] == "incremental" and res["increment"]["seconds_ratio"] > 0
+    assert os.environ.get("MLFLOW_TRACKING_URI") is None  # each arm's registry was set for its runs only
     assert "| increment (+10%) |" in (tmp_path / "res" / "incremental.md").read_text()
     finished = (tmp_path / "outputs" / "bench" / "incremental" / "seed0" / "chain" / "run2.json").stat().st_mtime_ns
     assert incremental.main(argv) == 0  # a second call reads every finished run back

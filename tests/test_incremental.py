@@ -56,3 +56,25 @@ def test_the_replay_sample_is_bounded_and_seeded():
     assert not np.array_equal(a, replay_sample(10_000, 500, seed=4))
     assert np.array_equal(replay_sample(30, 500, seed=3), np.arange(30))  # never more than the pool
     assert len(replay_sample(30, 0, seed=3)) == 0
+
+
+def test_a_subset_keeps_naming_its_items_by_their_row_in_the_pool():
+    """An incremental run trains on some rows of the pool; per-row tables (pseudo-labels, the attention
+    bank) must index its batches exactly as they index the whole pool's."""
+    import torch
+
+    from grappa.core.samplers import ClusterBatchSampler, Subset
+    from grappa.io.datasets import PrefixDataset, collate_usable
+
+    pool = PrefixDataset(np.arange(20, dtype=np.float16)[:, None, None, None] * np.ones((20, 1, 1, 1), np.float16))
+    rows = np.array([2, 5, 6, 11, 17, 19])
+    pseudo = np.arange(20) % 3
+    subset = Subset(pool, rows)
+    assert len(subset) == 6 and [row for row, _, _ in subset.__getitems__([0, 3, 5])] == [2, 11, 19]
+    sampler = ClusterBatchSampler(pseudo[rows], 4, 2, torch.Generator().manual_seed(0))
+    for batch in sampler:
+        named, x, _ = collate_usable(subset.__getitems__(batch))
+        assert torch.equal(x[:, 0, 0, 0], named.float())  # each item's data is its pool row's
+        assert set(named.tolist()) <= set(rows.tolist())
+        labels = pseudo[named.numpy()]
+        assert all((labels == c).sum() in (0, 2) for c in range(3))  # the sampler's clusters, by pool row

@@ -82,15 +82,15 @@ def test_an_incremental_run_starts_from_the_champion_and_records_its_parent(cham
         def no_training(*args, **kwargs):
             return [{"epoch": 0, "loss": 0.0}]
 
-        monkeypatch.setattr(train_adaptor, "fit", no_training)
-        monkeypatch.setattr(train_fusion, "fit", no_training)
-        steps(champion.params, ["train-adaptor", "train-fusion"])
+        with monkeypatch.context() as patch:
+            patch.setattr(train_adaptor, "fit", no_training)
+            patch.setattr(train_fusion, "fit", no_training)
+            steps(champion.params, ["train-adaptor", "train-fusion"])
         images = sorted((root / "data" / "shapes" / "images").glob("*.png"))[:6] + sorted((root / "drop").rglob("*.png"))
         before = servable.load(root / "champion-model").embed(images)
         warm = servable.load(root / "outputs" / "model").embed(images)
         assert np.abs(before - warm).max() < 1e-6
 
-        monkeypatch.undo()
         steps(champion.params, ["train-adaptor", "train-fusion", "evaluate"])
     adaptor = json.loads((root / "outputs" / "adaptors" / "k4" / "report.json").read_text())
     fusion = json.loads((root / "outputs" / "fusion" / "report.json").read_text())
@@ -124,3 +124,14 @@ def test_a_warm_start_from_a_champion_trained_on_other_data_is_refused(champion,
         rc, _, stderr = run_cli(["--params", str(params), "warm-start"])
     assert rc == 2 and stderr.strip() == ("grappa: error: adapt.mode incremental: the champion was trained on other "
                                           "data: none of its images is in the pool; run with adapt.mode auto or full")
+
+
+def test_an_unreachable_registry_stops_the_run_instead_of_retraining_in_full(champion):
+    from test_tracking import closed_port
+
+    env = {**champion.env, "MLFLOW_TRACKING_URI": f"http://grappa:hunter2secret@127.0.0.1:{closed_port()}",
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    with environment(**env):
+        rc, _, stderr = run_cli(["--params", str(champion.params), "warm-start"])
+    assert rc == 3 and len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.startswith("grappa: error: model registry at http://127.0.0.1:") and "hunter2secret" not in stderr

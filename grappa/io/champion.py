@@ -21,6 +21,7 @@ import yaml
 from grappa.config import Params, tracking_enabled
 from grappa.io.artifacts import read_json, read_table
 from grappa.io.layout import CLUSTER_MODE, WARM_BUNDLE, Layout, layout
+from grappa.io.storage import StorageError, redact_uri
 
 CHAMPION = "champion"  # the registry alias of the version that serves
 GENERATION_TAG = "grappa.generation"  # incremental runs since the version's last full ancestor
@@ -75,27 +76,34 @@ class Champion:
 
 def fetch(params: Params, dest: Path) -> Champion | None:
     """The ``champion`` version of ``tracking.registered_model`` with its bundle downloaded into ``dest``
-    (emptied first); None when tracking is off or no version is champion."""
+    (emptied first; empty when the version has none); None when tracking is off or no version is
+    champion. A registry that cannot be reached is a StorageError, never "no champion": a full retrain
+    must not start because a server was down."""
     if not tracking_enabled(params):
         return None
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient(tracking_uri())
+    client, name = MlflowClient(tracking_uri()), params.tracking.registered_model
+    staging = dest.parent / ".download"
     try:
-        version = client.get_model_version_by_alias(params.tracking.registered_model, CHAMPION)
-    except MlflowException:  # no such model or no champion yet
-        return None
-    shutil.rmtree(dest, ignore_errors=True)
-    dest.mkdir(parents=True)
-    try:
-        client.download_artifacts(version.run_id, "bundle", str(dest.parent / ".download"))
-        shutil.rmtree(dest)
-        (dest.parent / ".download" / "bundle").rename(dest)
-    except (MlflowException, OSError):  # a version registered before bundles existed
-        pass
+        try:
+            version = client.get_model_version_by_alias(name, CHAMPION)
+        except MlflowException as err:
+            if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # no model, no alias
+                return None
+            raise
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # what a killed download left
+        if client.list_artifacts(version.run_id, "bundle"):  # none: registered before bundles existed
+            client.download_artifacts(version.run_id, "bundle", str(staging))
+            (staging / "bundle").rename(dest)
+    except (MlflowException, OSError) as err:
+        lines = str(err).strip().splitlines()
+        raise StorageError(redact_uri(f"model registry at {tracking_uri()}: cannot read the champion of {name}: "
+                                      f"{lines[0] if lines else type(err).__name__}")) from None
     finally:
-        shutil.rmtree(dest.parent / ".download", ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     dest.mkdir(parents=True, exist_ok=True)
     yaml_file = dest / "params.yaml"
     return Champion(str(version.version), version.run_id, version.tags.get(MODEL_SHA_TAG, ""),

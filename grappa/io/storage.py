@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -15,6 +16,14 @@ from urllib.parse import urlparse
 
 class StorageError(RuntimeError):
     """A source could not be read (missing object, no access, endpoint down after retries)."""
+
+
+_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.\-]*://)(?:[^\s/:@]*:[^\s@]*|[^\s/:@]*)@")
+
+
+def redact_uri(text: str) -> str:
+    """Strip the userinfo part of every URI in ``text`` (``s3://key:secret@bucket`` -> ``s3://bucket``)."""
+    return _USERINFO.sub(r"\1", text)
 
 
 def is_s3(uri: str) -> bool:

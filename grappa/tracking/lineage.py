@@ -15,8 +15,9 @@ from typing import Any
 
 import yaml
 
+from grappa.io.storage import redact_uri  # noqa: F401  (tracking's name for it too)
+
 # scheme://user:password@host or scheme://token@host (a password may hold an unencoded '/')
-_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.\-]*://)(?:[^\s/:@]*:[^\s@]*|[^\s/:@]*)@")
 _TAG_KEY_UNSAFE = re.compile(r"[^\w./\- ]")
 
 AIRFLOW_ENV = {
@@ -26,11 +27,6 @@ AIRFLOW_ENV = {
     "airflow.map_index": "AIRFLOW_CTX_MAP_INDEX",
 }
 CODE_DIR = Path(__file__).resolve().parent
-
-
-def redact_uri(text: str) -> str:
-    """Strip the userinfo part of every URI in ``text`` (``s3://key:secret@bucket`` -> ``s3://bucket``)."""
-    return _USERINFO.sub(r"\1", text)
 
 
 def redact(value: Any) -> Any:
