@@ -17,8 +17,8 @@ from __future__ import annotations
 import shutil
 import time
 
-from grappa.config import ConfigError, Params
-from grappa.core.incremental import Decision, choose_mode
+from grappa.config import Params
+from grappa.core.incremental import choose_mode, fall_back
 from grappa.io import champion as champions
 from grappa.io.artifacts import write_json
 from grappa.io.features import read_columns, split_rows
@@ -37,13 +37,14 @@ def run(params: Params) -> dict:
         old_rows, new_rows = champions.split_old_new(champion.trained_ids(ks), ids)
         known, new = len(old_rows), len(new_rows)
     if champion is not None and not usable:  # registered before bundles, or with other k
-        decision = Decision("full", f"champion v{champion.version} holds no complete warm-start bundle for cluster.ks {ks}")
-        if hp.mode == "incremental":
-            raise ConfigError(f"adapt.mode incremental: {decision.reason}; run with adapt.mode auto or full")
+        decision = fall_back(hp.mode, f"champion v{champion.version} holds no complete warm-start bundle for "
+                                      f"cluster.ks {ks}")
     else:
         decision = choose_mode(hp.mode, champions.recipe(champion.params) if usable else None,
                                champions.recipe(params.model_dump(mode="json")), new / max(len(ids), 1),
                                hp.max_new_share, champion.generation if usable else 0, hp.max_generations, known)
+    if decision.mode == "incremental" and (why := champions.misfit(params, champion)):
+        decision = fall_back(hp.mode, f"champion v{champion.version}'s weights do not fit this code's model: {why}")
     incremental = decision.mode == "incremental"
     if not incremental:  # nothing to start from: the bundle says so, and only that
         shutil.rmtree(dest, ignore_errors=True)

@@ -135,3 +135,22 @@ def test_an_unreachable_registry_stops_the_run_instead_of_retraining_in_full(cha
         rc, _, stderr = run_cli(["--params", str(champion.params), "warm-start"])
     assert rc == 3 and len(stderr.strip().splitlines()) == 1, stderr
     assert stderr.startswith("grappa: error: model registry at http://127.0.0.1:") and "hunter2secret" not in stderr
+
+
+def test_a_champion_whose_weights_do_not_fit_the_model_of_this_code_is_not_warm_started(champion, tmp_path):
+    """Same params, other code: the bundle's state dicts are loaded into this code's model first."""
+    import torch
+
+    from grappa.config import parse_params
+    from grappa.io.champion import Champion, misfit
+
+    params = parse_params(champion.raw)
+    bundle = tmp_path / "bundle"
+    for part in ("cluster", "adaptors", "fusion"):
+        shutil.copytree(champion.root / "outputs" / part, bundle / part)
+    found = Champion("1", "run", "", 0, champion.raw, bundle)
+    assert found.has(params.cluster.ks) and misfit(params, found) is None
+    state = torch.load(bundle / "adaptors" / "k4" / "adaptor.pt", weights_only=False)
+    state["state_dict"]["renamed.weight"] = state["state_dict"].pop(next(iter(state["state_dict"])))
+    torch.save(state, bundle / "adaptors" / "k4" / "adaptor.pt")
+    assert "renamed.weight" in misfit(params, found)

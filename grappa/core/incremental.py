@@ -58,6 +58,11 @@ def choose_mode(requested: str, champion_recipe: dict | None, recipe: dict, new_
     else:
         return Decision("incremental", f"{new_share:.0%} of the pool is new, same recipe as the champion, "
                                        f"incremental run {generation + 1} of at most {max_generations}")
+    return fall_back(requested, why)
+
+
+def fall_back(requested: str, why: str) -> Decision:
+    """A full run for ``why``, or, when ``adapt.mode`` asked for incremental, a one-line refusal."""
     if requested == "incremental":
         raise ConfigError(f"adapt.mode incremental: {why}; run with adapt.mode auto or full")
     return Decision("full", why)
