@@ -10,8 +10,11 @@ images are the same in every run, so every model is scored on the same validatio
   and the next run is incremental (``adapt.mode: auto`` picks it: the champion of the first run has
   the same recipe, the new share is below ``adapt.max_new_share``);
 - ``full``: a full retrain on the whole pool (``adapt.mode: full``);
-- ``chain``: a full run without ``--chain-steps`` x ``--chain-share`` (5 x 5%) of the pool, then the
-  chunks land one at a time, each run incremental from the champion of the one before.
+- ``chain``: a full run without ``--chain-steps`` x ``--chain-share`` of the pool, then the chunks land
+  one at a time, each run incremental from the champion of the one before. The chunks default to
+  ``--held`` / ``--chain-steps`` (5 x 2%): the chain starts from the increment's pool and ends on the
+  full retrain's. (5 x 5% would start from 75% of the demo pool, 1,725 images, fewer than
+  k = 2048 of the shipped recipe.)
 
 Each arm runs in ``outputs/bench/incremental/seed<S>/<arm>`` with its own MLflow registry (a sqlite DB
 there), the pipeline in-process (``run_all``) with tracking on as in production. The sources of each
@@ -252,13 +255,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--held", type=float, default=0.10, help="share of the pool that lands in the increment")
     parser.add_argument("--chain-steps", type=int, default=5)
-    parser.add_argument("--chain-share", type=float, default=0.05)
+    parser.add_argument("--chain-share", type=float, default=None,
+                        help="share of the pool each chain step lands (default: --held / --chain-steps)")
     parser.add_argument("--arms", nargs="+", default=["full", "increment", "chain"], choices=["full", "increment", "chain"],
                         help="the arms to run (the others' finished runs are read back)")
     parser.add_argument("--name", default="incremental", help="results file name")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
+    if args.chain_share is None:
+        args.chain_share = args.held / args.chain_steps
     overrides = _parse_set(args.set)
     params = load_params(args.params, overrides)
     records = select_records(params)[0]  # the demo's images, as its snapshot picks them
