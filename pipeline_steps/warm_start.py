@@ -17,12 +17,26 @@ from __future__ import annotations
 import shutil
 import time
 
-from grappa.config import Params
+from grappa.config import ConfigError, Params
+from grappa.core.backbones import BlockwiseBackbone, timm_network
 from grappa.core.incremental import choose_mode, fall_back
 from grappa.io import champion as champions
 from grappa.io.artifacts import write_json
+from grappa.io.assemble import assemble
 from grappa.io.features import read_columns, split_rows
 from grappa.io.layout import WARM_BUNDLE, layout
+
+
+def misfit(params: Params, champion: champions.Champion) -> str | None:
+    """Why the champion's adaptor sets and fusion cannot start this code's model (keys or shapes
+    changed since it was trained with the same params), or None when they load."""
+    backbone = BlockwiseBackbone(timm_network(params.backbone.name), params.backbone.image_size, params.backbone.pooling)
+    try:  # the bundle is in out_dir's layout: assemble it as a run's own outputs
+        assemble(params.model_copy(update={"out_dir": str(champion.bundle)}), backbone, with_fusion=True, load_fusion=True)
+    except (ConfigError, RuntimeError, KeyError) as err:  # torch lists the missing and unexpected keys
+        text = " ".join(line.strip() for line in str(err).strip().splitlines())
+        return text[:300] or type(err).__name__
+    return None
 
 
 def run(params: Params) -> dict:
@@ -43,7 +57,7 @@ def run(params: Params) -> dict:
         decision = choose_mode(hp.mode, champions.recipe(champion.params) if usable else None,
                                champions.recipe(params.model_dump(mode="json")), new / max(len(ids), 1),
                                hp.max_new_share, champion.generation if usable else 0, hp.max_generations, known)
-    if decision.mode == "incremental" and (why := champions.misfit(params, champion)):
+    if decision.mode == "incremental" and (why := misfit(params, champion)):
         decision = fall_back(hp.mode, f"champion v{champion.version}'s weights do not fit this code's model: {why}")
     incremental = decision.mode == "incremental"
     if not incremental:  # nothing to start from: the bundle says so, and only that

@@ -142,7 +142,8 @@ def test_a_champion_whose_weights_do_not_fit_the_model_of_this_code_is_not_warm_
     import torch
 
     from grappa.config import parse_params
-    from grappa.io.champion import Champion, misfit
+    from grappa.io.champion import Champion
+    from pipeline_steps.warm_start import misfit
 
     params = parse_params(champion.raw)
     bundle = tmp_path / "bundle"

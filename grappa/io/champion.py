@@ -111,22 +111,6 @@ def fetch(params: Params, dest: Path) -> Champion | None:
                     yaml.safe_load(yaml_file.read_text()) if yaml_file.is_file() else None, dest)
 
 
-def misfit(params: Params, champion: Champion) -> str | None:
-    """Why the champion's adaptor sets and fusion cannot start this code's model (keys or shapes
-    changed since it was trained with the same params), or None when they load."""
-    from grappa.config import ConfigError
-    from grappa.core.backbones import BlockwiseBackbone, timm_network
-    from grappa.io.assemble import assemble
-
-    backbone = BlockwiseBackbone(timm_network(params.backbone.name), params.backbone.image_size, params.backbone.pooling)
-    try:  # the bundle is in out_dir's layout: assemble it as a run's own outputs
-        assemble(params.model_copy(update={"out_dir": str(champion.bundle)}), backbone, with_fusion=True, load_fusion=True)
-    except (ConfigError, RuntimeError, KeyError) as err:  # torch lists the missing and unexpected keys
-        text = " ".join(line.strip() for line in str(err).strip().splitlines())
-        return text[:300] or type(err).__name__
-    return None
-
-
 def bundle(params: Params) -> Layout:
     """This run's copy of the champion's files (written by ``grappa warm-start``)."""
     return Layout(layout(params).path(WARM_BUNDLE))
