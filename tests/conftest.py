@@ -208,6 +208,18 @@ def reference_run(tmp_path_factory):
                            metrics=json.loads((repo / "outputs/evaluate/report.json").read_text()))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _no_mlflow_uri_from_another_module():
+    """mlflow.set_tracking_uri / set_registry_uri export their URI to os.environ: a server an earlier
+    module started and stopped must not be where this module's steps look for a champion."""
+    saved = {key: os.environ.pop(key, None) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    yield
+    for key, value in saved.items():
+        os.environ.pop(key, None)
+        if value is not None:
+            os.environ[key] = value
+
+
 @pytest.fixture(autouse=True)
 def _tracking_off_by_default(monkeypatch):
     """Tests that exercise MLflow switch it on themselves; nothing else writes an mlflow.db."""
