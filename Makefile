@@ -31,7 +31,7 @@ demo: setup
 	$(PY) -m grappa run
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # the fast lane: everything but whole pipelines, services, DVC and containers (tests/conftest.py INTEGRATION)
 test-fast: setup

@@ -24,7 +24,7 @@ def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("index")
     manifests = make_collection(root / "data")
     (root / "drop" / "shapes").mkdir(parents=True)
-    raw = tiny_params_dict(root, [*manifests, root / "drop"])
+    raw = tiny_params_dict(root, [*manifests, root / "drop"], tracking={"enabled": False})
     run_all(parse_params(raw))
     return root, raw
 

@@ -48,6 +48,12 @@ def tracking_uri() -> str:
     return uri or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
+def registry_uri() -> str:
+    """``MLFLOW_REGISTRY_URI``, else the tracking URI. Passed explicitly: mlflow's own default is a
+    module global that an earlier ``set_registry_uri`` in this process may have pointed elsewhere."""
+    return os.environ.get("MLFLOW_REGISTRY_URI", "").strip() or tracking_uri()
+
+
 def recipe(params: dict) -> dict:
     """The params sections (as a nested dict) that must equal the champion's for a warm start."""
     return {section: params.get(section) for section in RECIPE}
@@ -84,7 +90,7 @@ def fetch(params: Params, dest: Path) -> Champion | None:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    client, name = MlflowClient(tracking_uri()), params.tracking.registered_model
+    client, name = MlflowClient(tracking_uri(), registry_uri()), params.tracking.registered_model
     staging = dest.parent / ".download"
     try:
         try:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from grappa.config import Params
-from grappa.io.champion import tracking_uri
+from grappa.io.champion import registry_uri, tracking_uri
 from grappa.tracking import lineage
 
 ENV_PARENT = "GRAPPA_MLFLOW_PARENT_RUN_ID"
@@ -108,8 +108,8 @@ class RunTree:
         self.safe_uri = lineage.redact_uri(self.uri)
         self.parent_run_id = parent_run_id if parent_run_id is not None else (os.environ.get(ENV_PARENT) or None)
         mlflow.set_tracking_uri(self.uri)
-        mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or self.uri)
-        self.client = MlflowClient(self.uri)
+        mlflow.set_registry_uri(registry_uri())
+        self.client = MlflowClient(self.uri, registry_uri())
         self._experiment_id: str | None = None
 
     # ------------------------------------------------------------------ plumbing
