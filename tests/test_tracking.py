@@ -443,7 +443,7 @@ def test_an_unscored_first_candidate_leaves_evaluates_own_model_serving(tmp_path
     version = client.create_model_version("m", source=str(tmp_path), run_id=run_id).version
     params = parse_params({**tiny_params_dict(tmp_path, ["x"]), "tracking": {"registered_model": "m"}})
     decision = publish.promote(SimpleNamespace(client=client), run_id, params,
-                               publish.Candidate("m", version, "new-sha", None, "set-a"))
+                               publish.Candidate("m", version, "new-sha", None, "set-a", {}))
     assert not decision.promote and decision.reason == "the candidate has no mean mAP@R"
     assert decision.serves is None
     assert client.get_model_version("m", version).tags["grappa.promotion"] == decision.reason

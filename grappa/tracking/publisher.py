@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Callable
 
 from grappa.config import Params
-from grappa.io.champion import CHAMPION, GENERATION_TAG, MODEL_SHA_TAG, PARENT_TAG
-from grappa.io.layout import CLUSTER_MODE, WARM_DECISION, layout
+from grappa.io.champion import CHAMPION, GENERATION_TAG, MODEL_SHA_TAG, PARENT_TAG, run_mode
+from grappa.io.layout import WARM_DECISION, layout
 from grappa.tracking import lineage
 from grappa.tracking.runs import RunTree, params_yaml
 
@@ -168,14 +168,13 @@ def log_bundle(tree: RunTree, run_id: str, params: Params) -> None:
 
 
 def adapt_tags(params: Params) -> dict[str, str]:
-    """How the model was adapted, for its version and its run: mode, why, generation, parent version."""
+    """How the model was adapted, for its version and its run: mode, why, generation, parent version
+    (``io.champion.run_mode``, the reader the training steps use; the reason from warm-start's decision
+    when clustering did not override it)."""
     from grappa.io.artifacts import read_json
 
-    out = layout(params)
-    if not out.path(CLUSTER_MODE).is_file():  # a run from before incremental adaptation
-        return {}
-    mode = read_json(out.path(CLUSTER_MODE))
-    decision = read_json(out.path(WARM_DECISION)) if out.path(WARM_DECISION).is_file() else {}
+    mode, decision_file = run_mode(params), layout(params).path(WARM_DECISION)
+    decision = read_json(decision_file) if decision_file.is_file() else {}
     tags = {ADAPT_MODE_TAG: mode["mode"], ADAPT_REASON_TAG: mode.get("reason") or decision.get("reason", ""),
             GENERATION_TAG: str(mode.get("generation", 0))}
     if mode.get("parent_version"):
@@ -192,6 +191,7 @@ class Candidate:
     model_sha256: str
     score: float | None
     eval_set: str
+    adapt: dict[str, str]  # adapt_tags: set on the version at registration, on the run at promotion
 
 
 def register(tree: RunTree, params: Params, metrics: dict) -> Candidate:
@@ -219,11 +219,11 @@ def register(tree: RunTree, params: Params, metrics: dict) -> Candidate:
     scores = model_metrics(metrics)
     # the candidate's score is its mean mAP@R on the validation classes: the champion is a choice, made on validation
     candidate = Candidate(name, str(info.registered_model_version), config["weights_sha256"],
-                          scores.get("val_mean_map_at_r"), eval_set_id(params))
+                          scores.get("val_mean_map_at_r"), eval_set_id(params), adapt_tags(params))
     if scores:  # on the logged model too, so the Models view can rank the versions
         mlflow.log_metrics(scores, model_id=info.model_id)
     tags = {EVAL_SET_TAG: candidate.eval_set, MODEL_SHA_TAG: candidate.model_sha256,
-            "dvc.stage": lineage.dvc_stage_name("evaluate"), **adapt_tags(params)}
+            "dvc.stage": lineage.dvc_stage_name("evaluate"), **candidate.adapt}
     if candidate.score is not None:
         tags[SCORE_TAG] = repr(candidate.score)
     if tree.parent_run_id:
@@ -262,7 +262,7 @@ def promote(tree: RunTree, run_id: str, params: Params, candidate: Candidate) ->
                                              champion.version))
     # else no version serves yet (an unscored first candidate): evaluate's own model serves
     client.set_tag(run_id, "grappa.model_version", candidate.version)
-    for key, value in adapt_tags(params).items():
+    for key, value in candidate.adapt.items():
         client.set_tag(run_id, key, value)
     client.set_tag(run_id, "grappa.model_alias", CHAMPION if decision.promote else CANDIDATE)
     print(f"tracking: registered {name} version {candidate.version} as {CANDIDATE}"
