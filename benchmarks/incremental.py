@@ -53,6 +53,7 @@ from pipeline_steps.snapshot import select_records
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path("outputs/bench/incremental")
+ARMS = ("full", "increment", "chain")  # in the order they run: the increment and the chain compare with full
 ADAPTATION = ("warm_start", "cluster", "train_adaptor", "train_fusion")  # stage names, before any "@"
 TARGETS = {"seconds_ratio": 0.25, "increment_map_at_r_diff": -0.3, "chain_map_at_r_diff": -0.5}
 
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chain-steps", type=int, default=5)
     parser.add_argument("--chain-share", type=float, default=None,
                         help="share of the pool each chain step lands (default: --held / --chain-steps)")
-    parser.add_argument("--arms", nargs="+", default=["full", "increment", "chain"], choices=["full", "increment", "chain"],
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS,
                         help="the arms to run (the others' finished runs are read back)")
     parser.add_argument("--name", default="incremental", help="results file name")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
@@ -274,18 +275,22 @@ def main(argv: list[str] | None = None) -> int:
                 "adapt": params.adapt.model_dump(), "images": len(records),
                 "unlabeled": sum(r.split == "unlabeled" for r in records), "cpu_count": os.cpu_count()}
     base = {"params": args.params, "overrides": overrides}
-    per_seed: dict[int, dict] = {}
+    runs = {seed: splits(records, seed, args.held, args.chain_steps, args.chain_share) for seed in args.seeds}
+    # every seed's finished runs first: a results file written mid-way (or by a run cut short) holds them
+    # all, not only the seeds this invocation has reached. Runs whose outputs are gone (a fresh clone) are
+    # read from the results file when it was written with the same settings.
+    results_file = args.results_dir / f"{args.name}.json"
+    recorded = read_json(results_file) if results_file.exists() else {}
+    recorded = recorded.get("runs", {}) if recorded.get("settings") == settings else {}
+    per_seed = {seed: {arm: finished(arm, seed, len(runs[seed][arm])) or recorded.get(str(seed), {}).get(arm, [])
+                       for arm in ARMS} for seed in args.seeds}
+    results = summarise(per_seed, settings)
     for seed in args.seeds:
-        runs = splits(records, seed, args.held, args.chain_steps, args.chain_share)
-        per_seed[seed] = {}
-        for arm in ("full", "increment", "chain"):
-            if arm in args.arms:
-                sources = [write_manifests(recs, paths, data, f"seed{seed}_{arm}_{i}") for i, recs in enumerate(runs[arm])]
-                per_seed[seed][arm] = run_arm(base, arm, sources, seed, full=arm == "full")
-            else:  # what an earlier invocation measured still counts
-                per_seed[seed][arm] = finished(arm, seed, len(runs[arm]))
+        for arm in (arm for arm in ARMS if arm in args.arms):
+            sources = [write_manifests(recs, paths, data, f"seed{seed}_{arm}_{i}") for i, recs in enumerate(runs[seed][arm])]
+            per_seed[seed][arm] = run_arm(base, arm, sources, seed, full=arm == "full")
             results = summarise(per_seed, settings)
-            write_json(args.results_dir / f"{args.name}.json", results)
+            write_json(results_file, results)
             write_text(args.results_dir / f"{args.name}.md", render(results))
     print(render(results))
     return 0

@@ -3,6 +3,7 @@ and faiss's kNN graph is numpy's brute-force one; speed itself is never asserted
 machine and its load). quality.py aggregates seeds; ladder.py scores single-k and uniform models."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -183,6 +184,13 @@ def test_incremental_benchmark_compares_an_increment_and_a_chain_with_a_full_ret
     finished = (tmp_path / "outputs" / "bench" / "incremental" / "seed0" / "chain" / "run2.json").stat().st_mtime_ns
     assert incremental.main(argv) == 0  # a second call reads every finished run back
     assert (tmp_path / "outputs" / "bench" / "incremental" / "seed0" / "chain" / "run2.json").stat().st_mtime_ns == finished
+    # outputs gone (a fresh clone): the arms not asked for come from the results file, the chain from its runs
+    shutil.rmtree(tmp_path / "outputs" / "bench" / "incremental" / "seed0" / "full")
+    shutil.rmtree(tmp_path / "outputs" / "bench" / "incremental" / "seed0" / "increment")
+    assert incremental.main([*argv, "--arms", "chain"]) == 0
+    again = json.loads((tmp_path / "res" / "incremental.json").read_text())
+    assert again["increment"] == res["increment"] and again["chain"] == res["chain"]
+    assert not (tmp_path / "outputs" / "bench" / "incremental" / "seed0" / "full").exists()  # read, not rerun
 
 
 @pytest.mark.parametrize("uniform", ["2,5", "2,2"])
