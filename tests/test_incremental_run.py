@@ -99,6 +99,8 @@ def test_an_incremental_run_starts_from_the_champion_and_records_its_parent(cham
     version = MlflowClient(champion.env["MLFLOW_TRACKING_URI"]).get_model_version(MODEL, "2")
     assert version.tags["grappa.adapt_mode"] == "incremental" and version.tags["grappa.parent_version"] == "1"
     assert version.tags["grappa.generation"] == "1" and "of the pool is new" in version.tags["grappa.adapt_reason"]
+    # its model card says so: a reader of the MLflow page sees how it was trained, from which version
+    assert "**Adaptation:** incremental, warm-started from champion v1 (generation 1): 5 adaptor and" in version.description
 
 
 def test_auto_falls_back_to_full_when_the_recipe_changed(champion):

@@ -296,6 +296,7 @@ def test_first_version_is_candidate_and_champion(run, runs, client):
     assert f"unlabeled pool of {sum(counts['unlabeled'].values())} images" in card
     assert "query_db: " + ", ".join(f"{d} {n}" for d, n in sorted(counts["query_db"].items())) in card
     assert f"k = {metrics['ks']}" in card and "**Known limits:**" in card
+    assert "**Adaptation:** full, every adaptor set and the fusion trained from scratch (" in card
     # and the headline figures on the logged model, where the Models view ranks versions
     (logged,) = [m for m in client.search_logged_models([children["evaluate"].info.experiment_id])
                  if m.source_run_id == version.run_id]

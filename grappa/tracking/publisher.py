@@ -308,7 +308,12 @@ def model_card(candidate: Candidate, decision: Decision, params: Params, metrics
     compared = decision.compared_with
     champion = (f"champion v{compared} scored {pct(decision.champion_score)}" if decision.champion_score is not None
                 else f"compared with champion v{compared}" if compared else "no champion before it")
-    fusion, adaptor = params.fusion, params.adaptor
+    fusion, adaptor, adapt = params.fusion, params.adaptor, params.adapt
+    how = candidate.adapt
+    adaptation = (f"incremental, warm-started from champion v{how[PARENT_TAG]} (generation {how[GENERATION_TAG]}): "
+                  f"{adapt.adaptor_epochs} adaptor and {adapt.fusion_epochs} fusion epochs on the new images plus "
+                  f"at most {adapt.replay} replayed old ones" if how.get(ADAPT_MODE_TAG) == "incremental"
+                  else "full, every adaptor set and the fusion trained from scratch")
     return "\n".join([
         f"**Grappa model, version {candidate.version}** — one embedding model for every domain of its pool.",
         "",
@@ -328,6 +333,8 @@ def model_card(candidate: Candidate, decision: Decision, params: Params, metrics
         f"{params.backbone.adapt_from_block}, k = {params.cluster.ks}, {adaptor.epochs} adaptor epochs on "
         f"`{adaptor.objective}`; fusion: {fusion.attention} attention, value {fusion.value}, {fusion.epochs} epochs "
         f"on `{fusion.objective}`, propagation {fusion.propagation}.",
+        "",
+        f"**Adaptation:** {adaptation} ({how.get(ADAPT_REASON_TAG) or 'no reason recorded'}).",
         "",
         "**Known limits:** " + " ".join(LIMITS),
     ])
