@@ -47,36 +47,41 @@ def read_items(base: Dataset, rows: list[int]) -> list:
     return fetch(rows) if fetch is not None else [base[r] for r in rows]
 
 
-class Subset(Dataset):
+class BatchReads(Dataset):
+    """A view of ``base`` that reads a whole batch at once (``__getitems__``); one item is a batch of one."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+        self.is_images = getattr(base, "is_images", False)
+
+    def __getitem__(self, i: int):
+        return self.__getitems__([i])[0]
+
+
+class Subset(BatchReads):
     """Items ``positions`` of ``base``, each still named by its row in ``base``, so what is indexed by
     row (pseudo-labels, the attention bank) indexes them as before; a batch is one read of the base."""
 
     def __init__(self, base: Dataset, positions: np.ndarray):
-        self.base, self.positions = base, np.asarray(positions, dtype=np.int64)
-        self.is_images = getattr(base, "is_images", False)
+        super().__init__(base)
+        self.positions = np.asarray(positions, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.positions)
-
-    def __getitem__(self, i: int):
-        return self.__getitems__([i])[0]
 
     def __getitems__(self, items: list[int]) -> list:
         return read_items(self.base, [int(self.positions[i]) for i in items])
 
 
-class NeighbourPairs(Dataset):
+class NeighbourPairs(BatchReads):
     """Item i = (i, stack[x_i, x_j]) with j drawn uniformly from i's kNN (torch RNG, seeded per epoch)."""
 
     def __init__(self, base: Dataset, neighbours: np.ndarray):
-        self.base, self.neighbours = base, torch.from_numpy(neighbours)
-        self.is_images = getattr(base, "is_images", False)
+        super().__init__(base)
+        self.neighbours = torch.from_numpy(neighbours)
 
     def __len__(self) -> int:
         return len(self.base)
-
-    def __getitem__(self, i: int):
-        return self.__getitems__([i])[0]
 
     def __getitems__(self, items: list[int]) -> list:
         """A batch: the anchors and their drawn neighbours in one read of the base (when it reads
