@@ -16,7 +16,8 @@ images are the same in every run, so every model is scored on the same validatio
   full retrain's. (5 x 5% would start from 75% of the demo pool, 1,725 images, fewer than
   k = 2048 of the shipped recipe.)
 
-Each arm runs in ``outputs/bench/incremental/seed<S>/<arm>`` with its own MLflow registry (a sqlite DB
+Each arm runs in ``outputs/bench/<name>/seed<S>/<arm>`` (``--name``, default ``incremental``; a name holds
+the runs of one set of settings, another is refused) with its own MLflow registry (a sqlite DB
 there), the pipeline in-process (``run_all``) with tracking on as in production. The sources of each
 run are manifests written beside hard links of the images (``outputs/bench/incremental/data``): the
 image ids are the demo's, so the content-hash feature cache is shared and extraction is paid once.
@@ -52,7 +53,8 @@ from grappa.io.layout import layout
 from pipeline_steps.snapshot import select_records
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ROOT = Path("outputs/bench/incremental")
+ROOT = Path("outputs/bench")  # each --name runs in ROOT/<name>; the images are linked once, in DATA
+DATA = ROOT / "incremental" / "data"
 ARMS = ("full", "increment", "chain")  # in the order they run: the increment and the chain compare with full
 ADAPTATION = ("warm_start", "cluster", "train_adaptor", "train_fusion")  # stage names, before any "@"
 TARGETS = {"seconds_ratio": 0.25, "increment_map_at_r_diff": -0.3, "chain_map_at_r_diff": -0.5}
@@ -145,11 +147,11 @@ def run_once(params: Params, name: str) -> dict:
             "load_average": os.getloadavg()}
 
 
-def finished(arm: str, seed: int, runs: int) -> list[dict]:
-    """The arm's runs an earlier invocation finished, in order, up to the first missing one."""
+def finished(root: Path, arm: str, seed: int, runs: int) -> list[dict]:
+    """The arm's runs an earlier invocation finished in ``root``, in order, up to the first missing one."""
     done = []
     for i in range(runs):
-        result = ROOT / f"seed{seed}" / arm / f"run{i}.json"
+        result = root / f"seed{seed}" / arm / f"run{i}.json"
         if not result.exists():
             break
         done.append(read_json(result))
@@ -158,8 +160,8 @@ def finished(arm: str, seed: int, runs: int) -> list[dict]:
 
 def run_arm(base: dict, arm: str, sources: list[list[str]], seed: int, full: bool) -> list[dict]:
     """The arm's runs in order, each read back when an earlier invocation finished it."""
-    folder = ROOT / f"seed{seed}" / arm
-    done = finished(arm, seed, len(sources))
+    folder = base["root"] / f"seed{seed}" / arm
+    done = finished(base["root"], arm, seed, len(sources))
     for i, run_sources in enumerate(sources[len(done):], start=len(done)):
         result = folder / f"run{i}.json"
         if (folder / f"run{i}.started").exists():  # cut mid-way: its outputs and registry are half-updated
@@ -269,12 +271,17 @@ def main(argv: list[str] | None = None) -> int:
     overrides = _parse_set(args.set)
     params = load_params(args.params, overrides)
     records = select_records(params)[0]  # the demo's images, as its snapshot picks them
-    data = ROOT / "data"
-    paths = link_images(records, data)
+    paths = link_images(records, DATA)
     settings = {"held": args.held, "chain_steps": args.chain_steps, "chain_share": args.chain_share,
                 "adapt": params.adapt.model_dump(), "images": len(records),
                 "unlabeled": sum(r.split == "unlabeled" for r in records), "cpu_count": os.cpu_count()}
-    base = {"params": args.params, "overrides": overrides}
+    base = {"params": args.params, "overrides": overrides, "root": ROOT / args.name}
+    # finished runs are read back by seed and arm: runs of other settings must not be taken for these
+    recorded_settings = base["root"] / "settings.json"
+    if recorded_settings.exists() and read_json(recorded_settings) != settings:
+        parser.error(f"{base['root']} holds runs of other settings ({recorded_settings}): "
+                     "give another --name, or remove that folder")
+    write_json(recorded_settings, settings)
     runs = {seed: splits(records, seed, args.held, args.chain_steps, args.chain_share) for seed in args.seeds}
     # every seed's finished runs first: a results file written mid-way (or by a run cut short) holds them
     # all, not only the seeds this invocation has reached. Runs whose outputs are gone (a fresh clone) are
@@ -282,12 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     results_file = args.results_dir / f"{args.name}.json"
     recorded = read_json(results_file) if results_file.exists() else {}
     recorded = recorded.get("runs", {}) if recorded.get("settings") == settings else {}
-    per_seed = {seed: {arm: finished(arm, seed, len(runs[seed][arm])) or recorded.get(str(seed), {}).get(arm, [])
+    per_seed = {seed: {arm: finished(base["root"], arm, seed, len(runs[seed][arm])) or recorded.get(str(seed), {}).get(arm, [])
                        for arm in ARMS} for seed in args.seeds}
     results = summarise(per_seed, settings)
     for seed in args.seeds:
         for arm in (arm for arm in ARMS if arm in args.arms):
-            sources = [write_manifests(recs, paths, data, f"seed{seed}_{arm}_{i}") for i, recs in enumerate(runs[seed][arm])]
+            sources = [write_manifests(recs, paths, DATA, f"{args.name}_seed{seed}_{arm}_{i}") for i, recs in enumerate(runs[seed][arm])]
             per_seed[seed][arm] = run_arm(base, arm, sources, seed, full=arm == "full")
             results = summarise(per_seed, settings)
             write_json(results_file, results)

@@ -159,7 +159,8 @@ def test_ladder_scores_singles_and_uniform_subsets_and_reuses_trained_sets(tmp_p
     assert json.loads((tmp_path / "res" / "ladder_seed0.json").read_text())["rows"] == first["rows"]
 
 
-def test_incremental_benchmark_compares_an_increment_and_a_chain_with_a_full_retrain(tmp_path, monkeypatch, collection):
+def test_incremental_benchmark_compares_an_increment_and_a_chain_with_a_full_retrain(tmp_path, monkeypatch, collection,
+                                                                                         capsys):
     import yaml
 
     from benchmarks import incremental
@@ -191,6 +192,10 @@ def test_incremental_benchmark_compares_an_increment_and_a_chain_with_a_full_ret
     again = json.loads((tmp_path / "res" / "incremental.json").read_text())
     assert again["increment"] == res["increment"] and again["chain"] == res["chain"]
     assert not (tmp_path / "outputs" / "bench" / "incremental" / "seed0" / "full").exists()  # read, not rerun
+    # other settings under the same name would read these runs back as theirs: refused in one line
+    with pytest.raises(SystemExit) as refused:
+        incremental.main([*argv, "--held", "0.2"])
+    assert refused.value.code == 2 and "holds runs of other settings" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("uniform", ["2,5", "2,2"])
