@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of the pool each chain step lands (default: --held / --chain-steps)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS,
                         help="the arms to run (the others' finished runs are read back)")
-    parser.add_argument("--name", default="incremental", help="results file name")
+    parser.add_argument("--name", default="incremental",
+                        help="results file name; the runs go to outputs/bench/<name>")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
@@ -274,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     paths = link_images(records, DATA)
     settings = {"held": args.held, "chain_steps": args.chain_steps, "chain_share": args.chain_share,
                 "adapt": params.adapt.model_dump(), "images": len(records),
-                "unlabeled": sum(r.split == "unlabeled" for r in records), "cpu_count": os.cpu_count()}
+                "unlabeled": sum(r.split == "unlabeled" for r in records), "cpu_count": os.cpu_count(),
+                **({"overrides": overrides} if overrides else {})}  # --set changes the runs as much as --held
     base = {"params": args.params, "overrides": overrides, "root": ROOT / args.name}
     # finished runs are read back by seed and arm: runs of other settings must not be taken for these
     recorded_settings = base["root"] / "settings.json"

@@ -196,6 +196,8 @@ def test_incremental_benchmark_compares_an_increment_and_a_chain_with_a_full_ret
     with pytest.raises(SystemExit) as refused:
         incremental.main([*argv, "--held", "0.2"])
     assert refused.value.code == 2 and "holds runs of other settings" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        incremental.main([*argv, "--set", "adaptor.epochs=3"])
 
 
 @pytest.mark.parametrize("uniform", ["2,5", "2,2"])
