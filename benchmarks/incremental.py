@@ -27,9 +27,11 @@ over the full retrain's, both measured on this machine (by one invocation, or by
 ``--arms``: the runs record their load average); ``total_ratio`` includes snapshot, extraction and
 evaluate (the full arm runs first and pays any cold feature cache). An increment whose run fell back
 to full is listed in ``runs`` but left out of the means. ``map_at_r_diff`` is incremental minus
-full, test classes, mean over domains, in points (validation beside it). Every finished run writes
-its figures to ``<arm>/run<i>.json`` at once, and the results files are rewritten after each: an
-interrupted benchmark resumes where it stopped (an arm whose run was cut mid-way restarts that arm).
+full, test classes, mean over domains, in points (validation beside it); the chain's last run may have
+stayed ``candidate``, so ``serving_map_at_r_diff`` scores the version that serves at its end. Every
+finished run writes its figures to ``<arm>/run<i>.json`` at once, and the results files are rewritten
+after each: an interrupted benchmark resumes where it stopped (an arm whose run was cut mid-way
+restarts that arm).
 """
 from __future__ import annotations
 
@@ -140,7 +142,9 @@ def run_once(params: Params, name: str) -> dict:
     out = layout(params)
     metrics, decision = read_json(out.evaluation), read_json(out.path("champion/decision.json"))
     adaptation = sum(s for stage, s in timings.items() if stage.split("@")[0] in ADAPTATION)
-    return {"mode": read_json(out.path("cluster/mode.json"))["mode"], "decision": decision,
+    # the version that serves after this run: its own when the gate promoted it, else the champion before it
+    serves = read_json(out.champion).get("version")
+    return {"mode": read_json(out.path("cluster/mode.json"))["mode"], "decision": decision, "serves": serves,
             "test_map_at_r": metrics["methods"]["grappa"]["mean"]["map_at_r"],
             "val_map_at_r": metrics["validation"]["methods"]["grappa"]["mean"]["map_at_r"],
             "adaptation_s": adaptation, "total_s": time.perf_counter() - t0, "timings_s": timings,
@@ -209,13 +213,19 @@ def summarise(per_seed: dict[int, dict], settings: dict) -> dict:
                                "mode": inc["mode"]}
         if len(arms.get("chain", [])) == settings["chain_steps"] + 1:
             last = arms["chain"][-1]
+            # the arm has a registry of its own: run i registered version i + 1
+            serving = arms["chain"][int(last["serves"]) - 1] if last.get("serves") else None  # None: not recorded
             chain[seed] = {"map_at_r_diff": 100 * (last["test_map_at_r"] - full["test_map_at_r"]),
                            "val_map_at_r_diff": 100 * (last["val_map_at_r"] - full["val_map_at_r"]),
+                           "serving_map_at_r_diff": None if serving is None else
+                           100 * (serving["test_map_at_r"] - full["test_map_at_r"]),
+                           "serves": last.get("serves"),
                            "modes": [run["mode"] for run in arms["chain"]],
                            "seconds_ratio": float(np.mean([r["adaptation_s"] for r in arms["chain"][1:]])) / full["adaptation_s"]}
 
     def mean(rows: dict, key: str) -> float | None:
-        return float(np.mean([r[key] for r in rows.values()])) if rows else None
+        values = [r[key] for r in rows.values() if r.get(key) is not None]
+        return float(np.mean(values)) if values else None
 
     def spread(rows: dict, key: str) -> float | None:
         return float(np.std([r[key] for r in rows.values()])) if rows else None
@@ -226,6 +236,7 @@ def summarise(per_seed: dict[int, dict], settings: dict) -> dict:
                       "val_map_at_r_diff": mean(increment, "val_map_at_r_diff"), "seeds": sorted(increment),
                       "per_seed": {str(s): v for s, v in increment.items()}},
         "chain": {"map_at_r_diff": mean(chain, "map_at_r_diff"), "map_at_r_diff_std": spread(chain, "map_at_r_diff"),
+                  "serving_map_at_r_diff": mean(chain, "serving_map_at_r_diff"),
                   "val_map_at_r_diff": mean(chain, "val_map_at_r_diff"), "seconds_ratio": mean(chain, "seconds_ratio"),
                   "seeds": sorted(chain), "per_seed": {str(s): v for s, v in chain.items()}},
         "seeds": sorted(set(increment) | set(chain)),
@@ -245,7 +256,9 @@ def render(results: dict) -> str:
              ", ".join(map(str, inc["seeds"])) or "–"],
             ["chain ({} x +{:.0%})".format(results["settings"]["chain_steps"], results["settings"]["chain_share"]),
              cell(chain["seconds_ratio"], ".3f"), "–", cell(chain["map_at_r_diff"], "+.2f"),
-             cell(chain["val_map_at_r_diff"], "+.2f"), ", ".join(map(str, chain["seeds"])) or "–"]]
+             cell(chain["val_map_at_r_diff"], "+.2f"), ", ".join(map(str, chain["seeds"])) or "–"],
+            ["chain: the version that serves at its end", "–", "–", cell(chain.get("serving_map_at_r_diff"), "+.2f"), "–",
+             ", ".join(map(str, chain["seeds"])) or "–"]]
     return markdown_table("Incremental run against a full retrain on the same grown pool (mean over seeds; "
                           "targets: seconds ratio < 0.25, test mAP@R diff > -0.3 points, chain > -0.5)",
                           ["run", "adaptation seconds ratio", "whole-run seconds ratio", "test mAP@R diff (points)",

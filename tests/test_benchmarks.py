@@ -180,6 +180,8 @@ def test_incremental_benchmark_compares_an_increment_and_a_chain_with_a_full_ret
     assert [r["mode"] for r in runs["full"]] == ["full"] and runs["full"][0]["decision"]["reason"] == "adapt.mode is full"
     assert runs["increment"][1]["decision"]["new_images"] == 3  # 10% of the 32 unlabeled images
     assert res["increment"]["per_seed"]["0"]["mode"] == "incremental" and res["increment"]["seconds_ratio"] > 0
+    # what serves at the chain's end is a version of its own registry: the last run's, or one the gate kept
+    assert res["chain"]["per_seed"]["0"]["serves"] in {"1", "2", "3"} and res["chain"]["serving_map_at_r_diff"] is not None
     assert os.environ.get("MLFLOW_TRACKING_URI") is None  # each arm's registry was set for its runs only
     assert "| increment (+10%) |" in (tmp_path / "res" / "incremental.md").read_text()
     finished = (tmp_path / "outputs" / "bench" / "incremental" / "seed0" / "chain" / "run2.json").stat().st_mtime_ns
