@@ -51,7 +51,8 @@ from grappa.cli import _parse_set, run_all
 from grappa.config import Params, load_params
 from grappa.core.evaluation import markdown_table
 from grappa.io.artifacts import read_json, write_json, write_text
-from grappa.io.layout import layout
+from grappa.io.champion import run_mode
+from grappa.io.layout import WARM_DECISION, layout
 from pipeline_steps.snapshot import select_records
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -140,11 +141,11 @@ def run_once(params: Params, name: str) -> dict:
     finally:
         tracker.close_parent(tracker.parent_run_id, "FINISHED" if ok else "FAILED")
     out = layout(params)
-    metrics, decision = read_json(out.evaluation), read_json(out.path("champion/decision.json"))
+    metrics, decision = read_json(out.evaluation), read_json(out.path(WARM_DECISION))
     adaptation = sum(s for stage, s in timings.items() if stage.split("@")[0] in ADAPTATION)
     # the version that serves after this run: its own when the gate promoted it, else the champion before it
     serves = read_json(out.champion).get("version")
-    return {"mode": read_json(out.path("cluster/mode.json"))["mode"], "decision": decision, "serves": serves,
+    return {"mode": run_mode(params)["mode"], "decision": decision, "serves": serves,
             "test_map_at_r": metrics["methods"]["grappa"]["mean"]["map_at_r"],
             "val_map_at_r": metrics["validation"]["methods"]["grappa"]["mean"]["map_at_r"],
             "adaptation_s": adaptation, "total_s": time.perf_counter() - t0, "timings_s": timings,
@@ -302,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     # all, not only the seeds this invocation has reached. Runs whose outputs are gone (a fresh clone) are
     # read from the results file when it was written with the same settings.
     results_file = args.results_dir / f"{args.name}.json"
-    recorded = read_json(results_file) if results_file.exists() else {}
-    recorded = recorded.get("runs", {}) if recorded.get("settings") == settings else {}
+    committed = read_json(results_file) if results_file.exists() else {}
+    recorded = committed.get("runs", {}) if committed.get("settings") == settings else {}
     per_seed = {seed: {arm: finished(base["root"], arm, seed, len(runs[seed][arm])) or recorded.get(str(seed), {}).get(arm, [])
                        for arm in ARMS} for seed in args.seeds}
     results = summarise(per_seed, settings)
