@@ -33,7 +33,7 @@ from grappa.core.model import GrappaModel, pick_device
 from grappa.core.runtimes import frozen_forward
 from grappa.io.artifacts import file_sha256, read_table, vectors_to_arrow
 from grappa.io.assemble import build_model
-from grappa.io.datasets import ImageDataset, loader
+from grappa.io.datasets import ImageDataset, loader, prefetched
 from grappa.io.features import FeatureCache, RowFileWriter, chunk_rows
 from grappa.io.layout import PART_FEATURES, PART_PREFIX, Shard, layout
 from grappa.io.sources import DECODE_VERSION, counts
@@ -130,12 +130,16 @@ def _compute(model: GrappaModel, todo: list[tuple[str, str]], params: Params, pr
                            max_bytes=params.data.max_file_bytes)
     forward, runtime = frozen_forward(model, params.extract.runtime, pick_device(), params.backbone.image_size,
                                       len(todo))
-    # OpenVINO's threads take every core; loader workers decoding beside them preempt them and the
-    # whole batch waits (2 cores, Lite0, 2,000 images, decode + forward alone, two tries each: 125
-    # and 119 img/s decoding in-process, 119 and 111 with 2 workers)
+    # With OpenVINO the images are decoded by one thread beside its streams (a loader's worker
+    # processes preempted its threads: 2 cores, Lite0, 2,000 images, 119 and 111 img/s with 2 workers
+    # against 125 and 119 in-process, when it ran one 2-thread stream); the thread decodes the next
+    # batches while a forward runs
     runtime["loader_workers"] = 0 if runtime["name"] == "openvino" else params.extract.num_workers
     batches = loader(dataset, params.extract.batch_size, num_workers=runtime["loader_workers"])
-    for rows, x, bad in tqdm(batches, desc="extract", unit="batch"):
+    total = len(batches)
+    if runtime["name"] == "openvino":
+        batches, runtime["decode"] = prefetched(batches), "prefetch thread"
+    for rows, x, bad in tqdm(batches, desc="extract", unit="batch", total=total):
         for i, reason in bad:
             broken[todo[i][0]] = reason
         if x is None:

@@ -367,10 +367,36 @@ def test_openvino_extraction_gives_the_embeddings_and_prefix_of_torch(tmp_path, 
                              _prefix(params).astype(np.float32))
     (ids, emb, acts), (ids_ov, emb_ov, acts_ov) = features["torch"], features["openvino"]
     assert ids == ids_ov
-    cosine = (emb * emb_ov).sum(axis=1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(emb_ov, axis=1)
-    assert cosine.min() > 0.9999, cosine.min()
+    assert _cosine(emb, emb_ov).min() > 0.9999, _cosine(emb, emb_ov).min()
     scale = np.abs(acts).max()
     assert np.abs(acts - acts_ov).max() < 1e-2 * scale  # float16 rounding apart
+    if backbone == "lite0":  # and the embeddings before the one-resample transform: timm's, on torch
+        reference = _timm_transform_embeddings(params, ids)
+        assert _cosine(reference, emb_ov).min() > 0.9999, _cosine(reference, emb_ov).min()
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def _timm_transform_embeddings(params, ids: list[str]) -> np.ndarray:
+    """Zero-shot embeddings of the images ``ids`` with timm's evaluation transform and the torch forward."""
+    import torch
+    from timm.data import create_transform
+
+    from grappa.core.backbones import create_backbone
+    from grappa.core.model import ZERO_SHOT
+    from grappa.io.assemble import build_model
+
+    backbone, pre, _ = create_backbone(params.backbone)
+    model = build_model(params, backbone, ks=[]).eval()
+    transform = create_transform((3, pre.image_size, pre.image_size), is_training=False, mean=pre.mean,
+                                 std=pre.std, interpolation=pre.interpolation, crop_pct=pre.crop_pct)
+    uris = dict(zip(*(read_table(Path(params.out_dir) / "extract" / "features.parquet")
+                      .select(["image_id", "uri"]).to_pydict().values())))
+    x = torch.stack([transform(Image.open(uris[i]).convert("RGB")) for i in ids])
+    with torch.no_grad():
+        return model.forward_suffix(model.forward_prefix(x), ZERO_SHOT)[0].numpy()
 
 
 def test_auto_runtime_is_openvino_on_the_cpu_for_enough_images_else_torch():
@@ -541,3 +567,34 @@ def test_a_file_grown_past_the_cap_after_the_snapshot_is_skipped_without_reading
     assert reads == [50_001]  # at most one byte past the cap is ever read
     assert [(s["image_id"], s["reason"]) for s in report["skipped"]] == [
         ("dom/dom/a1.png", f"{folder / 'a1.png'} is larger than 50000 bytes (data.max_file_bytes); skipped")]
+
+
+def test_prefetched_keeps_the_order_raises_the_producers_error_and_stops_with_the_caller():
+    import threading
+
+    from grappa.io.datasets import prefetched
+
+    assert list(prefetched(iter(range(50)), depth=2)) == list(range(50))
+
+    def broken():
+        yield 1
+        raise OSError("disk gone")
+
+    got = []
+    with pytest.raises(OSError, match="disk gone"):
+        for item in prefetched(broken()):
+            got.append(item)
+    assert got == [1]
+
+    produced = []
+
+    def endless():
+        while True:
+            produced.append(len(produced))
+            yield produced[-1]
+
+    for item in prefetched(endless(), depth=2):
+        if item == 3:
+            break
+    assert not [t for t in threading.enumerate() if t.name == "prefetch"]  # the thread ended with the loop
+    assert len(produced) <= 3 + 1 + 2 + 1  # never more than depth items ahead of the caller

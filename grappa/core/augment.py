@@ -1,6 +1,9 @@
-"""Training augmentations: timm's image transforms and their stand-in on cached feature maps."""
+"""Image transforms (timm's, and one resample for evaluation) and the augmentations' stand-in on cached feature maps."""
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -33,5 +36,40 @@ def image_transform(preprocess: Preprocess, train: bool):
         return create_transform((3, size, size), is_training=True, scale=(0.35, 1.0), hflip=0.5,
                                 color_jitter=0.2, mean=preprocess.mean, std=preprocess.std,
                                 interpolation=preprocess.interpolation)
-    return create_transform((3, size, size), is_training=False, mean=preprocess.mean, std=preprocess.std,
-                            interpolation=preprocess.interpolation, crop_pct=preprocess.crop_pct)
+    if math.floor(size / preprocess.crop_pct) < size:  # the crop would pad: timm's transform does that
+        return create_transform((3, size, size), is_training=False, mean=preprocess.mean, std=preprocess.std,
+                                interpolation=preprocess.interpolation, crop_pct=preprocess.crop_pct)
+    return CentreCrop(preprocess)
+
+
+class CentreCrop:
+    """timm's evaluation transform (resize the short side to ``image_size / crop_pct``, centre crop,
+    to tensor, normalise) computed on the centre window only. PIL resizes in two passes, rows then
+    columns, rounding to 8 bits between them; each pass here is one ``resize(box=...)`` call that
+    reads the pixels around the window as the whole-image resize would and skips what the crop throws
+    away. (One call with a box that crops rows runs the column pass first: up to 9 levels off on a
+    quarter of the pixels.) What is left is float rounding of the filter's centres: at most two 8-bit
+    levels, on under 0.1% of the pixel values of the demo images (tests/test_augment.py). With to-tensor and normalise as one
+    numpy pass, decoding and preprocessing the demo's 224 px images took 1.2 ms an image instead of
+    1.8 ms on 2 cores, most of the saving in the resize."""
+
+    def __init__(self, preprocess: Preprocess):
+        from timm.data.transforms import str_to_pil_interp
+
+        self.size, self.resize_to = preprocess.image_size, math.floor(preprocess.image_size / preprocess.crop_pct)
+        self.interpolation = str_to_pil_interp(preprocess.interpolation)
+        std = np.asarray(preprocess.std, dtype=np.float32)
+        self.scale = (1 / (255 * std)).reshape(3, 1, 1)
+        self.shift = (np.asarray(preprocess.mean, dtype=np.float32) / std).reshape(3, 1, 1)
+
+    def __call__(self, image) -> torch.Tensor:
+        w, h = image.size
+        short, size = self.resize_to, self.size
+        # torchvision's Resize(int) and CenterCrop: the long side truncated, the offset rounded
+        rw, rh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        left, top = int(round((rw - size) / 2.0)), int(round((rh - size) / 2.0))
+        sx, sy = w / rw, h / rh
+        rows = image.resize((size, h), self.interpolation, box=(left * sx, 0, (left + size) * sx, h))
+        window = rows.resize((size, size), self.interpolation, box=(0, top * sy, size, (top + size) * sy))
+        pixels = np.asarray(window, dtype=np.float32).transpose(2, 0, 1)
+        return torch.from_numpy(np.ascontiguousarray(pixels * self.scale - self.shift))

@@ -7,6 +7,9 @@ placement) the steps read and transform the images themselves.
 """
 from __future__ import annotations
 
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 from functools import cached_property
 
 import numpy as np
@@ -142,6 +145,46 @@ def loader(dataset: Dataset, batch_size: int, shuffle: bool = False, num_workers
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
                       collate_fn=collate_usable, generator=generator, drop_last=drop_last,
                       persistent_workers=False)
+
+
+def prefetched(items: Iterable, depth: int = 2) -> Iterator:
+    """``items`` produced by a thread ``depth`` ahead of the caller: a loader without worker processes
+    decodes the next batches while the caller's forward runs (PIL and numpy release the GIL). An
+    error in the thread is raised here; a caller that stops early stops the thread."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop, end = threading.Event(), object()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as err:  # noqa: BLE001 -- handed to the caller, who raises it
+            put((end, err))
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = ready.get()
+            if err is not None:
+                raise err
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 @torch.inference_mode()
