@@ -59,7 +59,7 @@ DEFAULT_IMAGES = speed.DEFAULT_IMAGES
 FLAT_EXPONENT = 0.1
 PRESETS = {
     "default": dict(sizes=[10_000, 100_000, 1_000_000], ks=[64, 256, 1024], clusters=2000, query_db=400,
-                    extract_images=[2000, 10_000], plain_images=256, matmul_n=2048, steps_per_epoch=50,
+                    extract_images=[2000, 10_000, 50_000], plain_images=256, matmul_n=2048, steps_per_epoch=50,
                     forward_batches=20),
     "quick": dict(sizes=[400, 800], ks=[4, 8], clusters=20, query_db=40, extract_images=[32],
                   plain_images=4, matmul_n=512, steps_per_epoch=2, forward_batches=2),
@@ -756,7 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clusters", type=int, help="Gaussian-mixture components of the synthetic vectors (2000)")
     p.add_argument("--query-db", type=int, help="labelled query_db rows added to each store (400)")
     p.add_argument("--extract-images", type=int, nargs="+", help="images extracted, one run each "
-                   "(default 2000 10000; 0 skips extraction)")
+                   "(default 2000 10000 50000; 0 skips extraction)")
     p.add_argument("--images", default=DEFAULT_IMAGES, help="real images to repeat for extraction "
                    "(glob of folders; none found: synthetic images)")
     p.add_argument("--plain-images", type=int, help="images of the plain timm loop (256)")

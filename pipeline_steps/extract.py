@@ -17,6 +17,7 @@ from __future__ import annotations
 import shutil
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -114,11 +115,20 @@ def _compute(model: GrappaModel, todo: list[tuple[str, str]], params: Params, pr
     runtime the forward ran on (None when ``todo`` is empty)."""
     computed, broken = [], {}
     pending: tuple[list, list, list] = ([], [], [])
+    # a chunk's files are written (and fsynced) by a thread while the next chunk's forwards run: the
+    # forward had stopped for 0.2 s every 1,024 images. One append at a time, in order: each is waited
+    # for before the next is handed over, so an append's error stops the loop with nothing after it written
+    appends, writing = ThreadPoolExecutor(1, thread_name_prefix="cache-append"), []
 
     def flush() -> None:
+        while writing:
+            future, hashes = writing.pop()
+            future.result()
+            computed.extend(hashes)
         if pending[0]:
-            cache.append(pending[0], np.concatenate(pending[1]), np.concatenate(pending[2]) if pending[2] else None)
-            computed.extend(pending[0])
+            hashes = list(pending[0])
+            writing.append((appends.submit(cache.append, hashes, np.concatenate(pending[1]),
+                                           np.concatenate(pending[2]) if pending[2] else None), hashes))
             for buffer in pending:
                 buffer.clear()
 
@@ -139,19 +149,23 @@ def _compute(model: GrappaModel, todo: list[tuple[str, str]], params: Params, pr
     total = len(batches)
     if runtime["name"] == "openvino":
         batches, runtime["decode"] = prefetched(batches), "prefetch thread"
-    for rows, x, bad in tqdm(batches, desc="extract", unit="batch", total=total):
-        for i, reason in bad:
-            broken[todo[i][0]] = reason
-        if x is None:
-            continue
-        acts, emb = forward(x)
-        pending[0].extend(todo[i][0] for i in rows.tolist())
-        pending[1].append(emb.numpy())
-        if acts is not None:
-            pending[2].append(acts.to(torch.float16).contiguous().numpy())  # the cache holds NCHW
-        if len(pending[0]) >= FLUSH_EVERY:
-            flush()
-    flush()
+    try:
+        for rows, x, bad in tqdm(batches, desc="extract", unit="batch", total=total):
+            for i, reason in bad:
+                broken[todo[i][0]] = reason
+            if x is None:
+                continue
+            acts, emb = forward(x)
+            pending[0].extend(todo[i][0] for i in rows.tolist())
+            pending[1].append(emb.numpy())
+            if acts is not None:
+                pending[2].append(acts.to(torch.float16).contiguous().numpy())  # the cache holds NCHW
+            if len(pending[0]) >= FLUSH_EVERY:
+                flush()
+        flush()
+        flush()  # waits for the last append
+    finally:
+        appends.shutdown(wait=True)  # an append under way completes: a kill loses only what was never handed over
     return computed, broken, runtime
 
 
