@@ -448,13 +448,13 @@ def extract_params(args, ws: Path, manifest: Path, runtime: str | None = None) -
 
 
 def stage_rates(probe: dict, files: list[Path], runtimes: list[str], batches: int) -> dict:
-    """Where extraction's time goes, each stage alone in this process: decoding and resizing (the
-    step's DataLoader, its workers, no forward), the forward of each runtime (random batches, no
-    decoding; compile time apart) and its first-batch compile; images/s."""
+    """Where extraction's time goes, each stage alone in this process: reading, decoding and cropping
+    to 8 bits (the step's dataset and loader, in-process as with OpenVINO: one core; no forward), the
+    forward of each runtime (random 8-bit batches, no decoding; compile time apart); images/s."""
     import torch
 
     from grappa.config import parse_params
-    from grappa.core.augment import image_transform
+    from grappa.core.augment import CentreCrop
     from grappa.core.backbones import create_backbone
     from grappa.core.runtimes import frozen_forward
     from grappa.io.assemble import build_model
@@ -462,16 +462,15 @@ def stage_rates(probe: dict, files: list[Path], runtimes: list[str], batches: in
 
     params = parse_params(probe)
     backbone, preprocess, _ = create_backbone(params.backbone)
-    size, batch = params.backbone.image_size, params.extract.batch_size
-    dataset = ImageDataset([str(f) for f in files], image_transform(preprocess, train=False),
-                           params.data.min_side, params.data.max_pixels)
+    size, batch, crop = params.backbone.image_size, params.extract.batch_size, CentreCrop(preprocess)
+    dataset = ImageDataset([str(f) for f in files], crop.pixels, params.data.min_side, params.data.max_pixels)
     t0 = time.perf_counter()
-    decoded = sum(len(rows) for rows, _, _ in loader(dataset, batch, num_workers=params.extract.num_workers))
+    decoded = sum(len(rows) for rows, _, _ in loader(dataset, batch, num_workers=0))
     out = {"decode_resize": {"images": decoded, "images_per_s": decoded / (time.perf_counter() - t0),
-                             "num_workers": params.extract.num_workers}}
-    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+                             "num_workers": 0}}
+    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     for runtime in runtimes:
-        forward, info = frozen_forward(build_model(params, backbone, ks=[]), runtime, torch.device("cpu"), size,
+        forward, info = frozen_forward(build_model(params, backbone, ks=[]), crop, runtime, torch.device("cpu"),
                                        batches * batch)
         forward(x)  # warm-up
         t0 = time.perf_counter()

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from grappa.config import ConfigError, Params
-from grappa.core.augment import image_transform
+from grappa.core.augment import CentreCrop
 from grappa.core.backbones import create_backbone
 from grappa.core.model import GrappaModel, pick_device
 from grappa.core.runtimes import frozen_forward
@@ -135,11 +135,10 @@ def _compute(model: GrappaModel, todo: list[tuple[str, str]], params: Params, pr
     if not todo:
         return computed, broken, None
     # the features are stored under the hash of the bytes decoded: a file rewritten since the snapshot is skipped
-    dataset = ImageDataset([uri for _, uri in todo], image_transform(preprocess, train=False),
-                           params.data.min_side, params.data.max_pixels, hashes=[digest for digest, _ in todo],
-                           max_bytes=params.data.max_file_bytes)
-    forward, runtime = frozen_forward(model, params.extract.runtime, pick_device(), params.backbone.image_size,
-                                      len(todo))
+    crop = CentreCrop(preprocess)  # 8-bit crops: the forward normalises them
+    dataset = ImageDataset([uri for _, uri in todo], crop.pixels, params.data.min_side, params.data.max_pixels,
+                           hashes=[digest for digest, _ in todo], max_bytes=params.data.max_file_bytes)
+    forward, runtime = frozen_forward(model, crop, params.extract.runtime, pick_device(), len(todo))
     # With OpenVINO the images are decoded by one thread beside its streams (a loader's worker
     # processes preempted its threads: 2 cores, Lite0, 2,000 images, 119 and 111 img/s with 2 workers
     # against 125 and 119 in-process, when it ran one 2-thread stream); the thread decodes the next
