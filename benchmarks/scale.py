@@ -715,6 +715,42 @@ def markdown_table(result: dict) -> str:
             if len(sizes) > 1 else None
         lines.append(f"| {label.get(step, step)} | " + " | ".join(values)
                      + f" | {'-' if slope is None else f'{slope:.2f}'} |")
+    per_batch = {(r["step"], r["n"]): (r.get("report") or {}).get("s_per_batch") for r in rows}
+    ratios = []
+    for n in sizes:
+        adaptor = [v for (step, m), v in per_batch.items() if m == n and step.startswith("train_adaptor") and v]
+        fusion = per_batch.get(("train_fusion", n))
+        ratios.append(f"{fusion / np.mean(adaptor):.2f}x ({fusion:.3f} / {np.mean(adaptor):.3f} s)"
+                      if adaptor and fusion else "-")
+    if any(r != "-" for r in ratios):
+        lines.append("| a fusion batch / an adaptor batch (s, mean of the ks) | " + " | ".join(ratios) + " | |")
+    return "\n".join(lines) + "\n" + (_extraction_markdown(result["extraction"]) if result.get("extraction") else "")
+
+
+def _extraction_markdown(ex: dict) -> str:
+    """The extraction runs of a scale JSON as a table, with the bound and the side runs they are read against."""
+    rt, settings = ex.get("runtime") or {}, ex["extract_settings"]
+    bound = ex["flop_bound_images_per_s"]
+    detail = f", {rt['streams']} streams, requests of {rt['request_images']} image" if rt.get("streams") else ""
+    lines = ["", f"Extraction: real images, `{ex['backbone']['name']}` {ex['backbone']['image_size']} px, batch "
+             f"{settings['batch_size']}, runtime {rt.get('name')} {rt.get('version', '').split('-')[0]}{detail}; "
+             "images a second of the step's backbone loop, reading, decoding and the model's conversion included:", "",
+             "| images | img/s | peak RSS MB | fraction of the FLOP bound |", "|---|---|---|---|"]
+    for run in ex["runs"]:
+        if "images_per_s" in run:
+            lines.append(f"| {run['n']:,} | {run['images_per_s']:.1f} | {run['extract']['peak_rss_mb']:,.0f} | "
+                         f"{100 * run['images_per_s'] / bound:.1f}% |")
+    mm, side, stages = ex["matmul"], ex.get("runtime_vs_torch") or {}, ex.get("stages") or {}
+    lines += ["", f"FLOP bound: {ex['gflops_per_image']:.3f} GFLOP an image at {mm['gflops']:.0f} GFLOP/s (fp32 "
+              f"{mm['n']}² matmul, {mm['gflops_before']:.0f} before / {mm['gflops_after']:.0f} after the runs, the "
+              f"higher kept) = {bound:.0f} img/s."]
+    if side.get("speedup"):
+        lines[-1] += (f" The same {side['n']:,} images with PyTorch: {side['torch_images_per_s']:.1f} img/s "
+                      f"({rt.get('name')} {side['speedup']:.2f}x faster), smallest per-image cosine between the two "
+                      f"{side['min_cosine_vs_torch']:.7f}.")
+    if stages:
+        alone = ", ".join(f"{k.replace('_', ' ')} {v['images_per_s']:.0f}" for k, v in stages.items())
+        lines[-1] += f" Each stage alone (img/s): {alone}."
     return "\n".join(lines) + "\n"
 
 

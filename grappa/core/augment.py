@@ -61,6 +61,7 @@ class CentreCrop:
         std = np.asarray(preprocess.std, dtype=np.float32)
         self.scale = (1 / (255 * std)).reshape(3, 1, 1)
         self.shift = (np.asarray(preprocess.mean, dtype=np.float32) / std).reshape(3, 1, 1)
+        self._scale, self._shift = torch.from_numpy(self.scale), torch.from_numpy(self.shift)  # constants when traced
 
     def __call__(self, image) -> torch.Tensor:
         # one float pass over the 8-bit CHW pixels, in order: 0.07 ms, where the float HWC -> CHW took 0.6
@@ -89,5 +90,4 @@ class CentreCrop:
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (..., 3, H, W) pixels -> the float input ``__call__`` gives (torch ops: traceable)."""
-        scale, shift = torch.from_numpy(self.scale).to(pixels.device), torch.from_numpy(self.shift).to(pixels.device)
-        return pixels.float() * scale - shift
+        return pixels.float() * self._scale.to(pixels.device) - self._shift.to(pixels.device)

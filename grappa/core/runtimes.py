@@ -4,14 +4,14 @@ Extraction is the one place where the backbone runs without anything trainable, 
 the pool, so it can run outside PyTorch:
 
 - ``torch``: the model itself (CUDA where there is one).
-- ``openvino``: the same module traced by OpenVINO (no ONNX file) and compiled for the CPU in fp32.
-  Lite0's depthwise convolutions are what PyTorch's CPU kernels do worst: on 2 cores the forward
-  alone ran at 154-166 images/s against 42-48, the extraction step 2.3-2.4x faster on the same
-  2,000 images (benchmarks/scale.py, both in one run, two runs), and the embeddings agree with
-  PyTorch's to cosine 0.9999999 per image there (tests/test_extract.py holds them to 0.9999).
+- ``openvino``: the same module traced and converted by OpenVINO (no ONNX file), compiled for the
+  CPU in fp32, one stream a core, each running requests of REQUEST_IMAGES images. Lite0's depthwise
+  convolutions are what PyTorch's CPU kernels do worst: on 2 cores the forward alone ran at 320
+  images/s against 63, the extraction step 3.1x faster on the same 2,000 images (benchmarks/scale.py,
+  both in one run), and the embeddings agree with PyTorch's to cosine 0.9999999 per image there
+  (tests/test_extract.py holds them to 0.9999, and to timm's own transform on PyTorch).
 - ``auto``: ``torch`` on a CUDA device or for fewer than AUTO_MIN_IMAGES images (OpenVINO's
-  conversion, 2.5 s for the tests' tiny model and about 4 s for Lite0, costs more than it saves on a
-  few hundred images), else ``openvino``.
+  conversion, 2.2-2.5 s for Lite0, costs more than it saves on a few hundred images), else ``openvino``.
 
 Both are deterministic for a given input. fp32 is asked for explicitly: on CPUs with bf16 units
 OpenVINO would otherwise choose bf16, whose embeddings no longer agree with the cached ones.
