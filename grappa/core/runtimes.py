@@ -19,6 +19,7 @@ OpenVINO would otherwise choose bf16, whose embeddings no longer agree with the 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -89,7 +90,9 @@ def frozen_forward(model: GrappaModel, crop: CentreCrop, runtime: str, device: t
     example = torch.zeros(2, *shape[1:], dtype=torch.uint8)
     chunk, model.cpu_chunk = model.cpu_chunk, None  # traced once for any batch: OpenVINO schedules its own work
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # torch.jit.trace is what OpenVINO's converter reads; its deprecation notice is not the user's to act on
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.* is deprecated", category=FutureWarning)
             # traced here without the trace check (which runs the model again): 2.2 s instead of 2.9 for Lite0
             traced = torch.jit.trace(frozen, example, check_trace=False)
             converted = ov.convert_model(traced, example_input=example, input=[(shape, ov.Type.u8)])
