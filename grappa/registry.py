@@ -149,7 +149,7 @@ STEPS: tuple[Step, ...] = (
          outs=(Out(L.EXTRACT_PART, note="a folder: features.parquet, report.json, and prefix.npy when "
                                         "backbone.adapt_from_block > 0"),),
          report=L.PART_REPORT, mapped="shard", datasets=(),
-         resources=Resources("2", "3Gi", "4Gi")),  # peak 2.1 GB at 10k on OpenVINO (1.7 GB on torch)
+         resources=Resources("2", "3Gi", "4Gi")),  # peak 1.8 GB at 50k images on OpenVINO (1.6 GB on torch at 2k)
     # the parts' folders: one dep per shard of extract.shards
     Step("merge-features", "step 2b: the extracted parts as one feature table (prefix activations stay in the parts)",
          params=(*BASE, "extract.shards"),
@@ -173,7 +173,7 @@ STEPS: tuple[Step, ...] = (
          params=(*BASE, "cluster", "adapt.cluster_niter", "adapt.max_label_change"),
          deps=(L.FEATURES, L.WARM_BUNDLE),
          outs=(Out(L.CLUSTER, note="every k in one run; consumers depend on their own k<K> files inside it"),),
-         report=L.CLUSTER_REPORT, resources=Resources("2", "1536Mi", "2Gi")),  # peak 870 MB at 1M
+         report=L.CLUSTER_REPORT, resources=Resources("2", "1536Mi", "2Gi")),  # peak 870-997 MB at 1M
     Step("train-adaptor", "step 4: one adaptor set on the k pseudo-labels",
          params=(*BASE, "backbone", "adaptor", *IMAGES, "extract.num_workers", "adapt.replay", "adapt.adaptor_epochs"),
          # prefix.json: the parts' prefix activations it lists are read too (a function of
