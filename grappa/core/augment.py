@@ -58,16 +58,13 @@ class CentreCrop:
 
         self.size, self.resize_to = preprocess.image_size, math.floor(preprocess.image_size / preprocess.crop_pct)
         self.interpolation = str_to_pil_interp(preprocess.interpolation)
-        std = np.asarray(preprocess.std, dtype=np.float32)
-        self.scale = (1 / (255 * std)).reshape(3, 1, 1)
-        self.shift = (np.asarray(preprocess.mean, dtype=np.float32) / std).reshape(3, 1, 1)
-        self._scale, self._shift = torch.from_numpy(self.scale), torch.from_numpy(self.shift)  # constants when traced
+        mean, std = (torch.tensor(v, dtype=torch.float32).reshape(3, 1, 1) for v in (preprocess.mean, preprocess.std))
+        # (x / 255 - mean) / std as one multiply-add; tensors, so a trace keeps them as constants
+        self.scale, self.shift = 1 / (255 * std), mean / std
 
     def __call__(self, image) -> torch.Tensor:
-        # one float pass over the 8-bit CHW pixels, in order: 0.07 ms, where the float HWC -> CHW took 0.6
-        out = np.multiply(self.pixels(image).numpy(), self.scale, dtype=np.float32)
-        out -= self.shift
-        return torch.from_numpy(out)
+        # normalised after the transpose to CHW, while 8-bit: 0.03 ms, where the float HWC -> CHW took 0.6
+        return self.normalise(self.pixels(image))
 
     def pixels(self, image) -> torch.Tensor:
         """The crop of a PIL RGB image: (3, size, size) uint8."""
@@ -90,4 +87,4 @@ class CentreCrop:
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (..., 3, H, W) pixels -> the float input ``__call__`` gives (torch ops: traceable)."""
-        return pixels.float() * self._scale.to(pixels.device) - self._shift.to(pixels.device)
+        return pixels.float() * self.scale.to(pixels.device) - self.shift.to(pixels.device)
