@@ -472,10 +472,10 @@ def stage_rates(probe: dict, files: list[Path], runtimes: list[str], batches: in
     for runtime in runtimes:
         forward, info = frozen_forward(build_model(params, backbone, ks=[]), crop, runtime, torch.device("cpu"),
                                        batches * batch)
-        forward(x)  # warm-up
+        list(forward([(0, x)]))  # warm-up
         t0 = time.perf_counter()
-        for _ in range(batches):
-            forward(x)
+        for _ in forward((b, x) for b in range(batches)):
+            pass
         out[f"forward_{runtime}"] = {"images_per_s": batches * batch / (time.perf_counter() - t0),
                                      "compile_s": info["compile_s"], "version": info["version"]}
     return out
@@ -731,7 +731,11 @@ def _extraction_markdown(ex: dict) -> str:
     """The extraction runs of a scale JSON as a table, with the bound and the side runs they are read against."""
     rt, settings = ex.get("runtime") or {}, ex["extract_settings"]
     bound = ex["flop_bound_images_per_s"]
-    detail = f", {rt['streams']} streams, requests of {rt['request_images']} image" if rt.get("streams") else ""
+    detail = ""
+    if rt.get("streams"):
+        n = rt["request_images"]
+        detail = f", {rt['streams']} streams, requests of {n} image{'s' if n > 1 else ''}" + \
+            (" (the prefix one image at a time, the suffix on all of them)" if rt.get("suffix_batched") else "")
     lines = ["", f"Extraction: real images, `{ex['backbone']['name']}` {ex['backbone']['image_size']} px, batch "
              f"{settings['batch_size']}, runtime {rt.get('name')} {rt.get('version', '').split('-')[0]}{detail}; "
              "images a second of the step's backbone loop, reading, decoding and the model's conversion included:", "",

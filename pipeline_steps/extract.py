@@ -148,13 +148,16 @@ def _compute(model: GrappaModel, todo: list[tuple[str, str]], params: Params, pr
     total = len(batches)
     if runtime["name"] == "openvino":
         batches, runtime["decode"] = prefetched(batches), "prefetch thread"
-    try:
-        for rows, x, bad in tqdm(batches, desc="extract", unit="batch", total=total):
+
+    def usable(batches):
+        for rows, x, bad in batches:
             for i, reason in bad:
                 broken[todo[i][0]] = reason
-            if x is None:
-                continue
-            acts, emb = forward(x)
+            if x is not None:
+                yield rows, x
+
+    try:
+        for rows, acts, emb in forward(usable(tqdm(batches, desc="extract", unit="batch", total=total))):
             pending[0].extend(todo[i][0] for i in rows.tolist())
             pending[1].append(emb.numpy())
             if acts is not None:

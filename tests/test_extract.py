@@ -413,6 +413,38 @@ def test_auto_runtime_is_openvino_on_the_cpu_for_enough_images_else_torch():
         resolve_runtime("onnx", cpu, 1)
 
 
+@pytest.mark.parametrize("block", [3, 4])
+def test_openvino_requests_give_torch_outputs_in_order_whatever_the_batch_sizes(tmp_path, block):
+    """From a block on a map of at most 1/16 of the input's side (4 here, Lite0's 11) a request holds
+    REQUEST_IMAGES images, the prefix run on each alone and the suffix on all; before it, one image.
+    Batches of 8, 3 and 13 images (the last request padded) come back in order, each under its key,
+    with the outputs of the torch runtime."""
+    import torch
+
+    from grappa.core.augment import CentreCrop
+    from grappa.core.backbones import create_backbone
+    from grappa.core.runtimes import REQUEST_IMAGES, frozen_forward
+    from grappa.io.assemble import build_model
+
+    params = parse_params(tiny_params_dict(tmp_path, [tmp_path], backbone={"adapt_from_block": block}))
+    backbone, preprocess, _ = create_backbone(params.backbone)
+    crop, size = CentreCrop(preprocess), params.backbone.image_size
+    generator = torch.Generator().manual_seed(0)
+    batches = [(f"b{i}", torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator))
+               for i, n in enumerate([8, 3, 13])]
+    outputs = {}
+    for runtime in ("torch", "openvino"):
+        forward, info = frozen_forward(build_model(params, backbone, ks=[]).eval(), crop, runtime,
+                                       torch.device("cpu"), 24)
+        outputs[runtime] = list(forward(iter(batches)))
+    assert info["request_images"] == (REQUEST_IMAGES if block == 4 else 1)  # noqa: PLR2004
+    assert info["suffix_batched"] == (block == 4)  # noqa: PLR2004
+    for (key, acts, emb), (key_ov, acts_ov, emb_ov), (name, x) in zip(outputs["torch"], outputs["openvino"], batches):
+        assert key == key_ov == name and len(emb_ov) == len(acts_ov) == len(x)
+        assert _cosine(emb.numpy(), emb_ov.numpy()).min() > 0.9999  # noqa: PLR2004
+        assert torch.allclose(acts, acts_ov, atol=1e-4 * float(acts.abs().max()))
+
+
 # --------------------------------------------------------------------------- the feature store
 
 
