@@ -161,7 +161,7 @@ def _compute(model: GrappaModel, todo: list[tuple[str, str]], params: Params, pr
             pending[0].extend(todo[i][0] for i in rows.tolist())
             pending[1].append(emb.numpy())
             if acts is not None:
-                pending[2].append(acts.to(torch.float16).contiguous().numpy())  # the cache holds NCHW
+                pending[2].append(acts.to(torch.float16).contiguous().numpy())  # the cache holds NCHW float16
             if len(pending[0]) >= FLUSH_EVERY:
                 flush()
         flush()

@@ -418,7 +418,7 @@ def test_openvino_requests_give_torch_outputs_in_order_whatever_the_batch_sizes(
     """From a block on a map of at most 1/16 of the input's side (4 here, Lite0's 11) a request holds
     REQUEST_IMAGES images, the prefix run on each alone and the suffix on all; before it, one image.
     Batches of 8, 3 and 13 images (the last request padded) come back in order, each under its key,
-    with the outputs of the torch runtime."""
+    with the outputs of the torch runtime (the activations in float16)."""
     import torch
 
     from grappa.core.augment import CentreCrop
@@ -442,7 +442,8 @@ def test_openvino_requests_give_torch_outputs_in_order_whatever_the_batch_sizes(
     for (key, acts, emb), (key_ov, acts_ov, emb_ov), (name, x) in zip(outputs["torch"], outputs["openvino"], batches):
         assert key == key_ov == name and len(emb_ov) == len(acts_ov) == len(x)
         assert _cosine(emb.numpy(), emb_ov.numpy()).min() > 0.9999  # noqa: PLR2004
-        assert torch.allclose(acts, acts_ov, atol=1e-4 * float(acts.abs().max()))
+        assert acts_ov.dtype == torch.float16  # as the cache keeps them
+        assert torch.allclose(acts.half().float(), acts_ov.float(), atol=1e-3 * float(acts.abs().max()))
 
 
 # --------------------------------------------------------------------------- the feature store
