@@ -12,7 +12,7 @@ the pool, so it can run outside PyTorch:
   both in one run), and the embeddings agree with PyTorch's to cosine 0.9999999 per image there
   (tests/test_extract.py holds them to 0.9999, and to timm's own transform on PyTorch).
 - ``auto``: ``torch`` on a CUDA device or for fewer than AUTO_MIN_IMAGES images (OpenVINO's
-  conversion, 2.2-2.5 s for Lite0, costs more than it saves on a few hundred images), else ``openvino``.
+  conversion, 2.7-5.5 s for Lite0, costs more than it saves on a few hundred images), else ``openvino``.
 
 Both are deterministic for a given input. fp32 is asked for explicitly: on CPUs with bf16 units
 OpenVINO would otherwise choose bf16, whose embeddings no longer agree with the cached ones.
