@@ -61,32 +61,15 @@ class _Frozen(nn.Module):
         self.model, self.crop = model, crop
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        acts = self.prefix(pixels)
-        return acts, self.suffix(acts)
-
-    def prefix(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_prefix(self.crop.normalise(pixels))
-
-    def suffix(self, acts: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_suffix(acts, ZERO_SHOT)[0]
-
-
-class _Part(nn.Module):
-    """_Frozen's ``prefix`` or ``suffix`` as a module's forward (what a trace records)."""
-
-    def __init__(self, frozen: _Frozen, part: str):
-        super().__init__()
-        self.frozen, self.part = frozen, part
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return getattr(self.frozen, self.part)(x)
+        acts = self.model.forward_prefix(self.crop.normalise(pixels))
+        return acts, self.model.forward_suffix(acts, ZERO_SHOT)[0]
 
 
 def _convert(module: nn.Module, shape: tuple[int, ...], dtype: torch.dtype):
-    """``module`` traced and converted by OpenVINO for inputs of ``shape``."""
+    """``module`` traced and converted by OpenVINO for inputs of ``shape`` (-1: any size)."""
     import openvino as ov
 
-    example = torch.zeros(*shape, dtype=dtype)
+    example = torch.zeros(*(2 if d == -1 else d for d in shape), dtype=dtype)
     with torch.no_grad(), warnings.catch_warnings():
         # torch.jit.trace is what OpenVINO's converter reads; its deprecation notice is not the user's to act on
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.* is deprecated", category=FutureWarning)
@@ -104,29 +87,26 @@ def _batches_suffix(model: GrappaModel, size: int) -> bool:
     return shape is not None and len(shape) == 3 and shape[-1] <= size // 16
 
 
-def _request_model(frozen: _Frozen, size: int, images: int):
-    """One OpenVINO model for requests of ``images`` 8-bit images -> (prefix activations, embeddings):
-    the prefix converted once and run on each image alone (its large early maps stay in the core's
-    cache), the suffix on all of them at once (7x7 maps: at batch 1 its matrix products are too small
-    to use the core). The prefix's clones share its weights: peak RSS of the step stayed 1.77 GB at
-    50,000 images (benchmarks/scale.py, requests of 1 and of 8)."""
+def _request_model(whole, size: int, images: int):
+    """From ``whole`` (the converted _Frozen, any batch), one OpenVINO model for requests of ``images``
+    8-bit images -> (prefix activations, embeddings): the prefix run on each image alone (its large
+    early maps stay in the core's cache), the suffix on all of them at once (7x7 maps: at batch 1 its
+    matrix products are too small to use the core). The clones share the weights: peak RSS of the
+    step stayed 1.77 GB at 50,000 images (benchmarks/scale.py, requests of 1 and of 8)."""
     import openvino as ov
     import openvino.opset13 as ops
 
-    prefix = _convert(_Part(frozen, "prefix"), (1, 3, size, size), torch.uint8)
-    acts_shape = tuple(frozen.model.backbone.block_shapes[frozen.model.start - 1])
-    suffix = _convert(_Part(frozen, "suffix"), (images, *acts_shape), torch.float32)
     pixels = ops.parameter([images, 3, size, size], ov.Type.u8, name="pixels")
     one_each = ops.split(pixels, 0, images)
     acts = []
-    for i in range(images):
-        copy = prefix.clone()
+    for i in range(images):  # a clone's prefix on image i; its suffix is left out of the model below
+        copy = whole.clone()
         copy.get_parameters()[0].output(0).replace(one_each.output(i))
         acts.append(copy.get_results()[0].input_value(0))
     acts = ops.concat(acts, 0)
-    tail = suffix.clone()
-    tail.get_parameters()[0].output(0).replace(acts.output(0))
-    return ov.Model([ops.result(acts), ops.result(tail.get_results()[0].input_value(0))], [pixels], "frozen")
+    tail = whole.clone()  # its suffix reads the joined activations; its prefix is left out
+    tail.get_results()[0].input_value(0).replace(acts.output(0))
+    return ov.Model([ops.result(acts), ops.result(tail.get_results()[1].input_value(0))], [pixels], "frozen")
 
 
 def frozen_forward(model: GrappaModel, crop: CentreCrop, runtime: str, device: torch.device,
@@ -161,8 +141,9 @@ def frozen_forward(model: GrappaModel, crop: CentreCrop, runtime: str, device: t
     chunk, model.cpu_chunk = model.cpu_chunk, None  # traced once for any batch: OpenVINO schedules its own work
     try:
         per_request = REQUEST_IMAGES if _batches_suffix(model, crop.size) else 1
-        converted = _request_model(frozen, crop.size, per_request) if per_request > 1 else \
-            _convert(frozen, (1, 3, crop.size, crop.size), torch.uint8)
+        converted = _convert(frozen, (-1, 3, crop.size, crop.size), torch.uint8)
+        if per_request > 1:
+            converted = _request_model(converted, crop.size, per_request)
     finally:
         model.cpu_chunk = chunk
     if keep_acts:  # in float16, as the cache keeps them: half the bytes to copy out, no conversion pass after
