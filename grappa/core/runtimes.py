@@ -115,9 +115,8 @@ def frozen_forward(model: GrappaModel, crop: CentreCrop, runtime: str, device: t
     ``crop.pixels``, and what it is, for the report: {"name", "version", "device", "compile_s"} (and
     the streams and request size on OpenVINO). The forward maps (key, pixels) batches to (key, prefix
     activations, embeddings), in order; OpenVINO runs a batch while the next is queued, and gives the
-    activations in float16 (torch in float32). The
-    prefix activations are returned only when the model adapts from a block past the stem
-    (``model.start > 0``), as extraction caches them. The pixels are normalised inside: a batch
+    activations in float16 (torch in float32). The prefix activations are returned only when the
+    model adapts from a block past the stem (``model.start > 0``), as extraction caches them. The pixels are normalised inside: a batch
     travels as 8 bits (on 2 cores with OpenVINO, 252-271 images/s decode + forward against 230-236
     with float batches, on 3,000 images)."""
     name = resolve_runtime(runtime, device, images)
